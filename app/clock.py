@@ -1,0 +1,44 @@
+"""The clock the code asks for the time, so time rules are tested without sleeping."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    """Timezone-aware UTC now."""
+    return datetime.now(UTC)
+
+
+def to_ms(dt: datetime) -> int:
+    """Epoch milliseconds of an aware datetime."""
+    return int(dt.timestamp() * 1000)
+
+
+def from_ms(ms: int | float) -> datetime:
+    """Aware UTC datetime from epoch milliseconds."""
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def iso(dt: datetime | None) -> str | None:
+    """ISO-8601 with a Z, or None."""
+    if dt is None:
+        return None
+    return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+class FrozenClock:
+    """A clock for tests: stands still until told to move."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or utcnow()
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **kwargs: float) -> datetime:
+        self.now = self.now + timedelta(**kwargs)
+        return self.now

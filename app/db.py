@@ -1,0 +1,157 @@
+"""Engines, transactions and migrations. SQLite by default, PostgreSQL by URL.
+
+SQLite runs in WAL mode with a busy timeout; a write transaction starts with
+``BEGIN IMMEDIATE`` so two writers queue instead of failing on lock upgrade.
+PostgreSQL uses psycopg 3. Connection failures surface as ``DatabaseUnavailable``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from app.errors import DatabaseBusy, DatabaseNotMigrated, DatabaseUnavailable
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_WRITE = "autonomy_write"
+
+
+def normalise_url(url: str) -> str:
+    """Pick the psycopg 3 driver for plain ``postgres://`` / ``postgresql://`` URLs."""
+    for plain in ("postgres://", "postgresql://"):
+        if url.startswith(plain):
+            return "postgresql+psycopg://" + url[len(plain):]
+    return url
+
+
+def make_engine(url: str, *, connect_timeout_s: float = 5.0, busy_timeout_s: float = 30.0,
+                pool_size: int = 5) -> Engine:
+    """An engine for ``url``, configured for autonomy's transaction rules."""
+    url = normalise_url(url)
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(
+            url, connect_args={"timeout": busy_timeout_s, "check_same_thread": False}
+        )
+        _configure_sqlite(engine, busy_timeout_s)
+        return engine
+    return sa.create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=pool_size,
+        connect_args={"connect_timeout": max(1, int(connect_timeout_s))},
+    )
+
+
+def _configure_sqlite(engine: Engine, busy_timeout_s: float) -> None:
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # let SQLAlchemy, not pysqlite, decide when a transaction begins
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        write = conn.get_execution_options().get(_WRITE, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def is_postgres(engine: Engine) -> bool:
+    """True when the engine talks to PostgreSQL."""
+    return engine.dialect.name == "postgresql"
+
+
+@contextmanager
+def transaction(engine: Engine, *, write: bool = True) -> Iterator[Connection]:
+    """One transaction; committed on success, rolled back on any error.
+
+    ``write=True`` takes SQLite's write lock up front. Operational errors (server gone,
+    refused, timed out) become ``DatabaseUnavailable``.
+    """
+    try:
+        with engine.connect() as raw:
+            conn = raw.execution_options(**{_WRITE: write})
+            with conn.begin():
+                yield conn
+    except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.ProgrammingError) as e:
+        if _is_missing_schema(e):
+            raise DatabaseNotMigrated(
+                "the database has no autonomy schema: run `autonomy db upgrade`",
+                url=_safe_url(engine)) from e
+        if isinstance(e, sa.exc.ProgrammingError):
+            raise
+        if isinstance(e, sa.exc.OperationalError) and _is_lock_conflict(e):
+            raise DatabaseBusy(f"the database gave up on a lock, nothing was changed; "
+                               f"retry: {_first_line(e)}") from e
+        raise DatabaseUnavailable(
+            f"the database cannot be reached: {_first_line(e)}", url=_safe_url(engine)
+        ) from e
+
+
+def _is_missing_schema(e: sa.exc.DBAPIError) -> bool:
+    text = str(e.orig).lower()
+    return "no such table" in text or ("relation" in text and "does not exist" in text)
+
+
+def _is_lock_conflict(e: sa.exc.OperationalError) -> bool:
+    text = str(e.orig).lower()
+    return ("deadlock" in text or "could not serialize" in text
+            or "database is locked" in text or "lock timeout" in text)
+
+
+def _first_line(e: BaseException) -> str:
+    orig = getattr(e, "orig", None) or e
+    return str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+
+
+def _safe_url(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=True)
+
+
+# --- migrations -------------------------------------------------------------------
+
+
+def alembic_config(url: str) -> Any:
+    """An Alembic config pointed at our migrations and ``url``."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))
+    return cfg
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Apply migrations up to ``revision``."""
+    from alembic import command
+
+    try:
+        command.upgrade(alembic_config(url), revision)
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as e:
+        raise DatabaseUnavailable(f"the database cannot be reached: {_first_line(e)}") from e
+
+
+def downgrade(url: str, revision: str = "base") -> None:
+    """Revert migrations down to ``revision``."""
+    from alembic import command
+
+    try:
+        command.downgrade(alembic_config(url), revision)
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as e:
+        raise DatabaseUnavailable(f"the database cannot be reached: {_first_line(e)}") from e
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at, or None before the first migration."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()

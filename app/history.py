@@ -1,0 +1,42 @@
+"""A task's or a lane's history: the audit events, plus the refused duplicate claims that
+Redis keeps off the database."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app import leases, store, validate, wire
+from app.context import Context
+from app.db import transaction
+from app.errors import InvalidInput, RedisUnavailable, TaskNotFound
+
+
+def history(ctx: Context, *, task_id: Any = None, assignee: Any = None,
+            limit: int = 200) -> dict[str, Any]:
+    """Events for a task (``taskId``) or a lane (``assignee``), newest first."""
+    if (task_id is None) == (assignee is None):
+        raise InvalidInput("give exactly one of taskId or assignee")
+    with transaction(ctx.engine, write=False) as conn:
+        if task_id is not None:
+            tid = validate.task_id(task_id)
+            task = store.get_task(conn, task_id=tid)
+            if task is None:
+                raise TaskNotFound(f"no task with id {tid}", taskId=tid)
+            lane_name = task["assignee"]
+            rows = store.list_events(conn, task_id=tid, limit=limit)
+        else:
+            lane_name = validate.assignee(assignee, ctx.settings)
+            tid = None
+            rows = store.list_events(conn, assignee=lane_name, limit=limit)
+    events = [wire.event(r) for r in rows]
+    try:
+        guards = leases.guard_log(ctx, assignee=lane_name, limit=limit)
+    except RedisUnavailable:
+        guards = []
+    if tid is not None:
+        guards = [g for g in guards if g.get("taskId") == tid]
+    events.extend({"id": None, "at": g.get("at"), "kind": "claim_guard",
+                   "assignee": lane_name, "taskId": g.get("taskId"), "actor": g.get("worker"),
+                   "reason": "duplicate_claim_guard", "data": g} for g in guards)
+    events.sort(key=lambda e: (e["at"] or "", e["id"] or 0), reverse=True)
+    return {"ok": True, "events": events[:limit]}

@@ -1,0 +1,69 @@
+"""Every Redis key autonomy uses: name, type, TTL, owner.
+
+All keys start with ``Settings.redis_prefix`` (default ``autonomy:``), so a test or a
+second deployment can share a server without touching another's keys.
+
+=================================  ======  =====================================  ===========
+key                                type    TTL                                    owner
+=================================  ======  =====================================  ===========
+``lease:{assignee}:{worker}``      string  lease TTL (set again on heartbeat)     leases.py
+                                           JSON ``{taskId, token, expiresAtMs}``
+``lane:{assignee}:leases``         zset    lease TTL, refreshed on each write     leases.py
+                                           member task id, score lease expiry ms
+``lane:{assignee}:meta``           hash    none                                   leases.py
+                                           ``paused`` 0/1, ``reason``, ``pausedAt``,
+                                           ``maxInFlight`` -- a cache of the lane
+                                           row; the DB confirms every refusal
+``lane:{assignee}:guards``         list    none; capped to ``guard_log_max``      leases.py
+                                           JSON guard hits (the audit of refused
+                                           duplicate claims, kept off the DB)
+``metrics``                        hash    none                                   metrics.py
+                                           counters: claims, guard hits, ...
+``lock:{job}``                     hash    budget + grace (set again on extend)   locks.py
+                                           ``token holder startedAt budgetMs``
+``lock:{job}:beat``                string  ``lock_holder_dead_after_ms``          locks.py
+                                           the holder's heartbeat; gone = dead
+``locks``                          zset    none; members removed on release       locks.py
+                                           the registry: member job, score
+                                           startedAt ms -- lists held locks
+                                           without scanning the keyspace
+=================================  ======  =====================================  ===========
+
+Celery's broker and result keys are Celery's own (its default names, same server).
+"""
+
+from __future__ import annotations
+
+
+class Keys:
+    """Key templates for one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    # --- leases (leases.py) -------------------------------------------------------
+    def worker_lease(self, assignee: str, worker: str) -> str:
+        return f"{self.prefix}lease:{assignee}:{worker}"
+
+    def lane_leases(self, assignee: str) -> str:
+        return f"{self.prefix}lane:{assignee}:leases"
+
+    def lane_meta(self, assignee: str) -> str:
+        return f"{self.prefix}lane:{assignee}:meta"
+
+    def lane_guards(self, assignee: str) -> str:
+        return f"{self.prefix}lane:{assignee}:guards"
+
+    # --- metrics (metrics.py) -----------------------------------------------------
+    def metrics(self) -> str:
+        return f"{self.prefix}metrics"
+
+    # --- run-locks (locks.py) -----------------------------------------------------
+    def lock(self, job: str) -> str:
+        return f"{self.prefix}lock:{job}"
+
+    def lock_beat(self, job: str) -> str:
+        return f"{self.prefix}lock:{job}:beat"
+
+    def lock_registry(self) -> str:
+        return f"{self.prefix}locks"

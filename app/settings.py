@@ -1,0 +1,109 @@
+"""One settings object, read from the environment once.
+
+Every tunable is named with its unit (``_s``, ``_ms``, ``_h``). Variables use the
+``AUTONOMY_`` prefix; the database and Redis URLs also answer to the usual
+``DATABASE_URL`` and ``REDIS_URL``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class Settings(BaseSettings):
+    """Every number the SPEC names, with its unit."""
+
+    model_config = SettingsConfigDict(env_prefix="AUTONOMY_", extra="ignore")
+
+    # --- where things are -------------------------------------------------------
+    database_url: str = Field(
+        default="sqlite:///autonomy.db",
+        validation_alias=AliasChoices("AUTONOMY_DATABASE_URL", "DATABASE_URL"),
+    )
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("AUTONOMY_REDIS_URL", "REDIS_URL"),
+        description="None means the default local address (and `autonomy up` may embed one).",
+    )
+    redis_prefix: str = "autonomy:"
+    db_connect_timeout_s: float = 5.0
+    db_busy_timeout_s: float = 30.0
+    redis_socket_timeout_s: float = 5.0
+    data_dir: str = ".autonomy"
+
+    # --- lanes, leases, breaker ---------------------------------------------------
+    lease_ttl_s: float = 300.0
+    default_max_in_flight: int = 1
+    breaker_threshold: int = 3
+    breaker_window_h: float = 24.0
+    remediation_lane: str = "ops"
+    assignee_max_len: int = 64
+    worker_max_len: int = 128
+    title_max_len: int = 500
+    reason_max_len: int = 2000
+    payload_max_bytes: int = 65536
+    guard_log_max: int = 200
+
+    # --- stale rules and checks ---------------------------------------------------
+    handoff_stale_after_s: float = 1800.0
+    incident_stale_after_s: float = 2700.0
+    handoff_fail_threshold: int = 2
+    recovery_threshold: int = 1
+    backlog_stall_min_s: float = 2700.0
+    ops_issue_threshold: int = 2
+    job_missed_after_factor: float = 3.0
+
+    # --- run-locks ----------------------------------------------------------------
+    lock_grace_ms: int = 30_000
+    lock_heartbeat_interval_ms: int = 2_000
+    lock_holder_dead_after_ms: int = 10_000
+
+    # --- interfaces ---------------------------------------------------------------
+    api_token: SecretStr | None = None
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    flower_port: int = 5555
+    flower_basic_auth: str | None = None
+    celery_queue: str = "autonomy"
+
+    # --- control panel and `autonomy up` (issue 4: app/api/panel.py, app/up.py) ----------
+    panel_refresh_ms: int = 3_000
+    # where `autonomy up` looks for a running Redis when no REDIS_URL is configured
+    # (before it starts an embedded one); a setting so tests can point it elsewhere
+    local_redis_probe_url: str = DEFAULT_REDIS_URL
+    up_ready_timeout_s: float = 60.0
+    up_stop_grace_s: float = 15.0
+    # --- end of issue 4 block ------------------------------------------------------------
+
+    @field_validator("redis_prefix")
+    @classmethod
+    def _prefix_ends_with_colon(cls, v: str) -> str:
+        return v if v.endswith(":") else v + ":"
+
+    @field_validator("breaker_threshold", "handoff_fail_threshold", "recovery_threshold",
+                     "ops_issue_threshold", "default_max_in_flight")
+    @classmethod
+    def _at_least_one(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @property
+    def effective_redis_url(self) -> str:
+        """The Redis URL in force: the configured one or the local default."""
+        return self.redis_url or DEFAULT_REDIS_URL
+
+    @property
+    def lease_ttl_ms(self) -> int:
+        return int(self.lease_ttl_s * 1000)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read and validated once."""
+    return Settings()

@@ -1,0 +1,61 @@
+"""Rows to JSON answers: camelCase field names, ISO-8601 UTC times."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from app.clock import iso
+
+
+def task(row: Mapping[Any, Any]) -> dict[str, Any]:
+    """A task as the API shows it. The lease token is never shown: only its holder has it."""
+    return {
+        "id": row["id"],
+        "title": row["title"],
+        "assignee": row["assignee"],
+        "kind": row["kind"],
+        "status": row["status"],
+        "priority": row["priority"],
+        "payload": row["payload"],
+        "result": row.get("result"),
+        "attempts": row["attempts"],
+        "claimedBy": row["claimed_by"],
+        "leaseExpiresAt": iso(row["lease_expires_at"]),
+        "failureFingerprint": row["failure_fingerprint"],
+        "lastValidationReason": row["last_validation_reason"],
+        "lanePaused": bool(row["lane_paused"]),
+        "lanePausedReason": row["lane_paused_reason"],
+        "lanePausedAt": iso(row["lane_paused_at"]),
+        "createdAt": iso(row["created_at"]),
+        "updatedAt": iso(row["updated_at"]),
+        "completedAt": iso(row["completed_at"]),
+    }
+
+
+def lane(row: Mapping[Any, Any], counts: Mapping[str, int] | None = None) -> dict[str, Any]:
+    out = {
+        "assignee": row["assignee"],
+        "paused": bool(row["paused"]),
+        "pausedReason": row["paused_reason"],
+        "pausedAt": iso(row["paused_at"]),
+        "resumedAt": iso(row["resumed_at"]),
+        "maxInFlight": row["max_in_flight"],
+    }
+    if counts is not None:
+        out["counts"] = {s: int(counts.get(s, 0))
+                         for s in ("todo", "in_progress", "done", "cancelled")}
+    return out
+
+
+def event(row: Mapping[Any, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "at": iso(row["at"]),
+        "kind": row["kind"],
+        "assignee": row["assignee"],
+        "taskId": row["task_id"],
+        "actor": row["actor"],
+        "reason": row["reason"],
+        "data": row["data"] or {},
+    }
