@@ -1,0 +1,172 @@
+"""The FastAPI app: ``create_app(settings=None, ctx=None)``.
+
+Every answer is JSON with ``ok`` (the panel's HTML pages aside). Errors are mapped here,
+once: an ``AutonomyError`` answers its ``http_status`` and ``to_wire()``; a Redis or
+database connection error that escaped the domain is ``redis_unavailable`` /
+``database_unavailable`` (503); FastAPI's own validation errors are ``invalid_input``
+(400, never 422); an unknown path or method keeps its status with ``ok: false``; and
+anything unexpected is a 500 ``internal_error`` whose details go to the log, never to
+the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis
+import sqlalchemy as sa
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import TypeAdapter
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app import __version__
+from app.api import panel, routes, schemas
+from app.context import Context
+from app.errors import (
+    AutonomyError,
+    Conflict,
+    DatabaseUnavailable,
+    InvalidInput,
+    RedisUnavailable,
+)
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Run fleets of autonomous workers safely: lanes, leases, guarded claims,
+a failure breaker and visible run-locks.
+
+Every answer has `ok`. A refusal also has `error` (a stable code) and a human `message`,
+with a 4xx status (503 when the database or Redis cannot be reached). Mutating actions
+need `Authorization: Bearer <AUTONOMY_API_TOKEN>` when the server has a token."""
+
+
+def create_app(settings: Settings | None = None, ctx: Context | None = None) -> FastAPI:
+    """The API and the control panel over ``ctx`` (built from ``settings``, or from the
+    environment, when not given; closed on shutdown only when built here)."""
+    owned = ctx is None
+    context = ctx if ctx is not None else Context.from_settings(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owned:
+            context.close()
+
+    app = FastAPI(title="autonomy", version=__version__, description=DESCRIPTION,
+                  lifespan=lifespan)
+    app.state.ctx = context
+    app.include_router(routes.router)
+    app.include_router(panel.router)
+    app.mount("/static", StaticFiles(directory=str(panel.HERE / "static")), name="static")
+    _add_error_handlers(app)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+# --- errors ---------------------------------------------------------------------------
+
+
+def error_response(err: AutonomyError) -> JSONResponse:
+    """An ``AutonomyError`` as its JSON answer and HTTP status."""
+    headers = {"WWW-Authenticate": "Bearer"} if err.http_status == 401 else None
+    return JSONResponse(jsonable_encoder(err.to_wire()), status_code=err.http_status,
+                        headers=headers)
+
+
+def _first_line(e: BaseException) -> str:
+    orig = getattr(e, "orig", None) or e
+    text = str(orig).strip()
+    return text.splitlines()[0][:300] if text else type(orig).__name__
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    async def autonomy_error(_: Request, e: Exception) -> JSONResponse:
+        assert isinstance(e, AutonomyError)
+        return error_response(e)
+
+    async def redis_down(_: Request, e: Exception) -> JSONResponse:
+        return error_response(RedisUnavailable(f"Redis cannot be reached: {_first_line(e)}"))
+
+    async def database_down(_: Request, e: Exception) -> JSONResponse:
+        return error_response(
+            DatabaseUnavailable(f"the database cannot be reached: {_first_line(e)}"))
+
+    async def database_refused_value(_: Request, e: Exception) -> JSONResponse:
+        return error_response(InvalidInput(f"the database refused a value: {_first_line(e)}"))
+
+    async def database_conflict(_: Request, e: Exception) -> JSONResponse:
+        return error_response(Conflict(f"the change conflicts with another: {_first_line(e)}"))
+
+    async def validation(_: Request, e: Exception) -> JSONResponse:
+        assert isinstance(e, RequestValidationError)
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "body"))
+        return error_response(InvalidInput(f"{where or 'request'}: {first.get('msg', 'invalid')}",
+                                           field=where or None))
+
+    async def http_error(_: Request, e: Exception) -> JSONResponse:
+        assert isinstance(e, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code,
+                                                                 f"http_{e.status_code}")
+        return JSONResponse({"ok": False, "error": code, "message": str(e.detail)},
+                            status_code=e.status_code, headers=e.headers)
+
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.error("unexpected error answering %s %s", request.method, request.url.path,
+                  exc_info=e)
+        return JSONResponse({"ok": False, "error": "internal_error",
+                             "message": "unexpected server error; see the server log"},
+                            status_code=500)
+
+    app.add_exception_handler(AutonomyError, autonomy_error)
+    app.add_exception_handler(redis.ConnectionError, redis_down)
+    app.add_exception_handler(redis.TimeoutError, redis_down)
+    for exc in (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError):
+        app.add_exception_handler(exc, database_down)
+    app.add_exception_handler(sa.exc.DataError, database_refused_value)
+    app.add_exception_handler(sa.exc.IntegrityError, database_conflict)
+    app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+# --- OpenAPI ------------------------------------------------------------------------------
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the action request union, with FastAPI's 422 answers replaced
+    by the 400 ``invalid_input`` this app really gives."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                         routes=app.routes)
+    comps = schema.setdefault("components", {}).setdefault("schemas", {})
+    union = TypeAdapter(schemas.ActionRequest).json_schema(
+        ref_template="#/components/schemas/{model}")
+    comps.update(union.pop("$defs", {}))
+    comps["ActionRequest"] = union
+    comps.pop("HTTPValidationError", None)
+    comps.pop("ValidationError", None)
+    for path in schema.get("paths", {}).values():
+        for op in path.values():
+            if op.get("security"):  # the token is needed by mutating actions only
+                op["security"] = [*op["security"], {}]
+            responses = op.get("responses", {})
+            if responses.pop("422", None) is not None:
+                responses.setdefault("400", {
+                    "description": "Bad input (`invalid_input`).",
+                    "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/ErrorAnswer"}}}})
+    comps.setdefault("ErrorAnswer", schemas.ErrorAnswer.model_json_schema(
+        ref_template="#/components/schemas/{model}"))
+    app.openapi_schema = schema
+    return schema

@@ -1,0 +1,127 @@
+"""FastAPI dependencies as ``Annotated`` aliases: the context, the settings, the request
+body as JSON, and the bearer-token check for mutating actions."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.context import Context
+from app.errors import AuthError, Forbidden, InvalidInput
+from app.settings import Settings
+
+# a request body may carry a payload and a result, each up to payload_max_bytes
+_BODY_FACTOR = 3
+_BODY_SLACK = 16_384
+MAX_DEPTH = 64
+
+
+def get_ctx(request: Request) -> Context:
+    """The app's context (one per app, shared by its requests)."""
+    ctx: Context = request.app.state.ctx
+    return ctx
+
+
+def get_settings(request: Request) -> Settings:
+    """The app's settings."""
+    return get_ctx(request).settings
+
+
+Ctx = Annotated[Context, Depends(get_ctx)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+@dataclass(frozen=True)
+class Body:
+    """The request body parsed as JSON, or why it could not be."""
+
+    value: Any = None
+    error: str | None = None
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+async def read_json(request: Request, settings: SettingsDep) -> Body:
+    """Read and parse the body (size-capped; NaN/Infinity refused) without raising."""
+    limit = settings.payload_max_bytes * _BODY_FACTOR + _BODY_SLACK
+    raw = await request.body()
+    if len(raw) > limit:
+        return Body(error=f"the request body is {len(raw)} bytes, over the {limit} limit")
+    try:
+        return Body(json.loads(raw, parse_constant=_no_constants))
+    except (ValueError, RecursionError) as e:
+        return Body(error=f"the request body is not valid JSON: {str(e)[:200]}")
+
+
+JsonBody = Annotated[Body, Depends(read_json)]
+
+_bearer = HTTPBearer(auto_error=False, scheme_name="AutonomyApiToken",
+                     description="`AUTONOMY_API_TOKEN`; needed by mutating actions.")
+
+
+async def read_authorization(
+        request: Request,
+        _doc: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str | None:
+    """The raw ``Authorization`` header (the ``HTTPBearer`` dependency only documents the
+    scheme in OpenAPI; it cannot tell a missing header from a malformed one)."""
+    return request.headers.get("authorization")
+
+
+Authorization = Annotated[str | None, Depends(read_authorization)]
+
+
+def configured_token(settings: Settings) -> str | None:
+    """The API token, or None when none (or an empty one) is configured."""
+    if settings.api_token is None:
+        return None
+    token = settings.api_token.get_secret_value().strip()
+    return token or None
+
+
+def check_token(settings: Settings, authorization: str | None) -> None:
+    """Allow a mutating call: no token configured (the server is loopback-only then), or
+    ``Bearer <token>`` matching in constant time. Missing → ``unauthorized`` (401),
+    wrong → ``forbidden`` (403)."""
+    expected = configured_token(settings)
+    if expected is None:
+        return
+    scheme, _, given = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise AuthError("this action needs 'Authorization: Bearer <AUTONOMY_API_TOKEN>'")
+    if not hmac.compare_digest(given.strip().encode(), expected.encode()):
+        raise Forbidden("the bearer token is not this server's API token")
+
+
+def body_object(body: Body) -> dict[str, Any]:
+    """The body as a JSON object, or ``invalid_input``."""
+    if body.error is not None:
+        raise InvalidInput(body.error)
+    if not isinstance(body.value, dict):
+        raise InvalidInput("the request must be a JSON object with an 'action'")
+    _refuse_nul(body.value)
+    return body.value
+
+
+def _refuse_nul(value: Any) -> None:
+    # A NUL character is legal JSON but PostgreSQL text columns refuse it, and a deeply
+    # nested value overflows the JSON encoder's recursion later on: refuse both here
+    # instead of answering a database or encoder error. Iterative, for the same reason.
+    todo: list[tuple[Any, int]] = [(value, 0)]
+    while todo:
+        v, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            raise InvalidInput(f"the request nests deeper than {MAX_DEPTH} levels")
+        if isinstance(v, str):
+            if "\x00" in v:
+                raise InvalidInput("text must not contain NUL (\\u0000) characters")
+        elif isinstance(v, dict):
+            todo.extend((x, depth + 1) for x in (*v.keys(), *v.values()))
+        elif isinstance(v, list):
+            todo.extend((x, depth + 1) for x in v)

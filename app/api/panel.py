@@ -1,0 +1,121 @@
+"""The control panel at ``/``: server-rendered (Jinja2) from the status payload and the
+recent tasks, then kept fresh by ``static/panel.js``, which fetches ``/panel/sections``
+(the same template's sections) every few seconds and swaps the ones that changed. One
+rendering path, no JavaScript build step.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from app import ops, store, wire
+from app.api.deps import Ctx, configured_token
+from app.context import Context
+from app.db import transaction
+from app.errors import Unavailable
+
+HERE = Path(__file__).parent
+TASKS_SHOWN = 50
+
+router = APIRouter(include_in_schema=False)
+templates = Jinja2Templates(directory=str(HERE / "templates"))
+
+
+def recent_tasks(ctx: Context, *, assignee: str | None = None, status: str | None = None,
+                 limit: int = TASKS_SHOWN) -> list[dict[str, Any]]:
+    """The newest tasks (optionally of one lane or status) as the API shows them."""
+    with transaction(ctx.engine, write=False) as conn:
+        rows = store.list_tasks(conn, assignee=assignee, status=status, limit=limit)
+    return [wire.task(r) for r in rows]
+
+
+def view(ctx: Context) -> dict[str, Any]:
+    """What the page shows; an unreachable service is shown, not raised."""
+    s = ctx.settings
+    out: dict[str, Any] = {
+        "now": ctx.clock(), "status": None, "tasks": [], "error": None,
+        "auth_required": configured_token(s) is not None,
+        "refresh_ms": s.panel_refresh_ms,
+        "thresholds": {"breaker": s.breaker_threshold, "handoffFail": s.handoff_fail_threshold,
+                       "recovery": s.recovery_threshold, "opsIssue": s.ops_issue_threshold},
+    }
+    try:
+        out["status"] = ops.dispatch(ctx, {"action": "status"})
+        out["tasks"] = recent_tasks(ctx)
+    except Unavailable as e:
+        out["error"] = e.to_wire()
+    return out
+
+
+@router.get("/", response_class=HTMLResponse)
+def page(request: Request, ctx: Ctx) -> Response:
+    """The whole page (first paint)."""
+    v = view(ctx)
+    return templates.TemplateResponse(request, "panel.html", v,
+                                      status_code=503 if v["error"] else 200)
+
+
+@router.get("/panel/sections", response_class=HTMLResponse)
+def sections(request: Request, ctx: Ctx) -> Response:
+    """Only the sections, for the page's refresh."""
+    v = view(ctx)
+    return templates.TemplateResponse(request, "_sections.html", v,
+                                      status_code=503 if v["error"] else 200,
+                                      headers={"Cache-Control": "no-store"})
+
+
+# --- template filters ------------------------------------------------------------------
+
+
+def _parse(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def fmt_time(value: Any) -> str:
+    """``2025-11-25 01:23:45 UTC`` (or ``-``)."""
+    dt = _parse(value)
+    return dt.strftime("%Y-%m-%d %H:%M:%S UTC") if dt else "-"
+
+
+def fmt_ago(value: Any, now: datetime) -> str:
+    """``12s ago``, ``5m ago``, ``3h ago``, ``2d ago`` (or ``-``)."""
+    dt = _parse(value)
+    if dt is None:
+        return "-"
+    secs = int((now - dt).total_seconds())
+    if secs == 0:
+        return "just now"
+    if secs < 0:
+        return "in " + fmt_duration(-secs * 1000)
+    return fmt_duration(secs * 1000) + " ago"
+
+
+def fmt_duration(ms: Any) -> str:
+    """``850ms``, ``42s``, ``3m 05s``, ``2h 10m``, ``3d 4h``."""
+    if isinstance(ms, bool) or not isinstance(ms, int | float):
+        return "-"
+    ms = int(ms)
+    if ms < 1000:
+        return f"{ms}ms"
+    s = ms // 1000
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+templates.env.filters.update(ts=fmt_time, ago=fmt_ago, dur=fmt_duration)

@@ -1,0 +1,85 @@
+"""The JSON API: ``POST /api/autonomy`` (every action, through ``app.ops.dispatch``),
+``GET /api/autonomy/status``, ``GET /api/autonomy/tasks`` and ``GET /metrics``.
+
+Mutating actions (``app.ops.MUTATING``) need ``Authorization: Bearer <token>`` when a
+token is configured; reads are open (the server binds only loopback without a token).
+Refusals are raised as ``AutonomyError`` and answered by the handlers in ``app.api.app``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from app import ops, validate
+from app.api import metrics, schemas
+from app.api.deps import Authorization, Ctx, JsonBody, body_object, check_token
+from app.api.panel import recent_tasks
+
+router = APIRouter()
+
+_REQUEST_BODY = {
+    "required": True,
+    "description": "`{\"action\": ..., ...}`: one of the actions, its fields in camelCase.",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ActionRequest"}}},
+}
+
+
+def _json(answer: dict[str, Any]) -> JSONResponse:
+    return JSONResponse(jsonable_encoder(answer))
+
+
+@router.post(
+    "/api/autonomy", response_model=schemas.ActionAnswer, responses=schemas.ERROR_RESPONSES,
+    summary="Run one action", openapi_extra={"requestBody": _REQUEST_BODY},
+    description="Every action of the SPEC by its wire name (`create`, `claim`, `heartbeat`, "
+                "`complete`, `release`, `pause_lane`, `resume_lane`, `configure_lane`, "
+                "`fingerprint_count`, `status`, `history`, `ops_incident`). Mutating "
+                "actions need the bearer token when the server has one. Every answer has "
+                "`ok`; a refusal has `error` (a stable code) and `message`.",
+)
+def act(ctx: Ctx, body: JsonBody, authorization: Authorization) -> Response:
+    """Authorise (mutations), check the shape, dispatch."""
+    request = body_object(body)
+    action = request.get("action")
+    if isinstance(action, str) and action in ops.MUTATING:
+        check_token(ctx.settings, authorization)
+    schemas.check_shape(request)
+    return _json(ops.dispatch(ctx, request))
+
+
+@router.get("/api/autonomy/status", response_model=schemas.StatusAnswer,
+            responses={503: schemas.ERROR_RESPONSES[503]}, summary="The status payload")
+def status(ctx: Ctx) -> Response:
+    """The same answer as the ``status`` action."""
+    return _json(ops.dispatch(ctx, {"action": "status"}))
+
+
+@router.get("/api/autonomy/tasks", response_model=schemas.TasksAnswer,
+            responses={400: schemas.ERROR_RESPONSES[400], 503: schemas.ERROR_RESPONSES[503]},
+            summary="Recent tasks, newest first")
+def tasks(
+    ctx: Ctx,
+    assignee: Annotated[str | None, Query(description="Only this lane.", max_length=256)] = None,
+    status: Annotated[Literal["todo", "in_progress", "done", "cancelled"] | None,
+                      Query(description="Only this status.")] = None,
+    limit: Annotated[int, Query(ge=1, le=500, description="At most this many.")] = 50,
+) -> Response:
+    """What the panel's task list shows."""
+    lane = validate.assignee(assignee, ctx.settings) if assignee is not None else None
+    return _json({"ok": True,
+                  "tasks": recent_tasks(ctx, assignee=lane, status=status, limit=limit)})
+
+
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus text format."},
+                       503: schemas.ERROR_RESPONSES[503]},
+            summary="Prometheus metrics")
+def prometheus(ctx: Ctx) -> Response:
+    """Run-locks held and over budget, lanes paused, GO/NO_GO, claims and guard hits."""
+    payload = ops.dispatch(ctx, {"action": "status"})
+    return Response(metrics.render(payload), media_type=metrics.CONTENT_TYPE)

