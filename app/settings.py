@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     lock_heartbeat_interval_ms: int = 2_000
     lock_holder_dead_after_ms: int = 10_000
 
+    # --- periodic jobs (beat_schedule.py holds the defaults) ------------------------
+    beat_every_s: float | None = Field(default=None, gt=0)
+    job_min_runtime_ms: dict[str, int] = Field(default_factory=dict)
+
     # --- interfaces ---------------------------------------------------------------
     api_token: SecretStr | None = None
     api_host: str = "127.0.0.1"

@@ -1,0 +1,247 @@
+"""Run-locks on a real Redis: token-checked acquire/extend/release, the registry, and real
+processes racing for, dying with and overrunning a lock."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app import locks
+from app.clock import FrozenClock
+from app.context import Context
+from tests.conftest import make_settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def lctx(sqlite_url: str, redis_server_url: str, redis_prefix: str, clock: FrozenClock
+         ) -> Iterator[Context]:
+    c = Context.from_settings(make_settings(sqlite_url, redis_server_url, redis_prefix),
+                              clock=clock)
+    yield c
+    c.close()
+
+
+def _until(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+# --- one process -----------------------------------------------------------------------
+
+
+def test_a_second_acquire_of_a_held_lock_gets_nothing(lctx: Context) -> None:
+    token = locks.acquire(lctx, "handoff_health", budget_ms=1000, holder="a:1:x")
+    assert token
+    assert locks.acquire(lctx, "handoff_health", budget_ms=1000, holder="b:2:y") is None
+    assert locks.acquire(lctx, "readiness", budget_ms=1000, holder="b:2:y")
+
+
+def test_release_with_another_token_does_nothing(lctx: Context) -> None:
+    token = locks.acquire(lctx, "status", budget_ms=1000)
+    assert token
+    assert locks.release(lctx, "status", "not-the-token") is False
+    assert locks.extend(lctx, "status", "not-the-token") is False
+    assert [lk["job"] for lk in locks.collect_run_locks(lctx)] == ["status"]
+    assert locks.release(lctx, "status", token) is True
+    assert locks.collect_run_locks(lctx) == []
+    assert locks.release(lctx, "status", token) is False
+
+
+def test_a_holder_whose_lock_expired_cannot_release_or_extend_the_next_holders(
+        lctx: Context) -> None:
+    old = locks.acquire(lctx, "self_heal", budget_ms=1000, holder="old:1:x")
+    assert old
+    lctx.redis.delete(lctx.keys.lock("self_heal"))  # its TTL ran out
+    new = locks.acquire(lctx, "self_heal", budget_ms=1000, holder="new:2:y")
+    assert new
+    assert locks.release(lctx, "self_heal", old) is False
+    assert locks.extend(lctx, "self_heal", old, budget_ms=99) is False
+    [lk] = locks.collect_run_locks(lctx)
+    assert lk["holder"] == "new:2:y" and lk["budgetMs"] == 1000
+
+
+def test_collect_lists_each_held_lock_with_elapsed_budget_and_liveness(
+        lctx: Context, clock: FrozenClock) -> None:
+    locks.acquire(lctx, "handoff_health", budget_ms=60_000, holder="h:1:a")
+    clock.advance(seconds=1)
+    locks.acquire(lctx, "self_heal", budget_ms=500, holder="h:2:b")
+    clock.advance(seconds=2)
+    got = {lk["job"]: lk for lk in locks.collect_run_locks(lctx)}
+    assert got["handoff_health"] == {
+        "job": "handoff_health", "holder": "h:1:a", "startedAt": got["handoff_health"]["startedAt"],
+        "elapsedMs": 3000, "budgetMs": 60_000, "overBudget": False, "holderAlive": True}
+    assert got["self_heal"]["elapsedMs"] == 2000 and got["self_heal"]["overBudget"] is True
+    assert got["handoff_health"]["startedAt"].endswith("Z")
+
+
+def test_extend_sets_the_ttl_to_budget_plus_grace(lctx: Context) -> None:
+    token = locks.acquire(lctx, "status", budget_ms=1000)
+    assert token
+    assert locks.extend(lctx, "status", token, budget_ms=120_000)
+    ttl = lctx.redis.pttl(lctx.keys.lock("status"))
+    assert 120_000 < ttl <= 120_000 + lctx.settings.lock_grace_ms
+    assert locks.collect_run_locks(lctx)[0]["budgetMs"] == 120_000
+
+
+def test_a_registry_entry_whose_lock_expired_is_not_listed(lctx: Context) -> None:
+    locks.acquire(lctx, "readiness", budget_ms=1000)
+    lctx.redis.delete(lctx.keys.lock("readiness"))
+    assert locks.collect_run_locks(lctx) == []
+    assert lctx.redis.zcard(lctx.keys.lock_registry()) == 0
+
+
+def test_break_dead_locks_breaks_only_locks_whose_holder_stopped_beating(
+        lctx: Context, clock: FrozenClock) -> None:
+    locks.acquire(lctx, "self_heal", budget_ms=10, holder="dead:1:x")
+    locks.acquire(lctx, "status", budget_ms=10, holder="slow:2:y")
+    clock.advance(seconds=5)  # both over budget
+    lctx.redis.delete(lctx.keys.lock_beat("self_heal"))  # its holder stopped beating
+    broken = locks.break_dead_locks(lctx)
+    assert [(b["job"], b["holder"], b["holderAlive"]) for b in broken] == [
+        ("self_heal", "dead:1:x", False)]
+    [left] = locks.collect_run_locks(lctx)
+    assert left["job"] == "status" and left["overBudget"] and left["holderAlive"]
+
+
+def test_held_raises_already_running_with_holder_and_elapsed(
+        lctx: Context, clock: FrozenClock) -> None:
+    with locks.held(lctx, "readiness", budget_ms=1000, holder="first:1:a") as h:
+        clock.advance(seconds=4)
+        with (pytest.raises(locks.AlreadyRunning) as e,
+              locks.held(lctx, "readiness", budget_ms=1000, holder="second:2:b")):
+            pytest.fail("a second run must not start")
+        assert e.value.holder == "first:1:a" and e.value.elapsed_ms == 4000
+        assert e.value.to_wire()["error"] == "already_running"
+        assert not h.lost
+    assert locks.collect_run_locks(lctx) == []
+
+
+# --- real processes ----------------------------------------------------------------------
+
+
+def _contend(settings_kw: dict[str, Any], job: str, ready: Any, go: Any, ran: Any,
+             skipped: Any) -> None:
+    ctx = Context.from_settings(make_settings(**settings_kw))
+    ctx.redis.ping()  # connected before the start signal
+    with ready.get_lock():
+        ready.value += 1
+    go.wait()
+    try:
+        with locks.held(ctx, job, budget_ms=5_000):
+            with ran.get_lock():
+                ran.value += 1
+            time.sleep(2.0)  # still running while every other process tries
+    except locks.AlreadyRunning:
+        with skipped.get_lock():
+            skipped.value += 1
+    finally:
+        ctx.close()
+
+
+@pytest.mark.slow
+def test_many_processes_starting_the_same_job_at_once_run_it_exactly_once(
+        sqlite_url: str, redis_server_url: str, redis_prefix: str) -> None:
+    mpc = mp.get_context("spawn")
+    n = 16
+    go, ready = mpc.Event(), mpc.Value("i", 0)
+    ran, skipped = mpc.Value("i", 0), mpc.Value("i", 0)
+    kw = {"database_url": sqlite_url, "redis_url": redis_server_url, "prefix": redis_prefix}
+    procs = [mpc.Process(target=_contend,
+                         args=(kw, "handoff_health", ready, go, ran, skipped))
+             for _ in range(n)]
+    for p in procs:
+        p.start()
+    _until(lambda: ready.value == n, 60, "every process to connect")
+    go.set()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    print(f"\n[run-lock race] {n} processes: ran {ran.value}, skipped {skipped.value}")
+    assert ran.value == 1 and skipped.value == n - 1
+
+
+_HOLDER = """
+import sys, time
+from app import locks
+from app.context import Context
+from tests.conftest import make_settings
+db, url, prefix, job, budget = sys.argv[1:6]
+ctx = Context.from_settings(make_settings(db, url, prefix, lock_heartbeat_interval_ms=100,
+                                          lock_holder_dead_after_ms=600))
+with locks.held(ctx, job, budget_ms=int(budget), holder=f"child:{job}") as h:
+    print("held", flush=True)
+    time.sleep(30)
+"""
+
+
+def _holder(sqlite_url: str, redis_url: str, prefix: str, job: str, budget_ms: int
+            ) -> subprocess.Popen[str]:
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER, sqlite_url, redis_url, prefix, job,
+                          str(budget_ms)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "held"
+    return p
+
+
+@pytest.fixture
+def real_lctx(sqlite_url: str, redis_server_url: str, redis_prefix: str) -> Iterator[Context]:
+    c = Context.from_settings(make_settings(sqlite_url, redis_server_url, redis_prefix,
+                                            lock_holder_dead_after_ms=600))
+    yield c
+    c.close()
+
+
+@pytest.mark.slow
+def test_a_holder_killed_with_sigkill_shows_dead_and_its_lock_is_broken(
+        real_lctx: Context, sqlite_url: str, redis_server_url: str, redis_prefix: str) -> None:
+    p = _holder(sqlite_url, redis_server_url, redis_prefix, "self_heal", 60_000)
+    try:
+        [lk] = locks.collect_run_locks(real_lctx)
+        assert lk["holderAlive"] is True and lk["holder"] == "child:self_heal"
+        assert locks.break_dead_locks(real_lctx) == []  # alive: left alone
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(10)
+        _until(lambda: not locks.collect_run_locks(real_lctx)[0]["holderAlive"], 10,
+               "the killed holder's heartbeat to lapse")
+        assert locks.acquire(real_lctx, "self_heal", budget_ms=1000) is None  # still held
+        broken = locks.break_dead_locks(real_lctx)
+        assert [b["holder"] for b in broken] == ["child:self_heal"]
+        assert locks.acquire(real_lctx, "self_heal", budget_ms=1000)  # the next run proceeds
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+        assert p.stdout is not None
+        p.stdout.close()
+
+
+@pytest.mark.slow
+def test_a_slow_but_alive_holder_over_budget_is_reported_and_left_alone(
+        real_lctx: Context, sqlite_url: str, redis_server_url: str, redis_prefix: str) -> None:
+    p = _holder(sqlite_url, redis_server_url, redis_prefix, "readiness", 200)
+    try:
+        _until(lambda: locks.collect_run_locks(real_lctx)[0]["overBudget"], 10,
+               "the holder to pass its budget")
+        time.sleep(1.0)  # longer than the beat TTL: only its heartbeat keeps it alive
+        assert locks.break_dead_locks(real_lctx) == []
+        [lk] = locks.collect_run_locks(real_lctx)
+        assert lk["overBudget"] is True and lk["holderAlive"] is True
+        assert lk["elapsedMs"] > lk["budgetMs"]
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(10)
+        assert p.stdout is not None
+        p.stdout.close()
