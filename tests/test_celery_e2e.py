@@ -1,0 +1,232 @@
+"""The periodic checks end to end: a real Celery worker and a real beat, as subprocesses,
+against the real Redis (a key prefix and queue of this test's own) and a SQLite file.
+
+Beat fires every job each second; ``readiness`` is kept running 12 s, so while it holds its
+run-lock the status task's stored result lists that lock (holder alive), a second
+``readiness`` run is answered ``skipped: "already_running"``, and the worker answers
+``celery inspect run_locks`` with the held lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from app.celery_app import celery_key_prefix, configure
+from tests.conftest import make_settings
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+JOBS = ("handoff_health", "readiness", "self_heal", "status")
+READINESS_HOLD_MS = 12_000
+DEADLINE_S = 40.0
+
+
+def _live_in_group(pgid: int) -> list[int]:
+    """Pids of the process group that are alive (zombies excluded)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+class Proc:
+    """A subprocess in its own process group, with its output in a file."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.name, self.log = name, log
+        self._out = log.open("wb")
+        self.popen = subprocess.Popen(argv, cwd=REPO, env=env, stdout=self._out,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        self.pgid = self.popen.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        """SIGTERM the group, SIGKILL whatever is left after 5 s, wait until none lives."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pgid, sig)
+            if self._gone_within(5.0):
+                break
+        self.popen.wait(5)
+        self._out.close()
+
+    def _gone_within(self, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None and not _live_in_group(self.pgid):
+                return True
+            time.sleep(0.1)
+        return False
+
+
+@pytest.fixture
+def e2e(tmp_path: Path, sqlite_url: str, redis_server_url: str,
+        redis_prefix: str) -> Iterator[dict[str, Any]]:
+    """Environment, a client Celery app and a process launcher; everything killed after."""
+    queue = f"e2e-{uuid.uuid4().hex[:8]}"
+    settings = make_settings(sqlite_url, redis_server_url, redis_prefix, celery_queue=queue)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AUTONOMY_", "CELERY_", "FLOWER_"))
+           and k not in ("DATABASE_URL", "REDIS_URL")}
+    env.update({
+        "DATABASE_URL": sqlite_url,
+        "REDIS_URL": redis_server_url,
+        "AUTONOMY_REDIS_PREFIX": redis_prefix,
+        "AUTONOMY_CELERY_QUEUE": queue,
+        "AUTONOMY_BEAT_EVERY_S": "1",
+        "AUTONOMY_JOB_MIN_RUNTIME_MS": json.dumps({"readiness": READINESS_HOLD_MS}),
+        "PYTHONUNBUFFERED": "1",
+    })
+    client = Celery("autonomy-e2e-client")
+    configure(client, settings)
+    procs: list[Proc] = []
+
+    def start(name: str, *args: str) -> Proc:
+        p = Proc(name, [sys.executable, "-m", "celery", "-A", "app.celery_app", *args], env,
+                 tmp_path / f"{name}.log")
+        procs.append(p)
+        return p
+
+    yield {"env": env, "client": client, "start": start, "tmp": tmp_path,
+           "prefix": celery_key_prefix(settings), "redis_url": redis_server_url}
+    for p in reversed(procs):
+        p.stop()
+    for p in procs:
+        assert not _live_in_group(p.pgid), f"{p.name} left processes behind"
+    client.close()
+
+
+def _stored_results(r: redis.Redis, prefix: str) -> list[dict[str, Any]]:
+    """Every task result the backend stored under this test's prefix."""
+    keys = list(r.scan_iter(match=f"{prefix}celery-task-meta-*", count=1000))
+    metas = [json.loads(v) for v in r.mget(keys) if v] if keys else []
+    return metas
+
+
+def _wait_for(what: str, check: Callable[[], Any], procs: list[Proc],
+              deadline: float) -> Any:
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.popen.poll() is not None:
+                pytest.fail(f"{p.name} exited {p.popen.returncode}:\n{p.output()}")
+        got = check()
+        if got:
+            return got
+        time.sleep(0.25)
+    logs = "\n".join(f"--- {p.name}\n{p.output()}" for p in procs)
+    pytest.fail(f"timed out waiting for {what}\n{logs}")
+
+
+def _readiness_lock(meta: dict[str, Any]) -> dict[str, Any] | None:
+    locks = (meta.get("result") or {}).get("workflowHealth", {}).get("runLocks", [])
+    return next((lk for lk in locks if lk.get("job") == "readiness"), None)
+
+
+def test_beat_runs_every_job_and_status_lists_the_running_lock_and_a_rerun_is_skipped(
+        e2e: dict[str, Any]) -> None:
+    r = redis.Redis.from_url(e2e["redis_url"], decode_responses=True)
+    prefix = e2e["prefix"]
+    node = f"e2e-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+    worker = e2e["start"]("worker", "worker", "-E", "--loglevel", "INFO", "--concurrency",
+                          "3", "-n", node, "--without-mingle", "--without-gossip")
+    deadline = time.monotonic() + DEADLINE_S
+    _wait_for("the worker to answer ping",
+              lambda: e2e["client"].control.ping(destination=[node], timeout=0.5),
+              [worker], deadline)
+    beat = e2e["start"]("beat", "beat", "--loglevel", "INFO",
+                        "--schedule", str(e2e["tmp"] / "celerybeat-schedule"))
+    procs = [worker, beat]
+
+    def by_job() -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {j: [] for j in JOBS}
+        for m in _stored_results(r, prefix):
+            job = str(m.get("name", "")).rsplit(".", 1)[-1]
+            if job in out:
+                out[job].append(m)
+        return out
+
+    def status_seeing_readiness() -> dict[str, Any] | None:
+        return next((m for m in by_job()["status"]
+                     if m["status"] == "SUCCESS" and _readiness_lock(m)), None)
+
+    seen = _wait_for("a stored status result listing the readiness run-lock",
+                     status_seeing_readiness, procs, deadline)
+    lock = _readiness_lock(seen)
+    assert lock is not None
+    assert lock["holderAlive"] is True
+    assert lock["budgetMs"] > 0 and lock["overBudget"] is False
+    assert seen["result"]["workflowHealth"]["runLocksCount"] >= 1
+    # the holder is the readiness task that is running: host:pid:<its task id>
+    readiness_ids = {m["task_id"] for m in by_job()["readiness"]}
+    holder_task_id = lock["holder"].rsplit(":", 1)[-1]
+    assert holder_task_id in readiness_ids
+    # its result lives under this test's prefix, not under Celery's bare key name
+    assert r.exists(f"{prefix}celery-task-meta-{holder_task_id}") == 1
+    assert r.exists(f"celery-task-meta-{holder_task_id}") == 0
+
+    # the worker answers the custom inspect command with the held lock
+    def inspect_lists_readiness() -> dict[str, Any] | None:
+        out = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "app.celery_app", "inspect", "run_locks",
+             "--json", "--timeout", "5", "-d", node],
+            cwd=REPO, env=e2e["env"], capture_output=True, text=True, timeout=30)
+        if out.returncode != 0:
+            return None
+        reply = json.loads(out.stdout.strip().splitlines()[-1])[node]
+        jobs = [lk["job"] for lk in reply["runLocks"]]
+        return reply if "readiness" in jobs else None
+
+    reply = _wait_for("inspect run_locks to list readiness", inspect_lists_readiness, procs,
+                      deadline)
+    assert reply["runLocksCount"] == len(reply["runLocks"]) >= 1
+
+    # an overlapping readiness run is skipped, naming the running one
+    def skipped_readiness() -> dict[str, Any] | None:
+        return next((m for m in by_job()["readiness"] if m["status"] == "SUCCESS"
+                     and (m["result"] or {}).get("skipped") == "already_running"), None)
+
+    skipped = _wait_for("a readiness run skipped as already_running", skipped_readiness,
+                        procs, deadline)["result"]
+    assert skipped["ok"] is True and skipped["job"] == "readiness"
+    assert skipped["holder"].rsplit(":", 1)[-1] in readiness_ids
+    assert skipped["elapsedMs"] >= 0
+
+    # beat fired every job, and each one's run left a successful stored result
+    def every_job_succeeded() -> dict[str, list[dict[str, Any]]] | None:
+        got = by_job()
+        done = {j: [m for m in ms if m["status"] == "SUCCESS"] for j, ms in got.items()}
+        return done if all(done.values()) else None
+
+    done = _wait_for("a successful stored result of every job", every_job_succeeded, procs,
+                     deadline)
+    for job, metas in done.items():
+        assert any((m["result"] or {}).get("job") == job for m in metas), job
+        assert all(m["queue"] == e2e["env"]["AUTONOMY_CELERY_QUEUE"] for m in metas), job
+
+    print("\ncaptured status payload (stored result of tasks.checks.status):")
+    print(json.dumps(seen["result"], indent=2, sort_keys=True, default=str))
+    print("inspect run_locks reply:", json.dumps(reply, default=str))
+    r.close()
