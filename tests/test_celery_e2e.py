@@ -226,6 +226,18 @@ def test_beat_runs_every_job_and_status_lists_the_running_lock_and_a_rerun_is_sk
         assert any((m["result"] or {}).get("job") == job for m in metas), job
         assert all(m["queue"] == e2e["env"]["AUTONOMY_CELERY_QUEUE"] for m in metas), job
 
+    # ... and its run record: a later status payload shows every job's last run, ok
+    def status_with_every_run_recorded() -> dict[str, Any] | None:
+        for m in by_job()["status"]:
+            jobs = ((m["result"] or {}).get("workflowHealth") or {}).get("jobs") or {}
+            if all((jobs.get(j) or {}).get("lastRunAt") for j in JOBS):
+                return jobs
+        return None
+
+    jobs = _wait_for("a status payload with every job's run recorded",
+                     status_with_every_run_recorded, procs, deadline)
+    assert all(jobs[j]["ok"] is True for j in JOBS), jobs
+
     print("\ncaptured status payload (stored result of tasks.checks.status):")
     print(json.dumps(seen["result"], indent=2, sort_keys=True, default=str))
     print("inspect run_locks reply:", json.dumps(reply, default=str))
