@@ -101,7 +101,7 @@ def _claim_in_db(ctx: Context, *, assignee: str, worker: str, now: datetime) -> 
         if expired:
             ids = store.requeue_tasks(conn, task_ids=[t["id"] for t in expired], now=now)
             requeued = [t for t in expired if t["id"] in ids]
-        _requeue_events(conn, requeued, now=now, actor=f"claim:{worker}")
+        requeue_events(conn, requeued, now=now, actor=f"claim:{worker}")
         held = _held([t for t in leased if t["lease_expires_at"] > now], worker=worker,
                      max_in_flight=lane["max_in_flight"])
         if held is None:
@@ -157,7 +157,8 @@ def _paused_error(lane: RowMapping) -> LanePaused:
                       pausedAt=iso(lane["paused_at"]))
 
 
-def _requeue_events(conn: Connection, rows: Any, *, now: datetime, actor: str) -> None:
+def requeue_events(conn: Connection, rows: Any, *, now: datetime, actor: str) -> None:
+    """One ``lease_requeued`` event per requeued row (claim or self-heal)."""
     store.insert_events(conn, rows=[
         {"kind": "lease_requeued", "at": now, "assignee": r["assignee"], "task_id": r["id"],
          "actor": actor, "reason": "lease expired",

@@ -76,6 +76,7 @@ class Task(SQLModel, table=True):
         sa.Index("ix_task_lane_queue", "assignee", "status", "priority", "created_at"),
         sa.Index("ix_task_failure_fingerprint", "failure_fingerprint"),
         sa.Index("ix_task_status_lease", "status", "lease_expires_at"),
+        sa.Index("ix_task_completed_at", "completed_at"),
     )
 
     id: int | None = Field(default=None, primary_key=True)

@@ -375,17 +375,16 @@ def read_check_states(conn: Connection, *, names: Sequence[str]) -> dict[str, Ro
 
 
 def queue_signals(conn: Connection, *, now: datetime) -> dict[str, Any]:
-    """Backlog size, expired in-progress leases and the last completion time."""
-    todo = conn.execute(
-        sa.select(sa.func.count()).select_from(T).where(T.c.status == TaskStatus.todo.value,
-                                                        T.c.lane_paused == sa.false())
-    ).scalar_one()
+    """What the checks ask of the queue, each an index lookup (no count over all tasks):
+    is there claimable backlog, how many in-progress leases have expired, and when did
+    the last task complete."""
+    backlog = conn.execute(
+        sa.select(T.c.id).where(T.c.status == TaskStatus.todo.value,
+                                T.c.lane_paused == sa.false()).limit(1)
+    ).first() is not None
     expired = conn.execute(
         sa.select(sa.func.count()).select_from(T)
         .where(T.c.status == TaskStatus.in_progress.value, T.c.lease_expires_at <= now)
     ).scalar_one()
-    in_progress = conn.execute(
-        sa.select(sa.func.count()).select_from(T)
-        .where(T.c.status == TaskStatus.in_progress.value)
-    ).scalar_one()
-    return {"todo": int(todo), "expiredLeases": int(expired), "inProgress": int(in_progress)}
+    last_done = conn.execute(sa.select(sa.func.max(T.c.completed_at))).scalar()
+    return {"backlog": backlog, "expiredLeases": int(expired), "lastCompletedAt": last_done}

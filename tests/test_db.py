@@ -25,9 +25,10 @@ def test_migrations_upgrade_downgrade_upgrade(database_url: str) -> None:
     assert _tables(database_url) == TABLES
     engine = db.make_engine(database_url)
     try:
-        assert db.current_revision(engine) == "0001"
+        assert db.current_revision(engine) == "0002"
         indexes = {ix["name"] for ix in sa.inspect(engine).get_indexes("task")}
-        assert {"ix_task_lane_queue", "ix_task_failure_fingerprint"} <= indexes
+        assert {"ix_task_lane_queue", "ix_task_failure_fingerprint",
+                "ix_task_completed_at"} <= indexes
         ffl = {ix["name"] for ix in sa.inspect(engine).get_indexes("failure_fingerprint_log")}
         assert "ix_ffl_fingerprint_created" in ffl
     finally:
