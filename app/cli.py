@@ -28,6 +28,7 @@ JsonOpt = typer.Option(None, "--json", help="Print JSON (the default when piped)
 
 EXTENSIONS = [
     "app.cli_checks:register",
+    "app.cli_flower:register",
     "app.cli_serve:register",
     "app.cli_worker:register",
 ]
@@ -200,13 +201,7 @@ def _db_command(fn: Any, verb: str) -> None:
 def _load_extensions() -> None:
     for spec in EXTENSIONS:
         mod, _, fn = spec.partition(":")
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-            continue  # not built yet
-        getattr(module, fn)(app)
+        getattr(importlib.import_module(mod), fn)(app)
 
 
 def main() -> None:
