@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from app import demo, lane_control, lanes, ops, store
+from app.checks import jobs
 from app.context import Context
 from app.db import transaction
 from app.errors import StaleLease
@@ -134,19 +135,11 @@ def _lane_paused(ctx: Context, lane: str) -> bool:
     return bool(row and row["paused"])
 
 
-def _self_heal(ctx: Context) -> None:
-    """Self-heal's requeue of expired leases. ``app.checks.selfheal`` is being written in
-    parallel; until it lands, its requeue step runs here through the store."""
-    try:
-        from app.checks import selfheal
-    except ImportError:
-        selfheal = None
-    fn = getattr(selfheal, "run_self_heal", None) or getattr(selfheal, "self_heal", None)
-    if fn is not None:
-        fn(ctx)
-        return
-    with transaction(ctx.engine) as conn:
-        store.requeue_expired(conn, now=ctx.clock())
+def _self_heal(ctx: Context) -> list[int]:
+    """The real self-heal job, under its run-lock; answers the task ids it requeued."""
+    summary = jobs.run_job(ctx, "self_heal")
+    assert summary["ok"] is True and "skipped" not in summary
+    return list(summary["requeued"])
 
 
 # --- 300 tasks, 3 processes, 2 lanes ------------------------------------------------------
@@ -218,7 +211,7 @@ def test_a_killed_workers_task_is_requeued_by_self_heal_and_finished_by_another(
     assert _task(ctx, tid)["status"] == "in_progress"
 
     _until(lambda: _task(ctx, tid)["lease_expires_at"] <= ctx.clock(), 10, "lease expiry")
-    _self_heal(ctx)
+    assert _self_heal(ctx) == [tid]
     row = _task(ctx, tid)
     assert row["status"] == "todo" and row["lease_token"] is None
 
