@@ -5,8 +5,8 @@ once with Redis as it is and once with the test's Redis keys deleted every 50 ms
 The verdict comes from the database and its event log, not from the workers' word: each
 task is ``done`` with exactly one ``task_completed`` event, and no task's lease was granted
 while an earlier lease on it was still live (``lease_granted`` must alternate with
-``task_completed`` / ``lease_released`` / ``lease_requeued``). Each test prints its counts
-(``-s``).
+``task_completed`` / ``lease_released`` / ``lease_requeued``), and no lane ever held more
+live leases than its ``max_in_flight``. Each test prints its counts (``-s``).
 """
 
 from __future__ import annotations
@@ -164,6 +164,7 @@ class Verdict:
     statuses: dict[str, int]
     completions: Counter[int]
     overlaps: list[tuple[int, str, str, int]]
+    peaks: dict[str, int]
     grants_after_done: list[tuple[int, str, int]]
     reports: list[dict[str, Any]]
     seconds: float
@@ -206,6 +207,21 @@ def lease_overlaps(events: Sequence[Any]) -> tuple[list[tuple[int, str, str, int
             if e["kind"] == "task_completed":
                 done.add(tid)
     return overlaps, after_done
+
+
+def lane_peaks(events: Sequence[Any]) -> dict[str, int]:
+    """The most leases each lane held live at once, walking the events in commit order
+    (the lane's ``max_in_flight`` is the most the claim guard may let through)."""
+    live: dict[str, set[int]] = {}
+    peaks: dict[str, int] = {}
+    for e in events:
+        held = live.setdefault(e["assignee"], set())
+        if e["kind"] == GRANT:
+            held.add(e["task_id"])
+        else:
+            held.discard(e["task_id"])
+        peaks[e["assignee"]] = max(peaks.get(e["assignee"], 0), len(held))
+    return peaks
 
 
 def run_race(database_url: str, redis_url: str, prefix: str, *, flush: bool) -> Verdict:
@@ -265,11 +281,12 @@ def _verdict(ctx: Context, task_ids: list[int], reports: list[dict[str, Any]], s
         statuses = {s: int(n) for s, n in conn.execute(
             sa.select(T.c.status, sa.func.count()).group_by(T.c.status)).all()}
         events = conn.execute(
-            sa.select(E.c.id, E.c.kind, E.c.task_id, E.c.actor)
+            sa.select(E.c.id, E.c.kind, E.c.assignee, E.c.task_id, E.c.actor)
             .where(E.c.kind.in_((GRANT, *ENDS))).order_by(E.c.id)).mappings().all()
     completions = Counter(e["task_id"] for e in events if e["kind"] == "task_completed")
     overlaps, after_done = lease_overlaps(events)
     return Verdict(statuses=statuses, completions=completions, overlaps=overlaps,
+                   peaks=lane_peaks(events),
                    grants_after_done=after_done, reports=reports, seconds=seconds,
                    flusher=flusher, task_ids=task_ids)
 
@@ -283,6 +300,8 @@ def assert_each_task_done_once_without_overlap(v: Verdict, label: str) -> None:
           f"complete_guards={sum(r['complete_guards'] for r in v.reports)} "
           f"claim_guards={sum(r['guards'] for r in v.reports)} "
           f"busy_retries={sum(r['busy'] for r in v.reports)} seconds={v.seconds:.1f}")
+    print(f"[{label}] live leases at most, per lane: {dict(sorted(v.peaks.items()))} "
+          f"(max_in_flight {({k: m for k, (_, m) in LANES.items()})})")
     print(f"[{label}] per process: {dict(sorted(v.per_process.items()))} "
           f"sum={sum(v.per_process.values())}")
     if v.flusher is not None:
@@ -291,6 +310,8 @@ def assert_each_task_done_once_without_overlap(v: Verdict, label: str) -> None:
     assert not errors, "\n".join(errors)
     assert len(v.reports) == sum(n for n, _ in LANES.values())
     assert v.overlaps == [], f"leases granted while another was live: {v.overlaps[:20]}"
+    over = {k: n for k, n in v.peaks.items() if n > LANES[k][1]}
+    assert over == {}, f"lanes held more live leases than max_in_flight allows: {over}"
     assert v.grants_after_done == [], f"done tasks leased again: {v.grants_after_done[:20]}"
     assert v.duplicates == 0
     assert refused == [], f"completes refused (a lease was taken over): {refused[:20]}"
@@ -333,3 +354,16 @@ def test_overlap_walk_catches_a_second_grant_before_the_first_lease_ends() -> No
     overlaps, after_done = lease_overlaps(events)
     assert overlaps == [(7, "a", "b", 2)]
     assert after_done == [(8, "c", 8)]
+
+
+def test_lane_peak_counts_leases_live_side_by_side_in_a_lane() -> None:
+    events = [
+        {"id": 1, "kind": GRANT, "assignee": "x", "task_id": 1},
+        {"id": 2, "kind": GRANT, "assignee": "y", "task_id": 2},
+        {"id": 3, "kind": GRANT, "assignee": "x", "task_id": 3},
+        {"id": 4, "kind": "task_completed", "assignee": "x", "task_id": 1},
+        {"id": 5, "kind": GRANT, "assignee": "x", "task_id": 4},
+        {"id": 6, "kind": "lease_released", "assignee": "y", "task_id": 2},
+        {"id": 7, "kind": GRANT, "assignee": "y", "task_id": 2},
+    ]
+    assert lane_peaks(events) == {"x": 2, "y": 1}
