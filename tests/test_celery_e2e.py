@@ -1,4 +1,4 @@
-"""The periodic checks end to end: a real Celery worker and a real beat, as subprocesses,
+"""The Celery app, and the periodic checks end to end: a real Celery worker and a real beat, as subprocesses,
 against the real Redis (a key prefix and queue of this test's own) and a SQLite file.
 
 Beat fires every job each second; ``readiness`` is kept running 12 s, so while it holds its
@@ -26,15 +26,16 @@ import pytest
 import redis
 from celery import Celery
 
-from app.celery_app import celery_key_prefix, configure
+import beat_schedule
+from app.celery_app import build_beat_schedule, celery_key_prefix, configure
+from app.cli_flower import refuse_open_flower
+from app.settings import Settings
 from tests.conftest import make_settings
-
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 JOBS = ("handoff_health", "readiness", "self_heal", "status")
 READINESS_HOLD_MS = 12_000
-DEADLINE_S = 40.0
+DEADLINE_S = 50.0
 
 
 def _live_in_group(pgid: int) -> list[int]:
@@ -145,6 +146,35 @@ def _readiness_lock(meta: dict[str, Any]) -> dict[str, Any] | None:
     return next((lk for lk in locks if lk.get("job") == "readiness"), None)
 
 
+def test_beat_schedule_sends_every_job_to_the_queue_and_the_override_sets_every_period(
+) -> None:
+    default = build_beat_schedule(Settings(celery_queue="q1", beat_every_s=None))
+    assert {e["task"] for e in default.values()} == {
+        str(j["task"]) for j in beat_schedule.JOBS.values()}
+    assert default["status"]["schedule"].total_seconds() == beat_schedule.JOBS["status"]["every_s"]
+    fast = build_beat_schedule(Settings(celery_queue="q1", beat_every_s=2.5))
+    for entry in fast.values():
+        assert entry["schedule"].total_seconds() == 2.5
+        assert entry["options"] == {"queue": "q1", "expires": 2.5}
+
+
+def test_broker_and_results_use_a_key_prefix_of_the_apps_own() -> None:
+    c = Celery("t")
+    configure(c, Settings(redis_prefix="dep1:", celery_queue="q1"))
+    assert c.conf.broker_transport_options["global_keyprefix"] == "dep1:celery:"
+    assert c.conf.result_backend_transport_options["global_keyprefix"] == "dep1:celery:"
+    assert c.conf.task_default_queue == "q1"
+    assert c.backend.get_key_for_task("abc") == b"dep1:celery:celery-task-meta-abc"
+    c.close()
+
+
+def test_flower_refuses_an_open_address_without_basic_auth() -> None:
+    assert refuse_open_flower("0.0.0.0", None) is not None
+    assert refuse_open_flower("0.0.0.0", "admin:secret") is None
+    assert refuse_open_flower("127.0.0.1", None) is None
+
+
+@pytest.mark.slow
 def test_beat_runs_every_job_and_status_lists_the_running_lock_and_a_rerun_is_skipped(
         e2e: dict[str, Any]) -> None:
     r = redis.Redis.from_url(e2e["redis_url"], decode_responses=True)
@@ -237,6 +267,8 @@ def test_beat_runs_every_job_and_status_lists_the_running_lock_and_a_rerun_is_sk
     jobs = _wait_for("a status payload with every job's run recorded",
                      status_with_every_run_recorded, procs, deadline)
     assert all(jobs[j]["ok"] is True for j in JOBS), jobs
+    failed = [m for ms in by_job().values() for m in ms if m["status"] == "FAILURE"]
+    assert not failed, [(m["name"], m.get("traceback")) for m in failed]
 
     print("\ncaptured status payload (stored result of tasks.checks.status):")
     print(json.dumps(seen["result"], indent=2, sort_keys=True, default=str))
