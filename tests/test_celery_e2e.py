@@ -1,5 +1,6 @@
-"""The Celery app, and the periodic checks end to end: a real Celery worker and a real beat, as subprocesses,
-against the real Redis (a key prefix and queue of this test's own) and a SQLite file.
+"""The Celery app's configuration, and the periodic checks end to end: a real Celery
+worker and a real beat, as subprocesses, against the real Redis (a key prefix and queue of
+this test's own) and a SQLite file.
 
 Beat fires every job each second; ``readiness`` is kept running 12 s, so while it holds its
 run-lock the status task's stored result lists that lock (holder alive), a second
