@@ -29,7 +29,9 @@ key                                type    TTL                                  
                                            without scanning the keyspace
 =================================  ======  =====================================  ===========
 
-Celery's broker and result keys are Celery's own (its default names, same server).
+Celery's broker, result and event keys are Celery's own names under ``{prefix}celery:``
+(kombu's ``global_keyprefix``, set in ``app/celery_app.py``), e.g.
+``autonomy:celery:celery-task-meta-<id>``.
 """
 
 from __future__ import annotations

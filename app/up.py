@@ -116,6 +116,8 @@ class Supervisor:
         env.update(REDIS_URL=redis_url, AUTONOMY_REDIS_URL=redis_url,
                    DATABASE_URL=self.settings.database_url,
                    AUTONOMY_DATABASE_URL=self.settings.database_url, PYTHONUNBUFFERED="1")
+        if self.settings.flower_basic_auth:
+            env["FLOWER_BASIC_AUTH"] = self.settings.flower_basic_auth
         return env
 
     def _plan(self, effective: Settings) -> list[Child]:
@@ -134,8 +136,8 @@ class Supervisor:
         if self.flower:
             address = self.host if s.flower_basic_auth else "127.0.0.1"
             argv = [*celery, "flower", f"--address={address}", f"--port={self.flower_port}"]
-            if s.flower_basic_auth:
-                argv.append(f"--basic_auth={s.flower_basic_auth}")
+            # the credentials reach Flower through FLOWER_BASIC_AUTH (see _env), never argv,
+            # where `ps` would show them
             plan.append(Child("flower", argv))
         if self.demo:
             from app.demo import worker_commands
