@@ -26,9 +26,8 @@ import httpx
 from app import lane_control, ops
 from app.clock import utcnow
 from app.context import Context
-from bench.common import Env, Row
+from bench.common import Env, Row, free_port
 from bench.seed import analyze, seed_todo
-from tests.servers import free_port
 
 
 class Server:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import statistics
 import tempfile
 import time
@@ -182,6 +183,12 @@ def environment(*, quick: bool) -> Iterator[Env]:
         yield env
     finally:
         env.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 # --- timing -------------------------------------------------------------------------
