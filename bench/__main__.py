@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 import traceback
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     rows: list[Row] = []
     errors: dict[str, str] = {}
-    info: dict[str, object] = {"quick": args.quick, "seconds": {}}
+    info: dict[str, object] = {"quick": args.quick, "seconds": {},
+                               "loadavgAtStart": os.getloadavg()}
     with environment(quick=args.quick) as env:
         info.update(server_versions(env))
         for n in args.numbers:
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                 errors[str(n)] = "".join(traceback.format_exception(e))
                 print(f"[bench {n}] FAILED: {e!r}", file=sys.stderr, flush=True)
             info["seconds"][str(n)] = round(time.perf_counter() - t0, 1)  # type: ignore[index]
+    info["loadavgAtEnd"] = os.getloadavg()
     print(table(rows))
     for n, err in errors.items():
         print(f"\nbench {n} crashed:\n{err}", file=sys.stderr)

@@ -31,7 +31,7 @@ def _num(x: float) -> str:
 def cells(row: Row) -> tuple[str, ...]:
     met = {True: "yes", False: "NO", None: "-"}[row.met]
     return (str(row.bench), row.what, f"{_num(row.figure)} {row.unit}",
-            f"{_num(row.baseline)} {row.unit} ({row.baseline_what})", f"{row.ratio:.2f}×",
+            f"{_num(row.baseline)} {row.unit} ({row.baseline_what})", f"{row.ratio:.3g}×",
             row.target_text(), met)
 
 
@@ -56,7 +56,7 @@ def _cmd(args: list[str]) -> str:
 
 def machine(env_info: dict[str, Any]) -> dict[str, Any]:
     lscpu = _cmd(["lscpu"]).splitlines()[:10]
-    return {"uname": " ".join(platform.uname()), "lscpu": lscpu,
+    return {"uname": _cmd(["uname", "-a"]) or " ".join(platform.uname()), "lscpu": lscpu,
             "python": sys.version.split()[0], **env_info}
 
 
