@@ -105,11 +105,8 @@ def _claim_in_db(ctx: Context, *, assignee: str, worker: str, now: datetime) -> 
         held = _held([t for t in leased if t["lease_expires_at"] > now], worker=worker,
                      max_in_flight=lane["max_in_flight"])
         if held is None:
-            task_id = store.next_todo_id(conn, assignee=assignee)
-            row = None
-            if task_id is not None:
-                row = store.grant_lease(conn, task_id=task_id, worker=worker, token=token,
-                                        expires_at=expires, now=now)
+            row = store.claim_next(conn, assignee=assignee, worker=worker, token=token,
+                                   expires_at=expires, now=now)
             if row is not None:
                 store.insert_event(conn, kind="lease_granted", at=now, assignee=assignee,
                                    task_id=row["id"], actor=worker,
@@ -221,6 +218,10 @@ def complete(ctx: Context, *, task_id: Any, lease_token: Any, outcome: Any,
     res = validate.json_object(result, s, field="result")
     now = ctx.clock()
     answer: dict[str, Any]
+    if out is Outcome.success:
+        fast = _complete_fast(ctx, tid=tid, token=token, res=res, now=now, actor=actor)
+        if fast is not None:
+            return fast
     with transaction(ctx.engine) as conn:
         lane = None
         if out is Outcome.failure:  # lock order: lane, then task
@@ -250,6 +251,22 @@ def complete(ctx: Context, *, task_id: Any, lease_token: Any, outcome: Any,
         leases.set_paused(ctx, assignee=row["assignee"], paused=True,
                           reason=answer["pauseReason"], paused_at=answer["pausedAt"])
     return answer
+
+
+def _complete_fast(ctx: Context, *, tid: int, token: str, res: dict[str, Any] | None,
+                   now: datetime, actor: str | None) -> dict[str, Any] | None:
+    """The common case in one conditional UPDATE: the lease is live and the token is the
+    task's. None when it matched nothing -- then the full path reads the row and answers
+    the guard or the refusal."""
+    with transaction(ctx.engine) as conn:
+        done = store.mark_done(conn, task_id=tid, token=token, now=now, result=res)
+        if done is None:
+            return None
+        store.insert_event(conn, kind="task_completed", at=now, assignee=done["assignee"],
+                           task_id=tid, actor=actor or done["claimed_by"])
+    leases.drop(ctx, assignee=done["assignee"], worker=done["claimed_by"], task_id=tid,
+                token=token)
+    return {"ok": True, "task": wire.task(done)}
 
 
 def _finish(ctx: Context, conn: Connection, *, row: RowMapping, lane: RowMapping | None,

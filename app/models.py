@@ -73,7 +73,9 @@ class Task(SQLModel, table=True):
 
     __tablename__ = "task"
     __table_args__ = (
-        sa.Index("ix_task_lane_queue", "assignee", "status", "priority", "created_at"),
+        # the claim's order: the lane's next task is the first entry (migration 0002)
+        sa.Index("ix_task_lane_queue", "assignee", "status", sa.text("priority DESC"),
+                 "created_at", "id"),
         sa.Index("ix_task_failure_fingerprint", "failure_fingerprint"),
         sa.Index("ix_task_status_lease", "status", "lease_expires_at"),
         sa.Index("ix_task_completed_at", "completed_at"),
@@ -119,7 +121,8 @@ class FailureFingerprintLog(SQLModel, table=True):
     """One row per validation failure, kept for counting and analytics."""
 
     __tablename__ = "failure_fingerprint_log"
-    __table_args__ = (sa.Index("ix_ffl_fingerprint_created", "fingerprint", "created_at"),)
+    __table_args__ = (sa.Index("ix_ffl_fingerprint_created", "fingerprint", "created_at"),
+                      sa.Index("ix_ffl_created_at", "created_at"))
 
     id: int | None = Field(default=None, primary_key=True)
     fingerprint: str = Field(sa_type=sa.String(400))

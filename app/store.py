@@ -96,14 +96,24 @@ def list_lanes(conn: Connection) -> Sequence[RowMapping]:
     return conn.execute(sa.select(L).order_by(L.c.assignee)).mappings().all()
 
 
-def lane_status_counts(conn: Connection) -> dict[str, dict[str, int]]:
-    """``{assignee: {status: count}}`` from the (assignee, status, ...) index."""
-    rows = conn.execute(
-        sa.select(T.c.assignee, T.c.status, sa.func.count()).group_by(T.c.assignee, T.c.status)
-    ).all()
+def lane_status_counts(conn: Connection, *, done_since: datetime) -> dict[str, dict[str, int]]:
+    """``{assignee: {"todo": n, "in_progress": n, "doneSince": n}}``: the live work and the
+    tasks completed since ``done_since``. Each part reads only its own rows through an index
+    (status; completed_at), so the cost follows the live work, not the history."""
     out: dict[str, dict[str, int]] = {}
-    for assignee, status, n in rows:
+    live = conn.execute(
+        sa.select(T.c.assignee, T.c.status, sa.func.count())
+        .where(T.c.status.in_([TaskStatus.todo.value, TaskStatus.in_progress.value]))
+        .group_by(T.c.assignee, T.c.status)
+    ).all()
+    for assignee, status, n in live:
         out.setdefault(assignee, {})[status] = int(n)
+    done = conn.execute(
+        sa.select(T.c.assignee, sa.func.count())
+        .where(T.c.completed_at >= done_since).group_by(T.c.assignee)
+    ).all()
+    for assignee, n in done:
+        out.setdefault(assignee, {})["doneSince"] = int(n)
     return out
 
 
@@ -198,26 +208,27 @@ def requeue_expired(conn: Connection, *, now: datetime, assignee: str | None = N
     return rows
 
 
-def next_todo_id(conn: Connection, *, assignee: str) -> int | None:
-    """The next task to claim: highest priority, then oldest (row-locked, skipping locked
-    rows, on PostgreSQL)."""
-    q = (
+def claim_next_pick(*, assignee: str, pg: bool) -> sa.Select[Any]:
+    """The lane's next ``todo`` task id in claim order, read from ``ix_task_lane_queue``
+    (row-locked, skipping locked rows, on PostgreSQL)."""
+    pick = (
         sa.select(T.c.id)
         .where(T.c.assignee == assignee, T.c.status == TaskStatus.todo.value)
         .order_by(T.c.priority.desc(), T.c.created_at, T.c.id)
         .limit(1)
     )
-    if _pg(conn):
-        q = q.with_for_update(skip_locked=True)
-    return conn.execute(q).scalar()
+    return pick.with_for_update(skip_locked=True) if pg else pick
 
 
-def grant_lease(conn: Connection, *, task_id: int, worker: str, token: str,
-                expires_at: datetime, now: datetime) -> RowMapping | None:
-    """Conditionally move a ``todo`` task to ``in_progress`` under a new lease."""
+def claim_next(conn: Connection, *, assignee: str, worker: str, token: str,
+               expires_at: datetime, now: datetime) -> RowMapping | None:
+    """Lease the lane's next task -- highest priority, then oldest -- in one conditional
+    UPDATE (its subquery row-locks the candidate, skipping locked rows, on PostgreSQL);
+    answers the leased row, or None when the lane has nothing to claim."""
+    pick = claim_next_pick(assignee=assignee, pg=_pg(conn))
     return conn.execute(
         sa.update(T)
-        .where(T.c.id == task_id, T.c.status == TaskStatus.todo.value)
+        .where(T.c.id == pick.scalar_subquery(), T.c.status == TaskStatus.todo.value)
         .values(status=TaskStatus.in_progress.value, claimed_by=worker, lease_token=token,
                 lease_expires_at=expires_at, updated_at=now)
         .returning(*T.c)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import sqlalchemy as sa
 
 from app import db
@@ -30,6 +31,24 @@ def test_migrations_upgrade_downgrade_upgrade(database_url: str) -> None:
         assert {"ix_task_lane_queue", "ix_task_failure_fingerprint",
                 "ix_task_completed_at"} <= indexes
         ffl = {ix["name"] for ix in sa.inspect(engine).get_indexes("failure_fingerprint_log")}
-        assert "ix_ffl_fingerprint_created" in ffl
+        assert {"ix_ffl_fingerprint_created", "ix_ffl_created_at"} <= ffl
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_the_next_task_is_read_from_the_lane_index_in_claim_order(pg_url: str) -> None:
+    """The claim takes the lane's first index entry: no sort of the backlog under the lane
+    lock (the plan PostgreSQL picks once sequential scans are off for this transaction)."""
+    from app import store
+
+    engine = db.make_engine(pg_url)
+    try:
+        with engine.connect() as conn, conn.begin():
+            conn.execute(sa.text("SET LOCAL enable_seqscan = off"))
+            stmt = store.claim_next_pick(assignee="coder", pg=True)
+            sql = str(stmt.compile(engine, compile_kwargs={"literal_binds": True}))
+            plan = "\n".join(r[0] for r in conn.execute(sa.text("EXPLAIN " + sql)))
+    finally:
+        engine.dispose()
+    assert "ix_task_lane_queue" in plan and "Sort" not in plan, plan

@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-STATUSES = ("todo", "in_progress", "done", "cancelled")
+LIVE_STATUSES = ("todo", "in_progress")
 INCIDENT_STATUSES = ("ok", "warning", "critical", "recovering")
 
 
@@ -85,16 +85,21 @@ def _lanes(lanes: list[Mapping[str, Any]]) -> Iterator[Metric]:
                             value=sum(1 for ln in lanes if ln.get("paused")))
     paused = GaugeMetricFamily("autonomy_lane_paused", "1 when the lane is paused.",
                                labels=["assignee"])
-    tasks = GaugeMetricFamily("autonomy_lane_tasks", "Tasks per lane and status.",
+    tasks = GaugeMetricFamily("autonomy_lane_tasks", "Live tasks per lane and status.",
                               labels=["assignee", "status"])
+    done = GaugeMetricFamily("autonomy_lane_done_last_24h",
+                             "Tasks per lane completed in the last 24 hours.",
+                             labels=["assignee"])
     for ln in lanes:
         a = str(ln.get("assignee"))
         paused.add_metric([a], 1.0 if ln.get("paused") else 0.0)
         counts = _dict(ln.get("counts"))
-        for st in STATUSES:
+        for st in LIVE_STATUSES:
             tasks.add_metric([a, st], _num(counts.get(st)))
+        done.add_metric([a], _num(counts.get("doneLast24h")))
     yield paused
     yield tasks
+    yield done
 
 
 def _go(name: str, signal: Mapping[str, Any]) -> Iterator[Metric]:
