@@ -43,11 +43,9 @@ def lane(row: Mapping[Any, Any], counts: Mapping[str, int] | None = None) -> dic
         "maxInFlight": row["max_in_flight"],
     }
     if counts is not None:
-        # the live work, and what was completed in the last 24 h (not all history: its
-        # count would grow with the store, see store.lane_status_counts)
+        # the live work only: see store.lane_status_counts
         out["counts"] = {"todo": int(counts.get("todo", 0)),
-                         "in_progress": int(counts.get("in_progress", 0)),
-                         "doneLast24h": int(counts.get("doneSince", 0))}
+                         "in_progress": int(counts.get("in_progress", 0))}
     return out
 
 

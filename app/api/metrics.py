@@ -87,19 +87,14 @@ def _lanes(lanes: list[Mapping[str, Any]]) -> Iterator[Metric]:
                                labels=["assignee"])
     tasks = GaugeMetricFamily("autonomy_lane_tasks", "Live tasks per lane and status.",
                               labels=["assignee", "status"])
-    done = GaugeMetricFamily("autonomy_lane_done_last_24h",
-                             "Tasks per lane completed in the last 24 hours.",
-                             labels=["assignee"])
     for ln in lanes:
         a = str(ln.get("assignee"))
         paused.add_metric([a], 1.0 if ln.get("paused") else 0.0)
         counts = _dict(ln.get("counts"))
         for st in LIVE_STATUSES:
             tasks.add_metric([a, st], _num(counts.get(st)))
-        done.add_metric([a], _num(counts.get("doneLast24h")))
     yield paused
     yield tasks
-    yield done
 
 
 def _go(name: str, signal: Mapping[str, Any]) -> Iterator[Metric]:

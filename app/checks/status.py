@@ -23,7 +23,7 @@ def build_status(ctx: Context) -> dict[str, Any]:
     self-heal, each job's last run, recent failure fingerprints, counters."""
     s, now = ctx.settings, ctx.clock()
     with transaction(ctx.engine, write=False) as conn:
-        counts = store.lane_status_counts(conn, done_since=now - timedelta(hours=24))
+        counts = store.lane_status_counts(conn)
         lanes = [wire.lane(row, counts.get(row["assignee"], {}))
                  for row in store.list_lanes(conn)]
         ho = handoff.snapshot_view(conn, ctx, now=now)
