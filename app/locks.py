@@ -1,30 +1,55 @@
 """Run-locks: at most one run of each periodic job at a time, and every held lock visible.
 
-A lock is a hash ``lock:{job}`` (``token holder startedAt budgetMs``) that lives budget +
-grace, a heartbeat key ``lock:{job}:beat`` that lives ``lock_holder_dead_after_ms`` and is
-set again while the holder runs, and a member of the registry zset ``locks``, so that
-``collect_run_locks`` lists every held lock in one round trip without scanning the
-keyspace. Acquire, extend and release compare the token inside one Lua script: a holder
-whose lock expired can never extend or release the next holder's lock.
+A lock is three keys (names in ``redis_keys``), written together by one Lua script. Two
+hold the lock's *entry*: the JSON object ``collect_run_locks`` answers for it, written once
+at acquire, with two fields holding what they are computed from at read time --
+``elapsedMs`` holds startedAt ms, ``overBudget`` holds startedAt + budget ms:
+
+- ``lock:{job}``: a hash (``token``, ``entry``) living budget + grace (``extend`` sets the
+  TTL again). Acquire, extend and release compare the token inside one script, so a
+  holder whose lock expired can never extend or release the next holder's lock.
+- ``lock:{job}:beat``: the entry, living ``lock_holder_dead_after_ms`` (never longer than
+  the lock) and set again on every beat: gone means the holder is dead.
+- the job in the registry zset ``locks:index`` (score startedAt ms). A release leaves it
+  there, so a release is two commands, as cheap as a plain Redis lock's; the next walk
+  drops every job whose lock is gone -- released, expired or broken.
+
+``collect_run_locks`` is one script, one round trip at any number of locks:
+``SORT locks:index BY nosort GET lock:*:beat`` looks every beat up in C, oldest first, and
+the entries come back as JSON text in a few pieces (a lock whose beat is gone costs one
+``HGET`` more). The client parses it with ``json.loads`` and turns the two fields into
+``elapsedMs`` and ``overBudget`` by the caller's clock: redis-py's pure-Python reader is
+slow on a long array reply and Lua 5.1 slow at string work, so neither works per lock.
 
 A lock whose heartbeat is gone belongs to a dead holder; self-heal breaks it
-(``break_dead_locks``). A lock that is over budget but still beating is reported
-(``overBudget``), never broken.
+(``break_dead_locks``: the same walk, the check and the delete in one script). A lock that
+is over budget but still beating is reported (``overBudget``), never broken.
 
-The scripts build the per-job key names from the prefix (``ARGV``) when they walk the
-registry; that is fine on one Redis server (the SPEC's deployment), not on Redis Cluster.
+The scripts build the beat key, and the walk the lock keys (SORT's GET pattern), from the
+names they are given; that is fine on one Redis server (the SPEC's deployment), not on
+Redis Cluster. The prefix must not hold a ``*`` (SORT would put the job there). A lock key
+deleted by hand stays listed until its beat lapses (``lock_holder_dead_after_ms``) -- it
+is free to acquire at once.
+
+The scripts run on one connection of the client's pool that each context keeps (see
+``_command``): redis-py 8's ``execute_command`` costs more than the lock cycle's own work.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import socket
 import threading
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from functools import lru_cache
+from typing import Any, cast
+
+import redis
+from redis.exceptions import NoScriptError
 
 from app.clock import from_ms, iso, to_ms
 from app.context import Context
@@ -44,74 +69,240 @@ class AlreadyRunning(AutonomyError):
         self.job, self.holder, self.elapsed_ms = job, holder, elapsed_ms
 
 
-# KEYS[1] lock hash, KEYS[2] beat key, KEYS[3] registry zset
-# ARGV[1] token, ARGV[2] holder, ARGV[3] now ms, ARGV[4] budget ms, ARGV[5] lock ttl ms,
-# ARGV[6] beat ttl ms, ARGV[7] job
-# -> {1} acquired | {0, holder, startedAt} held by another
-_ACQUIRE = """
+@dataclass(frozen=True)
+class _Lua:
+    body: str
+    sha: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.body.encode()).hexdigest())
+
+
+# The beat key of a lock is always KEYS[1] .. ':beat' (see Keys.lock_beat): the scripts
+# build it rather than take it as one more argument.
+
+# KEYS[1] lock, KEYS[2] registry
+# ARGV[1] token, ARGV[2] entry, ARGV[3] lock ttl ms, ARGV[4] beat ttl ms, ARGV[5] job,
+# ARGV[6] startedAt ms
+# -> false acquired | the holder's entry ('' if none) when held by another
+_ACQUIRE = _Lua("""
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  local h = redis.call('HMGET', KEYS[1], 'holder', 'startedAt')
-  return {0, h[1] or '', h[2] or ''}
+  return redis.call('HGET', KEYS[1], 'entry') or ''
 end
-redis.call('HSET', KEYS[1], 'token', ARGV[1], 'holder', ARGV[2], 'startedAt', ARGV[3],
-           'budgetMs', ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[6])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[7])
-return {1}
-"""
+redis.call('HSET', KEYS[1], 'token', ARGV[1], 'entry', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('SET', KEYS[1] .. ':beat', ARGV[2], 'PX', ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
+return false
+""")
 
-# KEYS[1] lock hash, KEYS[2] beat key
-# ARGV[1] token, ARGV[2] budget ms ('' keeps it), ARGV[3] grace ms, ARGV[4] beat ttl ms
-# -> 1 extended | 0 not the holder (or the lock is gone). The TTL is *set* to budget + grace.
-_EXTEND = """
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'budgetMs', ARGV[2]) end
-local budget = tonumber(redis.call('HGET', KEYS[1], 'budgetMs')) or 0
-redis.call('PEXPIRE', KEYS[1], budget + tonumber(ARGV[3]))
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4])
+# KEYS[1] lock; ARGV[1] token, ARGV[2] budget ms ('' keeps it), ARGV[3] grace ms,
+# ARGV[4] beat ttl ms
+# -> 1 extended | 0 not the holder (or the lock is gone). The TTL is *set* to budget + grace;
+#    the beat is set again (it may have lapsed), never to outlive the lock.
+# The patterns cannot match inside the job or holder: JSON escapes a quote in a string.
+_EXTEND = _Lua("""
+local h = redis.call('HMGET', KEYS[1], 'token', 'entry')
+if h[1] ~= ARGV[1] or not h[2] then return 0 end
+local entry = h[2]
+if ARGV[2] ~= '' then
+  local started = tonumber(string.match(entry, '"elapsedMs":(%-?%d+)'))
+  entry = string.gsub(entry, '"budgetMs":%-?%d+,"overBudget":%-?%d+',
+    '"budgetMs":' .. ARGV[2] .. ',"overBudget":' ..
+    string.format('%d', started + tonumber(ARGV[2])), 1)
+  redis.call('HSET', KEYS[1], 'entry', entry)
+end
+local ttl = tonumber(string.match(entry, '"budgetMs":(%-?%d+)')) + tonumber(ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('SET', KEYS[1] .. ':beat', entry, 'PX', math.min(ttl, tonumber(ARGV[4])))
 return 1
-"""
+""")
 
-# KEYS[1] lock hash, KEYS[2] beat key, KEYS[3] registry zset
-# ARGV[1] token, ARGV[2] job, ARGV[3] '1' = only when the holder's beat is gone
-# -> 1 released | 0 not the holder | 2 the holder still beats (left alone)
-_RELEASE = """
+# KEYS[1] lock; ARGV[1] token -> 1 released | 0 not the holder (nothing done)
+_RELEASE = _Lua("""
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
-if ARGV[3] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('ZREM', KEYS[3], ARGV[2])
+redis.call('DEL', KEYS[1], KEYS[1] .. ':beat')
 return 1
-"""
+""")
 
-# KEYS[1] registry zset; ARGV[1] key prefix
-# -> flat list of {job, token, holder, startedAt, budgetMs, beating} per held lock; registry
-#    members whose lock expired are removed on the way (their lock is no longer held).
-_COLLECT = """
-local out = {}
-local jobs = redis.call('ZRANGE', KEYS[1], 0, -1)
-for _, job in ipairs(jobs) do
-  local k = ARGV[1] .. 'lock:' .. job
-  local h = redis.call('HMGET', k, 'token', 'holder', 'startedAt', 'budgetMs')
-  if h[1] then
-    local beating = redis.call('EXISTS', k .. ':beat')
-    out[#out + 1] = job; out[#out + 1] = h[1]; out[#out + 1] = h[2] or ''
-    out[#out + 1] = h[3] or '0'; out[#out + 1] = h[4] or '0'; out[#out + 1] = beating
-  else
-    redis.call('ZREM', KEYS[1], job)
+# KEYS[1] registry; ARGV[1] key prefix, ARGV[2] '1' = break: release the locks whose
+# holder stopped beating, and list only those
+# -> pieces of JSON text: joined by ',' in brackets, the array of entries (held locks, or
+#    the ones this call broke), oldest first. A lock with no beat is listed from its lock
+#    key with holderAlive false; a job whose lock is gone leaves the registry. The
+#    registry's members are read only then (ZRANGE: the order SORT BY nosort walked).
+# Pieces of 32 entries (a few KB) because Lua 5.1 builds one big string far slower.
+_WALK = _Lua("""
+local beats = redis.call('SORT', KEYS[1], 'BY', 'nosort', 'GET', ARGV[1] .. 'lock:*:beat')
+local breaking = ARGV[2] == '1'
+local out, n = beats, #beats
+local all_beating = true
+for i = 1, n do
+  if not beats[i] then all_beating = false; break end
+end
+if breaking or not all_beating then
+  local jobs = redis.call('ZRANGE', KEYS[1], 0, -1)
+  out, n = {}, 0
+  for i = 1, #beats do
+    if beats[i] then
+      if not breaking then n = n + 1; out[n] = beats[i] end
+    else
+      local k = ARGV[1] .. 'lock:' .. jobs[i]
+      local entry = redis.call('HGET', k, 'entry')
+      if entry then
+        n = n + 1
+        out[n] = string.sub(entry, 1, -6) .. 'false}'
+        if breaking then redis.call('DEL', k) end
+      end
+      if breaking or not entry then redis.call('ZREM', KEYS[1], jobs[i]) end
+    end
   end
 end
-return out
-"""
+local pieces = {}
+for i = 1, n, 32 do pieces[#pieces + 1] = table.concat(out, ',', i, math.min(i + 31, n)) end
+return pieces
+""")
 
-_FIELDS = 6
+
+def _eval(ctx: Context, lua: _Lua, numkeys: int, *keys_and_args: Any) -> Any:
+    r = ctx.redis
+    try:
+        try:
+            return _command(ctx, ("EVALSHA", lua.sha, numkeys, *keys_and_args))
+        except NoScriptError:  # a restarted Redis forgot it; EVAL caches it again
+            return _command(ctx, ("EVAL", lua.body, numkeys, *keys_and_args))
+    except (redis.ConnectionError, redis.TimeoutError):
+        # redis_errors translates it; entered only on failure, because a generator
+        # context manager costs ~2 us a call, and a lock cycle is two calls
+        with redis_errors(r):
+            raise
 
 
-def _script(ctx: Context, name: str, body: str) -> Any:
-    cache = ctx.__dict__.setdefault("_lock_scripts", {})
-    if name not in cache:
-        cache[name] = ctx.redis.register_script(body)
-    return cache[name]
+@dataclass
+class _Line:
+    """A connection of the client's pool that this module keeps for its scripts."""
+
+    client: redis.Redis
+    pid: int
+    conn: Any
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_LINES = threading.Lock()
+
+
+def _line(ctx: Context) -> _Line:
+    r, pid = ctx.redis, os.getpid()
+    line: _Line | None = ctx.__dict__.get("_lock_line")
+    if line is not None and line.client is r and line.pid == pid:
+        return line
+    with _LINES:
+        line = ctx.__dict__.get("_lock_line")
+        if line is None or line.client is not r or line.pid != pid:
+            if line is not None and line.pid == pid:  # the context got another client
+                with line.lock:
+                    line.client.connection_pool.release(line.conn)
+            # after a fork the parent's connection is left alone: its pool resets itself
+            line = _Line(client=r, pid=pid, conn=r.connection_pool.get_connection())
+            ctx.__dict__["_lock_line"] = line
+    return line
+
+
+def _command(ctx: Context, args: tuple[Any, ...]) -> Any:
+    """Send one command and read its reply on the context's line (one connection of the
+    client's pool, kept), with the client's retry policy.
+
+    Why not ``execute_command``: redis-py 8 spends ~25 us a call here on pool checkout,
+    observability and dispatch, and a lock cycle is two calls (~200 us in all for a
+    plain Redis lock). EVAL replies have no response callback to apply. Threads of one
+    context (a job and its heartbeat) take turns on the line.
+    """
+    r = ctx.redis
+    if r.connection is not None:  # a single-connection client: keep its own locking
+        return r.execute_command(*args)
+    line = _line(ctx)
+    conn = line.conn
+    with line.lock:
+        return conn.retry.call_with_retry(lambda: _send_read(conn, args),
+                                          lambda _error: conn.disconnect())
+
+
+def _send_read(conn: Any, args: tuple[Any, ...]) -> Any:
+    # the pool's checkout test: a connection the server closed (idle timeout, restart) or
+    # that has a stray reply is replaced, not used -- with no retries, it would fail
+    try:
+        stale = conn.can_read()
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        stale = True
+    if stale:
+        conn.disconnect()
+    try:
+        conn.send_command(*args)
+        return conn.read_response()
+    except redis.ResponseError:
+        raise  # the error reply was read in full: the connection is in step
+    except BaseException:
+        conn.disconnect()  # sent but not read: never reuse a connection out of step
+        raise
+
+
+def _lock_key(ctx: Context, job: str) -> str:
+    """``job``'s lock key, built once per context (a lock cycle names it twice)."""
+    cache: dict[str, str] = ctx.__dict__.setdefault("_lock_keys", {})
+    key = cache.get(job)
+    if key is None:
+        key = cache[job] = ctx.keys.lock(job)
+    return key
+
+
+def _registry(ctx: Context) -> str:
+    key: str | None = ctx.__dict__.get("_lock_registry")
+    if key is None:
+        key = ctx.__dict__["_lock_registry"] = ctx.keys.lock_registry()
+    return key
+
+
+@lru_cache(maxsize=64)
+def _iso_second(second: int) -> str:
+    whole = iso(from_ms(second * 1000))
+    assert whole is not None
+    return whole[:-1]  # "YYYY-MM-DDTHH:MM:SS": a whole second has no fraction
+
+
+def _iso_ms(ms: int) -> str:
+    """``iso(from_ms(ms))``, without a datetime per call: acquire is on the hot path."""
+    second, frac = divmod(ms, 1000)
+    return f"{_iso_second(second)}.{frac:03d}000Z" if frac else f"{_iso_second(second)}Z"
+
+
+@lru_cache(maxsize=1024)
+def _head(job: str, holder: str) -> str:
+    return f'{{"job":{json.dumps(job)},"holder":{json.dumps(holder)},"startedAt":"'
+
+
+def _entry(job: str, holder: str, started_ms: int, budget_ms: int) -> str:
+    """The lock's entry as stored (see the module docstring)."""
+    return (f'{_head(job, holder)}{_iso_ms(started_ms)}","elapsedMs":{started_ms},'
+            f'"budgetMs":{budget_ms},"overBudget":{started_ms + budget_ms},'
+            f'"holderAlive":true}}')
+
+
+def _as_read(entries: list[dict[str, Any]], now_ms: int) -> list[dict[str, Any]]:
+    """Stored entries -> answered ones: elapsed and over-budget at ``now_ms``."""
+    for e in entries:
+        elapsed = now_ms - e["elapsedMs"]
+        e["elapsedMs"] = elapsed if elapsed > 0 else 0
+        e["overBudget"] = now_ms > e["overBudget"]
+    return entries
+
+
+def _held_by(ctx: Context, entry: str) -> tuple[str | None, int | None]:
+    """(holder, elapsed ms) of a stored entry; (None, None) for none (a lock written by
+    another version)."""
+    if not entry:
+        return None, None
+    e = json.loads(entry)
+    return e["holder"], max(0, to_ms(ctx.clock()) - e["elapsedMs"])
 
 
 def default_holder(task_id: str | None = None) -> str:
@@ -119,45 +310,45 @@ def default_holder(task_id: str | None = None) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{task_id or 'inline'}"
 
 
-def _ttls(ctx: Context, budget_ms: int) -> tuple[int, int]:
-    s = ctx.settings
-    return int(budget_ms) + s.lock_grace_ms, s.lock_holder_dead_after_ms
-
-
 def acquire(ctx: Context, job: str, *, budget_ms: int, holder: str | None = None) -> str | None:
     """Take ``job``'s run-lock for ``budget_ms``; answers its token, or None when held.
 
     Raises ``RedisUnavailable`` when Redis cannot be reached.
     """
-    token = uuid.uuid4().hex
-    lock_ttl, beat_ttl = _ttls(ctx, budget_ms)
-    k = ctx.keys
-    with redis_errors(ctx.redis):
-        got = _script(ctx, "acquire", _ACQUIRE)(
-            keys=[k.lock(job), k.lock_beat(job), k.lock_registry()],
-            args=[token, holder or default_holder(), to_ms(ctx.clock()), int(budget_ms),
-                  lock_ttl, beat_ttl, job])
-    return token if int(got[0]) == 1 else None
+    return _acquire(ctx, job, budget_ms=budget_ms, holder=holder or default_holder())[0]
+
+
+def _acquire(ctx: Context, job: str, *, budget_ms: int, holder: str
+             ) -> tuple[str | None, str]:
+    """(token, "") when taken, else (None, the holder's entry)."""
+    budget = int(budget_ms)
+    s = ctx.settings
+    lock_ttl = budget + s.lock_grace_ms
+    token = os.urandom(16).hex()
+    now_ms = to_ms(ctx.clock())
+    other = _eval(ctx, _ACQUIRE, 2, _lock_key(ctx, job), _registry(ctx), token,
+                  _entry(job, holder, now_ms, budget), lock_ttl,
+                  min(s.lock_holder_dead_after_ms, lock_ttl), job, now_ms)
+    return (token, "") if other is None else (None, other)
 
 
 def holder_of(ctx: Context, job: str) -> dict[str, Any] | None:
     """The current holder of ``job``'s lock (``holder``, ``elapsedMs``), or None."""
     with redis_errors(ctx.redis):
-        h = ctx.redis.hmget(ctx.keys.lock(job), "holder", "startedAt")
-    if h[0] is None:
+        entry = ctx.redis.hget(_lock_key(ctx, job), "entry")
+    if entry is None:
         return None
-    return {"holder": h[0], "elapsedMs": max(0, to_ms(ctx.clock()) - int(h[1] or 0))}
+    holder, elapsed_ms = _held_by(ctx, cast(str, entry))  # the client decodes replies
+    return {"holder": holder, "elapsedMs": elapsed_ms}
 
 
 def extend(ctx: Context, job: str, token: str, *, budget_ms: int | None = None) -> bool:
     """Set the lock's TTL (budget + grace) and its heartbeat again, optionally with a new
     budget; False if ``token`` no longer holds it (nothing done)."""
     s = ctx.settings
-    with redis_errors(ctx.redis):
-        ok = _script(ctx, "extend", _EXTEND)(
-            keys=[ctx.keys.lock(job), ctx.keys.lock_beat(job)],
-            args=[token, "" if budget_ms is None else int(budget_ms), s.lock_grace_ms,
-                  s.lock_holder_dead_after_ms])
+    ok = _eval(ctx, _EXTEND, 1, _lock_key(ctx, job), token,
+               "" if budget_ms is None else int(budget_ms), s.lock_grace_ms,
+               s.lock_holder_dead_after_ms)
     return bool(ok)
 
 
@@ -168,53 +359,29 @@ def beat(ctx: Context, job: str, token: str) -> bool:
 
 def release(ctx: Context, job: str, token: str) -> bool:
     """Release ``job``'s lock if ``token`` still holds it; False otherwise (nothing done)."""
-    return _release(ctx, job, token, only_dead=False) == 1
+    return _eval(ctx, _RELEASE, 1, _lock_key(ctx, job), token) == 1
 
 
-def _release(ctx: Context, job: str, token: str, *, only_dead: bool) -> int:
-    k = ctx.keys
-    with redis_errors(ctx.redis):
-        return int(_script(ctx, "release", _RELEASE)(
-            keys=[k.lock(job), k.lock_beat(job), k.lock_registry()],
-            args=[token, job, "1" if only_dead else "0"]))
-
-
-def _collect_raw(ctx: Context) -> list[dict[str, Any]]:
-    with redis_errors(ctx.redis):
-        flat = _script(ctx, "collect", _COLLECT)(keys=[ctx.keys.lock_registry()],
-                                                 args=[ctx.settings.redis_prefix])
-    now_ms = to_ms(ctx.clock())
-    out = []
-    for i in range(0, len(flat), _FIELDS):
-        job, token, holder, started, budget, beating = flat[i:i + _FIELDS]
-        started_ms, budget_ms = int(started), int(budget)
-        elapsed = max(0, now_ms - started_ms)
-        out.append({"job": job, "holder": holder, "startedAt": iso(from_ms(started_ms)),
-                    "elapsedMs": elapsed, "budgetMs": budget_ms,
-                    "overBudget": elapsed > budget_ms, "holderAlive": int(beating) == 1,
-                    "_token": token})
-    return out
+def _walk(ctx: Context, *, breaking: bool) -> list[dict[str, Any]]:
+    pieces = _eval(ctx, _WALK, 1, _registry(ctx), ctx.settings.redis_prefix,
+                   "1" if breaking else "0")
+    return _as_read(json.loads(f"[{','.join(pieces)}]"), to_ms(ctx.clock()))
 
 
 def collect_run_locks(ctx: Context) -> list[dict[str, Any]]:
     """Every held run-lock, oldest first, in one round trip: ``job``, ``holder``,
     ``startedAt``, ``elapsedMs``, ``budgetMs``, ``overBudget``, ``holderAlive``."""
-    return [{k: v for k, v in lk.items() if k != "_token"} for lk in _collect_raw(ctx)]
+    return _walk(ctx, breaking=False)
 
 
 def break_dead_locks(ctx: Context) -> list[dict[str, Any]]:
-    """Release every lock whose holder stopped beating; answers the ones released.
+    """Release every lock whose holder stopped beating; answers the ones released (as
+    ``collect_run_locks`` lists them), in one round trip.
 
-    The check and the delete are one Lua step on the token seen, so a lock taken again in
-    between, or whose holder beats again, is left alone.
+    The check and the delete are one Lua step, so a lock taken again in between, or whose
+    holder beats again, is left alone.
     """
-    broken = []
-    for lk in _collect_raw(ctx):
-        if lk["holderAlive"]:
-            continue
-        if _release(ctx, lk["job"], lk.pop("_token"), only_dead=True) == 1:
-            broken.append(lk)
-    return broken
+    return _walk(ctx, breaking=True)
 
 
 @dataclass
@@ -235,10 +402,9 @@ def held(ctx: Context, job: str, *, budget_ms: int, holder: str | None = None
     ``lock_heartbeat_interval_ms``; release it after. Raises ``AlreadyRunning`` when held.
     """
     who = holder or default_holder()
-    token = acquire(ctx, job, budget_ms=budget_ms, holder=who)
+    token, other = _acquire(ctx, job, budget_ms=budget_ms, holder=who)
     if token is None:
-        cur = holder_of(ctx, job) or {}
-        raise AlreadyRunning(job, cur.get("holder"), cur.get("elapsedMs"))
+        raise AlreadyRunning(job, *_held_by(ctx, other))
     h = Held(job=job, token=token, holder=who)
     beater = threading.Thread(target=_beat_until_stopped, args=(ctx, h),
                               name=f"run-lock-{job}", daemon=True)

@@ -20,13 +20,22 @@ key                                type    TTL                                  
 ``metrics``                        hash    none                                   metrics.py
                                            counters: claims, guard hits, ...
 ``lock:{job}``                     hash    budget + grace (set again on extend)   locks.py
-                                           ``token holder startedAt budgetMs``
-``lock:{job}:beat``                string  ``lock_holder_dead_after_ms``          locks.py
-                                           the holder's heartbeat; gone = dead
-``locks``                          zset    none; members removed on release       locks.py
+                                           ``token``, ``entry`` (the JSON the
+                                           listing answers, with startedAt and
+                                           startedAt + budget ms in ``elapsedMs``
+                                           and ``overBudget``)
+``lock:{job}:beat``                string  ``lock_holder_dead_after_ms`` (never   locks.py
+                                           past the lock's), set again on beat
+                                           the entry; gone = the holder is dead.
+                                           Always the lock key + ``:beat`` (the
+                                           scripts build it)
+``locks:index``                    zset    none; members removed by the walk      locks.py
                                            the registry: member job, score
-                                           startedAt ms -- lists held locks
-                                           without scanning the keyspace
+                                           startedAt ms; every job whose lock may
+                                           be held (added on acquire, dropped by
+                                           collect/break once its lock is gone) --
+                                           lists held locks without scanning the
+                                           keyspace
 =================================  ======  =====================================  ===========
 
 Celery's broker, result and event keys are Celery's own names under ``{prefix}celery:``
@@ -68,4 +77,4 @@ class Keys:
         return f"{self.prefix}lock:{job}:beat"
 
     def lock_registry(self) -> str:
-        return f"{self.prefix}locks"
+        return f"{self.prefix}locks:index"

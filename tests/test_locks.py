@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +19,9 @@ import pytest
 from app import locks
 from app.clock import FrozenClock
 from app.context import Context
+from app.errors import RedisUnavailable
 from tests.conftest import make_settings
+from tests.servers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,19 +64,6 @@ def test_release_with_another_token_does_nothing(lctx: Context) -> None:
     assert locks.release(lctx, "status", token) is False
 
 
-def test_a_holder_whose_lock_expired_cannot_release_or_extend_the_next_holders(
-        lctx: Context) -> None:
-    old = locks.acquire(lctx, "self_heal", budget_ms=1000, holder="old:1:x")
-    assert old
-    lctx.redis.delete(lctx.keys.lock("self_heal"))  # its TTL ran out
-    new = locks.acquire(lctx, "self_heal", budget_ms=1000, holder="new:2:y")
-    assert new
-    assert locks.release(lctx, "self_heal", old) is False
-    assert locks.extend(lctx, "self_heal", old, budget_ms=99) is False
-    [lk] = locks.collect_run_locks(lctx)
-    assert lk["holder"] == "new:2:y" and lk["budgetMs"] == 1000
-
-
 def test_collect_lists_each_held_lock_with_elapsed_budget_and_liveness(
         lctx: Context, clock: FrozenClock) -> None:
     locks.acquire(lctx, "handoff_health", budget_ms=60_000, holder="h:1:a")
@@ -97,11 +87,52 @@ def test_extend_sets_the_ttl_to_budget_plus_grace(lctx: Context) -> None:
     assert locks.collect_run_locks(lctx)[0]["budgetMs"] == 120_000
 
 
-def test_a_registry_entry_whose_lock_expired_is_not_listed(lctx: Context) -> None:
-    locks.acquire(lctx, "readiness", budget_ms=1000)
-    lctx.redis.delete(lctx.keys.lock("readiness"))
-    assert locks.collect_run_locks(lctx) == []
-    assert lctx.redis.zcard(lctx.keys.lock_registry()) == 0
+@pytest.fixture
+def short_lctx(sqlite_url: str, redis_server_url: str, redis_prefix: str, clock: FrozenClock
+               ) -> Iterator[Context]:
+    """Locks that really expire within a test: no grace, so a lock lives its budget."""
+    c = Context.from_settings(make_settings(sqlite_url, redis_server_url, redis_prefix,
+                                            lock_grace_ms=0), clock=clock)
+    yield c
+    c.close()
+
+
+def test_an_expired_lock_is_not_listed_and_leaves_the_registry(short_lctx: Context) -> None:
+    locks.acquire(short_lctx, "readiness", budget_ms=150)
+    assert [lk["job"] for lk in locks.collect_run_locks(short_lctx)] == ["readiness"]
+    _until(lambda: short_lctx.redis.exists(short_lctx.keys.lock("readiness")) == 0, 5,
+           "the lock's TTL to run out")
+    assert locks.collect_run_locks(short_lctx) == []
+    assert locks.break_dead_locks(short_lctx) == []
+    assert short_lctx.redis.zcard(short_lctx.keys.lock_registry()) == 0
+
+
+def test_an_expired_lock_is_taken_over_and_its_old_holder_cannot_touch_it(
+        short_lctx: Context, clock: FrozenClock) -> None:
+    old = locks.acquire(short_lctx, "status", budget_ms=150, holder="old:1:x")
+    assert old
+    assert locks.acquire(short_lctx, "status", budget_ms=60_000, holder="new:2:y") is None
+    _until(lambda: short_lctx.redis.exists(short_lctx.keys.lock("status")) == 0, 5,
+           "the lock's TTL to run out")
+    clock.advance(seconds=1)
+    new = locks.acquire(short_lctx, "status", budget_ms=60_000, holder="new:2:y")
+    assert new
+    assert locks.extend(short_lctx, "status", old, budget_ms=99) is False
+    assert locks.release(short_lctx, "status", old) is False
+    [lk] = locks.collect_run_locks(short_lctx)
+    assert (lk["holder"], lk["budgetMs"], lk["elapsedMs"], lk["holderAlive"]) == (
+        "new:2:y", 60_000, 0, True)
+
+
+def test_a_beat_never_outlives_its_lock(short_lctx: Context) -> None:
+    token = locks.acquire(short_lctx, "self_heal", budget_ms=2_000)
+    assert token
+    k = short_lctx.keys
+    # set in one script, the two may be a millisecond apart; the default beat TTL is 10 s
+    assert short_lctx.redis.pttl(k.lock_beat("self_heal")) <= short_lctx.redis.pttl(
+        k.lock("self_heal")) + 1 <= 2_001
+    assert locks.extend(short_lctx, "self_heal", token, budget_ms=3_000)
+    assert 2_000 < short_lctx.redis.pttl(k.lock_beat("self_heal")) <= 3_000
 
 
 def test_break_dead_locks_breaks_only_locks_whose_holder_stopped_beating(
@@ -128,6 +159,121 @@ def test_held_raises_already_running_with_holder_and_elapsed(
         assert e.value.to_wire()["error"] == "already_running"
         assert not h.lost
     assert locks.collect_run_locks(lctx) == []
+
+
+def test_a_dead_holders_lock_is_listed_as_not_alive_until_it_is_broken(
+        lctx: Context, clock: FrozenClock) -> None:
+    locks.acquire(lctx, "readiness", budget_ms=60_000, holder="gone:1:x")
+    clock.advance(seconds=3)
+    lctx.redis.delete(lctx.keys.lock_beat("readiness"))  # its holder stopped beating
+    [lk] = locks.collect_run_locks(lctx)
+    assert lk == {"job": "readiness", "holder": "gone:1:x", "startedAt": lk["startedAt"],
+                  "elapsedMs": 3000, "budgetMs": 60_000, "overBudget": False,
+                  "holderAlive": False}
+    assert locks.acquire(lctx, "readiness", budget_ms=1000) is None  # still held
+    assert locks.break_dead_locks(lctx) == [lk]
+    assert locks.collect_run_locks(lctx) == []
+    assert locks.acquire(lctx, "readiness", budget_ms=1000)
+
+
+def test_a_released_job_leaves_the_registry_on_the_next_walk(lctx: Context) -> None:
+    token = locks.acquire(lctx, "status", budget_ms=1000)
+    assert token and locks.release(lctx, "status", token)
+    assert lctx.redis.zcard(lctx.keys.lock_registry()) == 1  # a release is two commands
+    assert locks.collect_run_locks(lctx) == []
+    assert lctx.redis.zcard(lctx.keys.lock_registry()) == 0
+
+
+def test_many_locks_are_listed_oldest_first_and_only_the_dead_are_broken(
+        lctx: Context, clock: FrozenClock) -> None:
+    jobs = [f"job-{i:03d}" for i in range(100)]  # more than one piece of the walk's answer
+    for i, job in enumerate(reversed(jobs)):  # the last job is the oldest
+        assert locks.acquire(lctx, job, budget_ms=50 * i, holder=f"h:{i}:t")
+        clock.advance(milliseconds=10)
+    dead = set(jobs[::7])
+    for job in dead:
+        lctx.redis.delete(lctx.keys.lock_beat(job))
+    listed = locks.collect_run_locks(lctx)
+    assert [lk["job"] for lk in listed] == list(reversed(jobs))
+    assert {lk["job"] for lk in listed if not lk["holderAlive"]} == dead
+    assert [lk["elapsedMs"] for lk in listed] == [10 * (100 - i) for i in range(100)]
+    assert all(lk["overBudget"] == (lk["elapsedMs"] > lk["budgetMs"]) for lk in listed)
+    assert sorted(b["job"] for b in locks.break_dead_locks(lctx)) == sorted(dead)
+    assert [lk["job"] for lk in locks.collect_run_locks(lctx)] == [
+        job for job in reversed(jobs) if job not in dead]
+
+
+def test_extend_with_a_new_budget_moves_the_over_budget_line(
+        lctx: Context, clock: FrozenClock) -> None:
+    token = locks.acquire(lctx, "handoff_health", budget_ms=1000)
+    assert token
+    clock.advance(seconds=2)
+    [lk] = locks.collect_run_locks(lctx)
+    assert (lk["elapsedMs"], lk["budgetMs"], lk["overBudget"]) == (2000, 1000, True)
+    assert locks.extend(lctx, "handoff_health", token, budget_ms=5000)
+    assert locks.beat(lctx, "handoff_health", token)  # a beat keeps the new budget
+    [lk] = locks.collect_run_locks(lctx)
+    assert (lk["elapsedMs"], lk["budgetMs"], lk["overBudget"]) == (2000, 5000, False)
+
+
+def test_jobs_and_holders_with_quotes_and_unicode_are_listed_verbatim(
+        lctx: Context, clock: FrozenClock) -> None:
+    job, holder = 'we"ird \\ job: "budgetMs":1,"overBudget":2 ü', 'h "1" ✓:*:{}'
+    token = locks.acquire(lctx, job, budget_ms=1000, holder=holder)
+    assert token
+    assert locks.extend(lctx, job, token, budget_ms=7000)
+    clock.advance(seconds=1)
+    [lk] = locks.collect_run_locks(lctx)
+    assert (lk["job"], lk["holder"], lk["budgetMs"], lk["elapsedMs"]) == (
+        job, holder, 7000, 1000)
+    with pytest.raises(locks.AlreadyRunning) as e, locks.held(lctx, job, budget_ms=1):
+        pytest.fail("held")
+    assert (e.value.holder, e.value.elapsed_ms) == (holder, 1000)
+    assert locks.release(lctx, job, token)
+
+
+def test_threads_sharing_a_context_take_turns_on_its_connection(lctx: Context) -> None:
+    errors: list[BaseException] = []
+
+    def cycles(job: str) -> None:
+        try:
+            for _ in range(300):
+                token = locks.acquire(lctx, job, budget_ms=1000)
+                assert token and locks.extend(lctx, job, token)
+                assert locks.release(lctx, job, token)
+                locks.collect_run_locks(lctx)
+        except BaseException as e:  # surfaced below, with the thread's traceback
+            errors.append(e)
+
+    threads = [threading.Thread(target=cycles, args=(f"t{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+
+
+def test_a_lock_connection_killed_by_the_server_is_replaced(lctx: Context) -> None:
+    token = locks.acquire(lctx, "status", budget_ms=1000)
+    assert token
+    conn = locks._line(lctx).conn
+    conn.send_command("CLIENT", "ID")
+    lctx.redis.client_kill_filter(_id=conn.read_response())
+    assert locks.release(lctx, "status", token)  # reconnected under the client's retry
+    assert locks.collect_run_locks(lctx) == []
+
+
+def test_redis_down_is_redis_unavailable(sqlite_url: str, redis_prefix: str) -> None:
+    down = Context.from_settings(make_settings(
+        sqlite_url, f"redis://127.0.0.1:{free_port()}/0", redis_prefix,
+        redis_socket_timeout_s=1))
+    try:
+        with pytest.raises(RedisUnavailable):
+            locks.acquire(down, "status", budget_ms=1000)
+        with pytest.raises(RedisUnavailable):
+            locks.collect_run_locks(down)
+    finally:
+        down.close()
 
 
 # --- real processes ----------------------------------------------------------------------
