@@ -27,7 +27,8 @@ is over budget but still beating is reported (``overBudget``), never broken.
 
 The scripts build the beat key, and the walk the lock keys (SORT's GET pattern), from the
 names they are given; that is fine on one Redis server (the SPEC's deployment), not on
-Redis Cluster. The prefix must not hold a ``*`` (SORT would put the job there). A lock key
+Redis Cluster. The prefix must not hold a ``*`` (SORT would put the job there), and an ACL
+user limited to key patterns may not run SORT with GET patterns (Redis 7). A lock key
 deleted by hand stays listed until its beat lapses (``lock_holder_dead_after_ms``) -- it
 is free to acquire at once.
 
