@@ -32,13 +32,13 @@ user limited to key patterns may not run SORT with GET patterns (Redis 7). A loc
 deleted by hand stays listed until its beat lapses (``lock_holder_dead_after_ms``) -- it
 is free to acquire at once.
 
-The scripts run on one connection of the client's pool that each context keeps (see
-``_command``): redis-py 8's ``execute_command`` costs more than the lock cycle's own work.
+The scripts run on one connection of the client's pool that each context keeps
+(``app.redis_scripts``): redis-py 8's ``execute_command`` costs more than the lock cycle's
+own work.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -49,13 +49,11 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, cast
 
-import redis
-from redis.exceptions import NoScriptError
-
 from app.clock import from_ms, iso, to_ms
 from app.context import Context
 from app.errors import AutonomyError
 from app.redis_conn import redis_errors
+from app.redis_scripts import Script, run_script
 
 
 class AlreadyRunning(AutonomyError):
@@ -70,15 +68,6 @@ class AlreadyRunning(AutonomyError):
         self.job, self.holder, self.elapsed_ms = job, holder, elapsed_ms
 
 
-@dataclass(frozen=True)
-class _Lua:
-    body: str
-    sha: str = ""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sha", hashlib.sha1(self.body.encode()).hexdigest())
-
-
 # The beat key of a lock is always KEYS[1] .. ':beat' (see Keys.lock_beat): the scripts
 # build it rather than take it as one more argument.
 
@@ -86,7 +75,7 @@ class _Lua:
 # ARGV[1] token, ARGV[2] entry, ARGV[3] lock ttl ms, ARGV[4] beat ttl ms, ARGV[5] job,
 # ARGV[6] startedAt ms
 # -> false acquired | the holder's entry ('' if none) when held by another
-_ACQUIRE = _Lua("""
+_ACQUIRE = Script("""
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return redis.call('HGET', KEYS[1], 'entry') or ''
 end
@@ -102,7 +91,7 @@ return false
 # -> 1 extended | 0 not the holder (or the lock is gone). The TTL is *set* to budget + grace;
 #    the beat is set again (it may have lapsed), never to outlive the lock.
 # The patterns cannot match inside the job or holder: JSON escapes a quote in a string.
-_EXTEND = _Lua("""
+_EXTEND = Script("""
 local h = redis.call('HMGET', KEYS[1], 'token', 'entry')
 if h[1] ~= ARGV[1] or not h[2] then return 0 end
 local entry = h[2]
@@ -120,7 +109,7 @@ return 1
 """)
 
 # KEYS[1] lock; ARGV[1] token -> 1 released | 0 not the holder (nothing done)
-_RELEASE = _Lua("""
+_RELEASE = Script("""
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1], KEYS[1] .. ':beat')
 return 1
@@ -133,7 +122,7 @@ return 1
 #    key with holderAlive false; a job whose lock is gone leaves the registry. The
 #    registry's members are read only then (ZRANGE: the order SORT BY nosort walked).
 # Pieces of 32 entries (a few KB) because Lua 5.1 builds one big string far slower.
-_WALK = _Lua("""
+_WALK = Script("""
 local beats = redis.call('SORT', KEYS[1], 'BY', 'nosort', 'GET', ARGV[1] .. 'lock:*:beat')
 local breaking = ARGV[2] == '1'
 local out, n = beats, #beats
@@ -163,88 +152,6 @@ local pieces = {}
 for i = 1, n, 32 do pieces[#pieces + 1] = table.concat(out, ',', i, math.min(i + 31, n)) end
 return pieces
 """)
-
-
-def _eval(ctx: Context, lua: _Lua, numkeys: int, *keys_and_args: Any) -> Any:
-    r = ctx.redis
-    try:
-        try:
-            return _command(ctx, ("EVALSHA", lua.sha, numkeys, *keys_and_args))
-        except NoScriptError:  # a restarted Redis forgot it; EVAL caches it again
-            return _command(ctx, ("EVAL", lua.body, numkeys, *keys_and_args))
-    except (redis.ConnectionError, redis.TimeoutError):
-        # redis_errors translates it; entered only on failure, because a generator
-        # context manager costs ~2 us a call, and a lock cycle is two calls
-        with redis_errors(r):
-            raise
-
-
-@dataclass
-class _Line:
-    """A connection of the client's pool that this module keeps for its scripts."""
-
-    client: redis.Redis
-    pid: int
-    conn: Any
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-_LINES = threading.Lock()
-
-
-def _line(ctx: Context) -> _Line:
-    r, pid = ctx.redis, os.getpid()
-    line: _Line | None = ctx.__dict__.get("_lock_line")
-    if line is not None and line.client is r and line.pid == pid:
-        return line
-    with _LINES:
-        line = ctx.__dict__.get("_lock_line")
-        if line is None or line.client is not r or line.pid != pid:
-            if line is not None and line.pid == pid:  # the context got another client
-                with line.lock:
-                    line.client.connection_pool.release(line.conn)
-            # after a fork the parent's connection is left alone: its pool resets itself
-            line = _Line(client=r, pid=pid, conn=r.connection_pool.get_connection())
-            ctx.__dict__["_lock_line"] = line
-    return line
-
-
-def _command(ctx: Context, args: tuple[Any, ...]) -> Any:
-    """Send one command and read its reply on the context's line (one connection of the
-    client's pool, kept), with the client's retry policy.
-
-    Why not ``execute_command``: redis-py 8 spends ~25 us a call here on pool checkout,
-    observability and dispatch, and a lock cycle is two calls (~200 us in all for a
-    plain Redis lock). EVAL replies have no response callback to apply. Threads of one
-    context (a job and its heartbeat) take turns on the line.
-    """
-    r = ctx.redis
-    if r.connection is not None:  # a single-connection client: keep its own locking
-        return r.execute_command(*args)
-    line = _line(ctx)
-    conn = line.conn
-    with line.lock:
-        return conn.retry.call_with_retry(lambda: _send_read(conn, args),
-                                          lambda _error: conn.disconnect())
-
-
-def _send_read(conn: Any, args: tuple[Any, ...]) -> Any:
-    # the pool's checkout test: a connection the server closed (idle timeout, restart) or
-    # that has a stray reply is replaced, not used -- with no retries, it would fail
-    try:
-        stale = conn.can_read()
-    except (redis.ConnectionError, redis.TimeoutError, OSError):
-        stale = True
-    if stale:
-        conn.disconnect()
-    try:
-        conn.send_command(*args)
-        return conn.read_response()
-    except redis.ResponseError:
-        raise  # the error reply was read in full: the connection is in step
-    except BaseException:
-        conn.disconnect()  # sent but not read: never reuse a connection out of step
-        raise
 
 
 def _lock_key(ctx: Context, job: str) -> str:
@@ -327,7 +234,7 @@ def _acquire(ctx: Context, job: str, *, budget_ms: int, holder: str
     lock_ttl = budget + s.lock_grace_ms
     token = os.urandom(16).hex()
     now_ms = to_ms(ctx.clock())
-    other = _eval(ctx, _ACQUIRE, 2, _lock_key(ctx, job), _registry(ctx), token,
+    other = run_script(ctx, _ACQUIRE, 2, _lock_key(ctx, job), _registry(ctx), token,
                   _entry(job, holder, now_ms, budget), lock_ttl,
                   min(s.lock_holder_dead_after_ms, lock_ttl), job, now_ms)
     return (token, "") if other is None else (None, other)
@@ -347,7 +254,7 @@ def extend(ctx: Context, job: str, token: str, *, budget_ms: int | None = None) 
     """Set the lock's TTL (budget + grace) and its heartbeat again, optionally with a new
     budget; False if ``token`` no longer holds it (nothing done)."""
     s = ctx.settings
-    ok = _eval(ctx, _EXTEND, 1, _lock_key(ctx, job), token,
+    ok = run_script(ctx, _EXTEND, 1, _lock_key(ctx, job), token,
                "" if budget_ms is None else int(budget_ms), s.lock_grace_ms,
                s.lock_holder_dead_after_ms)
     return bool(ok)
@@ -360,11 +267,11 @@ def beat(ctx: Context, job: str, token: str) -> bool:
 
 def release(ctx: Context, job: str, token: str) -> bool:
     """Release ``job``'s lock if ``token`` still holds it; False otherwise (nothing done)."""
-    return _eval(ctx, _RELEASE, 1, _lock_key(ctx, job), token) == 1
+    return run_script(ctx, _RELEASE, 1, _lock_key(ctx, job), token) == 1
 
 
 def _walk(ctx: Context, *, breaking: bool) -> list[dict[str, Any]]:
-    pieces = _eval(ctx, _WALK, 1, _registry(ctx), ctx.settings.redis_prefix,
+    pieces = run_script(ctx, _WALK, 1, _registry(ctx), ctx.settings.redis_prefix,
                    "1" if breaking else "0")
     return _as_read(json.loads(f"[{','.join(pieces)}]"), to_ms(ctx.clock()))
 

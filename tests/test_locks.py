@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from app import locks
+from app import locks, redis_scripts
 from app.clock import FrozenClock
 from app.context import Context
 from app.errors import RedisUnavailable
@@ -256,7 +256,7 @@ def test_threads_sharing_a_context_take_turns_on_its_connection(lctx: Context) -
 def test_a_lock_connection_killed_by_the_server_is_replaced(lctx: Context) -> None:
     token = locks.acquire(lctx, "status", budget_ms=1000)
     assert token
-    conn = locks._line(lctx).conn
+    conn = redis_scripts._line(lctx).conn
     conn.send_command("CLIENT", "ID")
     lctx.redis.client_kill_filter(_id=conn.read_response())
     assert locks.release(lctx, "status", token)  # reconnected under the client's retry
@@ -322,7 +322,7 @@ def test_many_processes_starting_the_same_job_at_once_run_it_exactly_once(
 
 _HOLDER = """
 import sys, time
-from app import locks
+from app import locks, redis_scripts
 from app.context import Context
 from tests.conftest import make_settings
 db, url, prefix, job, budget = sys.argv[1:6]
