@@ -322,7 +322,7 @@ def test_many_processes_starting_the_same_job_at_once_run_it_exactly_once(
 
 _HOLDER = """
 import sys, time
-from app import locks, redis_scripts
+from app import locks
 from app.context import Context
 from tests.conftest import make_settings
 db, url, prefix, job, budget = sys.argv[1:6]
