@@ -25,7 +25,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
-from celery.signals import worker_process_shutdown
+from celery.signals import beat_init, worker_process_shutdown
 from celery.worker.control import inspect_command
 
 import beat_schedule
@@ -113,6 +113,17 @@ def _close_context(**_: Any) -> None:
         if _ctx is not None and _ctx[0] == os.getpid():
             _ctx[1].close()
         _ctx = None
+
+
+# --- one beat at a time -----------------------------------------------------------------
+
+
+@beat_init.connect
+def _lead_beat(**_: Any) -> None:
+    """Before beat sends anything: lead, or stand by until the leader's lock is free."""
+    from app.beat_guard import lead
+
+    lead(worker_context())
 
 
 # --- remote control -------------------------------------------------------------------

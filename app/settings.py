@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     # --- periodic jobs (beat_schedule.py holds the defaults) ------------------------
     beat_every_s: float | None = Field(default=None, gt=0)
     job_min_runtime_ms: dict[str, int] = Field(default_factory=dict)
+    beat_standby_poll_s: float = Field(default=2.0, gt=0)
 
     # --- interfaces ---------------------------------------------------------------
     api_token: SecretStr | None = None

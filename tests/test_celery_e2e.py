@@ -275,3 +275,46 @@ def test_beat_runs_every_job_and_status_lists_the_running_lock_and_a_rerun_is_sk
     print(json.dumps(seen["result"], indent=2, sort_keys=True, default=str))
     print("inspect run_locks reply:", json.dumps(reply, default=str))
     r.close()
+
+
+@pytest.mark.slow
+def test_a_second_beat_stands_by_and_takes_over_when_the_leader_is_killed(
+        e2e: dict[str, Any], redis_server_url: str, redis_prefix: str, sqlite_url: str) -> None:
+    """Two real beats: one leads (the ``beat`` run-lock, visible), the other sends nothing
+    until the leader dies; then it breaks the dead leader's lock and leads."""
+    from app import locks
+    from app.context import Context
+
+    e2e["env"].update(AUTONOMY_LOCK_HEARTBEAT_INTERVAL_MS="200",
+                      AUTONOMY_LOCK_HOLDER_DEAD_AFTER_MS="1500",
+                      AUTONOMY_BEAT_STANDBY_POLL_S="0.2")
+    ctx = Context.from_settings(make_settings(sqlite_url, redis_server_url, redis_prefix))
+    deadline = time.monotonic() + DEADLINE_S
+
+    def beat_lock() -> dict[str, Any] | None:
+        return next((lk for lk in locks.collect_run_locks(ctx) if lk["job"] == "beat"), None)
+
+    try:
+        first = e2e["start"]("beat1", "beat", "--loglevel", "INFO",
+                             "--schedule", str(e2e["tmp"] / "beat1-schedule"))
+        lead = _wait_for("the first beat to lead", beat_lock, [first], deadline)
+        assert lead["holderAlive"] is True and f":{first.popen.pid}:" in lead["holder"]
+        second = e2e["start"]("beat2", "beat", "--loglevel", "INFO",
+                              "--schedule", str(e2e["tmp"] / "beat2-schedule"))
+        _wait_for("the second beat to stand by",
+                  lambda: "stands by" in second.output(), [first, second], deadline)
+        _wait_for("the leader to send", lambda: "Sending due task" in first.output(),
+                  [first, second], deadline)
+        time.sleep(1.5)  # several periods of AUTONOMY_BEAT_EVERY_S=1
+        assert "Sending due task" not in second.output()  # a standby sends nothing
+
+        os.killpg(first.pgid, signal.SIGKILL)
+        took = _wait_for("the standby to take over",
+                         lambda: (lk := beat_lock()) and f":{second.popen.pid}:" in lk["holder"]
+                         and lk, [second], deadline)
+        assert took["holderAlive"] is True
+        _wait_for("the new leader to send", lambda: "Sending due task" in second.output(),
+                  [second], deadline)
+        assert "stopped beating" in second.output()
+    finally:
+        ctx.close()
