@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -55,13 +56,45 @@ def claim(ctx: Context, *, assignee: str, worker: str) -> dict[str, Any]:
     """Claim the lane's next task under a lease (SPEC 4.1)."""
     s = ctx.settings
     a, w = validate.assignee(assignee, s), validate.worker(worker, s)
-    now = ctx.clock()
-    fast = leases.check(ctx, assignee=a, worker=w, now_ms=to_ms(now))
-    if fast.code != leases.PROCEED:
+    s = ctx.settings
+    deadline = time.monotonic() + s.claim_reserve_ms / 1000
+    while True:
+        fast, now = _wait_for_claims_in_flight(ctx, assignee=a, worker=w)
+        if fast.code in (leases.PROCEED, leases.CLAIMING):
+            break
         answer = _confirm_fast_path(ctx, fast, assignee=a, worker=w, now=now)
         if answer is not None:
             return answer
-    return _claim_in_db(ctx, assignee=a, worker=w, now=now)
+        # Redis was behind the database (a lease that ended, a pause that was lifted) and
+        # has been put right: ask again, so that this claim reserves its slot. A lane that
+        # turns over faster than this claim can look may need a few tries; past the
+        # deadline the database decides alone.
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(s.claim_wait_poll_ms / 1000)
+    granted = False
+    try:
+        answer = _claim_in_db(ctx, assignee=a, worker=w, now=now)
+        granted = answer.get("lease") is not None and answer.get("guard") is None
+        return answer
+    finally:
+        if fast.code == leases.PROCEED and not granted:
+            leases.unreserve(ctx, assignee=a, worker=w)
+
+
+def _wait_for_claims_in_flight(ctx: Context, *, assignee: str, worker: str
+                               ) -> tuple[leases.FastPath, datetime]:
+    """Ask Redis; while another claim of the lane holds the slot this one needs, wait for
+    it to land (at most ``claim_reserve_ms``): then the answer is its lease, not a second
+    grant. Past the wait, the database decides alone."""
+    s = ctx.settings
+    deadline = time.monotonic() + s.claim_reserve_ms / 1000
+    while True:
+        now = ctx.clock()
+        fast = leases.check(ctx, assignee=assignee, worker=worker, now_ms=to_ms(now))
+        if fast.code != leases.CLAIMING or time.monotonic() >= deadline:
+            return fast, now
+        time.sleep(s.claim_wait_poll_ms / 1000)
 
 
 def _confirm_fast_path(ctx: Context, fast: leases.FastPath, *, assignee: str, worker: str,
@@ -81,6 +114,10 @@ def _confirm_fast_path(ctx: Context, fast: leases.FastPath, *, assignee: str, wo
         if fast.lease is not None:  # the worker key outlived its lease in the DB
             leases.drop(ctx, assignee=assignee, worker=worker,
                         task_id=int(fast.lease.get("taskId", 0)), token=fast.lease.get("token"))
+        live_ids = {t["id"] for t in live}
+        for tid in fast.task_ids:  # leases that ended in the DB before Redis heard of it
+            if tid not in live_ids:
+                leases.drop(ctx, assignee=assignee, worker=None, task_id=tid, token=None)
         return None
     return _guard(ctx, held, worker=worker, layer="redis")
 

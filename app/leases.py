@@ -20,34 +20,54 @@ from app.redis_conn import redis_errors
 
 log = logging.getLogger(__name__)
 
-PROCEED, PAUSED, WORKER_HOLDS, LANE_FULL = 0, 1, 2, 3
+PROCEED, PAUSED, WORKER_HOLDS, LANE_FULL, CLAIMING = 0, 1, 2, 3, 4
 
+# A claim that may go ahead reserves its slot in the lane's zset (member ``claim:{worker}``,
+# score = when the reservation lapses) in the same step, so that a claim racing it is told
+# to wait (CLAIMING) instead of both going on to the database: the Redis layer on its own
+# keeps a lane within its ``maxInFlight``. ``record`` turns the reservation into the lease;
+# ``unreserve`` drops it when the claim granted nothing; a crashed claimer's lapses.
+#
 # KEYS[1] lane meta hash, KEYS[2] this worker's lease key, KEYS[3] lane leases zset
-# ARGV[1] now (ms)
-# -> {PAUSED, reason, pausedAt} | {WORKER_HOLDS, leaseJSON} | {LANE_FULL, id...} | {PROCEED}
+# ARGV[1] now (ms), ARGV[2] worker, ARGV[3] reservation lapses at (ms)
+# -> {PAUSED, reason, pausedAt} | {WORKER_HOLDS, leaseJSON} | {LANE_FULL, id...}
+#    | {CLAIMING, worker} (a claim in flight holds the slot) | {PROCEED} (slot reserved)
 _CHECK = """
 local meta = redis.call('HMGET', KEYS[1], 'paused', 'reason', 'pausedAt', 'maxInFlight')
 if meta[1] == '1' then return {1, meta[2] or '', meta[3] or ''} end
 local mine = redis.call('GET', KEYS[2])
 if mine then return {2, mine} end
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
+local me = 'claim:' .. ARGV[2]
+if redis.call('ZSCORE', KEYS[3], me) then return {4, ARGV[2]} end
 local limit = tonumber(meta[4])
 if limit then
   local live = redis.call('ZRANGE', KEYS[3], 0, -1)
   if #live >= limit then
-    local out = {3}
-    for i, id in ipairs(live) do out[#out + 1] = id end
+    local out, claiming = {3}, nil
+    for i, id in ipairs(live) do
+      if string.sub(id, 1, 6) == 'claim:' then claiming = string.sub(id, 7)
+      else out[#out + 1] = id end
+    end
+    if #out - 1 < limit and claiming then return {4, claiming} end
     return out
   end
 end
+redis.call('ZADD', KEYS[3], ARGV[3], me)
 return {0}
+"""
+
+# KEYS[1] lane leases zset; ARGV[1] worker
+_UNRESERVE = """
+return redis.call('ZREM', KEYS[1], 'claim:' .. ARGV[1])
 """
 
 # KEYS[1] worker lease key, KEYS[2] lane leases zset, KEYS[3] lane meta hash, KEYS[4] metrics
 # ARGV[1] lease JSON, ARGV[2] ttl ms, ARGV[3] task id, ARGV[4] expires ms, ARGV[5] now ms,
-# ARGV[6] max in flight, ARGV[7] metric field to bump ('' for none)
+# ARGV[6] max in flight, ARGV[7] metric field to bump ('' for none), ARGV[8] worker
 _RECORD = """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZREM', KEYS[2], 'claim:' .. ARGV[8])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
@@ -85,6 +105,7 @@ class FastPath:
     paused_at: str | None = None
     lease: dict[str, Any] | None = None
     task_ids: tuple[int, ...] = ()
+    claiming: str | None = None
 
 
 def _script(ctx: Context, name: str, body: str) -> Any:
@@ -95,7 +116,9 @@ def _script(ctx: Context, name: str, body: str) -> Any:
 
 
 def check(ctx: Context, *, assignee: str, worker: str, now_ms: int) -> FastPath:
-    """One round trip: is the lane paused, does the worker hold a lease, is the lane full?
+    """One round trip: is the lane paused, does the worker hold a lease, is the lane full,
+    is another claim in flight? When none of these, the worker's slot is reserved for
+    ``claim_reserve_ms`` (``PROCEED``).
 
     Raises ``RedisUnavailable`` when Redis cannot be reached.
     """
@@ -104,9 +127,11 @@ def check(ctx: Context, *, assignee: str, worker: str, now_ms: int) -> FastPath:
         res = _script(ctx, "check", _CHECK)(
             keys=[k.lane_meta(assignee), k.worker_lease(assignee, worker),
                   k.lane_leases(assignee)],
-            args=[now_ms],
+            args=[now_ms, worker, now_ms + ctx.settings.claim_reserve_ms],
         )
     code = int(res[0])
+    if code == CLAIMING:
+        return FastPath(CLAIMING, claiming=res[1])
     if code == PAUSED:
         return FastPath(PAUSED, reason=res[1] or None, paused_at=res[2] or None)
     if code == WORKER_HOLDS:
@@ -127,8 +152,19 @@ def record(ctx: Context, *, assignee: str, worker: str, task_id: int, token: str
         lambda: _script(ctx, "record", _RECORD)(
             keys=[k.worker_lease(assignee, worker), k.lane_leases(assignee),
                   k.lane_meta(assignee), k.metrics()],
-            args=[lease, ttl, task_id, expires_ms, now_ms, max_in_flight, metric],
+            args=[lease, ttl, task_id, expires_ms, now_ms, max_in_flight, metric, worker],
         ),
+        ctx,
+    )
+
+
+def unreserve(ctx: Context, *, assignee: str, worker: str) -> None:
+    """Give back the slot ``check`` reserved, when the claim granted nothing (best effort:
+    an unreleased reservation lapses after ``claim_reserve_ms``)."""
+    _best_effort(
+        "drop claim reservation",
+        lambda: _script(ctx, "unreserve", _UNRESERVE)(keys=[ctx.keys.lane_leases(assignee)],
+                                                      args=[worker]),
         ctx,
     )
 

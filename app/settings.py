@@ -38,6 +38,10 @@ class Settings(BaseSettings):
 
     # --- lanes, leases, breaker ---------------------------------------------------
     lease_ttl_s: float = 300.0
+    # how long a claim in flight holds its lane slot in Redis; a racing claim waits for it
+    # at most this long (then the database decides alone)
+    claim_reserve_ms: int = Field(default=2_000, gt=0)
+    claim_wait_poll_ms: int = Field(default=5, gt=0)
     default_max_in_flight: int = 1
     breaker_threshold: int = 3
     breaker_window_h: float = 24.0

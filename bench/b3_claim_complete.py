@@ -52,7 +52,9 @@ class Floor:
         now = utcnow()
         expires = now + timedelta(seconds=self.ctx.settings.lease_ttl_s)
         token = secrets.token_hex(16)
-        self.check(keys=self.keys_check, args=[to_ms(now)])
+        self.check(keys=self.keys_check,
+                   args=[to_ms(now), self.worker,
+                         to_ms(now) + self.ctx.settings.claim_reserve_ms])
         with transaction(self.ctx.engine) as conn:
             row = conn.execute(
                 sa.update(T).where(T.c.id == self.next_id, T.c.status == TaskStatus.todo.value)
@@ -62,7 +64,7 @@ class Floor:
         assert row is not None, "floor lane ran dry"
         self.record(keys=self.keys_record,
                     args=[f'{{"taskId":{row["id"]},"token":"{token}"}}', 300_000, row["id"],
-                          to_ms(expires), to_ms(now), 1, "claims"])
+                          to_ms(expires), to_ms(now), 1, "claims", self.worker])
         with transaction(self.ctx.engine) as conn:
             done = conn.execute(
                 sa.update(T).where(T.c.id == row["id"],

@@ -26,7 +26,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from app import lane_control, lanes
+from app import lane_control, lanes, store
 from app.context import Context
 from app.db import transaction
 from app.errors import DatabaseBusy, LanePaused, NotInProgress, StaleLease
@@ -59,6 +59,10 @@ def race_worker(cfg: dict[str, Any], start: Any, out: Any) -> None:
     try:
         ctx = Context.from_settings(make_settings(cfg["database_url"], cfg["redis_url"],
                                                   cfg["prefix"]))
+        if cfg.get("db_lane_guard_off"):
+            # the database's lane check sees no live lease, so it alone would grant past
+            # max_in_flight: only the Redis layer (its claim reservation) stands in the way
+            store.in_progress = lambda conn, *, assignee: []
         try:
             start.wait(120)  # a barrier: every worker and the seeded parent go together
             _work(ctx, cfg["lane"], cfg["worker"], report)
@@ -224,7 +228,8 @@ def lane_peaks(events: Sequence[Any]) -> dict[str, int]:
     return peaks
 
 
-def run_race(database_url: str, redis_url: str, prefix: str, *, flush: bool) -> Verdict:
+def run_race(database_url: str, redis_url: str, prefix: str, *, flush: bool,
+             db_lane_guard: bool = True) -> Verdict:
     ctx = Context.from_settings(make_settings(database_url, redis_url, prefix))
     try:
         mp = multiprocessing.get_context("spawn")
@@ -233,7 +238,8 @@ def run_race(database_url: str, redis_url: str, prefix: str, *, flush: bool) -> 
         for lane, (workers, _) in LANES.items():
             for i in range(workers):
                 cfg = {"database_url": database_url, "redis_url": redis_url, "prefix": prefix,
-                       "lane": lane, "worker": f"{lane}-w{i}"}
+                       "lane": lane, "worker": f"{lane}-w{i}",
+                       "db_lane_guard_off": not db_lane_guard}
                 p = mp.Process(target=race_worker, args=(cfg, start, out), name=cfg["worker"])
                 p.start()
                 procs.append(p)
@@ -338,6 +344,16 @@ def test_database_alone_prevents_double_claims_while_redis_keys_are_flushed(
     assert v.flusher is not None
     # the flusher really pulled live lease keys out from under the workers
     assert v.flusher.rounds >= 10 and v.flusher.leases_deleted > 0
+
+
+def test_redis_alone_keeps_each_lane_within_its_leases_when_the_db_lane_check_is_off(
+        database_url: str, redis_server_url: str, redis_prefix: str, backend: str) -> None:
+    """The other layer: with the database's lane check switched off in every worker, the
+    Redis claim reservation alone keeps racing claims from granting a lane more leases
+    than ``max_in_flight`` (the database still never grants one task twice)."""
+    v = run_race(database_url, redis_server_url, redis_prefix, flush=False,
+                 db_lane_guard=False)
+    assert_each_task_done_once_without_overlap(v, f"{backend} redis-only")
 
 
 def test_overlap_walk_catches_a_second_grant_before_the_first_lease_ends() -> None:
