@@ -9,7 +9,9 @@ key                                type    TTL                                  
 ``lease:{assignee}:{worker}``      string  lease TTL (set again on heartbeat)     leases.py
                                            JSON ``{taskId, token, expiresAtMs}``
 ``lane:{assignee}:leases``         zset    lease TTL, refreshed on each write     leases.py
-                                           member task id, score lease expiry ms
+                                           member task id, score lease expiry ms;
+                                           ``claim:{worker}``: a claim in flight
+                                           holding its slot (score: when it lapses)
 ``lane:{assignee}:meta``           hash    none                                   leases.py
                                            ``paused`` 0/1, ``reason``, ``pausedAt``,
                                            ``maxInFlight`` -- a cache of the lane
