@@ -30,6 +30,14 @@ def iso(dt: datetime | None) -> str | None:
     return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def iso_ms(ms: object) -> str | None:
+    """ISO-8601 of epoch milliseconds as persisted in check state; None for anything that
+    is not an integer."""
+    if isinstance(ms, bool) or not isinstance(ms, int):
+        return None
+    return iso(from_ms(ms))
+
+
 class FrozenClock:
     """A clock for tests: stands still until told to move."""
 

@@ -15,7 +15,6 @@ as failing (never silently healthy) and marks the snapshot ``snapshotValid: fals
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy.engine import Connection
@@ -30,14 +29,14 @@ CRITERIA = ("cron", "queue", "ops")
 GO, NO_GO = "GO", "NO_GO"
 
 
-def live_signals(conn: Connection, ctx: Context, *, now: datetime
+def live_signals(conn: Connection, ctx: Context, states: state.States
                  ) -> dict[str, dict[str, Any]]:
     """Each criterion as observed now: ``failing`` and a ``detail``, and ``readable``
     False when its signal could not be read (then it counts as failing)."""
-    s = ctx.settings
+    s, now = ctx.settings, states.now
     out: dict[str, dict[str, Any]] = {}
 
-    jobs = runs.job_views(conn, ctx, now=now)
+    jobs = runs.job_views(states, ctx)
     bad = [f"{j} errored ({v['error']})" for j, v in jobs.items() if v["ok"] is False]
     bad += [f"{j} missed its schedule" for j, v in jobs.items() if v["missed"]]
     unreadable = [f"{j} record unreadable ({v['stateError']})" for j, v in jobs.items()
@@ -46,7 +45,7 @@ def live_signals(conn: Connection, ctx: Context, *, now: datetime
                    "detail": "; ".join(bad + unreadable) or "every job ran on time"}
 
     sig = store.queue_signals(conn, now=now)
-    ready = state.read(conn, name=state.READINESS, now=now)
+    ready = states.get(state.READINESS)
     since = (ready.data or {}).get("backlogSince")
     stalled_s = (to_ms(now) - since) / 1000 if isinstance(since, int) and since > 0 else 0.0
     stalled = sig["backlog"] and stalled_s >= s.backlog_stall_min_s
@@ -61,7 +60,7 @@ def live_signals(conn: Connection, ctx: Context, *, now: datetime
     out["queue"] = {"failing": bool(why), "readable": readable,
                     "detail": "; ".join(why) or "the queue moves"}
 
-    inc = state.read_incident(conn, ctx=ctx, now=now)
+    inc = state.incident(states, ctx=ctx)
     if inc["error"]:
         out["ops"] = {"failing": True, "readable": False,
                       "detail": f"ops incident state unreadable ({inc['error']})"}
@@ -110,8 +109,9 @@ def run_handoff(ctx: Context) -> dict[str, Any]:
     """Observe the criteria, step their counters, write the handoff snapshot."""
     s, now = ctx.settings, ctx.clock()
     with transaction(ctx.engine) as conn:
-        prev = state.read(conn, name=state.HANDOFF, now=now, shape=_snapshot_shape)
-        live = live_signals(conn, ctx, now=now)
+        states = runs.load_states(conn, now=now)
+        prev = states.get(state.HANDOFF, _snapshot_shape)
+        live = live_signals(conn, ctx, states)
         counters = _counters(prev.data)
         criteria = {}
         for name in CRITERIA:
@@ -140,11 +140,12 @@ def _snapshot_shape(d: Any) -> str | None:
     return None
 
 
-def snapshot_view(conn: Connection, ctx: Context, *, now: datetime) -> dict[str, Any]:
+def snapshot_view(conn: Connection, ctx: Context, states: state.States) -> dict[str, Any]:
     """The handoff snapshot through the stale rule (SPEC 4.4): older than
     ``handoff_stale_after_s`` it is ``stale``, ``snapshotValid`` is forced true and the
     live-computed signals decide ``state``; a missing or unreadable one says so."""
-    r = state.read(conn, name=state.HANDOFF, now=now, shape=_snapshot_shape)
+    now = states.now
+    r = states.get(state.HANDOFF, _snapshot_shape)
     out: dict[str, Any] = {"state": None, "snapshotValid": None, "stale": False,
                            "generatedAt": iso(r.written_at), "ageMs": None,
                            "error": r.error, "criteria": {}}
@@ -156,7 +157,7 @@ def snapshot_view(conn: Connection, ctx: Context, *, now: datetime) -> dict[str,
                generatedAt=iso(from_ms(r.data["generatedAt"]))
                if isinstance(r.data.get("generatedAt"), int) else iso(r.written_at))
     if age_s > ctx.settings.handoff_stale_after_s:
-        live = live_signals(conn, ctx, now=now)
+        live = live_signals(conn, ctx, states)
         out.update(stale=True, snapshotValid=True,
                    snapshotState=r.data["state"],
                    state=NO_GO if any(v["failing"] for v in live.values()) else GO,

@@ -17,11 +17,9 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy.engine import Connection
-
 from app import store
-from app.checks import handoff, state
-from app.clock import from_ms, iso, to_ms
+from app.checks import handoff, runs, state
+from app.clock import from_ms, iso, iso_ms, to_ms
 from app.context import Context
 from app.db import transaction
 
@@ -41,7 +39,8 @@ def run_readiness(ctx: Context) -> dict[str, Any]:
     s, now = ctx.settings, ctx.clock()
     now_ms = to_ms(now)
     with transaction(ctx.engine) as conn:
-        prev = state.read(conn, name=state.READINESS, now=now, shape=_shape)
+        states = runs.load_states(conn, now=now)
+        prev = states.get(state.READINESS, _shape)
         p = prev.data or {}
         sig = store.queue_signals(conn, now=now)
 
@@ -56,12 +55,12 @@ def run_readiness(ctx: Context) -> dict[str, Any]:
         stall_s = (now_ms - since) / 1000 if since else 0.0
         sustained_stall = stalled and prev_since > 0 and stall_s >= s.backlog_stall_min_s
 
-        inc = state.read_incident(conn, ctx=ctx, now=now)
+        inc = state.incident(states, ctx=ctx)
         ops_issue = bool(inc["error"]) or inc["status"] in ("warning", "critical")
         ops_consecutive = int(p.get("opsIssueConsecutive") or 0) + 1 if ops_issue else 0
         sustained_ops = ops_consecutive >= s.ops_issue_threshold
 
-        ho = handoff.snapshot_view(conn, ctx, now=now)
+        ho = handoff.snapshot_view(conn, ctx, states)
         verdict = NO_GO if (sustained_stall or sustained_ops or ho["state"] == NO_GO) else GO
         data = {"ranAt": now_ms, "state": verdict, "backlogSince": since,
                 "prevBacklogSince": prev_since, "stalled": stalled,
@@ -79,21 +78,19 @@ def _wire(d: dict[str, Any], *, now: datetime) -> dict[str, Any]:
     return {"state": d.get("state"),
             "sustainedBacklogStall": d.get("sustainedBacklogStall") is True,
             "sustainedOpsFailure": d.get("sustainedOpsFailure") is True,
-            "backlogSince": _iso_ms(d.get("backlogSince")),
-            "prevBacklogSince": _iso_ms(d.get("prevBacklogSince")),
+            # 0 means "no stall": no time to show
+            "backlogSince": iso_ms(d.get("backlogSince") or None),
+            "prevBacklogSince": iso_ms(d.get("prevBacklogSince") or None),
             "stalled": d.get("stalled") is True,
             "opsIssueConsecutive": d.get("opsIssueConsecutive") or 0,
             "handoffState": d.get("handoffState")}
 
 
-def _iso_ms(ms: Any) -> str | None:
-    return iso(from_ms(ms)) if isinstance(ms, int) and not isinstance(ms, bool) and ms else None
-
-
-def readiness_view(conn: Connection, ctx: Context, *, now: datetime) -> dict[str, Any]:
+def readiness_view(states: state.States, ctx: Context) -> dict[str, Any]:
     """The last readiness result for the status payload, ``stale`` when older than
     ``handoff_stale_after_s``; a missing or unreadable state says so in ``error``."""
-    r = state.read(conn, name=state.READINESS, now=now, shape=_shape)
+    now = states.now
+    r = states.get(state.READINESS, _shape)
     out: dict[str, Any] = {"state": None, "sustainedBacklogStall": False,
                            "sustainedOpsFailure": False, "backlogSince": None,
                            "prevBacklogSince": None, "opsIssueConsecutive": 0,

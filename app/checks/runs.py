@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy.engine import Connection
+
 import beat_schedule
-from app import store
 from app.checks import state
-from app.clock import from_ms, iso, to_ms
+from app.clock import iso_ms, to_ms
 from app.context import Context
 
 JOB_NAMES: tuple[str, ...] = tuple(beat_schedule.JOBS)
@@ -23,14 +24,22 @@ def budget_ms(job: str) -> int:
     return int(beat_schedule.JOBS[job]["budget_ms"])
 
 
-def job_views(conn: Any, ctx: Context, *, now: datetime) -> dict[str, dict[str, Any]]:
+def load_states(conn: Connection, *, now: datetime) -> state.States:
+    """Every check state -- handoff, ops incident, readiness, self-heal, each job's last
+    run -- in one query."""
+    names = [state.HANDOFF, state.OPS_INCIDENT, state.READINESS, state.SELF_HEAL,
+             *(state.job_state_name(j) for j in JOB_NAMES)]
+    return state.load(conn, names=names, now=now)
+
+
+def job_views(states: state.States, ctx: Context) -> dict[str, dict[str, Any]]:
     """Each periodic job's last run as the status payload shows it (``missed`` when its
     last start is older than ``job_missed_after_factor`` periods)."""
-    rows = store.read_check_states(conn, names=[state.job_state_name(j) for j in JOB_NAMES])
+    now = states.now
     out = {}
     for job in JOB_NAMES:
         period = every_s(ctx, job)
-        r = state.check_row(rows.get(state.job_state_name(job)), now=now, shape=_job_shape)
+        r = states.get(state.job_state_name(job), _job_shape)
         view: dict[str, Any] = {"schedule": f"every {period:g}s", "everyS": period,
                                 "budgetMs": budget_ms(job), "lastStartedAt": None,
                                 "lastRunAt": None, "durationMs": None, "ok": None,
@@ -39,7 +48,7 @@ def job_views(conn: Any, ctx: Context, *, now: datetime) -> dict[str, dict[str, 
         d = r.data
         if d is not None:
             started_ms = d.get("lastStartedAt")
-            view.update(lastStartedAt=_iso_ms(started_ms), lastRunAt=_iso_ms(d.get("lastRunAt")),
+            view.update(lastStartedAt=iso_ms(started_ms), lastRunAt=iso_ms(d.get("lastRunAt")),
                         durationMs=d.get("durationMs"), ok=d.get("ok"), error=d.get("error"),
                         message=d.get("message"))
             skipped_ms = d.get("skippedAt")
@@ -50,10 +59,6 @@ def job_views(conn: Any, ctx: Context, *, now: datetime) -> dict[str, dict[str, 
                 view["missed"] = late_s > period * ctx.settings.job_missed_after_factor
         out[job] = view
     return out
-
-
-def _iso_ms(ms: Any) -> str | None:
-    return iso(from_ms(ms)) if isinstance(ms, int) and not isinstance(ms, bool) else None
 
 
 def _job_shape(d: Any) -> str | None:

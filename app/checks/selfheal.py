@@ -7,10 +7,7 @@ as the ``self_heal`` state and shown in the status payload.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
-
-from sqlalchemy.engine import Connection
 
 from app import lanes, leases, locks, store
 from app.checks import state
@@ -45,10 +42,10 @@ def run_self_heal(ctx: Context) -> dict[str, Any]:
     return {"ok": True, "lastRunAt": iso(now), **summary}
 
 
-def selfheal_view(conn: Connection, *, now: datetime) -> dict[str, Any]:
+def selfheal_view(states: state.States) -> dict[str, Any]:
     """The last self-heal summary for the status payload."""
-    r = state.read(conn, name=state.SELF_HEAL, now=now,
-                   shape=state.fields(requeued=list, locksReleased=list, runningLocks=list))
+    r = states.get(state.SELF_HEAL,
+                   state.fields(requeued=list, locksReleased=list, runningLocks=list))
     out: dict[str, Any] = {"lastRunAt": iso(r.written_at), "requeued": [],
                            "locksReleased": [], "runningLocks": [],
                            "error": None if r.error == "missing" else r.error}

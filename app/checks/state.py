@@ -12,7 +12,7 @@ and ``job:{name}`` (each periodic job's last run).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -48,6 +48,22 @@ class Read:
 
 
 Shape = Callable[[Mapping[str, Any]], str | None]
+
+
+@dataclass(frozen=True)
+class States:
+    """Check-state rows read together (one query), checked one by one on ``get``."""
+
+    rows: Mapping[str, Any]
+    now: datetime
+
+    def get(self, name: str, shape: Shape | None = None) -> Read:
+        return check_row(self.rows.get(name), now=self.now, shape=shape)
+
+
+def load(conn: Connection, *, names: Sequence[str], now: datetime) -> States:
+    """Read the named states in one query; each is checked when asked for."""
+    return States(rows=store.read_check_states(conn, names=names), now=now)
 
 
 def read(conn: Connection, *, name: str, now: datetime, shape: Shape | None = None) -> Read:
@@ -125,10 +141,10 @@ def incident_view(r: Read, *, now: datetime, stale_after_s: float) -> dict[str, 
     return out
 
 
-def read_incident(conn: Connection, *, ctx: Context, now: datetime) -> dict[str, Any]:
+def incident(states: States, *, ctx: Context) -> dict[str, Any]:
     """The ops incident state as the checks and the status payload see it."""
-    r = read(conn, name=OPS_INCIDENT, now=now, shape=_INCIDENT_SHAPE)
-    view = incident_view(r, now=now, stale_after_s=ctx.settings.incident_stale_after_s)
+    r = states.get(OPS_INCIDENT, _INCIDENT_SHAPE)
+    view = incident_view(r, now=states.now, stale_after_s=ctx.settings.incident_stale_after_s)
     if r.error == "missing":
         # never set: nothing is wrong, and nobody said so either
         view.update(status=IncidentStatus.ok.value, error=None, neverSet=True)

@@ -26,11 +26,12 @@ def build_status(ctx: Context) -> dict[str, Any]:
         counts = store.lane_status_counts(conn)
         lanes = [wire.lane(row, counts.get(row["assignee"], {}))
                  for row in store.list_lanes(conn)]
-        ho = handoff.snapshot_view(conn, ctx, now=now)
-        incident = state.read_incident(conn, ctx=ctx, now=now)
-        ready = readiness.readiness_view(conn, ctx, now=now)
-        heal = selfheal.selfheal_view(conn, now=now)
-        jobs = runs.job_views(conn, ctx, now=now)
+        states = runs.load_states(conn, now=now)
+        ho = handoff.snapshot_view(conn, ctx, states)
+        incident = state.incident(states, ctx=ctx)
+        ready = readiness.readiness_view(states, ctx)
+        heal = selfheal.selfheal_view(states)
+        jobs = runs.job_views(states, ctx)
         since = now - timedelta(hours=s.breaker_window_h)
         fingerprints = [{"fingerprint": r["fingerprint"], "assignee": r["assignee"],
                          "count": int(r["count"]), "threshold": s.breaker_threshold,
