@@ -53,22 +53,26 @@ def create(ctx: Context, *, assignee: str, title: str, priority: int | None = No
 
 
 def claim(ctx: Context, *, assignee: str, worker: str) -> dict[str, Any]:
-    """Claim the lane's next task under a lease (SPEC 4.1)."""
+    """Claim the lane's next task under a lease (SPEC 4.1).
+
+    Redis is asked first; its ``PROCEED`` reserves the lane slot for this claim. While
+    another claim holds the slot (``CLAIMING``) this one waits for it to land -- then the
+    answer is that lease, not a second grant. A refusal Redis suggests is confirmed by a
+    database read; when Redis was behind (a lease that ended, a pause that was lifted) it
+    is put right and asked again. Past ``claim_reserve_ms`` the database decides alone.
+    """
     s = ctx.settings
     a, w = validate.assignee(assignee, s), validate.worker(worker, s)
-    s = ctx.settings
     deadline = time.monotonic() + s.claim_reserve_ms / 1000
     while True:
-        fast, now = _wait_for_claims_in_flight(ctx, assignee=a, worker=w)
-        if fast.code in (leases.PROCEED, leases.CLAIMING):
+        now = ctx.clock()
+        fast = leases.check(ctx, assignee=a, worker=w, now_ms=to_ms(now))
+        if fast.code == leases.PROCEED:
             break
-        answer = _confirm_fast_path(ctx, fast, assignee=a, worker=w, now=now)
-        if answer is not None:
-            return answer
-        # Redis was behind the database (a lease that ended, a pause that was lifted) and
-        # has been put right: ask again, so that this claim reserves its slot. A lane that
-        # turns over faster than this claim can look may need a few tries; past the
-        # deadline the database decides alone.
+        if fast.code != leases.CLAIMING:
+            answer = _confirm_fast_path(ctx, fast, assignee=a, worker=w, now=now)
+            if answer is not None:
+                return answer
         if time.monotonic() >= deadline:
             break
         time.sleep(s.claim_wait_poll_ms / 1000)
@@ -80,21 +84,6 @@ def claim(ctx: Context, *, assignee: str, worker: str) -> dict[str, Any]:
     finally:
         if fast.code == leases.PROCEED and not granted:
             leases.unreserve(ctx, assignee=a, worker=w)
-
-
-def _wait_for_claims_in_flight(ctx: Context, *, assignee: str, worker: str
-                               ) -> tuple[leases.FastPath, datetime]:
-    """Ask Redis; while another claim of the lane holds the slot this one needs, wait for
-    it to land (at most ``claim_reserve_ms``): then the answer is its lease, not a second
-    grant. Past the wait, the database decides alone."""
-    s = ctx.settings
-    deadline = time.monotonic() + s.claim_reserve_ms / 1000
-    while True:
-        now = ctx.clock()
-        fast = leases.check(ctx, assignee=assignee, worker=worker, now_ms=to_ms(now))
-        if fast.code != leases.CLAIMING or time.monotonic() >= deadline:
-            return fast, now
-        time.sleep(s.claim_wait_poll_ms / 1000)
 
 
 def _confirm_fast_path(ctx: Context, fast: leases.FastPath, *, assignee: str, worker: str,
