@@ -9,10 +9,8 @@ from typing import Any
 
 import typer
 
-from app import locks
+from app import locks, ops
 from app.checks import jobs
-from app.checks.state import set_ops_incident
-from app.checks.status import build_status
 from app.cli_output import run, table, want_json
 from app.context import Context
 from app.errors import InvalidInput
@@ -74,7 +72,8 @@ def register(app: typer.Typer) -> None:
     @app.command("status")
     def status(as_json: bool | None = JsonOpt) -> None:
         """The status payload (what the API, the panel and Flower show)."""
-        run(_with_ctx(build_status), want_json(as_json), None)
+        run(_with_ctx(lambda ctx: ops.dispatch(ctx, {"action": "status"})),
+            want_json(as_json), None)
 
     @incident_app.command("set")
     def incident_set(status: str = typer.Argument(..., help="critical | warning | ok"),
@@ -82,8 +81,9 @@ def register(app: typer.Typer) -> None:
                      actor: str = typer.Option("cli", help="Who says so."),
                      as_json: bool | None = JsonOpt) -> None:
         """Write the ops incident state, with the time it was written."""
-        run(_with_ctx(lambda ctx: set_ops_incident(ctx, status=status, reason=reason,
-                                                   actor=actor)),
+        request = {"action": "ops_incident", "status": status, "reason": reason,
+                   "actor": actor}
+        run(_with_ctx(lambda ctx: ops.dispatch(ctx, request)),
             want_json(as_json),
             lambda a: f"ops incident: {a['opsIncident']['status']} "
                       f"({a['opsIncident']['reason'] or 'no reason'})")

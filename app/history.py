@@ -1,5 +1,5 @@
 """A task's or a lane's history: the audit events, plus the refused duplicate claims that
-Redis keeps off the database."""
+Redis keeps off the database; and the recent tasks the panel and the API list."""
 
 from __future__ import annotations
 
@@ -40,3 +40,11 @@ def history(ctx: Context, *, task_id: Any = None, assignee: Any = None,
                    "reason": "duplicate_claim_guard", "data": g} for g in guards)
     events.sort(key=lambda e: (e["at"] or "", e["id"] or 0), reverse=True)
     return {"ok": True, "events": events[:limit]}
+
+
+def recent_tasks(ctx: Context, *, assignee: str | None = None, status: str | None = None,
+                 limit: int = 50) -> list[dict[str, Any]]:
+    """The newest tasks, optionally of one lane or status, as the API shows them."""
+    with transaction(ctx.engine, write=False) as conn:
+        rows = store.list_tasks(conn, assignee=assignee, status=status, limit=limit)
+    return [wire.task(r) for r in rows]

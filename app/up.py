@@ -134,11 +134,12 @@ class Supervisor:
                            "--schedule", os.path.join(data, "celerybeat-schedule")]),
         ]
         if self.flower:
+            from app.cli_flower import flower_argv
+
             address = self.host if s.flower_basic_auth else "127.0.0.1"
-            argv = [*celery, "flower", f"--address={address}", f"--port={self.flower_port}"]
             # the credentials reach Flower through FLOWER_BASIC_AUTH (see _env), never argv,
             # where `ps` would show them
-            plan.append(Child("flower", argv))
+            plan.append(Child("flower", flower_argv(address=address, port=self.flower_port)))
         if self.demo:
             from app.demo import worker_commands
 

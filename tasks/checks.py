@@ -13,6 +13,7 @@ from typing import Any
 
 from celery import Task
 
+import beat_schedule
 from app.celery_app import app, worker_context
 from app.errors import AutonomyError, Unavailable
 
@@ -29,25 +30,15 @@ def _run(task: Task, job: str) -> dict[str, Any]:
         return {**e.to_wire(), "job": job}
 
 
-@app.task(bind=True, name="tasks.checks.handoff_health")
-def handoff_health(self: Task) -> dict[str, Any]:
-    """Handoff health: GO/NO_GO from the cron, queue and ops criteria."""
-    return _run(self, "handoff_health")
+def _register(job: str, name: str) -> Task:
+    def run(self: Task) -> dict[str, Any]:
+        return _run(self, job)
+
+    run.__name__ = run.__qualname__ = job
+    run.__doc__ = f"Run the ``{job}`` check under its run-lock."
+    return app.task(bind=True, name=name)(run)
 
 
-@app.task(bind=True, name="tasks.checks.readiness")
-def readiness(self: Task) -> dict[str, Any]:
-    """Autonomy readiness: sustained backlog stall and sustained ops failure."""
-    return _run(self, "readiness")
-
-
-@app.task(bind=True, name="tasks.checks.self_heal")
-def self_heal(self: Task) -> dict[str, Any]:
-    """Self-heal: requeue expired leases, break run-locks whose holder is gone."""
-    return _run(self, "self_heal")
-
-
-@app.task(bind=True, name="tasks.checks.status")
-def status(self: Task) -> dict[str, Any]:
-    """The status payload (``workflowHealth.runLocks`` included)."""
-    return _run(self, "status")
+# one task per job, named as beat_schedule.JOBS names it: tasks.checks.handoff_health, ...
+TASKS: dict[str, Task] = {job: _register(job, str(spec["task"]))
+                          for job, spec in beat_schedule.JOBS.items()}

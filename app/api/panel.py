@@ -14,10 +14,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from app import ops, store, wire
+from app import history, ops
 from app.api.deps import Ctx, configured_token
 from app.context import Context
-from app.db import transaction
 from app.errors import Unavailable
 
 HERE = Path(__file__).parent
@@ -25,14 +24,6 @@ TASKS_SHOWN = 50
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(HERE / "templates"))
-
-
-def recent_tasks(ctx: Context, *, assignee: str | None = None, status: str | None = None,
-                 limit: int = TASKS_SHOWN) -> list[dict[str, Any]]:
-    """The newest tasks (optionally of one lane or status) as the API shows them."""
-    with transaction(ctx.engine, write=False) as conn:
-        rows = store.list_tasks(conn, assignee=assignee, status=status, limit=limit)
-    return [wire.task(r) for r in rows]
 
 
 def view(ctx: Context) -> dict[str, Any]:
@@ -47,7 +38,7 @@ def view(ctx: Context) -> dict[str, Any]:
     }
     try:
         out["status"] = ops.dispatch(ctx, {"action": "status"})
-        out["tasks"] = recent_tasks(ctx)
+        out["tasks"] = history.recent_tasks(ctx, limit=TASKS_SHOWN)
     except Unavailable as e:
         out["error"] = e.to_wire()
     return out

@@ -14,10 +14,9 @@ from fastapi import APIRouter, Query
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from app import ops, validate
+from app import history, ops, validate
 from app.api import metrics, schemas
 from app.api.deps import Authorization, Ctx, JsonBody, body_object, check_token
-from app.api.panel import recent_tasks
 
 router = APIRouter()
 
@@ -71,7 +70,8 @@ def tasks(
     """What the panel's task list shows."""
     lane = validate.assignee(assignee, ctx.settings) if assignee is not None else None
     return _json({"ok": True,
-                  "tasks": recent_tasks(ctx, assignee=lane, status=status, limit=limit)})
+                  "tasks": history.recent_tasks(ctx, assignee=lane, status=status,
+                                                limit=limit)})
 
 
 @router.get("/metrics", response_class=PlainTextResponse,
