@@ -17,6 +17,7 @@ from typing import Any
 from app.context import Context
 from app.errors import RedisUnavailable
 from app.redis_conn import redis_errors
+from app.redis_scripts import Script, run_script
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ PROCEED, PAUSED, WORKER_HOLDS, LANE_FULL, CLAIMING = 0, 1, 2, 3, 4
 # ARGV[1] now (ms), ARGV[2] worker, ARGV[3] reservation lapses at (ms)
 # -> {PAUSED, reason, pausedAt} | {WORKER_HOLDS, leaseJSON} | {LANE_FULL, id...}
 #    | {CLAIMING, worker} (a claim in flight holds the slot) | {PROCEED} (slot reserved)
-_CHECK = """
+_CHECK = Script("""
 local meta = redis.call('HMGET', KEYS[1], 'paused', 'reason', 'pausedAt', 'maxInFlight')
 if meta[1] == '1' then return {1, meta[2] or '', meta[3] or ''} end
 local mine = redis.call('GET', KEYS[2])
@@ -55,17 +56,17 @@ if limit then
 end
 redis.call('ZADD', KEYS[3], ARGV[3], me)
 return {0}
-"""
+""")
 
 # KEYS[1] lane leases zset; ARGV[1] worker
-_UNRESERVE = """
+_UNRESERVE = Script("""
 return redis.call('ZREM', KEYS[1], 'claim:' .. ARGV[1])
-"""
+""")
 
 # KEYS[1] worker lease key, KEYS[2] lane leases zset, KEYS[3] lane meta hash, KEYS[4] metrics
 # ARGV[1] lease JSON, ARGV[2] ttl ms, ARGV[3] task id, ARGV[4] expires ms, ARGV[5] now ms,
 # ARGV[6] max in flight, ARGV[7] metric field to bump ('' for none), ARGV[8] worker
-_RECORD = """
+_RECORD = Script("""
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('ZREM', KEYS[2], 'claim:' .. ARGV[8])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
@@ -74,26 +75,26 @@ redis.call('PEXPIRE', KEYS[2], ARGV[2])
 redis.call('HSET', KEYS[3], 'maxInFlight', ARGV[6])
 if ARGV[7] ~= '' then redis.call('HINCRBY', KEYS[4], ARGV[7], 1) end
 return 1
-"""
+""")
 
 # KEYS[1] worker lease key, KEYS[2] lane leases zset
 # ARGV[1] token, ARGV[2] task id
 # Deletes the worker key only when it still carries this token (never another's lease).
-_DROP = """
+_DROP = Script("""
 local cur = redis.call('GET', KEYS[1])
 if cur and string.find(cur, ARGV[1], 1, true) then redis.call('DEL', KEYS[1]) end
 redis.call('ZREM', KEYS[2], ARGV[2])
 return 1
-"""
+""")
 
 # KEYS[1] lane guards list, KEYS[2] metrics hash
 # ARGV[1] guard JSON, ARGV[2] list cap, ARGV[3] metric field
-_GUARD = """
+_GUARD = Script("""
 redis.call('LPUSH', KEYS[1], ARGV[1])
 redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
 redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
 return 1
-"""
+""")
 
 
 @dataclass(frozen=True)
@@ -108,11 +109,8 @@ class FastPath:
     claiming: str | None = None
 
 
-def _script(ctx: Context, name: str, body: str) -> Any:
-    cache = ctx.__dict__.setdefault("_scripts", {})
-    if name not in cache:
-        cache[name] = ctx.redis.register_script(body)
-    return cache[name]
+def _run(ctx: Context, script: Script, keys: list[str], args: list[Any]) -> Any:
+    return run_script(ctx, script, len(keys), *keys, *args)
 
 
 def check(ctx: Context, *, assignee: str, worker: str, now_ms: int) -> FastPath:
@@ -123,12 +121,9 @@ def check(ctx: Context, *, assignee: str, worker: str, now_ms: int) -> FastPath:
     Raises ``RedisUnavailable`` when Redis cannot be reached.
     """
     k = ctx.keys
-    with redis_errors(ctx.redis):
-        res = _script(ctx, "check", _CHECK)(
-            keys=[k.lane_meta(assignee), k.worker_lease(assignee, worker),
-                  k.lane_leases(assignee)],
-            args=[now_ms, worker, now_ms + ctx.settings.claim_reserve_ms],
-        )
+    res = _run(ctx, _CHECK,
+               [k.lane_meta(assignee), k.worker_lease(assignee, worker), k.lane_leases(assignee)],
+               [now_ms, worker, now_ms + ctx.settings.claim_reserve_ms])
     code = int(res[0])
     if code == CLAIMING:
         return FastPath(CLAIMING, claiming=res[1])
@@ -149,11 +144,10 @@ def record(ctx: Context, *, assignee: str, worker: str, task_id: int, token: str
     lease = json.dumps({"taskId": task_id, "token": token, "expiresAtMs": expires_ms})
     _best_effort(
         "record lease",
-        lambda: _script(ctx, "record", _RECORD)(
-            keys=[k.worker_lease(assignee, worker), k.lane_leases(assignee),
-                  k.lane_meta(assignee), k.metrics()],
-            args=[lease, ttl, task_id, expires_ms, now_ms, max_in_flight, metric, worker],
-        ),
+        lambda: _run(ctx, _RECORD,
+                     [k.worker_lease(assignee, worker), k.lane_leases(assignee),
+                      k.lane_meta(assignee), k.metrics()],
+                     [lease, ttl, task_id, expires_ms, now_ms, max_in_flight, metric, worker]),
         ctx,
     )
 
@@ -163,8 +157,7 @@ def unreserve(ctx: Context, *, assignee: str, worker: str) -> None:
     an unreleased reservation lapses after ``claim_reserve_ms``)."""
     _best_effort(
         "drop claim reservation",
-        lambda: _script(ctx, "unreserve", _UNRESERVE)(keys=[ctx.keys.lane_leases(assignee)],
-                                                      args=[worker]),
+        lambda: _run(ctx, _UNRESERVE, [ctx.keys.lane_leases(assignee)], [worker]),
         ctx,
     )
 
@@ -176,9 +169,8 @@ def drop(ctx: Context, *, assignee: str, worker: str | None, task_id: int,
     worker_key = k.worker_lease(assignee, worker) if worker else k.worker_lease(assignee, "")
     _best_effort(
         "drop lease",
-        lambda: _script(ctx, "drop", _DROP)(
-            keys=[worker_key, k.lane_leases(assignee)], args=[token or "\x00", task_id]
-        ),
+        lambda: _run(ctx, _DROP, [worker_key, k.lane_leases(assignee)],
+                     [token or "\x00", task_id]),
         ctx,
     )
 
@@ -214,10 +206,8 @@ def log_guard(ctx: Context, *, assignee: str, entry: dict[str, Any], metric: str
     k = ctx.keys
     _best_effort(
         "log guard",
-        lambda: _script(ctx, "guard", _GUARD)(
-            keys=[k.lane_guards(assignee), k.metrics()],
-            args=[json.dumps(entry), ctx.settings.guard_log_max, metric],
-        ),
+        lambda: _run(ctx, _GUARD, [k.lane_guards(assignee), k.metrics()],
+                     [json.dumps(entry), ctx.settings.guard_log_max, metric]),
         ctx,
     )
 

@@ -1,4 +1,4 @@
-"""Lua scripts on a kept connection: the run-locks' hot path.
+"""Lua scripts on a kept connection: the hot path of run-locks and claim leases.
 
 ``run_script(ctx, script, numkeys, *keys_and_args)`` sends ``EVALSHA`` (``EVAL`` once
 after a Redis restart) on one connection of the client's pool that each context keeps,

@@ -21,6 +21,7 @@ from app.clock import to_ms, utcnow
 from app.context import Context
 from app.db import transaction
 from app.models import TaskStatus, task_table
+from app.redis_scripts import Script, run_script
 from bench.common import Env, Row, interleaved_rates
 from bench.seed import analyze, seed_todo
 
@@ -32,10 +33,7 @@ class Floor:
 
     def __init__(self, ctx: Context, *, assignee: str, worker: str) -> None:
         self.ctx, self.assignee, self.worker = ctx, assignee, worker
-        r, k = ctx.redis, ctx.keys
-        self.check = r.register_script(leases._CHECK)
-        self.record = r.register_script(leases._RECORD)
-        self.drop = r.register_script(leases._DROP)
+        k = ctx.keys
         self.keys_check = [k.lane_meta(assignee), k.worker_lease(assignee, worker),
                            k.lane_leases(assignee)]
         self.keys_record = [k.worker_lease(assignee, worker), k.lane_leases(assignee),
@@ -48,13 +46,15 @@ class Floor:
             nxt = nxt.with_for_update(skip_locked=True)
         self.next_id = nxt.scalar_subquery()
 
+    def _run(self, script: Script, keys: list[str], args: list[object]) -> None:
+        run_script(self.ctx, script, len(keys), *keys, *args)
+
     def cycle(self) -> None:
         now = utcnow()
         expires = now + timedelta(seconds=self.ctx.settings.lease_ttl_s)
         token = secrets.token_hex(16)
-        self.check(keys=self.keys_check,
-                   args=[to_ms(now), self.worker,
-                         to_ms(now) + self.ctx.settings.claim_reserve_ms])
+        self._run(leases._CHECK, self.keys_check,
+                  [to_ms(now), self.worker, to_ms(now) + self.ctx.settings.claim_reserve_ms])
         with transaction(self.ctx.engine) as conn:
             row = conn.execute(
                 sa.update(T).where(T.c.id == self.next_id, T.c.status == TaskStatus.todo.value)
@@ -62,9 +62,9 @@ class Floor:
                         lease_token=token, lease_expires_at=expires, updated_at=now)
                 .returning(*T.c)).mappings().first()
         assert row is not None, "floor lane ran dry"
-        self.record(keys=self.keys_record,
-                    args=[f'{{"taskId":{row["id"]},"token":"{token}"}}', 300_000, row["id"],
-                          to_ms(expires), to_ms(now), 1, "claims", self.worker])
+        self._run(leases._RECORD, self.keys_record,
+                  [f'{{"taskId":{row["id"]},"token":"{token}"}}', 300_000, row["id"],
+                   to_ms(expires), to_ms(now), 1, "claims", self.worker])
         with transaction(self.ctx.engine) as conn:
             done = conn.execute(
                 sa.update(T).where(T.c.id == row["id"],
@@ -74,7 +74,7 @@ class Floor:
                         lease_token=None, lease_expires_at=None, result=None)
                 .returning(*T.c)).mappings().first()
         assert done is not None
-        self.drop(keys=self.keys_drop, args=[token, row["id"]])
+        self._run(leases._DROP, self.keys_drop, [token, row["id"]])
 
 
 def ops_cycle(ctx: Context, *, assignee: str, worker: str) -> None:
