@@ -32,14 +32,16 @@ class Script:
         object.__setattr__(self, "sha", hashlib.sha1(self.body.encode()).hexdigest())
 
 
-def run_script(ctx: Context, lua: Script, numkeys: int, *keys_and_args: Any) -> Any:
-    """Run ``lua`` with its keys and arguments; answers its reply."""
-    r = ctx.redis
+def run_script(ctx: Context, lua: Script, numkeys: int, *keys_and_args: Any,
+               fast: bool = False) -> Any:
+    """Run ``lua`` with its keys and arguments; answers its reply. ``fast`` sends it on
+    the fast path's client (``ctx.fast_redis``: a short deadline, no retries)."""
+    r = ctx.fast_redis if fast else ctx.redis
     try:
         try:
-            return _command(ctx, ("EVALSHA", lua.sha, numkeys, *keys_and_args))
+            return _command(ctx, r, ("EVALSHA", lua.sha, numkeys, *keys_and_args))
         except NoScriptError:  # a restarted Redis forgot it; EVAL caches it again
-            return _command(ctx, ("EVAL", lua.body, numkeys, *keys_and_args))
+            return _command(ctx, r, ("EVAL", lua.body, numkeys, *keys_and_args))
     except (redis.ConnectionError, redis.TimeoutError):
         # redis_errors translates it; entered only on failure, because a generator
         # context manager costs ~2 us a call, and a lock cycle is two calls
@@ -60,24 +62,25 @@ class _Line:
 _LINES = threading.Lock()
 
 
-def _line(ctx: Context) -> _Line:
-    r, pid = ctx.redis, os.getpid()
-    line: _Line | None = ctx.__dict__.get("_lock_line")
+def _line(ctx: Context, r: redis.Redis | None = None) -> _Line:
+    r, pid = r if r is not None else ctx.redis, os.getpid()
+    slot = "_lock_line" if r is ctx.redis else "_fast_line"
+    line: _Line | None = ctx.__dict__.get(slot)
     if line is not None and line.client is r and line.pid == pid:
         return line
     with _LINES:
-        line = ctx.__dict__.get("_lock_line")
+        line = ctx.__dict__.get(slot)
         if line is None or line.client is not r or line.pid != pid:
             if line is not None and line.pid == pid:  # the context got another client
                 with line.lock:
                     line.client.connection_pool.release(line.conn)
             # after a fork the parent's connection is left alone: its pool resets itself
             line = _Line(client=r, pid=pid, conn=r.connection_pool.get_connection())
-            ctx.__dict__["_lock_line"] = line
+            ctx.__dict__[slot] = line
     return line
 
 
-def _command(ctx: Context, args: tuple[Any, ...]) -> Any:
+def _command(ctx: Context, r: redis.Redis, args: tuple[Any, ...]) -> Any:
     """Send one command and read its reply on the context's line (one connection of the
     client's pool, kept), with the client's retry policy.
 
@@ -86,10 +89,9 @@ def _command(ctx: Context, args: tuple[Any, ...]) -> Any:
     plain Redis lock). EVAL replies have no response callback to apply. Threads of one
     context (a job and its heartbeat) take turns on the line.
     """
-    r = ctx.redis
     if r.connection is not None:  # a single-connection client: keep its own locking
         return r.execute_command(*args)
-    line = _line(ctx)
+    line = _line(ctx, r)
     conn = line.conn
     with line.lock:
         return conn.retry.call_with_retry(lambda: _send_read(conn, args),
