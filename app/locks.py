@@ -226,13 +226,13 @@ def acquire(ctx: Context, job: str, *, budget_ms: int, holder: str | None = None
     return _acquire(ctx, job, budget_ms=budget_ms, holder=holder or default_holder())[0]
 
 
-def _acquire(ctx: Context, job: str, *, budget_ms: int, holder: str
+def _acquire(ctx: Context, job: str, *, budget_ms: int, holder: str, token: str | None = None
              ) -> tuple[str | None, str]:
     """(token, "") when taken, else (None, the holder's entry)."""
     budget = int(budget_ms)
     s = ctx.settings
     lock_ttl = budget + s.lock_grace_ms
-    token = os.urandom(16).hex()
+    token = token or os.urandom(16).hex()
     now_ms = to_ms(ctx.clock())
     other = run_script(ctx, _ACQUIRE, 2, _lock_key(ctx, job), _registry(ctx), token,
                   _entry(job, holder, now_ms, budget), lock_ttl,
@@ -263,6 +263,18 @@ def extend(ctx: Context, job: str, token: str, *, budget_ms: int | None = None) 
 def beat(ctx: Context, job: str, token: str) -> bool:
     """The holder's heartbeat: keeps the lock alive; False if it is no longer ours."""
     return extend(ctx, job, token)
+
+
+def keep(ctx: Context, job: str, token: str, *, budget_ms: int, holder: str) -> str:
+    """The heartbeat of a lock held for a process's life (the beat leader's): ``"held"``
+    when extended; ``"retaken"`` when its key had vanished (Redis restarted empty, or it
+    lapsed in an outage) and this holder took it again with the same token; ``"lost"`` only
+    when another holder has it. Raises ``RedisUnavailable`` when Redis cannot be reached.
+    """
+    if extend(ctx, job, token):
+        return "held"
+    got, _ = _acquire(ctx, job, budget_ms=budget_ms, holder=holder, token=token)
+    return "retaken" if got else "lost"
 
 
 def release(ctx: Context, job: str, token: str) -> bool:

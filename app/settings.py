@@ -94,6 +94,12 @@ class Settings(BaseSettings):
     up_ready_timeout_s: float = 60.0
     up_stop_grace_s: float = 15.0
     # --- end of issue 4 block ------------------------------------------------------------
+    # `autonomy up` restarts a child that exits: after first..max s (doubling while it keeps
+    # dying within min_uptime of its start); that many quick deaths in a row stop the stack
+    up_restart_backoff_first_s: float = Field(default=1.0, gt=0)
+    up_restart_backoff_max_s: float = Field(default=30.0, gt=0)
+    up_child_min_uptime_s: float = Field(default=10.0, ge=0)
+    up_child_max_quick_deaths: int = Field(default=5, ge=1)
 
     @field_validator("redis_prefix")
     @classmethod

@@ -4,7 +4,9 @@ Applies the migrations, settles on a Redis (``app.up_redis``: the configured one
 already listening locally, or an embedded ``redis-server`` it starts), then runs the API,
 a Celery worker, beat and Flower (and, with ``--demo``, the demo's lane workers) as child
 processes with the effective ``REDIS_URL`` / ``DATABASE_URL`` in their environment. Their
-output is prefixed with their name. On SIGINT/SIGTERM every child's process group is
+output is prefixed with their name. A child that exits once the stack is ready is started
+again after a backoff (1 s doubling, said in one line); only a child that keeps dying at
+startup stops the stack. On SIGINT/SIGTERM every child's process group is
 terminated, waited for, and killed after a grace period, so nothing is left behind; the
 embedded Redis stops last, after the processes that use it.
 """
@@ -40,6 +42,11 @@ class Child:
     critical: bool = True
     proc: subprocess.Popen[str] | None = None
     reader: threading.Thread | None = field(default=None, repr=False)
+    env: dict[str, str] | None = field(default=None, repr=False)
+    started_at: float = 0.0  # time.monotonic() of its last start
+    quick_deaths: int = 0  # exits in a row within up_child_min_uptime_s of starting
+    restarts: int = 0
+    restart_at: float | None = None  # when a restart is due (after its backoff)
 
 
 class Supervisor:
@@ -65,15 +72,18 @@ class Supervisor:
             self.out.flush()
 
     def _pump(self, name: str, stream: IO[str]) -> None:
-        for line in stream:
-            with self._lock:
-                self.out.write(f"{name:>14} | {line.rstrip()}\n")
-                self.out.flush()
+        with stream:  # closed at EOF: a restarted child gets a new pipe
+            for line in stream:
+                with self._lock:
+                    self.out.write(f"{name:>14} | {line.rstrip()}\n")
+                    self.out.flush()
 
     # --- the run ------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Run until SIGINT/SIGTERM (exit 0) or until a critical child dies (exit 1)."""
+        """Run until SIGINT/SIGTERM (exit 0), or exit 1 when a child dies before the stack
+        is ready, keeps dying right after each restart, or the embedded Redis dies. Once
+        ready, a child that exits is restarted with backoff, said in one line."""
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             return self._run()
@@ -166,11 +176,16 @@ class Supervisor:
         self.say(f"demo     lanes {', '.join(answer.get('lanes', []))} seeded ({made or 'full'})")
 
     def _start(self, child: Child, env: dict[str, str]) -> None:
-        child.proc = subprocess.Popen(child.argv, env=env, stdout=subprocess.PIPE,
+        child.env = env
+        self._spawn(child)
+        self.children.append(child)
+
+    def _spawn(self, child: Child) -> None:
+        child.proc = subprocess.Popen(child.argv, env=child.env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       text=True, errors="replace", bufsize=1,
                                       start_new_session=True)
-        self.children.append(child)
+        child.started_at = time.monotonic()
         self._read(child)
 
     def _read(self, child: Child) -> None:
@@ -212,29 +227,61 @@ class Supervisor:
             time.sleep(POLL_S)
         return True
 
-    def _dead(self) -> Child | None:
-        for child in [*self.children, *([self.redis_child] if self.redis_child else [])]:
+    def _dead(self, *, children: bool = True) -> Child | None:
+        for child in [*(self.children if children else []),
+                      *([self.redis_child] if self.redis_child else [])]:
             if child.critical and child.proc is not None and child.proc.poll() is not None:
                 return child
         return None
 
     def _watch(self) -> int:
-        gone: set[str] = set()
+        """Restart a child that exits (with backoff, said in one line) until a signal;
+        a child that keeps dying right after it starts stops everything (exit 1)."""
         while self.stop_signal is None:
-            dead = self._dead()
-            if dead is not None:
+            for child in self.children:
+                if child.proc is None or child.proc.poll() is None:
+                    continue
+                if child.restart_at is None:
+                    if not self._schedule_restart(child):
+                        return 1
+                elif time.monotonic() >= child.restart_at:
+                    child.restart_at = None
+                    child.restarts += 1
+                    if child.reader is not None:
+                        child.reader.join(timeout=2)
+                    self._spawn(child)
+            dead = self._dead(children=False)
+            if dead is not None:  # the embedded Redis: the others cannot work without it
                 assert dead.proc is not None
                 self.say(f"error: {dead.name} exited with code {dead.proc.returncode}; "
                          "stopping everything")
                 return 1
-            for child in self.children:
-                if not child.critical and child.name not in gone and child.proc is not None \
-                        and child.proc.poll() is not None:
-                    gone.add(child.name)
-                    self.say(f"{child.name} exited with code {child.proc.returncode}")
             time.sleep(POLL_S)
         self.say(f"{signal.Signals(self.stop_signal).name}: stopping")
         return 0
+
+    def _schedule_restart(self, child: Child) -> bool:
+        """Say that ``child`` exited and when it restarts; False when it keeps dying at
+        startup (``up_child_max_quick_deaths`` exits in a row, each within
+        ``up_child_min_uptime_s`` of its start)."""
+        s = self.settings
+        assert child.proc is not None
+        code = child.proc.returncode
+        if time.monotonic() - child.started_at < s.up_child_min_uptime_s:
+            child.quick_deaths += 1
+        else:
+            child.quick_deaths = 0
+        if child.quick_deaths >= s.up_child_max_quick_deaths:
+            self.say(f"error: {child.name} keeps dying at startup (exit code {code}, "
+                     f"{child.quick_deaths} times in a row within "
+                     f"{s.up_child_min_uptime_s:g}s of starting); stopping everything")
+            return False
+        delay = min(s.up_restart_backoff_max_s,
+                    s.up_restart_backoff_first_s * 2 ** max(0, child.quick_deaths - 1))
+        child.restart_at = time.monotonic() + delay
+        self.say(f"{child.name} exited with code {code}; restarting it in {delay:g}s "
+                 f"(restart {child.restarts + 1})")
+        return True
 
     # --- stopping ------------------------------------------------------------------------
 
