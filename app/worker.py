@@ -16,7 +16,10 @@ capped backoff, said once per episode; an empty lane is polled with a short back
 (the event, or SIGTERM/SIGINT when ``run`` installs handlers) stops claiming; the running
 task finishes. A handler that is interrupted (``KeyboardInterrupt``, ``SystemExit``) or
 raises ``ReleaseTask`` gives its lease back, so the task is never left in progress until
-its lease expires.
+its lease expires. An outcome that cannot be reported (the service is down) is retried,
+heartbeating, until the lease runs out, then kept: if a claim brings the task back to
+this worker, the kept outcome is reported and the task is not run again (SPEC 4.7). A
+complete refused because the lease was superseded is logged "outcome refused".
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ __all__ = ["Job", "JobHandler", "LaneWorker", "ReleaseTask", "ValidationFailed",
 
 Say = Callable[[str], None]
 _LOST = (StaleLease, NotInProgress, TaskNotFound)  # the lease is gone for good
+KEPT_MAX = 256  # outcomes kept for tasks whose lease ran out before they were reported
 
 
 def say_stderr(line: str) -> None:
@@ -92,6 +96,9 @@ class LaneWorker:
         self.say = say or say_stderr
         self.stats = WorkerStats()
         self._waiting_on: str | None = None  # the code we are waiting out, said once
+        # outcomes that could not be reported before their lease ran out (SPEC 4.7), by
+        # task id: reported, not run again, if this worker gets the task back
+        self._kept: dict[int, tuple[str, str | None, dict[str, Any] | None]] = {}
 
     def close(self) -> None:
         """Close the client if this worker built it."""
@@ -162,6 +169,12 @@ class LaneWorker:
 
     def work(self, job: Job) -> None:
         """Run the handler on a claimed task under a heartbeat, then record the outcome."""
+        kept = self._kept.pop(job.task_id, None)
+        if kept is not None:  # it already ran here: report what it answered, never rerun
+            self._log(f"task {job.task_id}: back under this worker's lease; reporting the "
+                      "outcome it already has instead of running it again")
+            self._report(job, kept)
+            return
         if job.stopping.is_set():  # a stop arrived while the claim was on its way
             self._release(job, "stopping before the task started")
             return
@@ -182,6 +195,10 @@ class LaneWorker:
             self.stats.lost += 1
             self._log(f"task {job.task_id}: lease lost while working; outcome dropped")
             return
+        self._report(job, outcome)
+
+    def _report(self, job: Job, outcome: tuple[str, str | None, dict[str, Any] | None]
+                ) -> None:
         kind, value, result = outcome
         if kind == "release":
             self._release(job, value or "handler asked")
@@ -243,7 +260,8 @@ class LaneWorker:
             reason = (reason or "failed").strip()[: s.reason_max_len] or "failed"
         try:
             answer = self._retrying(lambda: self.client.complete(
-                job.task_id, job.lease_token, outcome=outcome, reason=reason, result=result))
+                job.task_id, job.lease_token, outcome=outcome, reason=reason, result=result),
+                job=job)
         except InvalidInput as e:  # e.g. an unserialisable result: still close the task
             if outcome == "success":
                 return self._complete(job, "failure", f"invalid result: {e.message}", None)
@@ -255,7 +273,8 @@ class LaneWorker:
             self.stats.lost += 1
             self._log(f"task {job.task_id}: outcome refused ({e.code}): {e.message}")
             return
-        if answer is None:
+        if answer is None:  # its lease ran out first: keep it for a claim that brings it back
+            self._keep(job, (outcome, reason, result))
             return
         if outcome == "success":
             self.stats.succeeded += 1
@@ -281,11 +300,22 @@ class LaneWorker:
             self.stats.released += 1
             self._log(f"task {job.task_id}: lease released ({why})")
 
-    def _retrying(self, fn: Callable[[], dict[str, Any]], *, for_s: float = 30.0
-                  ) -> dict[str, Any] | None:
-        """Retry through outages for a while; past that the lease expires and self-heal
-        requeues the task, so giving up loses nothing."""
-        backoff, deadline = Backoff(0.2, 5.0), time.monotonic() + for_s
+    def _keep(self, job: Job, outcome: tuple[str, str | None, dict[str, Any] | None]) -> None:
+        self._kept[job.task_id] = outcome
+        while len(self._kept) > KEPT_MAX:
+            del self._kept[next(iter(self._kept))]
+        self._log(f"task {job.task_id}: outcome kept ({outcome[0]}); reported, not run "
+                  "again, if the task comes back to this worker")
+
+    def _retrying(self, fn: Callable[[], dict[str, Any]], *, for_s: float = 30.0,
+                  job: Job | None = None) -> dict[str, Any] | None:
+        """Retry through outages; None when it gave up. With a ``job``, until its lease runs
+        out, heartbeating it between tries when the service answers (SPEC 4.7: the
+        outcome is not given up while the lease may still be ours; after, the caller keeps
+        it); without, for ``for_s`` (past that the lease expires and self-heal requeues
+        the task, so giving up loses nothing)."""
+        backoff, start = Backoff(0.2, 5.0), time.monotonic()
+        last_beat = start
         while True:
             try:
                 return fn()
@@ -295,10 +325,33 @@ class LaneWorker:
                 why = e.message
             except Exception as e:  # e.g. a database deadlock reported raw: retry it
                 why = f"{type(e).__name__}: {e}"
-            if time.monotonic() >= deadline:
-                self._log(f"giving up after {for_s:g}s: {why}")
+            now = time.monotonic()
+            left = self._lease_left_s(job) if job and job.lease_expires_at \
+                else for_s - (now - start)
+            if left <= 0:
+                self._log(f"giving up after {now - start:.0f}s: {why}")
                 return None
-            time.sleep(backoff.step())
+            if job is not None and now - last_beat >= self._beat_interval(job):
+                last_beat = now
+                self._beat_once(job)
+            time.sleep(min(backoff.step(), left))
+
+    def _lease_left_s(self, job: Job) -> float:
+        if not job.lease_expires_at:
+            return 0.0
+        try:
+            return (datetime.fromisoformat(job.lease_expires_at) - utcnow()).total_seconds()
+        except ValueError:
+            return 0.0
+
+    def _beat_once(self, job: Job) -> None:
+        """One heartbeat while an outcome waits to be reported (best effort)."""
+        try:
+            answer = self.client.heartbeat(job.task_id, job.lease_token)
+        except Exception:  # refused or down: the complete's own answer will say which
+            return
+        job.heartbeats += 1
+        job.lease_expires_at = answer.get("lease", {}).get("expiresAt")
 
 
 @contextmanager

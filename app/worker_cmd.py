@@ -7,15 +7,23 @@ object itself when stdout is one JSON object, else ``{"stdout": ...}``). Any oth
 a failure whose validation reason is the last non-empty line of stderr (else
 ``exit code N``). CMD runs in a process group of its own, so a timeout, a lost lease or an
 expired shutdown grace kills everything it started.
+
+CMD never outlives the worker (SPEC 4.7): it gets a parent-death signal (SIGKILL, via
+``prctl(PR_SET_PDEATHSIG)``), and a watchdog process -- one per worker process, in a
+session of its own, holding a pipe from the worker -- SIGKILLs every command group still
+running when that pipe closes, which is when the worker dies, even by SIGKILL (the
+command's children included, which a parent-death signal alone would leave behind).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -68,9 +76,17 @@ class CommandRunner(JobHandler):
         try:
             proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, env=self.task_env(job),
-                                    cwd=self.cwd, start_new_session=True)
+                                    cwd=self.cwd, start_new_session=True,
+                                    preexec_fn=_die_with_parent)
         except OSError as e:  # not found, not executable: the same failure every time
             raise ValidationFailed(f"cannot run {self.cmd[0]}: {e.strerror or e}") from e
+        _WATCHDOG.watch(proc.pid)
+        try:
+            return self._wait(job, proc)
+        finally:
+            _WATCHDOG.forget(proc.pid)
+
+    def _wait(self, job: Job, proc: subprocess.Popen[bytes]) -> dict[str, Any] | None:
         stdin: bytes | None = json.dumps(job.task).encode()
         started = time.monotonic()
         grace_until: float | None = None
@@ -152,6 +168,78 @@ class CommandRunner(JobHandler):
 
 def _size(obj: dict[str, Any]) -> int:
     return len(json.dumps(obj))
+
+
+_PR_SET_PDEATHSIG = 1
+try:  # looked up once here: the child between fork and exec should do as little as it can
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+except (OSError, AttributeError):
+    _PRCTL = None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the worker dies (Linux; elsewhere the
+    watchdog alone)."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
+# The watchdog: reads "+pgid"/"-pgid" lines; at EOF (the worker is gone) SIGKILLs every
+# group still listed. Ignores SIGINT/SIGTERM (a Ctrl-C meant for the worker's terminal).
+_WATCHDOG_SRC = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+groups = set()
+for line in sys.stdin:
+    try:
+        pgid = int(line[1:])
+    except ValueError:
+        continue
+    (groups.add if line[0] == "+" else groups.discard)(pgid)
+for pgid in groups:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+class _Watchdog:
+    """One watchdog process per worker process, started with the first command."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pid = 0
+
+    def _send(self, line: str) -> None:
+        with self._lock:
+            if self._proc is None or self._pid != os.getpid() or self._proc.poll() is not None:
+                try:
+                    self._proc = subprocess.Popen(
+                        [sys.executable, "-I", "-S", "-c", _WATCHDOG_SRC],
+                        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL, start_new_session=True)
+                    self._pid = os.getpid()
+                except OSError:
+                    self._proc = None
+                    return  # the parent-death signal still covers the command itself
+            assert self._proc.stdin is not None
+            try:
+                self._proc.stdin.write(line.encode())
+                self._proc.stdin.flush()
+            except OSError:
+                self._proc = None
+
+    def watch(self, pgid: int) -> None:
+        self._send(f"+{pgid}\n")
+
+    def forget(self, pgid: int) -> None:
+        self._send(f"-{pgid}\n")
+
+
+_WATCHDOG = _Watchdog()
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
