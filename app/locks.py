@@ -154,6 +154,19 @@ return pieces
 """)
 
 
+class RunLockLost(AutonomyError):
+    """Raised when a run's write is fenced: its run-lock was broken, expired or taken over
+    (SPEC 4.7), so what it was about to write is refused."""
+
+    code = "run_lock_lost"
+    http_status = 409
+
+    def __init__(self, job: str, what: str) -> None:
+        super().__init__(f"{job}: the run-lock was lost before {what} could be written; "
+                         "refused", job=job, refused=what)
+        self.job, self.what = job, what
+
+
 def _lock_key(ctx: Context, job: str) -> str:
     """``job``'s lock key, built once per context (a lock cycle names it twice)."""
     cache: dict[str, str] = ctx.__dict__.setdefault("_lock_keys", {})
@@ -248,6 +261,13 @@ def holder_of(ctx: Context, job: str) -> dict[str, Any] | None:
         return None
     holder, elapsed_ms = _held_by(ctx, cast(str, entry))  # the client decodes replies
     return {"holder": holder, "elapsedMs": elapsed_ms}
+
+
+def holds(ctx: Context, job: str, token: str) -> bool:
+    """Does ``token`` hold ``job``'s lock now? (The fence of a run's writes.) Raises
+    ``RedisUnavailable`` when Redis cannot be reached."""
+    with redis_errors(ctx.redis):
+        return bool(ctx.redis.hget(_lock_key(ctx, job), "token") == token)
 
 
 def extend(ctx: Context, job: str, token: str, *, budget_ms: int | None = None) -> bool:

@@ -107,7 +107,7 @@ def test_run_locks_are_visible_in_status_while_a_job_runs(ctx: Context, clock: F
 # --- 4.5 handoff health -------------------------------------------------------------------------
 
 
-def _boom(ctx: Context) -> dict[str, Any]:
+def _boom(ctx: Context, _fence: state.Fence) -> dict[str, Any]:
     raise RuntimeError("the status job fell over")
 
 

@@ -105,8 +105,9 @@ def step(counter: dict[str, Any], *, failing: bool, fail_threshold: int,
     return c
 
 
-def run_handoff(ctx: Context) -> dict[str, Any]:
-    """Observe the criteria, step their counters, write the handoff snapshot."""
+def run_handoff(ctx: Context, fence: state.Fence | None = None) -> dict[str, Any]:
+    """Observe the criteria, step their counters, write the handoff snapshot (only while
+    ``fence``'s run-lock is still held)."""
     s, now = ctx.settings, ctx.clock()
     with transaction(ctx.engine) as conn:
         states = runs.load_states(conn, now=now)
@@ -124,6 +125,8 @@ def run_handoff(ctx: Context) -> dict[str, Any]:
         valid = all(v["readable"] for v in live.values())
         snapshot = {"state": verdict, "snapshotValid": valid, "criteria": criteria,
                     "generatedAt": to_ms(now)}
+        if fence is not None:
+            fence.check("the handoff snapshot")
         state.write(conn, name=state.HANDOFF, data=snapshot, now=now)
     return {"ok": True, "state": verdict, "snapshotValid": valid, "criteria": criteria,
             "generatedAt": iso(now),

@@ -22,11 +22,11 @@ from app.context import Context
 from app.db import transaction
 from app.errors import AutonomyError, InvalidInput
 
-CHECKS: dict[str, Callable[[Context], dict[str, Any]]] = {
+CHECKS: dict[str, Callable[[Context, state.Fence], dict[str, Any]]] = {
     "handoff_health": handoff.run_handoff,
     "readiness": readiness.run_readiness,
     "self_heal": selfheal.run_self_heal,
-    "status": status.build_status,
+    "status": lambda ctx, _fence: status.build_status(ctx),  # writes nothing
 }
 assert set(runs.JOB_NAMES) == set(CHECKS), "beat_schedule.JOBS and CHECKS name the same jobs"
 JOB_NAMES = runs.JOB_NAMES
@@ -52,16 +52,23 @@ def run_job(ctx: Context, job: str, *, holder: str | None = None) -> dict[str, A
 
 def _run(ctx: Context, job: str, h: locks.Held) -> dict[str, Any]:
     started, t0 = ctx.clock(), time.monotonic()
+    fence = state.Fence(ctx, h)
     try:
-        result = CHECKS[job](ctx)
-    except Exception as e:
-        _record_run(ctx, job, started=started, t0=t0, ok=False,
-                    error=e.code if isinstance(e, AutonomyError) else type(e).__name__,
-                    message=str(e)[:500], holder=h.holder)
+        try:
+            result = CHECKS[job](ctx, fence)
+        except locks.RunLockLost:
+            raise
+        except Exception as e:
+            _record_run(ctx, job, fence, started=started, t0=t0, ok=False,
+                        error=e.code if isinstance(e, AutonomyError) else type(e).__name__,
+                        message=str(e)[:500], holder=h.holder)
+            raise
+        _hold_for_min_runtime(ctx, job, t0)
+        duration = _record_run(ctx, job, fence, started=started, t0=t0, ok=True, error=None,
+                               message=None, holder=h.holder)
+    except locks.RunLockLost as e:
+        _record_fenced(ctx, e, holder=h.holder)
         raise
-    _hold_for_min_runtime(ctx, job, t0)
-    duration = _record_run(ctx, job, started=started, t0=t0, ok=True, error=None,
-                           message=None, holder=h.holder)
     return {**result, "job": job, "durationMs": duration, "lockLost": h.lost}
 
 
@@ -74,15 +81,24 @@ def _hold_for_min_runtime(ctx: Context, job: str, t0: float) -> None:
         time.sleep(left_s)
 
 
-def _record_run(ctx: Context, job: str, *, started: datetime, t0: float, ok: bool,
-                error: str | None, message: str | None, holder: str) -> int:
+def _record_run(ctx: Context, job: str, fence: state.Fence, *, started: datetime, t0: float,
+                ok: bool, error: str | None, message: str | None, holder: str) -> int:
     duration = int((time.monotonic() - t0) * 1000)
     now = ctx.clock()
     with transaction(ctx.engine) as conn:
+        fence.check("the run's record")
         state.write(conn, name=state.job_state_name(job), now=now, data={
             "lastStartedAt": to_ms(started), "lastRunAt": to_ms(now), "durationMs": duration,
             "ok": ok, "error": error, "message": message, "holder": holder})
     return duration
+
+
+def _record_fenced(ctx: Context, e: locks.RunLockLost, *, holder: str) -> None:
+    """The refused write is an event (SPEC 4.7): which job, which holder, what."""
+    with transaction(ctx.engine) as conn:
+        store.insert_event(conn, kind="run_lock_fenced", at=ctx.clock(), actor=e.job,
+                           reason=e.code, data={"job": e.job, "holder": holder,
+                                                "refused": e.what})
 
 
 def _record_skip(ctx: Context, job: str, e: locks.AlreadyRunning) -> None:

@@ -34,8 +34,9 @@ def _shape(d: Any) -> str | None:
     return None
 
 
-def run_readiness(ctx: Context) -> dict[str, Any]:
-    """Observe the stall and the ops incident, step their trackers, write the state."""
+def run_readiness(ctx: Context, fence: state.Fence | None = None) -> dict[str, Any]:
+    """Observe the stall and the ops incident, step their trackers, write the state (only
+    while ``fence``'s run-lock is still held)."""
     s, now = ctx.settings, ctx.clock()
     now_ms = to_ms(now)
     with transaction(ctx.engine) as conn:
@@ -68,6 +69,8 @@ def run_readiness(ctx: Context) -> dict[str, Any]:
                 "opsIssue": ops_issue, "opsIssueConsecutive": ops_consecutive,
                 "sustainedOpsFailure": sustained_ops, "handoffState": ho["state"],
                 "handoffStale": ho["stale"]}
+        if fence is not None:
+            fence.check("the readiness state")
         state.write(conn, name=state.READINESS, data=data, now=now)
     return {"ok": True, **_wire(data, now=now), "generatedAt": iso(now),
             "stallSeconds": int(stall_s), "opsIncident": inc["status"],

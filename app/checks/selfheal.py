@@ -18,15 +18,20 @@ from app.db import transaction
 ACTOR = "self_heal"
 
 
-def run_self_heal(ctx: Context) -> dict[str, Any]:
-    """Requeue expired leases, break dead holders' run-locks; answers the summary."""
+def run_self_heal(ctx: Context, fence: state.Fence | None = None) -> dict[str, Any]:
+    """Requeue expired leases, break dead holders' run-locks; answers the summary. Each
+    side effect and the summary happen only while ``fence``'s run-lock is still held."""
     now = ctx.clock()
     with transaction(ctx.engine) as conn:
+        if fence is not None:
+            fence.check("the requeue of expired leases")
         rows = store.requeue_expired(conn, now=now)
         lanes.requeue_events(conn, rows, now=now, actor=ACTOR)
     for r in rows:  # the Redis lease cache forgets them (best effort; the DB decided)
         leases.drop(ctx, assignee=r["assignee"], worker=r["claimed_by"], task_id=r["id"],
                     token=r["lease_token"])
+    if fence is not None:
+        fence.check("the release of dead run-locks")
     broken = locks.break_dead_locks(ctx)
     running = locks.collect_run_locks(ctx)
     summary = {"requeued": [r["id"] for r in rows],
@@ -34,6 +39,8 @@ def run_self_heal(ctx: Context) -> dict[str, Any]:
                                  for b in broken],
                "runningLocks": running}
     with transaction(ctx.engine) as conn:
+        if fence is not None:
+            fence.check("the self-heal summary")
         state.write(conn, name=state.SELF_HEAL, now=now,
                     data={**summary, "ranAt": to_ms(now)})
         store.insert_events(conn, rows=[

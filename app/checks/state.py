@@ -19,10 +19,11 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from app import store, validate
+from app import locks, store, validate
 from app.clock import iso
 from app.context import Context
 from app.db import transaction
+from app.errors import RedisUnavailable
 from app.models import IncidentStatus
 
 # a state written a little ahead of this host's clock is another host's skew, not a lie
@@ -89,6 +90,27 @@ def check_row(row: Any, *, now: datetime, shape: Shape | None) -> Read:
     if problem:
         return Read(None, written, f"invalid_shape: {problem}")
     return Read(data, written, None)
+
+
+@dataclass
+class Fence:
+    """A check run's run-lock, as the guard of its writes (SPEC 4.7): ``check(what)``
+    right before a state write or a side effect, inside its transaction, raises
+    ``RunLockLost`` unless the run's token still holds the lock (or Redis cannot say)."""
+
+    ctx: Context
+    held: locks.Held
+
+    def check(self, what: str) -> None:
+        ok = not self.held.lost
+        if ok:
+            try:
+                ok = locks.holds(self.ctx, self.held.job, self.held.token)
+            except RedisUnavailable:
+                ok = False  # cannot tell: never write on a lock that may be another's
+        if not ok:
+            self.held.lost = True
+            raise locks.RunLockLost(self.held.job, what)
 
 
 def write(conn: Connection, *, name: str, data: Mapping[str, Any], now: datetime) -> None:
