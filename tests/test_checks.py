@@ -327,3 +327,32 @@ def test_check_state_is_written_with_its_time(ctx: Context, clock: FrozenClock) 
 def test_an_unknown_job_is_refused(ctx: Context) -> None:
     with pytest.raises(InvalidInput):
         jobs.run_job(ctx, "rm_rf")
+
+
+@pytest.mark.parametrize(("raw", "error"), CORRUPT)
+def test_a_corrupt_snapshot_never_turns_a_failing_criterion_go(
+        ctx: Context, clock: FrozenClock, monkeypatch: pytest.MonkeyPatch, raw: str,
+        error: str) -> None:
+    """SPEC 4.7: NO_GO, then the snapshot is corrupted while the failure goes on. Before:
+    the counters started from zero and the next run answered GO, with no trace. Now: NO_GO
+    at once, and status and the audit trail say the state was recovered until a run
+    completes on valid state."""
+    monkeypatch.setitem(jobs.CHECKS, "status", _boom)
+    with pytest.raises(RuntimeError):
+        jobs.run_job(ctx, "status")
+    handoff.run_handoff(ctx)
+    assert handoff.run_handoff(ctx)["state"] == "NO_GO"
+    _write_raw(ctx, state.HANDOFF, raw)
+    clock.advance(minutes=1)
+    after = handoff.run_handoff(ctx)
+    assert after["state"] == "NO_GO" and after["criteria"]["cron"]["noGo"] is True
+    assert after["previousStateError"].startswith(error) and after["stateRecoveredAt"]
+    shown = _status(ctx)["handoff"]
+    assert shown["state"] == "NO_GO" and shown["stateError"].startswith(error)
+    assert shown["stateRecoveredAt"] == after["stateRecoveredAt"]
+    with transaction(ctx.engine, write=False) as conn:
+        [ev] = store.list_events(conn, kind="check_state_recovered")
+    assert ev["reason"].startswith(error) and ev["data"]["verdict"] == "NO_GO"
+    clock.advance(minutes=1)
+    handoff.run_handoff(ctx)  # a run on valid state: the trace is no longer current
+    assert _status(ctx)["handoff"]["stateRecoveredAt"] is None

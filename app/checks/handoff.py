@@ -11,6 +11,11 @@ A criterion turns the result ``NO_GO`` only after ``handoff_fail_threshold`` con
 failing runs, and turns back only after ``recovery_threshold`` consecutive passing runs:
 hysteresis both ways, every counter in the snapshot. A signal that cannot be read counts
 as failing (never silently healthy) and marks the snapshot ``snapshotValid: false``.
+
+A previous snapshot that cannot be read (corrupt, SPEC 4.7) gives no hysteresis credit: a
+failing criterion is ``NO_GO`` at once. The snapshot that run writes carries
+``stateRecoveredAt`` and ``stateError`` (status shows them), and a
+``check_state_recovered`` event is left, until a later run completes on valid state.
 """
 
 from __future__ import annotations
@@ -114,23 +119,33 @@ def run_handoff(ctx: Context, fence: state.Fence | None = None) -> dict[str, Any
         prev = states.get(state.HANDOFF, _snapshot_shape)
         live = live_signals(conn, ctx, states)
         counters = _counters(prev.data)
+        corrupt = prev.error not in (None, "missing")
         criteria = {}
         for name in CRITERIA:
             c = step(counters[name], failing=live[name]["failing"],
                      fail_threshold=s.handoff_fail_threshold,
                      recovery_threshold=s.recovery_threshold)
+            if corrupt and live[name]["failing"]:
+                c["noGo"] = True  # its past is unknown: no credit, NO_GO at once
             criteria[name] = {**c, "failing": live[name]["failing"],
                               "detail": live[name]["detail"]}
         verdict = NO_GO if any(c["noGo"] for c in criteria.values()) else GO
         valid = all(v["readable"] for v in live.values())
-        snapshot = {"state": verdict, "snapshotValid": valid, "criteria": criteria,
-                    "generatedAt": to_ms(now)}
+        snapshot: dict[str, Any] = {"state": verdict, "snapshotValid": valid,
+                                    "criteria": criteria, "generatedAt": to_ms(now)}
+        if corrupt:
+            snapshot.update(stateRecoveredAt=to_ms(now), stateError=prev.error)
         if fence is not None:
             fence.check("the handoff snapshot")
         state.write(conn, name=state.HANDOFF, data=snapshot, now=now)
+        if corrupt:
+            store.insert_event(conn, kind="check_state_recovered", at=now,
+                               actor="handoff_health", reason=str(prev.error)[:200],
+                               data={"state": state.HANDOFF, "error": prev.error,
+                                     "verdict": verdict})
     return {"ok": True, "state": verdict, "snapshotValid": valid, "criteria": criteria,
-            "generatedAt": iso(now),
-            "previousStateError": None if prev.error in (None, "missing") else prev.error}
+            "generatedAt": iso(now), "previousStateError": prev.error if corrupt else None,
+            "stateRecoveredAt": iso(from_ms(to_ms(now))) if corrupt else None}
 
 
 def _snapshot_shape(d: Any) -> str | None:
@@ -151,9 +166,14 @@ def snapshot_view(conn: Connection, ctx: Context, states: state.States) -> dict[
     r = states.get(state.HANDOFF, _snapshot_shape)
     out: dict[str, Any] = {"state": None, "snapshotValid": None, "stale": False,
                            "generatedAt": iso(r.written_at), "ageMs": None,
-                           "error": r.error, "criteria": {}}
+                           "error": r.error, "criteria": {}, "stateRecoveredAt": None,
+                           "stateError": None}
     if r.data is None:
         return out
+    recovered = r.data.get("stateRecoveredAt")
+    if isinstance(recovered, int):  # the run before started again from corrupt state
+        out.update(stateRecoveredAt=iso(from_ms(recovered)),
+                   stateError=str(r.data.get("stateError")))
     age_s = r.age_s(now) or 0.0
     out.update(state=r.data["state"], snapshotValid=r.data["snapshotValid"],
                criteria=r.data["criteria"], ageMs=int(age_s * 1000),
