@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from app import locks, redis_scripts
 from app.clock import FrozenClock
-from app.context import Context
 from app.errors import RedisUnavailable
+from app.storage import locks, redis_scripts
+from app.storage.context import Context
 from tests.conftest import make_settings
 from tests.servers import free_port
 
@@ -322,8 +322,8 @@ def test_many_processes_starting_the_same_job_at_once_run_it_exactly_once(
 
 _HOLDER = """
 import sys, time
-from app import locks
-from app.context import Context
+from app.storage import locks
+from app.storage.context import Context
 from tests.conftest import make_settings
 db, url, prefix, job, budget = sys.argv[1:6]
 ctx = Context.from_settings(make_settings(db, url, prefix, lock_heartbeat_interval_ms=100,
