@@ -9,7 +9,6 @@ from app import leases, store, validate, wire
 from app.clock import iso
 from app.context import Context
 from app.db import transaction
-from app.errors import InvalidInput
 
 
 def pause_lane(ctx: Context, *, assignee: str, reason: str | None = None,
@@ -64,9 +63,7 @@ def configure_lane(ctx: Context, *, assignee: str, max_in_flight: Any,
     """Set how many live leases a lane allows at once."""
     s = ctx.settings
     a = validate.assignee(assignee, s)
-    if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) \
-            or not 1 <= max_in_flight <= 10_000:
-        raise InvalidInput("maxInFlight must be an integer from 1 to 10000")
+    max_in_flight = validate.max_in_flight(max_in_flight)
     now = ctx.clock()
     with transaction(ctx.engine) as conn:
         store.ensure_lane(conn, assignee=a, now=now, max_in_flight=max_in_flight)
@@ -81,6 +78,4 @@ def configure_lane(ctx: Context, *, assignee: str, max_in_flight: Any,
 
 
 def _actor(actor: Any, s: Any) -> str:
-    if actor is None:
-        return "unknown"
-    return validate.worker(actor, s)
+    return validate.actor(actor, s) or "unknown"
