@@ -82,7 +82,7 @@ def dispatch(ctx: Context, request: Mapping[str, Any]) -> dict[str, Any]:
         raise InvalidInput("the request must be a JSON object with an 'action'")
     for name, value in request.items():
         validate.storable(name, "request")
-        validate.storable(value, str(name), max_depth=ctx.settings.json_max_depth + 1)
+        validate.storable(value, str(name), max_depth=2 * ctx.settings.json_max_depth + 2)
     action = request.get("action")
     fn = ACTIONS.get(action) if isinstance(action, str) else None
     if fn is None:

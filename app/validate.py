@@ -122,7 +122,8 @@ def text_problem(text: str) -> str | None:
     return None
 
 
-def storable(value: Any, field: str, *, max_depth: int | None = None) -> None:
+def storable(value: Any, field: str, *, max_depth: int | None = None,
+             too_deep: type[InvalidInput] = InvalidInput) -> None:
     """Refuse (``invalid_input`` naming the field) any string in ``value`` -- a key or a
     value at any depth -- that cannot be stored and answered, and nesting deeper than
     ``max_depth``. Iterative, so no input can exhaust the stack."""
@@ -135,8 +136,8 @@ def storable(value: Any, field: str, *, max_depth: int | None = None) -> None:
                 raise InvalidInput(f"{where} {why}", field=where)
         elif isinstance(v, dict | list | tuple):
             if max_depth is not None and depth >= max_depth:
-                raise InvalidInput(f"{field} nests deeper than {max_depth} levels",
-                                   field=field)
+                raise too_deep(f"{field} nests deeper than {max_depth} levels",
+                               field=field)
             items = v.items() if isinstance(v, dict) else enumerate(v)
             for k, x in items:
                 key = f"{where}.{k}" if isinstance(k, str) else f"{where}[{k}]"
@@ -213,7 +214,7 @@ def json_object(value: Any, s: Settings, *, field: str = "payload",
                                  field=field) from None
     if not isinstance(value, dict):
         raise InvalidPayload(f"{field} must be a JSON object", field=field)
-    storable(value, field, max_depth=s.json_max_depth)
+    storable(value, field, max_depth=s.json_max_depth, too_deep=InvalidPayload)
     try:
         size = len(json.dumps(value, allow_nan=False))
     except (TypeError, ValueError, RecursionError) as e:

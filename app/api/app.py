@@ -83,7 +83,7 @@ def create_app(settings: Settings | None = None, ctx: Context | None = None) -> 
 
     _add_error_handlers(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    app.add_middleware(Guard, settings=context.settings,  # type: ignore[arg-type]
+    app.add_middleware(Guard, settings=context.settings,
                        csp_for=lambda path: docs_csp if path == "/docs" else None)
     return app
 
@@ -91,8 +91,8 @@ def create_app(settings: Settings | None = None, ctx: Context | None = None) -> 
 def _docs_page(app: FastAPI) -> tuple[str, str]:
     """Swagger UI's page and its own CSP: its one inline script allowed by hash, its
     files from the CDN it loads them from; never framed."""
-    html = get_swagger_ui_html(openapi_url="/openapi.json",
-                               title=f"{app.title} - API docs").body.decode()
+    html = bytes(get_swagger_ui_html(openapi_url="/openapi.json",
+                                     title=f"{app.title} - API docs").body).decode()
     scripts = re.findall(r"<script>(.*?)</script>", html, flags=re.S)
     hashes = " ".join(
         f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'"

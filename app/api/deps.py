@@ -108,7 +108,7 @@ def body_object(body: Body, settings: Settings) -> dict[str, Any]:
         raise InvalidInput("the request must be a JSON object with an 'action'")
     for name, value in body.value.items():
         validate.storable(name, "request")
-        validate.storable(value, str(name), max_depth=settings.json_max_depth + 1)
+        validate.storable(value, str(name), max_depth=2 * settings.json_max_depth + 2)
     return body.value
 
 

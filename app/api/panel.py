@@ -113,7 +113,7 @@ def meter_step(pct: Any) -> int:
     """A meter's fill as a multiple of 5 (0..100): the ``w<N>`` class in panel.css (the
     CSP allows no inline style)."""
     try:
-        return max(0, min(100, int(round(float(pct) / 5)) * 5))
+        return max(0, min(100, round(float(pct) / 5) * 5))
     except (TypeError, ValueError):
         return 0
 

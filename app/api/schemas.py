@@ -105,9 +105,9 @@ def _build(t: validate.Types) -> RequestSchema:
     ]
     models = tuple(
         create_model(name, __base__=_Request, __doc__=doc,
-                     action=(Literal[action], ...), **fields)  # type: ignore[call-overload]
+                     action=_req(Literal[action], "The action."), **fields)
         for name, doc, action, fields in specs)
-    union = Annotated[tuple_union(models), Field(discriminator="action")]  # type: ignore[valid-type]
+    union: Any = Annotated[tuple_union(models), Field(discriminator="action")]
     return RequestSchema(models, union, TypeAdapter(union))
 
 
