@@ -13,7 +13,6 @@ import os
 import sys
 from typing import Any
 
-import click
 import typer
 
 from app import ops
@@ -203,9 +202,22 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _load_extensions()
     try:
-        app()
+        code = app(standalone_mode=False)
     except SystemExit:
         raise
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except _USAGE_ERROR as e:
+        usage: Any = e
+        if type(e).__name__ == "NoArgsIsHelpError":
+            typer.echo(usage.format_message(), err=True)
+            sys.exit(2)
+        if usage.ctx is not None:
+            typer.echo(usage.ctx.get_usage(), err=True)
+        _die(InvalidInput(usage.format_message()))
     except AutonomyError as e:
         _die(e)
     except RecursionError:
@@ -215,12 +227,18 @@ def main() -> None:
             raise
         _die(AutonomyError(f"unexpected {type(e).__name__}: {str(e)[:300]}; "
                            "set AUTONOMY_DEBUG=1 for the traceback"))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+# the command-line parser's usage error (typer ships its own click)
+_USAGE_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__
+                                     if c.__name__ == "UsageError")
 
 
 def _die(err: AutonomyError) -> None:
     try:
         fail(err, want_json(None))
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
 
 
