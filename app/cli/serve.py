@@ -45,6 +45,8 @@ def serve(
     if why is not None:
         typer.echo(f"error: {why}", err=True)
         raise typer.Exit(2)
+    # the bind address is one of the Host names the server answers to (SPEC 4.8)
+    settings = settings.model_copy(update={"api_host": h})
     uvicorn.run(create_app(settings), host=h, port=p, access_log=access_log,
                 log_level="info", ws="none", lifespan="on")
 
