@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from app import beat_guard, locks
-from app.context import Context
+from app.storage import beat_guard, locks
+from app.storage.context import Context
 from tests.conftest import make_settings
 from tests.servers import ThrowawayRedis
 

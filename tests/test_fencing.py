@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 
-from app import lanes, locks, store
-from app.checks import handoff, jobs, selfheal, state
 from app.clock import FrozenClock
-from app.context import Context
-from app.db import transaction
+from app.ops import lanes
+from app.ops.checks import handoff, jobs, selfheal, state
+from app.storage import locks, store
+from app.storage.context import Context
+from app.storage.db import transaction
 
 
 def _steal(ctx: Context, job: str) -> None:

@@ -14,14 +14,16 @@ from typing import Any
 
 import pytest
 
-from app import lane_control, lanes, ops, store
+from app import ops
 from app.api import metrics
-from app.client import LocalClient
 from app.clock import FrozenClock
-from app.context import Context
-from app.db import transaction
-from app.redis_conn import RedisHealth
-from app.worker import LaneWorker
+from app.ops import lane_control, lanes
+from app.storage import store
+from app.storage.context import Context
+from app.storage.db import transaction
+from app.storage.redis_conn import RedisHealth
+from app.workers.client import LocalClient
+from app.workers.lane_worker import LaneWorker
 from tests.conftest import make_settings
 from tests.servers import ThrowawayRedis
 

@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from app.local.up import Child, Supervisor
 from app.settings import Settings
-from app.up import Child, Supervisor
 from tests.servers import free_port
 
 SERVE = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1"]

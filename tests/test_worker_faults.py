@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 
-from app import lanes, store
-from app.client import Client, LocalClient
-from app.context import Context
-from app.db import transaction
 from app.errors import DatabaseUnavailable
-from app.worker import LaneWorker
+from app.ops import lanes
+from app.storage import store
+from app.storage.context import Context
+from app.storage.db import transaction
+from app.workers.client import Client, LocalClient
+from app.workers.lane_worker import LaneWorker
 from tests.conftest import make_settings
 
 REPO = Path(__file__).resolve().parent.parent
