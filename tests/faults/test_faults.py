@@ -1,0 +1,245 @@
+"""The fault suite (issue 9, SPEC 4.7): real faults injected into real processes.
+
+Per backend (SQLite, PostgreSQL) one stack (``stack.py``): a Redis and a database the
+suite owns, 8 ``autonomy worker`` processes on 4 lanes whose command appends its task id to
+a log, a Celery worker and two beats. Each fault gets a run of its own: a fresh batch of
+tasks, the fault injected once a quarter of them are done, then the batch drained and
+measured from the database, the event log and the command log. One table is printed (and
+written to ``test-output/faults-table.md``).
+
+Scaled to fit a small CI machine (settings, not code paths): ``FAULT_TASKS`` tasks per
+run (default 200, the issue's figure is 2,000 for the whole drain), leases of 6 s (50 s in
+the PostgreSQL-outage run, which stops the database for 40 s), run-lock heartbeats of
+0.5 s and a 2.5 s dead-after, beat sending every job every second.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from app.storage import db
+from tests.faults.stack import (
+    LANES,
+    MAX_IN_FLIGHT,
+    Postgres,
+    Row,
+    Stack,
+    measure,
+    table,
+    until,
+)
+
+pytestmark = pytest.mark.slow
+
+TASKS = int(os.environ.get("FAULT_TASKS", "200"))
+LEASE_S = 6.0
+PG_OUTAGE_S = 40.0
+PG_LEASE_S = 50.0
+ROWS: list[Row] = []
+OUT = Path(__file__).resolve().parents[2] / "test-output" / "faults-table.md"
+
+Inject = Callable[[Stack], tuple[tuple[datetime, datetime] | None, datetime, str]]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _run(stack: Stack, fault: str, inject: Inject, *, outage_label: str | None = None) -> Row:
+    ids = stack.seed(TASKS, fault)
+    until(f"{fault}: a quarter of the batch done",
+          lambda: stack.safe_done_count(ids) >= TASKS // 4, 180)
+    before = stack.beat_leader()
+    outage, fault_end, notes = inject(stack)
+    until(f"{fault}: the whole batch done", lambda: stack.safe_done_count(ids) == TASKS, 240)
+    until(f"{fault}: beat sends jobs again", lambda: stack.beat_sends_since(fault_end) >= 4, 90)
+    beats = [b for b in ("beat1", "beat2") if stack.procs[b].popen.poll() is None]
+    notes += f"; leader {before} -> {stack.beat_leader()}; beats alive: {len(beats)}/2"
+    row = measure(stack, fault, ids, outage=outage, fault_end=fault_end, notes=notes,
+                  outage_label=outage_label)
+    ROWS.append(row)
+    return row
+
+
+# --- the faults ----------------------------------------------------------------------------
+
+
+def redis_kill_restart(stack: Stack) -> tuple[tuple[datetime, datetime], datetime, str]:
+    """kill -9 Redis; 3 s later an empty one on the same port."""
+    t0 = _now()
+    stack.redis.kill()
+    time.sleep(3.0)  # the outage itself
+    stack.redis.restart()
+    t1 = _now()
+    took = until("a beat to lead again", lambda: stack.beat_leader() is not None, 60)
+    return (t0, t1), t1, f"outage 3 s; a beat leads {took:.1f}s after Redis is back"
+
+
+def redis_sigstop(stack: Stack) -> tuple[tuple[datetime, datetime], datetime, str]:
+    """SIGSTOP Redis past the lease TTL and the claim-reserve time, then SIGCONT."""
+    stall_s = LEASE_S + stack.ctx.settings.claim_reserve_ms / 1000 + 1
+    t0 = _now()
+    os.kill(stack.redis.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(stall_s)  # the stall itself
+    finally:
+        os.kill(stack.redis.proc.pid, signal.SIGCONT)
+    t1 = _now()
+    until("a beat to lead", lambda: stack.beat_leader() is not None, 60)
+    return (t0, t1), t1, f"stalled {stall_s:g} s"
+
+
+def kill_workers(stack: Stack) -> tuple[None, datetime, str]:
+    """kill -9 of 3 random lane workers (mid-task where they hold one); 3 new ones start."""
+    victims = random.sample(stack.workers(), 3)
+    for v in victims:
+        v.popen.kill()
+    for v in victims:
+        v.popen.wait(10)
+    for i, v in enumerate(victims):
+        lane = next(ln for ln in LANES if f"-{ln}-" in v.name)
+        stack.start_worker(f"{v.name}-r{i}", lane,
+                           ["sh", "-c", f'cat >/dev/null; echo "$AUTONOMY_TASK_ID '
+                                        f'$AUTONOMY_WORKER" >> {stack.cmd_log}'])
+    t = _now()
+    return None, t, "killed " + ", ".join(v.name for v in victims)
+
+
+def kill_beat_and_celery_child(stack: Stack) -> tuple[None, datetime, str]:
+    """kill -9 of the leading beat, and of the Celery pool process running a job."""
+    until("a beat to lead", lambda: stack.beat_leader() is not None, 60)
+    leader = stack.beat_leader()
+    assert leader is not None
+    until("a job holding its run-lock",
+          lambda: stack.lock_holder_pid("handoff_health") is not None, 60)
+    job_pid = stack.lock_holder_pid("handoff_health")
+    assert job_pid is not None
+    stack.procs[leader].popen.kill()
+    stack.procs[leader].popen.wait(10)
+    os.kill(job_pid, signal.SIGKILL)
+    t = _now()
+    other = "beat2" if leader == "beat1" else "beat1"
+    took = until(f"{other} to take over", lambda: stack.beat_leader() == other, 60)
+    stack.restart(leader)  # back as the standby: exactly one leads
+    until(f"{leader} to stand by", lambda: "stands by" in (stack.tmp / f"{leader}.log")
+          .read_text(errors="replace").split("beat lock taken by")[-1], 60)
+    assert stack.beat_leader() == other
+    return None, t, (f"killed {leader} and pool pid {job_pid} mid-job; {other} led after "
+                     f"{took:.1f}s; {leader} restarted stands by")
+
+
+def sigstop_lock_holder(stack: Stack) -> tuple[None, datetime, str]:
+    """SIGSTOP the process holding a job's run-lock past its dead-after time; self-heal
+    breaks the lock; SIGCONT: its writes must be refused (fenced)."""
+    start = _now()
+    for _attempt in range(3):
+        until("a job holding its run-lock",
+              lambda: stack.lock_holder_pid("handoff_health") is not None, 60)
+        pid = stack.lock_holder_pid("handoff_health")
+        assert pid is not None
+        t0 = _now()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            until("self-heal to break the stopped holder's lock", lambda t0=t0: any(
+                e["data"].get("job") == "handoff_health"
+                for e in stack.events(kind="run_lock_broken", since=t0)), 60)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        try:
+            until("the stopped run's write to be fenced",
+                  lambda t0=t0: bool(stack.events(kind="run_lock_fenced", since=t0)), 20)
+            break
+        except AssertionError:
+            continue  # it was stopped after its last write: try again
+    fenced = stack.events(kind="run_lock_fenced", since=start)
+    assert fenced, "no fenced write after 3 stopped holders"
+    t = _now()
+    return None, t, (f"stopped pid {pid}; lock broken by self-heal; fenced writes refused: "
+                     + ", ".join(sorted({str(e['data'].get('refused')) for e in fenced})))
+
+
+def pg_stop(pg: Postgres) -> Inject:
+    def inject(stack: Stack) -> tuple[None, datetime, str]:
+        pg.stop()
+        try:
+            time.sleep(PG_OUTAGE_S)  # the outage itself
+        finally:
+            pg.start()
+        return None, _now(), (f"database stopped {PG_OUTAGE_S:g} s, leases {PG_LEASE_S:g} s "
+                              "(longer than the workers' old 30 s retry window)")
+    return inject
+
+
+# --- the runs --------------------------------------------------------------------------------
+
+
+def _check(rows: list[Row]) -> list[str]:
+    bad = []
+    for r in rows:
+        if r.lost:
+            bad.append(f"{r.fault}/{r.backend}: {r.lost} lost")
+        if r.double_grants:
+            bad.append(f"{r.fault}/{r.backend}: {r.double_grants} double grants")
+        if r.max_in_flight > MAX_IN_FLIGHT:
+            bad.append(f"{r.fault}/{r.backend}: a lane over max_in_flight ({r.max_in_flight})")
+        if "UNEXPLAINED" in r.duplicates_why:
+            bad.append(f"{r.fault}/{r.backend}: duplicate runs {r.duplicates_why}")
+        if r.fault.startswith("redis") and not (r.done_during_outage.isdigit()
+                                                and int(r.done_during_outage) > 0):
+            bad.append(f"{r.fault}/{r.backend}: nothing done during the Redis outage")
+        if r.beat_jobs_after <= 0:
+            bad.append(f"{r.fault}/{r.backend}: beat sent nothing after the fault")
+        if "beats alive: 2/2" not in r.notes:
+            bad.append(f"{r.fault}/{r.backend}: a beat stopped ({r.notes})")
+        if r.left_behind:
+            bad.append(f"{r.fault}/{r.backend}: {r.left_behind} process(es) left behind")
+    return bad
+
+
+def _write_table() -> None:
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text("# Fault suite (tests/faults)\n\n"
+                   f"{TASKS} tasks per fault run, 4 lanes (maxInFlight {MAX_IN_FLIGHT}), "
+                   "8 `autonomy worker` processes, a Celery worker and two beats.\n\n"
+                   + table(ROWS) + "\n")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_the_fleet_survives_each_fault(backend: str, tmp_path: Path) -> None:
+    pg = Postgres() if backend == "postgres" else None
+    url = db.normalise_url(pg.url) if pg else f"sqlite:///{tmp_path / 'faults.db'}"
+    db.upgrade(url)
+    stack = Stack(backend=backend, tmp=tmp_path, database_url=url, lease_ttl_s=LEASE_S, pg=pg)
+    rows: list[Row] = []
+    try:
+        stack.start_celery()
+        if pg is not None:  # first, with leases longer than the outage
+            stack.start_workers(lease_ttl_s=PG_LEASE_S)
+            rows.append(_run(stack, "postgres stop 40 s", pg_stop(pg),
+                             outage_label="n/a (database down)"))
+            stack.stop_workers()
+        stack.start_workers()
+        rows.append(_run(stack, "redis kill -9 + restart empty", redis_kill_restart))
+        rows.append(_run(stack, "redis SIGSTOP past lease + reserve", redis_sigstop))
+        rows.append(_run(stack, "kill -9 of 3 random workers", kill_workers))
+        rows.append(_run(stack, "kill -9 leading beat + celery child mid-job",
+                         kill_beat_and_celery_child))
+        rows.append(_run(stack, "SIGSTOP run-lock holder past dead-after",
+                         sigstop_lock_holder))
+        stack.stop_all()
+        left = stack.left_behind()
+        assert left == [], f"processes left behind: {left}"
+    finally:
+        _write_table()
+        print("\n" + table(ROWS))
+        stack.close()
+    bad = _check(rows)
+    assert not bad, "\n".join(bad)
