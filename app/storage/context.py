@@ -33,7 +33,7 @@ class Context:
     def fast_redis(self) -> Redis:
         """The fast path's client: same server, ``redis_fast_path_timeout_ms`` deadline,
         no retries (SPEC 4.7). Built on first use."""
-        return make_fast_redis(self.redis,
+        return make_fast_redis(self.settings.effective_redis_url,
                                timeout_s=self.settings.redis_fast_path_timeout_ms / 1000)
 
     @cached_property

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 import redis
 from redis.backoff import NoBackoff
+from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
 from app.errors import RedisUnavailable
@@ -47,16 +48,18 @@ def redis_errors(client: redis.Redis) -> Iterator[None]:
         raise RedisUnavailable(f"Redis cannot be reached at {_safe(str(where))}: {e}") from e
 
 
-def make_fast_redis(client: redis.Redis, *, timeout_s: float) -> redis.Redis:
-    """A client to the same server as ``client`` for the fast path: its own small pool, a
-    short socket deadline and no retries, so a down or stalled Redis costs one deadline,
-    never the main client's longer timeout times its retries."""
-    pool = client.connection_pool
-    kwargs = {**pool.connection_kwargs, "socket_timeout": timeout_s,
-              "socket_connect_timeout": timeout_s, "retry": Retry(NoBackoff(), 0),
-              "health_check_interval": 0}
-    return redis.Redis(connection_pool=redis.ConnectionPool(
-        connection_class=pool.connection_class, **kwargs))
+def make_fast_redis(url: str, *, timeout_s: float) -> redis.Redis:
+    """A client for the fast path: its own pool, a short socket deadline and no retries,
+    so a down or stalled Redis costs one deadline, never a longer timeout times retries.
+
+    Built from the URL with redis-py's maintenance notifications off, not from another
+    client's pool settings (those carry that pool's notification handler and its
+    "original" timeouts, which are not the fast path's)."""
+    return redis.Redis.from_url(
+        url, decode_responses=True, socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+        maint_notifications_config=MaintNotificationsConfig(enabled=False))
 
 
 class RedisHealth:

@@ -252,13 +252,19 @@ class Stack:
     # --- tasks ----------------------------------------------------------------------------
 
     def seed(self, n: int, label: str) -> list[int]:
+        """``n`` tasks over the lanes, released all at once (the lanes are paused while
+        they are created, so the batch does not drain while it is being seeded)."""
         for lane in LANES:
             lane_control.configure_lane(self.ctx, assignee=lane, max_in_flight=MAX_IN_FLIGHT,
                                         actor="faults")
+            lane_control.pause_lane(self.ctx, assignee=lane, reason=f"seeding {label}",
+                                    actor="faults")
         ids = []
         for i in range(n):
             ids.append(lanes.create(self.ctx, assignee=LANES[i % len(LANES)],
                                     title=f"{label} {i}")["task"]["id"])
+        for lane in LANES:
+            lane_control.resume_lane(self.ctx, assignee=lane, actor="faults")
         return ids
 
     def done_count(self, ids: list[int]) -> int:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -54,6 +56,7 @@ def _now() -> datetime:
 
 
 def _run(stack: Stack, fault: str, inject: Inject, *, outage_label: str | None = None) -> Row:
+    until("a beat to lead", lambda: stack.beat_leader() is not None, 90)
     ids = stack.seed(TASKS, fault)
     until(f"{fault}: a quarter of the batch done",
           lambda: stack.safe_done_count(ids) >= TASKS // 4, 180)
@@ -213,7 +216,9 @@ def _write_table() -> None:
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-def test_the_fleet_survives_each_fault(backend: str, tmp_path: Path) -> None:
+def test_the_fleet_survives_each_fault(backend: str) -> None:
+    # a folder of its own, kept when the run fails (its processes' logs are in it)
+    tmp_path = Path(tempfile.mkdtemp(prefix=f"autonomy-faults-{backend}-"))
     pg = Postgres() if backend == "postgres" else None
     url = db.normalise_url(pg.url) if pg else f"sqlite:///{tmp_path / 'faults.db'}"
     db.upgrade(url)
@@ -242,4 +247,5 @@ def test_the_fleet_survives_each_fault(backend: str, tmp_path: Path) -> None:
         print("\n" + table(ROWS))
         stack.close()
     bad = _check(rows)
-    assert not bad, "\n".join(bad)
+    assert not bad, "\n".join(bad) + f"\n(logs in {tmp_path})"
+    shutil.rmtree(tmp_path, ignore_errors=True)
