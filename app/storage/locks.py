@@ -264,10 +264,12 @@ def holder_of(ctx: Context, job: str) -> dict[str, Any] | None:
 
 
 def holds(ctx: Context, job: str, token: str) -> bool:
-    """Does ``token`` hold ``job``'s lock now? (The fence of a run's writes.) Raises
-    ``RedisUnavailable`` when Redis cannot be reached."""
-    with redis_errors(ctx.redis):
-        return bool(ctx.redis.hget(_lock_key(ctx, job), "token") == token)
+    """Does ``token`` hold ``job``'s lock now? (The fence of a run's writes, asked inside
+    the write's transaction: on the fast path's client, so a stalled Redis holds that
+    transaction for ``redis_fast_path_timeout_ms`` at most.) Raises ``RedisUnavailable``
+    when Redis cannot answer in time."""
+    with redis_errors(ctx.fast_redis):
+        return bool(ctx.fast_redis.hget(_lock_key(ctx, job), "token") == token)
 
 
 def extend(ctx: Context, job: str, token: str, *, budget_ms: int | None = None) -> bool:
