@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from app import history, ops, validate
 from app.api import metrics, schemas
 from app.api.deps import Authorization, Ctx, JsonBody, body_object, check_token
+from app.checks import monitoring
 
 router = APIRouter()
 
@@ -80,6 +81,7 @@ def tasks(
                        503: schemas.ERROR_RESPONSES[503]},
             summary="Prometheus metrics")
 def prometheus(ctx: Ctx) -> Response:
-    """Run-locks held and over budget, lanes paused, GO/NO_GO, claims and guard hits."""
-    payload = ops.dispatch(ctx, {"action": "status"})
+    """Run-locks, periodic jobs, lanes, the breaker, GO/NO_GO/unknown, counters, Redis and
+    the beat leader (see ``app.api.metrics`` for the names and their rules)."""
+    payload = monitoring.with_fallbacks(ctx, ops.dispatch(ctx, {"action": "status"}))
     return Response(metrics.render(payload), media_type=metrics.CONTENT_TYPE)
