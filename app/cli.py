@@ -1,5 +1,10 @@
 """``autonomy``: thin commands over the operations. JSON with ``--json`` (or when piped),
-tables otherwise; exit 0 on ``ok``, non-zero with the error code on stderr otherwise.
+tables otherwise (durations and times made readable; JSON keeps milliseconds and ISO
+times); exit 0 on ``ok``, non-zero with the error code on stderr otherwise.
+
+``autonomy --version`` prints the version; ``autonomy --install-completion`` /
+``--show-completion`` install or print shell completion (Typer's, for bash, zsh, fish
+and PowerShell).
 
 Command groups that live in their own modules (checks, serving, workers) register
 themselves through ``EXTENSIONS``: each is ``module:register`` taking the Typer app.
@@ -14,12 +19,12 @@ from typing import Any
 
 import typer
 
-from app import ops
-from app.cli_output import fail, run, table, want_json
+from app import __version__, ops
+from app.cli_output import fail, human_time, run, table, want_json
 from app.context import Context
 from app.errors import AutonomyError, InvalidPayload
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=True, no_args_is_help=True,
                   help="Run fleets of autonomous workers safely.")
 db_app = typer.Typer(no_args_is_help=True, help="Database migrations.")
 app.add_typer(db_app, name="db")
@@ -32,6 +37,19 @@ EXTENSIONS = [
     "app.cli_serve:register",
     "app.cli_worker:register",
 ]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"autonomy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version,
+                                       is_eager=True, help="Print the version and exit.")
+          ) -> None:
+    """Run fleets of autonomous workers safely."""
 
 
 def context() -> Context:
@@ -64,7 +82,8 @@ def _task_line(a: dict[str, Any]) -> str:
         lines.append(table([t], ["id", "assignee", "status", "priority", "attempts",
                                  "claimedBy", "lanePaused", "title"]))
     if a.get("lease"):
-        lines.append(f"lease token: {a['lease']['token']}  expires: {a['lease']['expiresAt']}")
+        lines.append(f"lease token: {a['lease']['token']}  "
+                     f"expires: {human_time(a['lease']['expiresAt'])}")
     for k in ("failureFingerprint", "fingerprintCount", "lanePaused", "remediationTaskId"):
         if k in a:
             lines.append(f"{k}: {a[k]}")

@@ -11,7 +11,7 @@ import typer
 
 from app import locks, ops
 from app.checks import jobs
-from app.cli_output import run, table, want_json
+from app.cli_output import human_duration, run, table, want_json
 from app.context import Context
 from app.errors import InvalidInput
 
@@ -42,8 +42,8 @@ def _locks_table(rows: list[dict[str, Any]]) -> str:
 def _check_line(a: dict[str, Any]) -> str:
     if a.get("skipped"):
         return (f"{a['job']}: skipped ({a['skipped']}): held by {a.get('holder')} "
-                f"for {a.get('elapsedMs')} ms")
-    head = f"{a['job']}: ok in {a.get('durationMs')} ms"
+                f"for {human_duration(a.get('elapsedMs'))}")
+    head = f"{a['job']}: ok in {human_duration(a.get('durationMs'))}"
     if "state" in a:
         head += f" -- {a['state']}"
     return head

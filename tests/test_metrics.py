@@ -35,7 +35,8 @@ MONITORING = Path(__file__).resolve().parent.parent / "docs" / "monitoring"
 BOUNDED_LABELS = {"lane", "job", "status", "state", "criterion", "guard", "le", "version",
                   "python"}
 # a name that says its value is a time must carry the unit (``over_budget`` is a flag)
-TIME_NAME = re.compile(r"_(elapsed|duration|timestamp|latency|age|ttl|time)(_|$)|(?<!_over)_budget$")
+TIME_NAME = re.compile(r"_(elapsed|duration|timestamp|latency|age|ttl|time)(_|$)"
+                       r"|(?<!_over)_budget$")
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
