@@ -19,7 +19,7 @@ from typing import Any
 
 import typer
 
-from app import __version__, ops
+from app import __version__, logs, ops
 from app.cli_output import fail, human_time, run, table, want_json
 from app.context import Context
 from app.errors import AutonomyError, InvalidPayload
@@ -225,7 +225,10 @@ def _load_extensions() -> None:
 
 def main() -> None:
     """Console script entry point."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:  # one-shot commands log warnings only; serve and worker reconfigure for INFO
+        logs.configure(process="cli", level=logging.WARNING)
+    except ValueError:  # a bad setting: the command itself reports it
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _load_extensions()
     app()
 

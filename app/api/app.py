@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
 from app.api import panel, routes, schemas
+from app.api.request_log import RequestLog
 from app.context import Context
 from app.errors import (
     AutonomyError,
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None, ctx: Context | None = None) -> 
     app.include_router(panel.router)
     app.mount("/static", StaticFiles(directory=str(panel.HERE / "static")), name="static")
     _add_error_handlers(app)
+    app.add_middleware(RequestLog)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
@@ -122,7 +124,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     async def unexpected(request: Request, e: Exception) -> JSONResponse:
         log.error("unexpected error answering %s %s", request.method, request.url.path,
-                  exc_info=e)
+                  exc_info=e, extra={"request_id": getattr(request.state, "request_id", None)})
         return JSONResponse({"ok": False, "error": "internal_error",
                              "message": "unexpected server error; see the server log"},
                             status_code=500)
