@@ -46,8 +46,9 @@ _fields: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextV
 _process: dict[str, Any] = {"name": "autonomy", "defaults": {}}
 
 # attributes every LogRecord has: anything else on a record came from ``extra=``
+# (uvicorn's ``color_message`` is its message again, with terminal colour codes)
 _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime",
-                                                             "taskName"}
+                                                             "taskName", "color_message"}
 
 
 def bind(**fields: Any) -> contextvars.Token[Mapping[str, Any] | None]:

@@ -223,6 +223,15 @@ def test_beat_leader_and_redis_fallbacks_on_a_real_scrape(busy_scrape: str) -> N
     m = _samples(busy_scrape)
     assert m[("autonomy_redis_degraded", ())] == 0
     assert m[("autonomy_beat_leader_present", ())] == 1
+    # the leader is a lease, not a job's run-lock: no ten-year budget among the run-locks
+    assert m[("autonomy_run_locks_held", ())] == 1  # self_heal's
+    assert not [k for k in m if k[0].startswith("autonomy_run_lock")
+                and ("job", beat_guard.JOB) in k[1]]
+    assert max(v for k, v in m.items() if k[0] == "autonomy_run_lock_budget_seconds") <= 60
+
+
+def test_no_leader_reads_zero(http: httpx.Client) -> None:
+    assert _samples(http.get("/metrics").text)[("autonomy_beat_leader_present", ())] == 0
 
 
 # --- the naming rules -------------------------------------------------------------------

@@ -6,7 +6,9 @@ The status payload's top-level ``redis`` (``"ok"`` | ``"degraded"``) and ``beat`
 them, ``with_fallbacks`` works them out cheaply: Redis by one ``PING`` of the context's
 client; the beat leader from the beat's run-lock entry the payload already lists
 (``workflowHealth.runLocks``, job ``beat_guard.JOB``, alive while its holder beats). The
-fallback knows no standbys, so it leaves them out rather than claim zero.
+fallback knows no standbys, so it leaves them out rather than claim zero. The beat's lock
+is a leader lease, not a periodic job's run-lock (its "budget" is ten years): the fallback
+takes it out of the run-locks it hands on, so that ``/metrics`` shows it only as the leader.
 """
 
 from __future__ import annotations
@@ -48,4 +50,9 @@ def with_fallbacks(ctx: Context, payload: Mapping[str, Any]) -> dict[str, Any]:
         out["redis"] = redis_state(ctx)
     if not isinstance(out.get("beat"), Mapping):
         out["beat"] = beat_from_run_locks(out)
+        wh = out.get("workflowHealth")
+        if isinstance(wh, Mapping) and isinstance(wh.get("runLocks"), list):
+            kept = [lk for lk in wh["runLocks"]
+                    if not (isinstance(lk, Mapping) and lk.get("job") == beat_guard.JOB)]
+            out["workflowHealth"] = {**wh, "runLocks": kept, "runLocksCount": len(kept)}
     return out
