@@ -24,11 +24,13 @@ import pytest
 
 from app import logs
 from app.settings import Settings
+from tests.api_server import client as api_client
 from tests.servers import free_port
+from tests.test_api import api_ctx
 from tests.test_celery_e2e import REPO, e2e
 from tests.test_cli import cli, cli_env, ok
 
-__all__ = ["cli_env", "e2e"]
+__all__ = ["api_ctx", "cli_env", "e2e"]
 
 FAILING_ON_EVEN_IDS = ("read _; [ $((AUTONOMY_TASK_ID % 2)) = 1 ] "
                        "|| { echo 'bad output' >&2; exit 1; }")
@@ -230,3 +232,21 @@ def test_celery_worker_and_beat_write_json_lines_that_name_the_task(
         assert ln["task_id"] in ln["msg"] or ln.get("task_name"), ln
     ran = [ln for ln in task_lines if ln.get("task_name")]  # logged inside the task (prerun)
     assert {ln["pid"] for ln in ran} - {procs["worker"].pid}, "no line from a pool child"
+
+
+def test_an_unexpected_api_error_is_logged_with_its_request_id(
+        captured: io.StringIO, api_ctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.api import routes
+
+    def boom(*_: Any) -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(routes.ops, "dispatch", boom)
+    with api_client(api_ctx) as http:
+        resp = http.get("/api/autonomy/status", headers={"X-Request-ID": "err-1"})
+    assert resp.status_code == 500 and resp.json()["error"] == "internal_error"
+    lines = [ln for ln in json_lines(captured.getvalue()) if ln.get("request_id") == "err-1"]
+    error = next(ln for ln in lines if ln["level"] == "error")
+    assert "RuntimeError: boom" in error["exc"] and error["logger"] == "app.api.app"
+    access = next(ln for ln in lines if ln["logger"] == "app.api.access")
+    assert access["status"] == 500 and access["path"] == "/api/autonomy/status"
