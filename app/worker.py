@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
+from app import logs
 from app.backoff import Backoff
 from app.client import Client, LocalClient
 from app.clock import utcnow
@@ -131,7 +132,9 @@ class LaneWorker:
                     break
                 job = self.claim_one(stop)
                 if job is not None:
-                    self.work(job)
+                    # every line logged while the task is worked on names it (app.logs)
+                    with logs.bound(task_id=job.task_id, lane=self.lane, worker=self.name):
+                        self.work(job)
         return self.stats
 
     def claim_one(self, stop: threading.Event) -> Job | None:

@@ -250,3 +250,25 @@ def test_an_unexpected_api_error_is_logged_with_its_request_id(
     assert "RuntimeError: boom" in error["exc"] and error["logger"] == "app.api.app"
     access = next(ln for ln in lines if ln["logger"] == "app.api.access")
     assert access["status"] == 500 and access["path"] == "/api/autonomy/status"
+
+
+def test_lines_logged_by_a_handler_name_the_task(captured: io.StringIO, api_ctx: Any) -> None:
+    """A Python LaneWorker's handler logs through ``logging``: its lines carry the task."""
+    from app import ops
+    from app.client import LocalClient
+    from app.worker import LaneWorker
+
+    task_id = ops.dispatch(api_ctx, {"action": "create", "assignee": "coder",
+                                     "title": "t"})["task"]["id"]
+
+    def handler(task: dict[str, Any]) -> dict[str, Any]:
+        logging.getLogger("my.handler").info("working on %s", task["title"])
+        return {}
+
+    LaneWorker("coder", handler, worker_name="w9", client=LocalClient(api_ctx)).run(
+        max_tasks=1, handle_signals=False)
+    lines = json_lines(captured.getvalue())
+    mine = next(ln for ln in lines if ln["logger"] == "my.handler")
+    assert (mine["task_id"], mine["lane"], mine["worker"]) == (task_id, "coder", "w9")
+    done = next(ln for ln in lines if ln["msg"] == f"task {task_id}: done")
+    assert (done["task_id"], done["lane"], done["worker"]) == (task_id, "coder", "w9")
