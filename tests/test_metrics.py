@@ -31,9 +31,10 @@ __all__ = ["api_ctx", "http"]  # fixtures shared with test_api
 
 MONITORING = Path(__file__).resolve().parent.parent / "docs" / "monitoring"
 # every label /metrics may carry: each has a bounded set of values (lanes and jobs are
-# configuration; the rest are fixed sets). No reason, no fingerprint, no task id.
-BOUNDED_LABELS = {"lane", "job", "status", "state", "criterion", "guard", "le", "version",
-                  "python"}
+# configuration; the rest are fixed sets). No reason, no fingerprint, no task id; and not
+# `job` or `instance`, which Prometheus sets on every series it scrapes.
+BOUNDED_LABELS = {"lane", "job_name", "status", "state", "criterion", "guard", "le",
+                  "version", "python"}
 # a name that says its value is a time must carry the unit (``over_budget`` is a flag)
 TIME_NAME = re.compile(r"_(elapsed|duration|timestamp|latency|age|ttl|time)(_|$)"
                        r"|(?<!_over)_budget$")
@@ -107,13 +108,13 @@ def test_metrics_show_locks_pauses_verdicts_and_guard_hits(
     m = _samples(resp.text)
     assert m[("autonomy_run_locks_held", ())] == 2
     assert m[("autonomy_run_locks_over_budget", ())] == 1
-    assert m[("autonomy_run_lock_held", (("job", "self_heal"),))] == 1
-    assert m[("autonomy_run_lock_held", (("job", "status"),))] == 0
-    assert m[("autonomy_run_lock_over_budget", (("job", "self_heal"),))] == 1
-    assert m[("autonomy_run_lock_over_budget", (("job", "readiness"),))] == 0
-    assert m[("autonomy_run_lock_elapsed_seconds", (("job", "readiness"),))] == 5
-    assert ("autonomy_run_lock_elapsed_seconds", (("job", "status"),)) not in m  # not held
-    assert m[("autonomy_run_lock_budget_seconds", (("job", "status"),))] == 15
+    assert m[("autonomy_run_lock_held", (("job_name", "self_heal"),))] == 1
+    assert m[("autonomy_run_lock_held", (("job_name", "status"),))] == 0
+    assert m[("autonomy_run_lock_over_budget", (("job_name", "self_heal"),))] == 1
+    assert m[("autonomy_run_lock_over_budget", (("job_name", "readiness"),))] == 0
+    assert m[("autonomy_run_lock_elapsed_seconds", (("job_name", "readiness"),))] == 5
+    assert ("autonomy_run_lock_elapsed_seconds", (("job_name", "status"),)) not in m  # not held
+    assert m[("autonomy_run_lock_budget_seconds", (("job_name", "status"),))] == 15
     assert m[("autonomy_lanes_paused", ())] == 1
     assert m[("autonomy_lane_paused", (("lane", "ops2"),))] == 1
     assert m[("autonomy_lane_tasks", (("lane", "coder"), ("status", "todo")))] == 1
@@ -166,14 +167,14 @@ def test_job_duration_histogram_and_last_success_outlive_the_process_that_ran_th
     for _ in range(2):
         assert cli(env, "check", "readiness").returncode == 0
     m = _samples(http.get("/metrics").text)
-    job = (("job", "readiness"),)
+    job = (("job_name", "readiness"),)
     assert m[("autonomy_job_duration_seconds_count", job)] == 2
     assert m[("autonomy_job_duration_seconds_bucket", (*job, ("le", "+Inf")))] == 2
     assert m[("autonomy_job_duration_seconds_sum", job)] >= 0
-    assert m[("autonomy_job_duration_seconds_count", (("job", "status"),))] == 0
+    assert m[("autonomy_job_duration_seconds_count", (("job_name", "status"),))] == 0
     assert m[("autonomy_job_failures_total", job)] == 0
     last_ok = m[("autonomy_job_last_success_timestamp_seconds", job)]
-    assert ("autonomy_job_last_success_timestamp_seconds", (("job", "status"),)) not in m
+    assert ("autonomy_job_last_success_timestamp_seconds", (("job_name", "status"),)) not in m
 
     def broken(_: Context) -> dict[str, Any]:
         raise RuntimeError("boom")
@@ -226,7 +227,7 @@ def test_beat_leader_and_redis_fallbacks_on_a_real_scrape(busy_scrape: str) -> N
     # the leader is a lease, not a job's run-lock: no ten-year budget among the run-locks
     assert m[("autonomy_run_locks_held", ())] == 1  # self_heal's
     assert not [k for k in m if k[0].startswith("autonomy_run_lock")
-                and ("job", beat_guard.JOB) in k[1]]
+                and ("job_name", beat_guard.JOB) in k[1]]
     assert max(v for k, v in m.items() if k[0] == "autonomy_run_lock_budget_seconds") <= 60
 
 
@@ -280,7 +281,9 @@ def naming_problems(text: str) -> list[str]:
 
 
 def _label_problems(family: str, s: Sample) -> list[str]:
-    out = [f"{family}: unbounded label {k}" for k in s.labels if k not in BOUNDED_LABELS]
+    out = [f"{family}: label {k} is a target label Prometheus sets" for k in s.labels
+           if k in ("job", "instance")]
+    out += [f"{family}: unbounded label {k}" for k in s.labels if k not in BOUNDED_LABELS]
     out += [f"{family}: label {k} holds free text {v!r}" for k, v in s.labels.items()
             if len(v) > 64 or " " in v]
     return out
@@ -298,13 +301,16 @@ def test_the_naming_check_catches_the_old_mistakes() -> None:
            'assignee="coder"} 2.0\n'
            "# HELP autonomy_events Other counters.\n# TYPE autonomy_events counter\n"
            "# HELP autonomy_lock_elapsed_ms Elapsed.\n# TYPE autonomy_lock_elapsed_ms gauge\n"
-           "autonomy_lock_elapsed_ms 5.0\n")
+           "autonomy_lock_elapsed_ms 5.0\n"
+           "# HELP autonomy_job_ok Ok.\n# TYPE autonomy_job_ok gauge\n"
+           'autonomy_job_ok{job="status"} 1.0\n')
     problems = naming_problems(old)
     assert any("gauge with a counter/summary suffix" in p for p in problems)
     assert any("unbounded label fingerprint" in p for p in problems)
     assert any("free text" in p for p in problems)
     assert any("autonomy_events: family without samples" in p for p in problems)
     assert any("autonomy_lock_elapsed_ms: a time without _seconds" in p for p in problems)
+    assert any("label job is a target label" in p for p in problems)
 
 
 def test_no_family_is_always_empty(busy_scrape: str, api_ctx: Context) -> None:

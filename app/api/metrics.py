@@ -9,12 +9,13 @@ Conventions (the Prometheus naming guide; ``tests/test_metrics.py`` checks them 
 scrape): every name starts ``autonomy_``; counters end ``_total``; no gauge ends
 ``_count``/``_sum``/``_bucket``/``_total``; times are ``_seconds`` (timestamps
 ``_timestamp_seconds``); ``autonomy_build_info`` is the one ``_info`` gauge (always 1).
-Labels are bounded: ``lane``, ``job``, ``status``, ``state``, ``criterion``, ``guard``,
-``le`` and the build labels -- never a free-text reason or a failure fingerprint (each
-lane's breaker window is summarised instead). A family is only emitted when it has
-samples, so none is always empty. "Unknown" is a state of its own: a handoff or readiness
-verdict that was never computed (or cannot be read) is ``state="unknown"``, never
-``NO_GO``.
+Labels are bounded: ``lane``, ``job_name``, ``status``, ``state``, ``criterion``,
+``guard``, ``le`` and the build labels -- never a free-text reason or a failure fingerprint
+(each lane's breaker window is summarised instead). Not ``job`` or ``instance``: Prometheus
+sets those on every scraped series itself (ours would be renamed ``exported_job``). A
+family is only emitted when it has samples, so none is always empty. "Unknown" is a state
+of its own: a handoff or readiness verdict that was never computed (or cannot be read) is
+``state="unknown"``, never ``NO_GO``.
 """
 
 from __future__ import annotations
@@ -122,13 +123,13 @@ def _run_locks(locks: list[Mapping[str, Any]], jobs: Mapping[str, Any]) -> list[
     held_total.add_metric([], len(locks))
     over_total = _gauge("autonomy_run_locks_over_budget", "Held run-locks past their budget.")
     over_total.add_metric([], sum(1 for lk in locks if lk.get("overBudget")))
-    held = _gauge("autonomy_run_lock_held", "1 while the job's run-lock is held.", ["job"])
+    held = _gauge("autonomy_run_lock_held", "1 while the job's run-lock is held.", ["job_name"])
     over = _gauge("autonomy_run_lock_over_budget",
-                  "1 while the job's run-lock is held past its budget.", ["job"])
+                  "1 while the job's run-lock is held past its budget.", ["job_name"])
     elapsed = _gauge("autonomy_run_lock_elapsed_seconds",
-                     "How long each held run-lock has been held.", ["job"])
+                     "How long each held run-lock has been held.", ["job_name"])
     budget = _gauge("autonomy_run_lock_budget_seconds", "Each job's run-lock time budget.",
-                    ["job"])
+                    ["job_name"])
     by_job = {str(lk.get("job")): lk for lk in locks}
     budgets = {str(j): _num(_dict(v).get("budgetMs")) for j, v in jobs.items()}
     for job in sorted(set(budgets) | set(by_job)):
@@ -144,13 +145,13 @@ def _run_locks(locks: list[Mapping[str, Any]], jobs: Mapping[str, Any]) -> list[
 
 def _jobs(jobs: Mapping[str, Any]) -> list[Metric]:
     duration = HistogramMetricFamily("autonomy_job_duration_seconds",
-                                     "Run time of each periodic job's runs.", labels=["job"])
+                                     "Run time of each periodic job's runs.", labels=["job_name"])
     failures = CounterMetricFamily("autonomy_job_failures",
-                                   "Runs of each periodic job that raised.", labels=["job"])
+                                   "Runs of each periodic job that raised.", labels=["job_name"])
     last_ok = _gauge("autonomy_job_last_success_timestamp_seconds",
-                     "When each periodic job last finished a run without error.", ["job"])
+                     "When each periodic job last finished a run without error.", ["job_name"])
     missed = _gauge("autonomy_job_missed",
-                    "1 when the job's last start is several periods old.", ["job"])
+                    "1 when the job's last start is several periods old.", ["job_name"])
     for job, view in sorted(jobs.items()):
         v, job = _dict(view), str(job)
         h = _dict(v.get("durationHistogram"))
