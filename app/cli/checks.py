@@ -10,7 +10,7 @@ from typing import Any
 import typer
 
 from app import ops
-from app.cli.output import run, table, want_json
+from app.cli.output import human_duration, run, table, want_json
 from app.errors import InvalidInput
 from app.ops import run_locks
 from app.ops.checks import jobs
@@ -43,8 +43,8 @@ def _locks_table(rows: list[dict[str, Any]]) -> str:
 def _check_line(a: dict[str, Any]) -> str:
     if a.get("skipped"):
         return (f"{a['job']}: skipped ({a['skipped']}): held by {a.get('holder')} "
-                f"for {a.get('elapsedMs')} ms")
-    head = f"{a['job']}: ok in {a.get('durationMs')} ms"
+                f"for {human_duration(a.get('elapsedMs'))}")
+    head = f"{a['job']}: ok in {human_duration(a.get('durationMs'))}"
     if "state" in a:
         head += f" -- {a['state']}"
     return head
