@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from app import locks, ops
+from app import leader, locks, ops
 from app.checks import jobs
 from app.cli_output import run, table, want_json
 from app.context import Context
@@ -37,6 +37,15 @@ def _locks_table(rows: list[dict[str, Any]]) -> str:
         return "no run-lock is held"
     return table(rows, ["job", "holder", "startedAt", "elapsedMs", "budgetMs", "overBudget",
                         "holderAlive"])
+
+
+def beat_line(beat: dict[str, Any]) -> str:
+    """The beat leader lease in one line (it is not a run-lock: no budget, a TTL)."""
+    standbys = ", ".join(beat.get("standbys") or []) or "none"
+    if not beat.get("leader"):
+        return (f"beat leader: none (lease TTL {beat['ttlMs']} ms); standbys: {standbys}")
+    return (f"beat leader: {beat['leader']} since {beat['since']}, lease renewed "
+            f"{beat['renewedAt']} (TTL {beat['ttlMs']} ms); standbys: {standbys}")
 
 
 def _check_line(a: dict[str, Any]) -> str:
@@ -90,9 +99,12 @@ def register(app: typer.Typer) -> None:
 
     @app.command("locks")
     def locks_cmd(as_json: bool | None = JsonOpt) -> None:
-        """The run-locks held now, with elapsed time against budget."""
+        """The run-locks held now, with elapsed time against budget, and the beat leader
+        lease (shown apart: it has a TTL, not a budget)."""
         def go(ctx: Context) -> dict[str, Any]:
             held = locks.collect_run_locks(ctx)
-            return {"ok": True, "runLocks": held, "runLocksCount": len(held)}
+            return {"ok": True, "runLocks": held, "runLocksCount": len(held),
+                    "beat": leader.view(ctx)}
 
-        run(_with_ctx(go), want_json(as_json), lambda a: _locks_table(a["runLocks"]))
+        run(_with_ctx(go), want_json(as_json),
+            lambda a: _locks_table(a["runLocks"]) + "\n" + beat_line(a["beat"]))

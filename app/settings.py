@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     beat_every_s: float | None = Field(default=None, gt=0)
     job_min_runtime_ms: dict[str, int] = Field(default_factory=dict)
     beat_standby_poll_s: float = Field(default=2.0, gt=0)
+    # the beat leader lease (app/leader.py): a leader that stops renewing loses it within
+    # the TTL; renewal runs well inside it
+    beat_lease_ttl_ms: int = Field(default=10_000, gt=0)
+    beat_lease_renew_ms: int = Field(default=2_000, gt=0)
 
     # --- interfaces ---------------------------------------------------------------
     api_token: SecretStr | None = None
@@ -101,6 +105,12 @@ class Settings(BaseSettings):
         if v < 1:
             raise ValueError("must be >= 1")
         return v
+
+    @model_validator(mode="after")
+    def _lease_renewed_inside_its_ttl(self) -> Settings:
+        if self.beat_lease_renew_ms >= self.beat_lease_ttl_ms:
+            raise ValueError("beat_lease_renew_ms must be below beat_lease_ttl_ms")
+        return self
 
     @property
     def effective_redis_url(self) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from app import locks, store, wire
+from app import leader, locks, store, wire
 from app.checks import handoff, readiness, runs, selfheal, state
 from app.clock import iso
 from app.context import Context
@@ -19,8 +19,9 @@ from app.redis_conn import redis_errors
 
 
 def build_status(ctx: Context) -> dict[str, Any]:
-    """The whole fleet at a glance: run-locks, lanes, handoff, ops incident, readiness,
-    self-heal, each job's last run, recent failure fingerprints, counters."""
+    """The whole fleet at a glance: run-locks, the beat leader lease, lanes, handoff, ops
+    incident, readiness, self-heal, each job's last run, recent failure fingerprints,
+    counters."""
     s, now = ctx.settings, ctx.clock()
     with transaction(ctx.engine, write=False) as conn:
         counts = store.lane_status_counts(conn)
@@ -38,6 +39,7 @@ def build_status(ctx: Context) -> dict[str, Any]:
                          "lastAt": iso(r["last_at"])}
                         for r in store.recent_fingerprints(conn, since=since)]
     run_locks = locks.collect_run_locks(ctx)
+    beat = leader.view(ctx)
     with redis_errors(ctx.redis):
         metrics = {k: int(v) for k, v in ctx.redis.hgetall(ctx.keys.metrics()).items()}
     return {
@@ -45,6 +47,7 @@ def build_status(ctx: Context) -> dict[str, Any]:
         "generatedAt": iso(now),
         "workflowHealth": {"runLocks": run_locks, "runLocksCount": len(run_locks),
                            "jobs": jobs},
+        "beat": beat,
         "lanes": lanes,
         "handoff": ho,
         "opsIncident": incident,
