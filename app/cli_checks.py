@@ -1,7 +1,8 @@
 """CLI for the periodic checks: ``autonomy check handoff|readiness|self-heal|status`` runs
 one check inline under its run-lock; ``autonomy status`` prints the status payload;
 ``autonomy incident set critical|warning|ok --reason ...`` writes the ops incident state;
-``autonomy locks`` lists the held run-locks."""
+``autonomy locks`` lists the held run-locks and the beat leader lease; ``autonomy probe
+ready|beat`` are the health probes for containers (exit 0 healthy, 1 not)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from typing import Any
 
 import typer
 
-from app import leader, locks, ops
+from app import leader, locks, ops, probes
 from app.checks import jobs
-from app.cli_output import run, table, want_json
+from app.cli_output import emit, run, table, want_json
 from app.context import Context
-from app.errors import InvalidInput
+from app.errors import AutonomyError, InvalidInput
 
 # what people type -> the job's name in beat_schedule.JOBS
 CHECK_NAMES = {"handoff": "handoff_health", "readiness": "readiness", "self-heal": "self_heal",
@@ -62,6 +63,34 @@ def register(app: typer.Typer) -> None:
     """Add ``check``, ``status``, ``incident`` and ``locks`` to the CLI."""
     incident_app = typer.Typer(no_args_is_help=True, help="The ops incident state.")
     app.add_typer(incident_app, name="incident")
+    probe_app = typer.Typer(no_args_is_help=True,
+                            help="Health probes for containers: exit 0 healthy, 1 not.")
+    app.add_typer(probe_app, name="probe")
+
+    def _probe(answer: dict[str, Any], as_json: bool, line: str) -> None:
+        emit(answer, as_json, lambda _: line)
+        if not answer["ok"]:
+            raise typer.Exit(1)
+
+    @probe_app.command("ready")
+    def probe_ready(as_json: bool | None = JsonOpt) -> None:
+        """Database reachable and migrated, Redis reachable (what GET /readyz answers)."""
+        answer = _with_ctx(probes.ready)()
+        _probe(answer, want_json(as_json),
+               "ready" if answer["ok"] else f"not ready: {answer.get('message')}")
+
+    @probe_app.command("beat")
+    def probe_beat(holder_prefix: str | None = typer.Option(
+            None, help="Whose beat (default: this host's, 'HOSTNAME:')."),
+            as_json: bool | None = JsonOpt) -> None:
+        """A beat of this host leads or stands by (renewed its lease or said it stands by
+        within the lease TTL). A standby passes; a beat cut off from Redis does not."""
+        try:
+            answer = _with_ctx(lambda ctx: probes.beat(ctx, holder_prefix))()
+        except AutonomyError as e:
+            answer = {**e.to_wire(), "role": None}
+        _probe(answer, want_json(as_json),
+               f"beat: {answer['role']}" if answer["ok"] else f"beat: {answer['message']}")
 
     @app.command("check")
     def check(name: str = typer.Argument(..., help="handoff | readiness | self-heal | status"),

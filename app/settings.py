@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     flower_port: int = 5555
     flower_basic_auth: str | None = None
     celery_queue: str = "autonomy"
+    # /readyz: answer 503 while Redis is down (False: 200 with "redis": "degraded", for
+    # deployments that keep serving from the database alone)
+    readyz_redis_required: bool = True
+    # set by `autonomy up` for each child it starts; /livez echoes it, so `up` knows the
+    # answer came from its own child, not from whatever else holds the port
+    start_nonce: str | None = None
 
     # --- control panel and `autonomy up` (issue 4: app/api/panel.py, app/up.py) ----------
     panel_refresh_ms: int = 3_000
