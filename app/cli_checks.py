@@ -10,8 +10,9 @@ from typing import Any
 
 import typer
 
-from app import leader, locks, ops, probes
+from app import locks, ops, probes
 from app.checks import jobs
+from app.checks.status import locks_view
 from app.cli_output import emit, run, table, want_json
 from app.context import Context
 from app.errors import AutonomyError, InvalidInput
@@ -131,9 +132,7 @@ def register(app: typer.Typer) -> None:
         """The run-locks held now, with elapsed time against budget, and the beat leader
         lease (shown apart: it has a TTL, not a budget)."""
         def go(ctx: Context) -> dict[str, Any]:
-            held = locks.collect_run_locks(ctx)
-            return {"ok": True, "runLocks": held, "runLocksCount": len(held),
-                    "beat": leader.view(ctx)}
+            return {"ok": True, **locks_view(ctx)}
 
         run(_with_ctx(go), want_json(as_json),
             lambda a: _locks_table(a["runLocks"]) + "\n" + beat_line(a["beat"]))

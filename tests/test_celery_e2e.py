@@ -143,7 +143,8 @@ def _wait_for(what: str, check: Callable[[], Any], procs: list[Proc],
 
 
 def _readiness_lock(meta: dict[str, Any]) -> dict[str, Any] | None:
-    locks = (meta.get("result") or {}).get("workflowHealth", {}).get("runLocks", [])
+    # the status task's result is the payload shaped for Flower (tasks.checks.flower_shape)
+    locks = (meta.get("result") or {}).get("workflowHealth.runLocks", [])
     return next((lk for lk in locks if lk.get("job") == "readiness"), None)
 
 
@@ -233,6 +234,12 @@ def test_beat_runs_every_job_and_status_lists_the_running_lock_and_a_rerun_is_sk
     reply = _wait_for("inspect run_locks to list readiness", inspect_lists_readiness, procs,
                       deadline)
     assert reply["runLocksCount"] == len(reply["runLocks"]) >= 1
+    assert set(reply["beat"]) == {"leader", "since", "renewedAt", "ttlMs", "standbys"}
+    # ... and the same in the worker's stats (what Flower's worker page shows)
+    stats = e2e["client"].control.inspect(destination=[node], timeout=5).stats()[node]
+    assert "readiness" in [lk["job"] for lk in stats["runLocks"]]
+    assert "elapsed" in stats["run-lock readiness"] and "budget" in stats["run-lock readiness"]
+    assert stats["beat"]["leader"] is not None
 
     # an overlapping readiness run is skipped, naming the running one
     def skipped_readiness() -> dict[str, Any] | None:
@@ -260,7 +267,7 @@ def test_beat_runs_every_job_and_status_lists_the_running_lock_and_a_rerun_is_sk
     # ... and its run record: a later status payload shows every job's last run, ok
     def status_with_every_run_recorded() -> dict[str, Any] | None:
         for m in by_job()["status"]:
-            jobs = ((m["result"] or {}).get("workflowHealth") or {}).get("jobs") or {}
+            jobs = (m["result"] or {}).get("workflowHealth.jobs") or {}
             if all((jobs.get(j) or {}).get("lastRunAt") for j in JOBS):
                 return jobs
         return None

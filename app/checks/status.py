@@ -38,16 +38,15 @@ def build_status(ctx: Context) -> dict[str, Any]:
                          "count": int(r["count"]), "threshold": s.breaker_threshold,
                          "lastAt": iso(r["last_at"])}
                         for r in store.recent_fingerprints(conn, since=since)]
-    run_locks = locks.collect_run_locks(ctx)
-    beat = leader.view(ctx)
+    held = locks_view(ctx)
     with redis_errors(ctx.redis):
         metrics = {k: int(v) for k, v in ctx.redis.hgetall(ctx.keys.metrics()).items()}
     return {
         "ok": True,
         "generatedAt": iso(now),
-        "workflowHealth": {"runLocks": run_locks, "runLocksCount": len(run_locks),
-                           "jobs": jobs},
-        "beat": beat,
+        "workflowHealth": {"runLocks": held["runLocks"],
+                           "runLocksCount": held["runLocksCount"], "jobs": jobs},
+        "beat": held["beat"],
         "lanes": lanes,
         "handoff": ho,
         "opsIncident": incident,
@@ -56,3 +55,10 @@ def build_status(ctx: Context) -> dict[str, Any]:
         "fingerprints": fingerprints,
         "metrics": metrics,
     }
+
+
+def locks_view(ctx: Context) -> dict[str, Any]:
+    """The held run-locks and the beat leader lease: what the status payload, ``celery
+    inspect run_locks``, the worker's stats in Flower and ``autonomy locks`` all show."""
+    held = locks.collect_run_locks(ctx)
+    return {"runLocks": held, "runLocksCount": len(held), "beat": leader.view(ctx)}
