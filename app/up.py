@@ -71,6 +71,10 @@ class Supervisor:
         self.nonce = os.urandom(8).hex()
         self.redis_url: str | None = None
         self._lock = threading.Lock()
+        # the children's output is held back until everything is ready (so the ready lines
+        # are not lost among start-up banners), then kept in a file; shown if start fails
+        self._ready = False
+        self._held: list[str] = []
 
     # --- output ---------------------------------------------------------------------
 
@@ -82,9 +86,31 @@ class Supervisor:
 
     def _pump(self, name: str, stream: IO[str]) -> None:
         for line in stream:
+            text = f"{name:>14} | {line.rstrip()}\n"
             with self._lock:
-                self.out.write(f"{name:>14} | {line.rstrip()}\n")
-                self.out.flush()
+                if self._ready:
+                    self.out.write(text)
+                    self.out.flush()
+                else:
+                    self._held.append(text)
+
+    def _show_held(self) -> None:
+        """Start failed or was stopped: print what the children said, from here on live."""
+        with self._lock:
+            self.out.writelines(self._held)
+            self.out.flush()
+            self._held, self._ready = [], True
+
+    def _say_ready(self, lines: list[str]) -> None:
+        """Keep the held start-up output in a file, print the ready lines, go live."""
+        path = os.path.join(os.path.abspath(self.settings.data_dir), "up-start.log")
+        with self._lock:
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(self._held)
+            n, self._held, self._ready = len(self._held), [], True
+            for line in [*lines, f"start-up output of the children ({n} lines): {path}"]:
+                self.out.write(f"autonomy up: {line}\n")
+            self.out.flush()
 
     # --- the run ------------------------------------------------------------------------
 
@@ -96,6 +122,7 @@ class Supervisor:
         except AutonomyError as e:
             from app.cli_output import exit_code
 
+            self._show_held()
             self.say(f"error: {e.code}: {e.message}")
             return exit_code(e)  # 2 for a port in use, 3 for a database or Redis down
         finally:
@@ -131,9 +158,9 @@ class Supervisor:
                 return 0
             self._start(child, env)
         if not self._wait_ready():
+            self._show_held()
             return 0 if self.stop_signal is not None else 1
-        for line in self._ready_lines():
-            self.say(line)
+        self._say_ready(self._ready_lines())
         return self._watch()
 
     def _check_ports(self) -> None:
@@ -182,7 +209,7 @@ class Supervisor:
         if self.flower:
             lines.append(f"  Flower  http://{_url_host(self._flower_host())}:{self.flower_port}/")
         lines.append(f"  second terminal: {self.second_terminal()}")
-        lines.append("Ctrl-C stops everything")
+        lines.append("Ctrl-C stops everything; from here on the children's output follows")
         return lines
 
     def second_terminal(self) -> str:
@@ -210,7 +237,8 @@ class Supervisor:
 
     def _plan(self, effective: Settings) -> list[Child]:
         py, s = sys.executable, self.settings
-        celery = [py, "-m", "celery", "-A", "app.celery_app"]
+        # --quiet: no start-up banners, so the ready lines are not lost among them
+        celery = [py, "-m", "celery", "-A", "app.celery_app", "--quiet"]
         data = os.path.abspath(s.data_dir)
         os.makedirs(data, exist_ok=True)
         plan = [
@@ -284,6 +312,7 @@ class Supervisor:
             dead = self._dead()
             if dead is not None:
                 assert dead.proc is not None
+                self._show_held()  # what it said before it died, then why we stop
                 self.say(f"error: {dead.name} exited with code {dead.proc.returncode} "
                          "before it was ready")
                 return False
@@ -294,6 +323,7 @@ class Supervisor:
                              + ("  (control panel; API at /api/autonomy, docs at /docs)"
                                 if name == "api" else ""))
             if time.monotonic() > deadline:
+                self._show_held()
                 self.say(f"error: not listening after {self.settings.up_ready_timeout_s:g}s: "
                          + ", ".join(waiting))
                 return False
