@@ -35,7 +35,7 @@ import beat_schedule
 from app.settings import Settings, get_settings
 
 if TYPE_CHECKING:
-    from app.context import Context
+    from app.storage.context import Context
 
 RESULT_EXPIRES_S = 3600
 
@@ -96,7 +96,7 @@ _ctx_guard = threading.Lock()
 def worker_context() -> Context:
     """This process's Context, built on first use; a forked child builds its own."""
     global _ctx
-    from app.context import Context
+    from app.storage.context import Context
 
     with _ctx_guard:
         if _ctx is not None and _ctx[0] != os.getpid():
@@ -124,9 +124,9 @@ def _close_context(**_: Any) -> None:
 @beat_init.connect
 def _lead_beat(**_: Any) -> None:
     """Before beat sends anything: lead, or stand by until the leader's lock is free."""
-    from app.beat_guard import lead
+    from app.ops.run_locks import lead_beat
 
-    lead(worker_context())
+    lead_beat(worker_context())
 
 
 # --- remote control -------------------------------------------------------------------
@@ -134,11 +134,11 @@ def _lead_beat(**_: Any) -> None:
 
 def locks_answer() -> dict[str, Any]:
     """The held run-locks and the beat leader lease (an error answer if unreadable)."""
-    from app.checks.status import locks_view
     from app.errors import AutonomyError
+    from app.ops.run_locks import view
 
     try:
-        return locks_view(worker_context())
+        return view(worker_context())
     except AutonomyError as e:
         return e.to_wire()
 

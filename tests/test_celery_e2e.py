@@ -29,7 +29,7 @@ from celery import Celery
 
 import beat_schedule
 from app.celery_app import build_beat_schedule, celery_key_prefix, configure
-from app.cli_flower import refuse_open_flower
+from app.local.flower import refuse_open_flower
 from app.settings import Settings
 from tests.conftest import make_settings
 
@@ -290,8 +290,8 @@ def test_a_second_beat_stands_by_and_takes_over_when_the_leader_is_killed(
     """Two real beats: one leads (the beat leader lease, visible in status), the other
     stands by (listed as a standby) and sends nothing until the leader dies; then it takes
     the lease once it lapses and leads. No run-lock is held for the beat."""
-    from app import leader, locks
-    from app.context import Context
+    from app.storage import leader, locks
+    from app.storage.context import Context
 
     e2e["env"].update(AUTONOMY_BEAT_LEASE_RENEW_MS="200",
                       AUTONOMY_BEAT_LEASE_TTL_MS="1500",

@@ -9,11 +9,13 @@ from typing import Any
 
 from celery.utils.saferepr import saferepr
 
-from app import lanes, leader, locks
 from app.celery_app import lock_lines
-from app.checks.jobs import run_job
-from app.checks.status import build_status, locks_view
-from app.context import Context
+from app.ops import lanes
+from app.ops.checks.jobs import run_job
+from app.ops.checks.status import build_status
+from app.ops.run_locks import view as locks_view
+from app.storage import leader, locks
+from app.storage.context import Context
 from tasks.checks import STATUS_REPR_MAX, TASKS, flower_shape
 
 

@@ -1,6 +1,6 @@
-"""The beat leader lease (``app.leader``, ``app.beat_guard``): one holder, renewed by its
-token only, a TTL instead of a budget, standbys listed; shown apart from the run-locks in
-the status payload and ``autonomy locks``."""
+"""The beat leader lease (``app.storage.leader``, ``app.storage.beat_guard``): one holder,
+renewed by its token only, a TTL instead of a budget, standbys listed; shown apart from
+the run-locks in the status payload and ``autonomy locks``."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from app import beat_guard, leader, locks
-from app.checks.status import build_status
 from app.clock import FrozenClock, from_ms, iso, to_ms
-from app.context import Context
+from app.ops.checks.status import build_status
 from app.settings import Settings
+from app.storage import beat_guard, leader, locks
+from app.storage.context import Context
 from tests.conftest import make_settings
 
 

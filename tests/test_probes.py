@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from app import leader
 from app.clock import FrozenClock
-from app.context import Context
-from app.probes import this_host
+from app.ops.probes import this_host
+from app.storage import leader
+from app.storage.context import Context
 from tests.api_server import client
 from tests.conftest import make_settings
 from tests.servers import ThrowawayRedis, free_port

@@ -21,7 +21,7 @@ import psutil
 import pytest
 import redis as redis_lib
 
-from app.cli_serve import is_loopback
+from app.netaddr import is_loopback
 from tests.servers import free_port
 
 READY = "autonomy up: ready"
@@ -273,8 +273,8 @@ def test_up_on_a_busy_port_exits_2_saying_port_in_use_and_starts_nothing(
 
 def test_the_second_terminal_line_activates_the_venv_and_exports_the_urls(
         tmp_path: Path) -> None:
+    from app.local.up import Supervisor, absolute_db_url
     from app.settings import Settings
-    from app.up import Supervisor, absolute_db_url
 
     s = Settings(database_url="sqlite:///rel/a.db", redis_prefix="mine:")
     sup = Supervisor(s, host="127.0.0.1", port=1, flower_port=2)
