@@ -284,7 +284,8 @@ def test_a_standby_beat_leads_within_the_lease_ttl_when_the_leaders_host_is_cut_
         "double grants": f"{len(doubles)} (sends in one period)",
         "late completes refused": "-",
         "beat handover s": f"{handover_s:.2f}",
-        "notes": (f"period {period:g} s, leader lease TTL {ttl_s:g} s (+ standby poll "
+        "notes": (f"{old} led, {new} took over; "
+                  f"period {period:g} s, leader lease TTL {ttl_s:g} s (+ standby poll "
                   f"{fl.BEAT_STANDBY_POLL_S:g} s); {len(late_old)} send(s) from the old "
                   f"leader after healing; old leader "
                   f"{'exited' if not old_beat.alive() else 'still running'}"),
