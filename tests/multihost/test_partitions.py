@@ -53,9 +53,9 @@ def double_grants(events: list[dict[str, Any]]) -> int:
 
 def _answer_line(log: str, task_id: int) -> str | None:
     """The cut-off worker's last word on ``task_id``: done, refused, or gave up."""
-    pat = re.compile(rf"task {task_id}: (done|complete refused \(\w+\)|lease lost.*|"
-                     rf"failed.*)")
-    found = [m.group(0) for m in pat.finditer(log)]
+    pat = re.compile(rf"task {task_id}: (done|(?:complete|outcome) refused \(\w+\)|"
+                     rf"lease lost.*|failed.*)")
+    found = [m.group(1) for m in pat.finditer(log)]
     if found:
         return found[-1]
     return "gave up" if "giving up after" in log else None
@@ -158,7 +158,7 @@ def _cut_worker_mid_lease(fleet: Fleet, *, cut: str, other: str, how: str,
     assert fleet.procs[wcut].alive() and fleet.procs[wcut].pid == pid_before
     assert again["claimed_by"] == cut and again["result"] == {"host": cut, "taskId": after}
     # its late complete was refused as stale, and that refusal is on the task's record
-    assert line == "complete refused (stale_lease)", (
+    assert re.fullmatch(r"(complete|outcome) refused \(stale_lease\)", line), (
         f"{cut}'s late complete on task {held} was answered {line!r}")
     assert len(refused) == 1, held_events
 
