@@ -11,6 +11,7 @@ lost. Each fault adds a row to the partition table (``conftest.add_row``).
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import signal
 import threading
@@ -178,15 +179,17 @@ def test_an_http_worker_cut_off_mid_lease_is_requeued_elsewhere_and_refused_afte
 # --- the beat ---------------------------------------------------------------------------
 
 _TASK_NAME = re.compile(r'task\\?"\s*:\s*\\?"tasks\.checks\.(\w+)')
+_TASK_ID = re.compile(r'[{ ]\\?"id\\?"\s*:\s*\\?"([0-9a-f-]{36})')
+Send = tuple[float, str, str, str]  # (Redis time, job, sender address, task id)
 
 
 class BrokerTap:
-    """Every message a beat host pushed to the broker, as Redis saw it: (server time, job,
-    sender address), from ``MONITOR`` on a connection of its own."""
+    """Every message a beat host pushed to the broker, as Redis saw it (``Send``), from
+    ``MONITOR`` on a connection of its own."""
 
     def __init__(self, fleet: Fleet, senders: set[str]) -> None:
         self.senders = senders
-        self.sends: list[tuple[float, str, str]] = []
+        self.sends: list[Send] = []
         self._stop = threading.Event()
         self._client = redis.Redis.from_url(fleet.redis_url)
         self._thread = threading.Thread(target=self._run, name="broker-tap", daemon=True)
@@ -200,12 +203,12 @@ class BrokerTap:
                 text = str(cmd.get("command", ""))
                 if not text.upper().startswith("LPUSH"):
                     continue
-                job = _TASK_NAME.search(text)
+                job, tid = _TASK_NAME.search(text), _TASK_ID.search(text)
                 if job and cmd.get("client_address") in self.senders:
                     self.sends.append((float(cmd["time"]), job.group(1),
-                                       str(cmd["client_address"])))
+                                       str(cmd["client_address"]), tid.group(1) if tid else ""))
 
-    def from_(self, addr: str, since: float = 0.0) -> list[tuple[float, str, str]]:
+    def from_(self, addr: str, since: float = 0.0) -> list[Send]:
         return [s for s in list(self.sends) if s[2] == addr and s[0] >= since]
 
     def close(self) -> None:
@@ -214,11 +217,11 @@ class BrokerTap:
         self._client.close()
 
 
-def sent_twice_in_a_period(sends: list[tuple[float, str, str]], period_s: float) -> list[Any]:
+def sent_twice_in_a_period(sends: list[Send], period_s: float) -> list[Any]:
     """Pairs of sends of one job closer than half a period: one leader never sends a job
     faster than its period, two leaders sending at once always do at least once a period."""
     by_job: dict[str, list[float]] = defaultdict(list)
-    for at, job, _ in sends:
+    for at, job, _, _ in sends:
         by_job[job].append(at)
     pairs = []
     for job, times in by_job.items():
@@ -226,6 +229,22 @@ def sent_twice_in_a_period(sends: list[tuple[float, str, str]], period_s: float)
         pairs += [(job, a, b) for a, b in itertools.pairwise(times)
                   if b - a < period_s / 2]
     return pairs
+
+
+def _fates(fleet: Fleet, sends: list[Send]) -> list[str] | None:
+    """Each send's stored outcome (``job: SUCCESS``, ``job: REVOKED`` when it expired
+    unrun, ...); None while one has no stored result yet."""
+    r = redis.Redis.from_url(fleet.redis_url, decode_responses=True)
+    try:
+        out = []
+        for _, job, _, tid in sends:
+            meta = r.get(f"mh:celery:celery-task-meta-{tid}")
+            if meta is None:
+                return None
+            out.append(f"{job}: {json.loads(meta)['status']}")
+        return out or ["-"]
+    finally:
+        r.close()
 
 
 def test_a_standby_beat_leads_within_the_lease_ttl_when_the_leaders_host_is_cut_off(
@@ -277,6 +296,9 @@ def test_a_standby_beat_leads_within_the_lease_ttl_when_the_leaders_host_is_cut_
     sends = sorted(tap.sends)
     doubles = sent_twice_in_a_period(sends, period)
     late_old = tap.from_(old_addr, healed_at)
+    # what became of the old leader's late messages: run, or refused as expired
+    fates = fleet.wait_for("the old leader's late messages to be settled",
+                           lambda: _fates(fleet, late_old), 60, ["celery-worker"])
     add_row({
         "fault": "leading beat host cut",
         "done": len(sends),
@@ -287,7 +309,7 @@ def test_a_standby_beat_leads_within_the_lease_ttl_when_the_leaders_host_is_cut_
         "notes": (f"{old} led, {new} took over; "
                   f"period {period:g} s, leader lease TTL {ttl_s:g} s (+ standby poll "
                   f"{fl.BEAT_STANDBY_POLL_S:g} s); {len(late_old)} send(s) from the old "
-                  f"leader after healing; old leader "
+                  f"leader after healing ({', '.join(fates) or 'none'}); old leader "
                   f"{'exited' if not old_beat.alive() else 'still running'}"),
     })
     assert standby_before == 0, "the standby sent while the leader led"
