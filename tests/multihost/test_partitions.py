@@ -10,6 +10,7 @@ lost. Each fault adds a row to the partition table (``conftest.add_row``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
@@ -17,6 +18,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +76,14 @@ def _create(fleet: Fleet, title: str, **payload: Any) -> int:
     return int(answer["task"]["id"])
 
 
-def _parked(fleet: Fleet, worker: str) -> Any:
+@contextlib.contextmanager
+def _parked(fleet: Fleet, worker: str) -> Iterator[None]:
     """SIGSTOP a worker process (not its command) while the block runs."""
-    class Parked:
-        def __enter__(self) -> None:
-            fleet.procs[worker].signal(signal.SIGSTOP)
-
-        def __exit__(self, *exc: object) -> None:
-            fleet.procs[worker].signal(signal.SIGCONT)
-    return Parked()
+    fleet.procs[worker].signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        fleet.procs[worker].signal(signal.SIGCONT)
 
 
 def _cut_worker_mid_lease(fleet: Fleet, *, cut: str, other: str, how: str,
