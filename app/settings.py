@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     flower_basic_auth: str | None = None
     celery_queue: str = "autonomy"
 
-    # --- control panel and `autonomy up` (issue 4: app/api/panel.py, app/up.py) ----------
+    # --- control panel and `autonomy up` (issue 4: app/api/panel.py, app/local/up.py) ----------
     panel_refresh_ms: int = 3_000
     # where `autonomy up` looks for a running Redis when no REDIS_URL is configured
     # (before it starts an embedded one); a setting so tests can point it elsewhere

@@ -14,8 +14,8 @@ from pydantic import SecretStr
 
 from app import ops
 from app.clock import FrozenClock
-from app.context import Context
 from app.settings import Settings
+from app.storage.context import Context
 from tests.api_server import client
 from tests.conftest import make_settings
 from tests.servers import free_port

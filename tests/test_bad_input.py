@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
-from app import lanes, ops
+from app import ops
 from app.clock import FrozenClock
-from app.context import Context
 from app.errors import AutonomyError, DatabaseUnavailable, RedisUnavailable
+from app.ops import lanes
+from app.storage.context import Context
 from tests.conftest import make_settings
 from tests.servers import free_port
 from tests.test_lanes import snapshot
@@ -141,7 +142,7 @@ def test_a_complete_still_lands_when_redis_is_down(sqlite_url: str, clock: Froze
 
 
 def test_a_database_without_the_schema_says_to_migrate(ctx: Context) -> None:
-    from app import db
+    from app.storage import db
 
     db.downgrade(ctx.settings.database_url, "base")
     ctx.engine.dispose()

@@ -8,11 +8,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from app import lane_control, lanes, store
 from app.clock import FrozenClock
-from app.context import Context
-from app.db import transaction
 from app.errors import LanePaused, NotInProgress, StaleLease, TaskNotFound
+from app.ops import lane_control, lanes
+from app.storage import store
+from app.storage.context import Context
+from app.storage.db import transaction
 
 
 def snapshot(ctx: Context) -> list[dict[str, Any]]:
@@ -97,7 +98,7 @@ def test_guard_hits_are_in_the_lane_history_without_a_database_write(ctx: Contex
     lanes.create(ctx, assignee="coder", title="a")
     first = lanes.claim(ctx, assignee="coder", worker="w1")
     lanes.claim(ctx, assignee="coder", worker="w2")
-    from app.history import history
+    from app.ops.history import history
 
     events = history(ctx, task_id=first["task"]["id"])["events"]
     guards = [e for e in events if e["kind"] == "claim_guard"]

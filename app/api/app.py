@@ -29,7 +29,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
 from app.api import panel, routes, schemas
-from app.context import Context
 from app.errors import (
     AutonomyError,
     Conflict,
@@ -38,6 +37,7 @@ from app.errors import (
     RedisUnavailable,
 )
 from app.settings import Settings
+from app.storage.context import Context
 
 log = logging.getLogger(__name__)
 

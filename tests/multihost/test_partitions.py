@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 import redis
 
-from app.context import Context
-from app.locks import collect_run_locks
 from app.settings import Settings
+from app.storage.context import Context
+from app.storage.locks import collect_run_locks
 from tests.multihost import fleet as fl
 from tests.multihost.conftest import add_row
 from tests.multihost.fleet import LANE, Fleet
