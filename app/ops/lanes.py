@@ -61,7 +61,8 @@ def claim(ctx: Context, *, assignee: str, worker: str) -> dict[str, Any]:
     another claim holds the slot (``CLAIMING``) this one waits for it to land -- then the
     answer is that lease, not a second grant. A refusal Redis suggests is confirmed by a
     database read; when Redis was behind (a lease that ended, a pause that was lifted) it
-    is put right and asked again. Past ``claim_reserve_ms`` the database decides alone.
+    is put right and asked again. Past ``claim_reserve_ms`` the database decides alone,
+    and so it does at once while Redis is degraded (down, stalled: SPEC 4.7).
     """
     s = ctx.settings
     a, w = validate.assignee(assignee, s), validate.worker(worker, s)
@@ -69,7 +70,7 @@ def claim(ctx: Context, *, assignee: str, worker: str) -> dict[str, Any]:
     while True:
         now = ctx.clock()
         fast = leases.check(ctx, assignee=a, worker=w, now_ms=to_ms(now))
-        if fast.code == leases.PROCEED:
+        if fast is None or fast.code == leases.PROCEED:
             break
         if fast.code != leases.CLAIMING:
             answer = _confirm_fast_path(ctx, fast, assignee=a, worker=w, now=now)
@@ -84,7 +85,7 @@ def claim(ctx: Context, *, assignee: str, worker: str) -> dict[str, Any]:
         granted = answer.get("lease") is not None and answer.get("guard") is None
         return answer
     finally:
-        if fast.code == leases.PROCEED and not granted:
+        if fast is not None and fast.code == leases.PROCEED and not granted:
             leases.unreserve(ctx, assignee=a, worker=w)
 
 
@@ -227,6 +228,17 @@ def _refusal(row: RowMapping | None, tid: int, token: str, *, action: str
     return None
 
 
+def _done_refusal(row: RowMapping, tid: int, token: str) -> AutonomyError | None:
+    """A complete on a done task (SPEC 4.2): the token of the lease that completed it is an
+    idempotent retry (None: ``duplicate_complete_guard``); any other is a superseded
+    lease's late outcome, refused (``stale_lease``)."""
+    if row["lease_token"] == token:
+        return None
+    return StaleLease(f"task {tid} is done, completed under another lease; this lease was "
+                      "superseded and its outcome is not recorded", taskId=tid,
+                      status=row["status"])
+
+
 def _refusal_event(conn: Connection, err: AutonomyError, row: RowMapping | None, *,
                    now: datetime, action: str) -> None:
     if row is None:
@@ -258,8 +270,10 @@ def complete(ctx: Context, *, task_id: Any, lease_token: Any, outcome: Any,
                 lane = store.get_lane(conn, assignee=row["assignee"], for_update=True)
         row = store.get_task(conn, task_id=tid, for_update=True)
         if row is not None and row["status"] == TaskStatus.done.value:
-            answer = {"ok": True, "guard": "duplicate_complete_guard", "task": wire.task(row)}
-            refusal = None
+            refusal = _done_refusal(row, tid, token)
+            if refusal is None:
+                answer = {"ok": True, "guard": "duplicate_complete_guard",
+                          "task": wire.task(row)}
         else:
             refusal = _refusal(row, tid, token, action="complete")
         if refusal is not None:

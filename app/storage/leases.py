@@ -3,7 +3,10 @@ database write.
 
 Redis here is a cache of the database's leases and lane state, never the authority:
 every refusal it suggests is confirmed by a database read before it is answered, and a
-flushed Redis only means the database layer does all the work. Keys: see
+flushed Redis only means the database layer does all the work. Every call here goes
+through ``_fast``: the fast path's client (``redis_fast_path_timeout_ms``, no retries) and
+the context's ``RedisHealth`` -- a Redis that errs or stalls marks it degraded, and until
+a re-probe answers, the operations skip Redis and the database answers alone (SPEC 4.7). Keys: see
 ``app/storage/redis_keys.py`` (``lease:*``, ``lane:*:leases``, ``lane:*:meta``, ``lane:*:guards``).
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,20 +114,44 @@ class FastPath:
 
 
 def _run(ctx: Context, script: Script, keys: list[str], args: list[Any]) -> Any:
-    return run_script(ctx, script, len(keys), *keys, *args)
+    return run_script(ctx, script, len(keys), *keys, *args, fast=True)
 
 
-def check(ctx: Context, *, assignee: str, worker: str, now_ms: int) -> FastPath:
+_SKIPPED = object()
+
+
+def _fast(ctx: Context, what: str, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on the fast path, or ``_SKIPPED`` when Redis is degraded or fails now (the
+    failure marks it degraded; the caller goes on with the database alone)."""
+    health = ctx.redis_health
+    if not health.usable():
+        return _SKIPPED
+    try:
+        with redis_errors(ctx.fast_redis):
+            out = fn()
+    except RedisUnavailable as e:
+        health.failed(e)
+        log.debug("redis: could not %s (the database stays authoritative): %s", what, e)
+        return _SKIPPED
+    health.ok()
+    return out
+
+
+def check(ctx: Context, *, assignee: str, worker: str, now_ms: int) -> FastPath | None:
     """One round trip: is the lane paused, does the worker hold a lease, is the lane full,
     is another claim in flight? When none of these, the worker's slot is reserved for
     ``claim_reserve_ms`` (``PROCEED``).
 
-    Raises ``RedisUnavailable`` when Redis cannot be reached.
+    None when Redis is degraded or cannot answer within its deadline: the database decides
+    alone.
     """
     k = ctx.keys
-    res = _run(ctx, _CHECK,
-               [k.lane_meta(assignee), k.worker_lease(assignee, worker), k.lane_leases(assignee)],
-               [now_ms, worker, now_ms + ctx.settings.claim_reserve_ms])
+    res = _fast(ctx, "check the claim", lambda: _run(
+        ctx, _CHECK,
+        [k.lane_meta(assignee), k.worker_lease(assignee, worker), k.lane_leases(assignee)],
+        [now_ms, worker, now_ms + ctx.settings.claim_reserve_ms]))
+    if res is _SKIPPED:
+        return None
     code = int(res[0])
     if code == CLAIMING:
         return FastPath(CLAIMING, claiming=res[1])
@@ -182,10 +210,10 @@ def set_paused(ctx: Context, *, assignee: str, paused: bool, reason: str | None,
 
     def write() -> None:
         if paused:
-            ctx.redis.hset(key, mapping={"paused": "1", "reason": reason or "",
-                                         "pausedAt": paused_at or ""})
+            ctx.fast_redis.hset(key, mapping={"paused": "1", "reason": reason or "",
+                                              "pausedAt": paused_at or ""})
         else:
-            pipe = ctx.redis.pipeline()
+            pipe = ctx.fast_redis.pipeline()
             pipe.hset(key, "paused", "0")
             pipe.hdel(key, "reason", "pausedAt")
             pipe.execute()
@@ -196,7 +224,8 @@ def set_paused(ctx: Context, *, assignee: str, paused: bool, reason: str | None,
 def set_max_in_flight(ctx: Context, *, assignee: str, max_in_flight: int) -> None:
     _best_effort(
         "mirror max in flight",
-        lambda: ctx.redis.hset(ctx.keys.lane_meta(assignee), "maxInFlight", max_in_flight),
+        lambda: ctx.fast_redis.hset(ctx.keys.lane_meta(assignee), "maxInFlight",
+                                    max_in_flight),
         ctx,
     )
 
@@ -213,9 +242,12 @@ def log_guard(ctx: Context, *, assignee: str, entry: dict[str, Any], metric: str
 
 
 def guard_log(ctx: Context, *, assignee: str, limit: int = 200) -> list[dict[str, Any]]:
-    """The lane's most recent refused duplicates, newest first."""
-    with redis_errors(ctx.redis):
-        raw = ctx.redis.lrange(ctx.keys.lane_guards(assignee), 0, limit - 1)
+    """The lane's most recent refused duplicates, newest first (none while Redis is
+    degraded)."""
+    raw = _fast(ctx, "read the guard log",
+                lambda: ctx.fast_redis.lrange(ctx.keys.lane_guards(assignee), 0, limit - 1))
+    if raw is _SKIPPED:
+        return []
     out = []
     for item in raw:
         try:
@@ -227,12 +259,15 @@ def guard_log(ctx: Context, *, assignee: str, limit: int = 200) -> list[dict[str
 
 def bump(ctx: Context, metric: str, by: int = 1) -> None:
     """Increment a counter in the metrics hash (best effort)."""
-    _best_effort("bump metric", lambda: ctx.redis.hincrby(ctx.keys.metrics(), metric, by), ctx)
+    _best_effort("bump metric",
+                 lambda: ctx.fast_redis.hincrby(ctx.keys.metrics(), metric, by), ctx)
 
 
 def _best_effort(what: str, fn: Any, ctx: Context) -> None:
-    try:
-        with redis_errors(ctx.redis):
-            fn()
-    except RedisUnavailable as e:
-        log.warning("redis: could not %s (the database stays authoritative): %s", what, e)
+    _fast(ctx, what, fn)
+
+
+def probe(ctx: Context) -> bool:
+    """Is Redis usable now, as the fast path sees it (a PING within its deadline, unless
+    a re-probe is not due yet)? For the status payload's ``redis`` field."""
+    return _fast(ctx, "ping", ctx.fast_redis.ping) is not _SKIPPED

@@ -242,12 +242,15 @@ def extend_lease(conn: Connection, *, task_id: int, token: str, expires_at: date
 
 def mark_done(conn: Connection, *, task_id: int, token: str, now: datetime,
               result: dict[str, Any] | None) -> RowMapping | None:
+    """Conditionally mark a leased task done. Its ``lease_token`` stays: a done task keeps
+    the token of the lease that completed it, which tells an idempotent retry of that
+    complete from a superseded lease's late one (SPEC 4.2)."""
     return conn.execute(
         sa.update(T)
         .where(T.c.id == task_id, T.c.status == TaskStatus.in_progress.value,
                T.c.lease_token == token)
         .values(status=TaskStatus.done.value, completed_at=now, updated_at=now,
-                lease_token=None, lease_expires_at=None, result=result)
+                lease_expires_at=None, result=result)
         .returning(*T.c)
     ).mappings().first()
 

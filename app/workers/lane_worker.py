@@ -251,9 +251,9 @@ class LaneWorker:
                 return self._complete(job, "failure", reason, None)
             self._log(f"task {job.task_id}: complete refused ({e.code}: {e.message})")
             return self._release(job, "its failure could not be recorded")
-        except _LOST as e:
+        except _LOST as e:  # e.g. another lease completed it: the outcome is not ours
             self.stats.lost += 1
-            self._log(f"task {job.task_id}: complete refused ({e.code}); it moved on")
+            self._log(f"task {job.task_id}: outcome refused ({e.code}): {e.message}")
             return
         if answer is None:
             return
