@@ -16,7 +16,7 @@ from app.errors import (
     InvalidTitle,
     InvalidWorker,
 )
-from app.models import IncidentStatus, Outcome
+from app.kinds import IncidentStatus, Outcome
 from app.settings import Settings
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 import app
-from app import locks
-from app.cli_output import human_duration, human_time, table
-from app.context import Context
+from app.cli.output import human_duration, human_time, table
 from app.settings import Settings
+from app.storage import locks
+from app.storage.context import Context
 from tests.test_cli import cli, cli_env, ok
 
 __all__ = ["cli_env"]

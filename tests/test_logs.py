@@ -104,7 +104,7 @@ def test_autonomy_worker_text_lines_are_readable_with_the_same_fields(
     assert proc.returncode == 0, proc.stderr
     done = [ln for ln in proc.stderr.splitlines() if f"task {task_id}: done" in ln]
     assert len(done) == 1
-    assert " INFO  worker app.worker: " in done[0]
+    assert " INFO  worker app.workers.lane_worker: " in done[0]
     assert done[0].endswith(f"worker=w1 lane=coder task_id={task_id}")
     with pytest.raises(ValueError):
         json.loads(done[0])
@@ -255,8 +255,8 @@ def test_an_unexpected_api_error_is_logged_with_its_request_id(
 def test_lines_logged_by_a_handler_name_the_task(captured: io.StringIO, api_ctx: Any) -> None:
     """A Python LaneWorker's handler logs through ``logging``: its lines carry the task."""
     from app import ops
-    from app.client import LocalClient
-    from app.worker import LaneWorker
+    from app.workers.client import LocalClient
+    from app.workers.lane_worker import LaneWorker
 
     task_id = ops.dispatch(api_ctx, {"action": "create", "assignee": "coder",
                                      "title": "t"})["task"]["id"]

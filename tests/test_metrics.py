@@ -17,11 +17,11 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from app import beat_guard, locks
 from app.api import metrics
-from app.checks import handoff, jobs, monitoring, status
 from app.clock import FrozenClock
-from app.context import Context
+from app.ops.checks import handoff, jobs, monitoring, status
+from app.storage import beat_guard, locks
+from app.storage.context import Context
 from tests.conftest import make_settings
 from tests.servers import free_port
 from tests.test_api import TOKEN, api_ctx, call, http

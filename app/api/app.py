@@ -30,7 +30,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app import __version__
 from app.api import panel, routes, schemas
 from app.api.request_log import RequestLog
-from app.context import Context
 from app.errors import (
     AutonomyError,
     Conflict,
@@ -39,6 +38,7 @@ from app.errors import (
     RedisUnavailable,
 )
 from app.settings import Settings
+from app.storage.context import Context
 
 log = logging.getLogger(__name__)
 

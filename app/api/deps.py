@@ -11,9 +11,9 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.context import Context
 from app.errors import AuthError, Forbidden, InvalidInput
 from app.settings import Settings
+from app.storage.context import Context
 
 # a request body may carry a payload and a result, each up to payload_max_bytes
 _BODY_FACTOR = 3

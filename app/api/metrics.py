@@ -3,7 +3,7 @@
 Built per scrape from one status payload (a collector over a fresh registry), so the
 figures are the ones the control panel shows, and nothing is kept in this process between
 scrapes: what must outlive a process (each job's run count, failures, last success and
-duration histogram) is persisted with the job's run record (``app.checks.job_stats``).
+duration histogram) is persisted with the job's run record (``app.ops.checks.job_stats``).
 
 Conventions (the Prometheus naming guide; ``tests/test_metrics.py`` checks them on a real
 scrape): every name starts ``autonomy_``; counters end ``_total``; no gauge ends

@@ -14,10 +14,11 @@ from fastapi import APIRouter, Query
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from app import history, ops, validate
+from app import ops, validate
 from app.api import metrics, schemas
 from app.api.deps import Authorization, Ctx, JsonBody, body_object, check_token
-from app.checks import monitoring
+from app.ops import history
+from app.ops.checks import monitoring
 
 router = APIRouter()
 
