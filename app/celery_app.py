@@ -14,7 +14,10 @@ use (``worker_context``) and rebuilds it after a fork.
   period. A beat message expires after one period: when workers are down the queue does
   not fill with stale runs of the same job.
 - ``celery -A app.celery_app inspect run_locks`` asks each worker for the held run-locks
-  (the same list as the status payload's ``workflowHealth.runLocks``).
+  (the same list as the status payload's ``workflowHealth.runLocks``) and the beat leader
+  lease. The same answer is in every worker's stats (a bootstep's ``info()``), which
+  Flower's worker page shows under "Other": ``runLocks``, ``beat``, and one readable line
+  per held lock (``run-lock <job>``: holder, elapsed vs budget, over budget, alive).
 - Logging is ``app.logs`` (Celery's ``setup_logging`` signal: Celery leaves the root logger
   alone): worker and beat lines have the API's format, ``AUTONOMY_LOG_FORMAT=json`` for
   JSON lines; each line logged while a task runs carries its ``task_id``, ``worker`` (the
@@ -30,7 +33,7 @@ import threading
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 from celery.signals import (
     beat_init,
     celeryd_after_setup,
@@ -190,14 +193,58 @@ def _lead_beat(**_: Any) -> None:
 # --- remote control -------------------------------------------------------------------
 
 
-@inspect_command()
-def run_locks(state: Any, **_: Any) -> dict[str, Any]:
-    """List held run-locks (job, holder, elapsed, budget, over budget, holder alive)."""
+def locks_answer() -> dict[str, Any]:
+    """The held run-locks and the beat leader lease (an error answer if unreadable)."""
     from app.errors import AutonomyError
-    from app.ops.run_locks import held
+    from app.ops.run_locks import view
 
     try:
-        locks = held(worker_context())
+        return view(worker_context())
     except AutonomyError as e:
         return e.to_wire()
-    return {"runLocks": locks, "runLocksCount": len(locks)}
+
+
+def _secs(ms: int | None) -> str:
+    return "-" if ms is None else f"{ms / 1000:.1f} s"
+
+
+def lock_lines(answer: dict[str, Any]) -> dict[str, str]:
+    """One readable line per held run-lock, keyed ``run-lock <job>``, and the beat lease."""
+    lines = {}
+    for lk in answer.get("runLocks") or []:
+        lines[f"run-lock {lk['job']}"] = (
+            f"holder {lk['holder']} · elapsed {_secs(lk['elapsedMs'])} of "
+            f"{_secs(lk['budgetMs'])} budget · "
+            f"{'OVER BUDGET' if lk['overBudget'] else 'within budget'} · "
+            f"{'holder alive' if lk['holderAlive'] else 'holder dead (heartbeat stopped)'} · "
+            f"since {lk['startedAt']}")
+    beat = answer.get("beat")
+    if beat is not None:
+        lines["beat leader lease"] = (
+            f"{beat['leader'] or 'NONE'} · since {beat['since']} · renewed "
+            f"{beat['renewedAt']} · TTL {_secs(beat['ttlMs'])} · standbys "
+            f"{', '.join(beat['standbys']) or 'none'}")
+    return lines
+
+
+@inspect_command()
+def run_locks(state: Any, **_: Any) -> dict[str, Any]:
+    """List held run-locks (job, holder, elapsed, budget, over budget, holder alive) and
+    the beat leader lease."""
+    return locks_answer()
+
+
+class RunLocksInStats(bootsteps.StartStopStep):
+    """Adds the held run-locks and the beat lease to the worker's stats, read fresh on
+    each ``stats`` request: Flower's worker page shows them (tab "Other"). A StartStopStep
+    (with nothing to start) because only those are listed in the worker's steps, whose
+    ``info()`` the stats collect."""
+
+    def info(self, worker: Any) -> dict[str, Any]:
+        answer = locks_answer()
+        if "error" in answer:  # Redis down: say so, never break the worker's stats
+            return {"runLocks": f"unreadable: {answer['error']}: {answer['message']}"}
+        return {**lock_lines(answer), **answer}
+
+
+app.steps["worker"].add(RunLocksInStats)

@@ -5,11 +5,10 @@
 stderr: a readable line by default (``AUTONOMY_LOG_FORMAT=text``), one JSON object per
 line with ``AUTONOMY_LOG_FORMAT=json``::
 
-    2026-11-30T00:01:02.345Z INFO  worker app.workers.lane_worker: task 7: done  worker=w1
-        lane=coder task_id=7                                   (one line, wrapped here)
+    2026-11-30T00:01:02.345Z INFO  worker app.workers.lane_worker: task 7: done  task_id=7 ...
     {"ts": "2026-11-30T00:01:02.345Z", "level": "info", "process": "worker", "pid": 4242,
-     "logger": "app.workers.lane_worker", "msg": "task 7: done", "worker": "w1",
-     "lane": "coder", "task_id": 7}
+     "logger": "app.workers.lane_worker", "msg": "task 7: done", "task_id": 7, "lane": "coder",
+     "worker": "w1"}
 
 Context fields (``request_id``, ``task_id``, ``lane``, ``worker``, ``task_name``) come from
 ``bound(...)`` / ``bind(...)`` (context variables, so each request, thread or task sees its

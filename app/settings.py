@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     title_max_len: int = 500
     reason_max_len: int = 2000
     payload_max_bytes: int = 65536
+    # how deep a payload or result may nest (given as an object or as a JSON string)
+    json_max_depth: int = Field(default=32, ge=1, le=200)
     guard_log_max: int = 200
 
     # --- stale rules and checks ---------------------------------------------------
@@ -78,6 +80,10 @@ class Settings(BaseSettings):
     beat_every_s: float | None = Field(default=None, gt=0)
     job_min_runtime_ms: dict[str, int] = Field(default_factory=dict)
     beat_standby_poll_s: float = Field(default=2.0, gt=0)
+    # the beat leader lease (app/leader.py): a leader that stops renewing loses it within
+    # the TTL; renewal runs well inside it
+    beat_lease_ttl_ms: int = Field(default=10_000, gt=0)
+    beat_lease_renew_ms: int = Field(default=2_000, gt=0)
 
     # --- interfaces ---------------------------------------------------------------
     api_token: SecretStr | None = None
@@ -86,6 +92,19 @@ class Settings(BaseSettings):
     flower_port: int = 5555
     flower_basic_auth: str | None = None
     celery_queue: str = "autonomy"
+    # /readyz: answer 503 while Redis is down (False: 200 with "redis": "degraded", for
+    # deployments that keep serving from the database alone)
+    readyz_redis_required: bool = True
+    # set by `autonomy up` for each child it starts; /livez echoes it, so `up` knows the
+    # answer came from its own child, not from whatever else holds the port
+    start_nonce: str | None = None
+    # the Host names the API answers to (SPEC 4.8): empty means the bind address
+    # (api_host), localhost and the loopback literals; "*" allows any (behind a proxy that
+    # checks it). Comma-separated.
+    allowed_hosts: str = ""
+    # origins besides the server's own that may send requests, comma-separated
+    # (e.g. "https://ops.example")
+    allowed_origins: str = ""
 
     # --- logs (app/logs.py): one format for the API, Celery worker and beat, `autonomy worker`
     # "text": a readable line (for a terminal); "json": one JSON object per line
@@ -121,6 +140,29 @@ class Settings(BaseSettings):
         if v < 1:
             raise ValueError("must be >= 1")
         return v
+
+    @model_validator(mode="after")
+    def _lease_renewed_inside_its_ttl(self) -> Settings:
+        if self.beat_lease_renew_ms >= self.beat_lease_ttl_ms:
+            raise ValueError("beat_lease_renew_ms must be below beat_lease_ttl_ms")
+        return self
+
+    @property
+    def allowed_host_names(self) -> list[str]:
+        """``allowed_hosts`` as a list of lower-case names."""
+        return [x.strip().lower() for x in self.allowed_hosts.split(",") if x.strip()]
+
+    @property
+    def allowed_origin_list(self) -> list[str]:
+        """``allowed_origins`` as a list (without trailing slashes)."""
+        return [x.strip().rstrip("/").lower() for x in self.allowed_origins.split(",")
+                if x.strip()]
+
+    @property
+    def request_max_bytes(self) -> int:
+        """The largest request body read: a payload and a result, each up to
+        ``payload_max_bytes`` (escaped, up to 2x), and the envelope."""
+        return self.payload_max_bytes * 3 + 16_384
 
     @property
     def effective_redis_url(self) -> str:

@@ -198,7 +198,7 @@ def test_bad_input_over_http_gets_the_same_code_as_the_cli(
     (b'{"action": "create", "assignee": "coder", "title": "t", "payload": '
      + b'{"a": ' * 100 + b"1" + b"}" * 101, "invalid_input"),
     (json.dumps({"action": "create", "assignee": "coder", "title": "t",
-                 "payload": {"x": "y" * 300_000}}).encode(), "invalid_input"),
+                 "payload": {"x": "y" * 300_000}}).encode(), "body_too_large"),
     (b'{"action": "create", "assignee": 5, "title": "t"}', "invalid_assignee"),
     (b'{"action": "create", "assignee": "coder", "title": ["t"]}', "invalid_title"),
     (b'{"action": "create", "assignee": "coder", "title": "t", "actor": 5}', "invalid_worker"),
@@ -223,7 +223,8 @@ def test_malformed_requests_get_400_with_a_stable_code(http: httpx.Client, api_c
     before = snapshot(api_ctx)
     resp = http.post("/api/autonomy", content=body,
                      headers={"Content-Type": "application/json"})
-    assert resp.status_code == 400, resp.text
+    # an oversized body is refused from its Content-Length, unread (SPEC 4.8)
+    assert resp.status_code == (413 if code == "body_too_large" else 400), resp.text
     answer = resp.json()
     assert answer["ok"] is False and answer["error"] == code and answer["message"], answer
     assert snapshot(api_ctx) == before
@@ -269,10 +270,19 @@ def test_a_mutating_action_needs_the_bearer_token(api_ctx: Context, action: str)
     assert set(MUTATING_SAMPLES) == set(ops.MUTATING)
 
 
-def test_reads_need_no_token(api_ctx: Context) -> None:
+def test_with_a_token_reads_of_tasks_and_history_need_it_status_and_metrics_do_not(
+        api_ctx: Context) -> None:
+    # SPEC 4.8: reads that return payloads or results need the token; every POST is
+    # authorised before its body is read, so the read actions need it too
     with client(api_ctx) as http:
+        assert call(http, "history", 401, assignee="coder")["error"] == "unauthorized"
+        assert call(http, "fingerprint_count", 401, fingerprint="coder:x")
+        resp = http.get("/api/autonomy/tasks")
+        assert resp.status_code == 401 and resp.json()["error"] == "unauthorized"
+        assert http.get("/api/autonomy/status").status_code == 200
+        assert http.get("/metrics").status_code == 200
+    with client(api_ctx, TOKEN) as http:
         assert call(http, "history", assignee="coder")["events"] == []
-        assert call(http, "fingerprint_count", fingerprint="coder:x")["count"] == 0
         assert http.get("/api/autonomy/tasks").json() == {"ok": True, "tasks": []}
 
 

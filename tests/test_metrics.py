@@ -19,8 +19,8 @@ from prometheus_client.samples import Sample
 
 from app.api import metrics
 from app.clock import FrozenClock
-from app.ops.checks import handoff, jobs, monitoring, status
-from app.storage import beat_guard, locks
+from app.ops.checks import handoff, jobs, status
+from app.storage import beat_guard, leader, locks
 from app.storage.context import Context
 from tests.conftest import make_settings
 from tests.servers import free_port
@@ -63,7 +63,7 @@ def beat_leader(api_ctx: Context) -> Iterator[str]:
     assert token is not None
     yield token
     stop.set()
-    locks.release(api_ctx, beat_guard.JOB, token)
+    leader.release(api_ctx, token)
 
 
 @pytest.fixture
@@ -206,16 +206,16 @@ def test_redis_and_beat_come_from_the_payload_when_it_has_them() -> None:
     assert m[("autonomy_beat_standbys", ())] == 2
 
 
-def test_redis_fallback_says_degraded_when_redis_does_not_answer(
+def test_status_says_redis_degraded_when_redis_does_not_answer(
         sqlite_url: str, redis_prefix: str, clock: FrozenClock) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
     ctx = Context.from_settings(make_settings(sqlite_url, dead, redis_prefix,
                                               redis_socket_timeout_s=0.5), clock=clock)
     try:
-        assert monitoring.redis_state(ctx) == "degraded"
-        filled = monitoring.with_fallbacks(ctx, {"workflowHealth": {"runLocks": []}})
-        assert filled["redis"] == "degraded" and filled["beat"]["leader"] is None
-        assert monitoring.with_fallbacks(ctx, {"redis": "ok"})["redis"] == "ok"  # payload wins
+        payload = status.build_status(ctx)
+        assert payload["redis"] == "degraded"
+        m = _samples(metrics.render(payload).decode())
+        assert m[("autonomy_redis_degraded", ())] == 1
     finally:
         ctx.close()
 
@@ -227,7 +227,7 @@ def test_beat_leader_and_redis_fallbacks_on_a_real_scrape(busy_scrape: str) -> N
     # the leader is a lease, not a job's run-lock: no ten-year budget among the run-locks
     assert m[("autonomy_run_locks_held", ())] == 1  # self_heal's
     assert not [k for k in m if k[0].startswith("autonomy_run_lock")
-                and ("job_name", beat_guard.JOB) in k[1]]
+                and ("job_name", "beat") in k[1]]
     assert max(v for k, v in m.items() if k[0] == "autonomy_run_lock_budget_seconds") <= 60
 
 
@@ -315,15 +315,11 @@ def test_the_naming_check_catches_the_old_mistakes() -> None:
 
 def test_no_family_is_always_empty(busy_scrape: str, api_ctx: Context) -> None:
     """Every family the collector knows has samples once the fleet has done a bit of
-    everything (the standby count comes with the status payload's ``beat.standbys``; the
-    fallback knows no standbys and says nothing rather than zero)."""
-    payload = monitoring.with_fallbacks(api_ctx, status.build_status(api_ctx))
+    everything."""
+    payload = status.build_status(api_ctx)
     known = {f.name for f in metrics.StatusCollector(payload).all_families()}
     exported = {f.name for f in text_string_to_metric_families(busy_scrape)}
-    missing = known - exported
-    if not isinstance(payload["beat"].get("standbys"), list):
-        missing.discard("autonomy_beat_standbys")
-    assert missing == set()
+    assert known - exported == set()
 
 
 # --- the shipped dashboard and alert rules -----------------------------------------------

@@ -45,7 +45,7 @@ KNOWN_GUARDS = ("duplicate_claim_guard", "duplicate_complete_guard")
 
 
 class StatusCollector(Collector):
-    """Metric families from one status payload (``monitoring.with_fallbacks`` applied)."""
+    """Metric families from one status payload (it carries ``redis`` and ``beat``)."""
 
     def __init__(self, status: Mapping[str, Any]) -> None:
         self.status = status

@@ -110,4 +110,14 @@ def fmt_duration(ms: Any) -> str:
     return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
+def meter_step(pct: Any) -> int:
+    """A meter's fill as a multiple of 5 (0..100): the ``w<N>`` class in panel.css (the
+    CSP allows no inline style)."""
+    try:
+        return max(0, min(100, round(float(pct) / 5) * 5))
+    except (TypeError, ValueError):
+        return 0
+
+
 templates.env.filters.update(ts=fmt_time, ago=fmt_ago, dur=fmt_duration)
+templates.env.globals["meter_step"] = meter_step

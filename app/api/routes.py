@@ -1,13 +1,17 @@
 """The JSON API: ``POST /api/autonomy`` (every action, through ``app.ops.dispatch``),
-``GET /api/autonomy/status``, ``GET /api/autonomy/tasks`` and ``GET /metrics``.
+``GET /api/autonomy/status``, ``GET /api/autonomy/tasks``, ``GET /metrics`` and the probes
+``GET /livez`` (no I/O) and ``GET /readyz`` (database, schema and Redis; 503 naming what
+failed).
 
-Mutating actions (``app.ops.MUTATING``) need ``Authorization: Bearer <token>`` when a
-token is configured; reads are open (the server binds only loopback without a token).
+With a token configured every POST needs ``Authorization: Bearer <token>`` (checked before
+the body is read, by ``app.api.guard``), and so does ``GET /api/autonomy/tasks`` (it
+returns payloads and results); status and ``/metrics`` stay open.
 Refusals are raised as ``AutonomyError`` and answered by the handlers in ``app.api.app``.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
@@ -16,9 +20,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from app import ops, validate
 from app.api import metrics, schemas
-from app.api.deps import Authorization, Ctx, JsonBody, body_object, check_token
-from app.ops import history
-from app.ops.checks import monitoring
+from app.api.deps import (
+    Authorization,
+    Ctx,
+    JsonBody,
+    SafeJSONResponse,
+    body_object,
+    check_token,
+)
+from app.ops import history, probes
 
 router = APIRouter()
 
@@ -30,7 +40,7 @@ _REQUEST_BODY = {
 
 
 def _json(answer: dict[str, Any]) -> JSONResponse:
-    return JSONResponse(jsonable_encoder(answer))
+    return SafeJSONResponse(jsonable_encoder(answer))
 
 
 @router.post(
@@ -44,11 +54,11 @@ def _json(answer: dict[str, Any]) -> JSONResponse:
 )
 def act(ctx: Ctx, body: JsonBody, authorization: Authorization) -> Response:
     """Authorise (mutations), check the shape, dispatch."""
-    request = body_object(body)
+    request = body_object(body, ctx.settings)
     action = request.get("action")
     if isinstance(action, str) and action in ops.MUTATING:
         check_token(ctx.settings, authorization)
-    schemas.check_shape(request)
+    schemas.check_shape(request, ctx.settings)
     return _json(ops.dispatch(ctx, request))
 
 
@@ -84,5 +94,23 @@ def tasks(
 def prometheus(ctx: Ctx) -> Response:
     """Run-locks, periodic jobs, lanes, the breaker, GO/NO_GO/unknown, counters, Redis and
     the beat leader (see ``app.api.metrics`` for the names and their rules)."""
-    payload = monitoring.with_fallbacks(ctx, ops.dispatch(ctx, {"action": "status"}))
+    payload = ops.dispatch(ctx, {"action": "status"})
     return Response(metrics.render(payload), media_type=metrics.CONTENT_TYPE)
+
+
+@router.get("/livez", summary="Liveness: the process serves (no I/O)",
+            responses={200: {"description": "`{ok: true, pid, nonce}`"}})
+def livez(ctx: Ctx) -> Response:
+    """Answers from memory: the pid, and the start nonce ``autonomy up`` gave this process
+    (so ``up`` knows it is its own child answering, not another process on the port)."""
+    return _json({"ok": True, "pid": os.getpid(), "nonce": ctx.settings.start_nonce})
+
+
+@router.get("/readyz", summary="Readiness: database reachable and migrated, Redis reachable",
+            responses={503: {"description": "Not ready: `failed` names the parts, `message` "
+                                            "says why; Redis down is `redis: degraded`."}})
+def readyz(ctx: Ctx) -> Response:
+    """200 when the database answers at the code's schema head and Redis answers; else 503
+    with ``error: not_ready`` and ``failed`` naming each part that is not."""
+    answer = probes.ready(ctx)
+    return SafeJSONResponse(jsonable_encoder(answer), status_code=200 if answer["ok"] else 503)

@@ -13,15 +13,16 @@ themselves through ``EXTENSIONS``: each is ``module:register`` taking the Typer 
 from __future__ import annotations
 
 import importlib
-import json
 import logging
+import os
+import sys
 from typing import Any
 
 import typer
 
 from app import __version__, logs, ops
 from app.cli.output import fail, human_time, run, table, want_json
-from app.errors import AutonomyError, InvalidPayload
+from app.errors import AutonomyError, InvalidInput
 from app.storage.context import Context
 
 app = typer.Typer(add_completion=True, no_args_is_help=True,
@@ -90,15 +91,6 @@ def _task_line(a: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _payload(text: str | None) -> Any:
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except ValueError as e:
-        fail(InvalidPayload(f"--payload is not valid JSON: {e}"), want_json(None))
-
-
 @app.command()
 def create(assignee: str, title: str,
            priority: int = typer.Option(0, help="Higher is claimed first."),
@@ -106,7 +98,7 @@ def create(assignee: str, title: str,
            as_json: bool | None = JsonOpt) -> None:
     """Queue a task in a lane."""
     call({"action": "create", "assignee": assignee, "title": title, "priority": priority,
-          "payload": _payload(payload)}, as_json, _task_line)
+          "payload": payload}, as_json, _task_line)
 
 
 @app.command()
@@ -131,7 +123,7 @@ def complete(task_id: int, lease_token: str,
              as_json: bool | None = JsonOpt) -> None:
     """Complete a leased task with success or a validation failure."""
     call({"action": "complete", "taskId": task_id, "leaseToken": lease_token,
-          "outcome": outcome, "validationReason": reason, "result": _payload(result)},
+          "outcome": outcome, "validationReason": reason, "result": result},
          as_json, _task_line)
 
 
@@ -224,13 +216,52 @@ def _load_extensions() -> None:
 
 
 def main() -> None:
-    """Console script entry point."""
+    """Console script entry point. Whatever the input, the answer is an exit code and an
+    ``error: <code>: <message>`` line, never a traceback (``AUTONOMY_DEBUG=1`` shows one)."""
     try:  # one-shot commands log warnings only; serve and worker reconfigure for INFO
         logs.configure(process="cli", level=logging.WARNING)
     except ValueError:  # a bad setting: the command itself reports it
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _load_extensions()
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except SystemExit:
+        raise
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except _USAGE_ERROR as e:
+        usage: Any = e
+        if type(e).__name__ == "NoArgsIsHelpError":
+            typer.echo(usage.format_message(), err=True)
+            sys.exit(2)
+        if usage.ctx is not None:
+            typer.echo(usage.ctx.get_usage(), err=True)
+        _die(InvalidInput(usage.format_message()))
+    except AutonomyError as e:
+        _die(e)
+    except RecursionError:
+        _die(InvalidInput("the input nests too deeply"))
+    except Exception as e:
+        if os.environ.get("AUTONOMY_DEBUG"):
+            raise
+        _die(AutonomyError(f"unexpected {type(e).__name__}: {str(e)[:300]}; "
+                           "set AUTONOMY_DEBUG=1 for the traceback"))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+# the command-line parser's usage error (typer ships its own click)
+_USAGE_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__
+                                     if c.__name__ == "UsageError")
+
+
+def _die(err: AutonomyError) -> None:
+    try:
+        fail(err, want_json(None))
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -39,8 +39,14 @@ def fail(err: AutonomyError, as_json: bool) -> None:
     """Print an error (code + message on stderr; the JSON answer on stdout for scripts)."""
     if as_json:
         typer.echo(json.dumps(err.to_wire(), default=str))
-    typer.echo(f"error: {err.code}: {err.message}", err=True)
+    typer.echo(printable(f"error: {err.code}: {err.message}"), err=True)
     raise typer.Exit(exit_code(err))
+
+
+def printable(text: str) -> str:
+    """``text`` with anything that cannot be encoded as UTF-8 (a lone surrogate from a
+    non-UTF-8 argument) escaped, so printing it cannot fail."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def human_duration(ms: Any) -> str:
@@ -134,7 +140,7 @@ def emit(answer: dict[str, Any], as_json: bool,
     if as_json or human is None:
         typer.echo(json.dumps(answer, indent=None if as_json else 2, default=str))
     else:
-        typer.echo(human(answer))
+        typer.echo(printable(human(answer)))
 
 
 def run(fn: Callable[[], dict[str, Any]], as_json: bool,

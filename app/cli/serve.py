@@ -48,6 +48,8 @@ def serve(
     if why is not None:
         typer.echo(f"error: {why}", err=True)
         raise typer.Exit(2)
+    # the bind address is one of the Host names the server answers to (SPEC 4.8)
+    settings = settings.model_copy(update={"api_host": h})
     logs.configure(settings, process="api")
     if not access_log:
         logging.getLogger("app.api.access").setLevel(logging.WARNING)

@@ -20,12 +20,10 @@ MUTATING = frozenset({"create", "claim", "heartbeat", "complete", "release", "pa
 
 
 def _fingerprint_count(ctx: Context, f: Mapping[str, Any]) -> dict[str, Any]:
-    fp = f.get("fingerprint")
-    if not isinstance(fp, str) or not fp.strip() or len(fp) > 400:
-        raise InvalidInput("fingerprint must be a non-empty string of at most 400 characters")
+    fp = validate.fingerprint(f.get("fingerprint"))
     hours = f.get("windowHours")
     if hours is not None:
-        hours = validate.positive_number(hours, "windowHours", maximum=24 * 366)
+        hours = validate.window_hours(hours)
     count = breaker.fingerprint_count(ctx, fingerprint=fp, window_hours=hours)
     return {"ok": True, "fingerprint": fp, "count": count,
             "windowHours": hours if hours is not None else ctx.settings.breaker_window_h,
@@ -77,9 +75,15 @@ ACTIONS: dict[str, Callable[[Context, Mapping[str, Any]], dict[str, Any]]] = {
 
 
 def dispatch(ctx: Context, request: Mapping[str, Any]) -> dict[str, Any]:
-    """Run the action a request names; raises ``AutonomyError`` for any refusal."""
+    """Run the action a request names; raises ``AutonomyError`` for any refusal.
+
+    Every string in the request, at any depth, must be storable and answerable (no NUL,
+    no lone surrogate; SPEC 4.8): refused here, naming the field, before anything runs."""
     if not isinstance(request, Mapping):
         raise InvalidInput("the request must be a JSON object with an 'action'")
+    for name, value in request.items():
+        validate.storable(name, "request")
+        validate.storable(value, str(name), max_depth=2 * ctx.settings.json_max_depth + 2)
     action = request.get("action")
     fn = ACTIONS.get(action) if isinstance(action, str) else None
     if fn is None:

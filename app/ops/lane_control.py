@@ -7,7 +7,6 @@ from typing import Any
 
 from app import validate, wire
 from app.clock import iso
-from app.errors import InvalidInput
 from app.storage import leases, store
 from app.storage.context import Context
 from app.storage.db import transaction
@@ -65,9 +64,7 @@ def configure_lane(ctx: Context, *, assignee: str, max_in_flight: Any,
     """Set how many live leases a lane allows at once."""
     s = ctx.settings
     a = validate.assignee(assignee, s)
-    if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) \
-            or not 1 <= max_in_flight <= 10_000:
-        raise InvalidInput("maxInFlight must be an integer from 1 to 10000")
+    max_in_flight = validate.max_in_flight(max_in_flight)
     now = ctx.clock()
     with transaction(ctx.engine) as conn:
         store.ensure_lane(conn, assignee=a, now=now, max_in_flight=max_in_flight)
@@ -82,6 +79,4 @@ def configure_lane(ctx: Context, *, assignee: str, max_in_flight: Any,
 
 
 def _actor(actor: Any, s: Any) -> str:
-    if actor is None:
-        return "unknown"
-    return validate.worker(actor, s)
+    return validate.actor(actor, s) or "unknown"

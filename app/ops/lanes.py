@@ -38,6 +38,7 @@ def create(ctx: Context, *, assignee: str, title: str, priority: int | None = No
         "status": TaskStatus.todo.value, "priority": validate.priority(priority),
         "payload": validate.json_object(payload, s) or {}, "attempts": 0,
     }
+    actor = validate.actor(actor, s)
     now = ctx.clock()
     with transaction(ctx.engine) as conn:
         store.ensure_lane(conn, assignee=a, now=now, max_in_flight=s.default_max_in_flight)
@@ -256,6 +257,7 @@ def complete(ctx: Context, *, task_id: Any, lease_token: Any, outcome: Any,
         validate.outcome(outcome)
     reason = validate.reason(validation_reason, s, required=out is Outcome.failure)
     res = validate.json_object(result, s, field="result")
+    actor = validate.actor(actor, s)
     now = ctx.clock()
     answer: dict[str, Any]
     if out is Outcome.success:
@@ -334,6 +336,7 @@ def release(ctx: Context, *, task_id: Any, lease_token: Any, actor: str | None =
     """Give a lease back without an outcome (a worker shutting down): the task is ``todo``
     again at once instead of waiting for its lease to expire."""
     tid, token = validate.task_id(task_id), validate.lease_token(lease_token)
+    actor = validate.actor(actor, ctx.settings)
     now = ctx.clock()
     with transaction(ctx.engine) as conn:
         row = store.get_task(conn, task_id=tid, for_update=True)

@@ -129,17 +129,17 @@ class HttpClient(Client):
                               url=self.url) from e
         try:
             answer = resp.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             answer = None
         if isinstance(answer, dict) and answer.get("ok") is True:
             return answer
         if isinstance(answer, dict) and "error" in answer:
             raise error_from_wire(answer)
-        # not one of our answers: a proxy's error page, a wrong URL, FastAPI's own 422
+        # not one of our answers: a proxy's error page, a wrong URL, a garbled body
         text = f"the autonomy API at {self.url} answered HTTP {resp.status_code}: " \
                f"{resp.text[:300]!r}"
-        if resp.status_code >= 500:
-            raise Unavailable(text, url=self.url)  # worth retrying
+        if resp.status_code in (502, 503, 504):
+            raise Unavailable(text, url=self.url)  # a gateway's page: worth retrying
         raise AutonomyError(text, error=f"http_{resp.status_code}", url=self.url)
 
     def close(self) -> None:

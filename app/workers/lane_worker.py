@@ -37,6 +37,7 @@ from app import logs
 from app.backoff import Backoff
 from app.clock import utcnow
 from app.errors import (
+    AuthError,
     AutonomyError,
     InvalidInput,
     LanePaused,
@@ -63,11 +64,19 @@ log = logging.getLogger(__name__)
 
 Say = Callable[[str], None]
 _LOST = (StaleLease, NotInProgress, TaskNotFound)  # the lease is gone for good
+# the only refusals that stop a worker: waiting or moving on will not cure them
+_FATAL = (AuthError, InvalidInput)
 
 
 def say_stderr(line: str) -> None:
-    """Log one progress line (``app.logs`` gives it the process's format, on stderr)."""
-    log.info(line)
+    """Log one progress line (``app.logs`` gives it the process's format, on stderr),
+    escaping what cannot be encoded (a lone surrogate from a garbled answer)."""
+    log.info(line.encode("utf-8", "backslashreplace").decode("utf-8"))
+
+
+def _storable(text: str) -> str:
+    """``text`` without what the server refuses (NUL, lone surrogates)."""
+    return text.replace("\x00", "\\0").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class LaneWorker:
@@ -139,7 +148,9 @@ class LaneWorker:
 
     def claim_one(self, stop: threading.Event) -> Job | None:
         """Try one claim; waits out pauses, outages and an empty lane before answering
-        ``None``. Refusals that waiting cannot cure (bad input, auth) are raised."""
+        ``None``. Refusals that waiting cannot cure (bad input, auth) are raised; an answer
+        the worker cannot use (a server error, a garbled body) is logged and the claim
+        retried -- a retried claim gets back the lease the lost answer granted."""
         try:
             answer = self.client.claim(self.lane, self.name)
         except LanePaused as e:
@@ -148,8 +159,12 @@ class LaneWorker:
         except Unavailable as e:
             self._wait(stop, self.pause, e, "retrying")
             return None
-        except AutonomyError:
+        except _FATAL:
             raise
+        except AutonomyError as e:  # the server failed on this claim: not on every claim
+            self._waiting_on = None
+            self._wait(stop, self.pause, e, "claiming again")
+            return None
         except Exception as e:  # e.g. a database deadlock reported raw: transient
             self._wait(stop, self.pause, AutonomyError(f"{type(e).__name__}: {e}"), "retrying")
             return None
@@ -161,12 +176,29 @@ class LaneWorker:
         if task is None or lease is None:  # empty lane, or full with others' leases
             stop.wait(self.idle.step())
             return None
+        if not isinstance(task, dict) or not isinstance(task.get("id"), int) \
+                or not isinstance(lease, dict) or not isinstance(lease.get("token"), str):
+            self._unusable_claim(task, lease)
+            stop.wait(self.pause.step())
+            return None
         self.idle.reset()
         self.stats.claimed += 1
         self._log(f"task {task['id']}: claimed (attempt {int(task.get('attempts') or 0) + 1})",
                   task_id=task["id"])
         return Job(task=task, lease_token=lease["token"], lease_expires_at=lease.get("expiresAt"),
                    lane=self.lane, worker=self.name, stopping=stop)
+
+    def _unusable_claim(self, task: Any, lease: Any) -> None:
+        """A claim answer without a usable task: fail the task when it can be named."""
+        tid = task.get("id") if isinstance(task, dict) else None
+        token = lease.get("token") if isinstance(lease, dict) else None
+        self._log(f"task {tid}: the claim answer cannot be used "
+                  f"(task {type(task).__name__}, lease {type(lease).__name__})")
+        if isinstance(tid, int) and isinstance(token, str):
+            job = Job(task={"id": tid}, lease_token=token, lease_expires_at=None,
+                      lane=self.lane, worker=self.name, stopping=threading.Event())
+            self._complete(job, "failure", "the claim answer for this task could not be "
+                           "used by the worker", None)
 
     def _wait(self, stop: threading.Event, backoff: Backoff, err: AutonomyError,
               doing: str) -> None:
@@ -259,7 +291,7 @@ class LaneWorker:
                   result: dict[str, Any] | None) -> None:
         s = self.client.settings
         if outcome == "failure":
-            reason = (reason or "failed").strip()[: s.reason_max_len] or "failed"
+            reason = _storable((reason or "failed").strip()[: s.reason_max_len]) or "failed"
         try:
             answer = self._retrying(lambda: self.client.complete(
                 job.task_id, job.lease_token, outcome=outcome, reason=reason, result=result))
@@ -276,7 +308,16 @@ class LaneWorker:
             self._log(f"task {job.task_id}: outcome refused ({e.code}): {e.message}",
                       task_id=job.task_id, level=logging.WARNING)
             return
+        except AuthError:
+            raise
+        except AutonomyError as e:  # the server failed on this task: record that instead
+            self._log(f"task {job.task_id}: complete answered {e.code}: {e.message}")
+            if outcome == "success" or result is not None:
+                return self._complete(job, "failure", f"the server could not record the "
+                                      f"outcome ({outcome}): {e.code}", None)
+            return self._release(job, f"its outcome could not be recorded ({e.code})")
         if answer is None:
+            self._log(f"task {job.task_id}: outcome not recorded; its lease will expire")
             return
         if outcome == "success":
             self.stats.succeeded += 1

@@ -159,7 +159,7 @@ def set_ops_incident(ctx: Context, *, status: Any, reason: Any = None, actor: An
     st = validate.incident_status(status).value
     s = ctx.settings
     why = validate.reason(reason, s, required=False, field="reason")
-    who = validate.worker(actor, s) if actor is not None else "operator"
+    who = validate.worker(actor, s, field="actor") if actor is not None else "operator"
     now = ctx.clock()
     data = {"status": st, "reason": why, "actor": who}
     with transaction(ctx.engine) as conn:
