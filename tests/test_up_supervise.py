@@ -5,6 +5,7 @@ in-process here with small stand-in children (the whole stack is tests/test_up.p
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -38,7 +39,15 @@ class StandIn(Supervisor):
         self.others = others
 
     def _plan(self, effective: Settings) -> list[Child]:
+        os.makedirs(self.settings.data_dir, exist_ok=True)
         return [Child("api", [*SERVE, str(self.port)]), *self.others]
+
+    def _answers(self, name: str, base: str) -> bool:
+        # the stand-in API has no /livez with this start's nonce: listening is ready here
+        with contextlib.suppress(OSError), \
+                socket.create_connection(("127.0.0.1", self.port), 1):
+            return True
+        return False
 
     @property
     def text(self) -> str:
@@ -69,7 +78,7 @@ def test_a_child_killed_after_ready_is_restarted_and_said_in_one_line(
     seen: dict[str, int] = {}
 
     def fault() -> None:
-        _until(lambda: "ready:" in sup.text)
+        _until(lambda: "autonomy up: ready\n" in sup.text)
         beat = next(c for c in sup.children if c.name == "beat")
         assert beat.proc is not None
         seen["first"] = beat.proc.pid
@@ -102,7 +111,7 @@ def test_a_child_that_keeps_dying_at_startup_stops_the_stack(
                   [Child("crasher", _wait_file_then_exit(marker, 3))])
 
     def mark() -> None:
-        _until(lambda: "ready:" in sup.text)
+        _until(lambda: "autonomy up: ready\n" in sup.text)
         marker.touch()
 
     t = threading.Thread(target=mark, daemon=True)

@@ -10,6 +10,9 @@ in Python, and the loop under ``autonomy worker`` (whose handler runs a command)
 
     LaneWorker("reviewer", review).run()
 
+Progress lines go through ``logging`` with ``worker``, ``lane`` and ``task_id`` fields
+(``app.logs.configure`` gives them the process's format; ``say=`` takes plain lines instead).
+
 While the handler runs a thread heartbeats the lease every ``lease_ttl / 3`` so a slow task
 keeps it. A paused lane (``lane_paused``) and an unreachable service are waited out with a
 capped backoff, said once per episode; an empty lane is polled with a short backoff. A stop
@@ -24,8 +27,8 @@ complete refused because the lease was superseded is logged "outcome refused".
 
 from __future__ import annotations
 
+import logging
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +36,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
+from app import logs
 from app.backoff import Backoff
 from app.clock import utcnow
 from app.errors import (
@@ -59,6 +63,8 @@ from app.workers.job import (
 __all__ = ["Job", "JobHandler", "LaneWorker", "ReleaseTask", "ValidationFailed",
            "WorkerStats", "default_worker_name"]
 
+log = logging.getLogger(__name__)
+
 Say = Callable[[str], None]
 _LOST = (StaleLease, NotInProgress, TaskNotFound)  # the lease is gone for good
 KEPT_MAX = 256  # outcomes kept for tasks whose lease ran out before they were reported
@@ -67,9 +73,9 @@ _FATAL = (AuthError, InvalidInput)
 
 
 def say_stderr(line: str) -> None:
-    """Print one progress line on stderr (escaping what cannot be encoded)."""
-    print(line.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr,
-          flush=True)
+    """Log one progress line (``app.logs`` gives it the process's format, on stderr),
+    escaping what cannot be encoded (a lone surrogate from a garbled answer)."""
+    log.info(line.encode("utf-8", "backslashreplace").decode("utf-8"))
 
 
 def _storable(text: str) -> str:
@@ -102,7 +108,7 @@ class LaneWorker:
         self.heartbeat_interval_s = heartbeat_interval_s or max(0.05, s.lease_ttl_s / 3)
         self.idle = Backoff(*idle_backoff_s)
         self.pause = Backoff(*pause_backoff_s)
-        self.say = say or say_stderr
+        self.say = say  # None: log lines through ``logging`` (app.logs), with their fields
         self.stats = WorkerStats()
         self._waiting_on: str | None = None  # the code we are waiting out, said once
         # outcomes that could not be reported before their lease ran out (SPEC 4.7), by
@@ -114,8 +120,14 @@ class LaneWorker:
         if self._owns_client:
             self.client.close()
 
-    def _log(self, text: str) -> None:
-        self.say(f"worker {self.name} [{self.lane}]: {text}")
+    def _log(self, text: str, *, task_id: int | None = None, level: int = logging.INFO) -> None:
+        if self.say is not None:
+            self.say(f"worker {self.name} [{self.lane}]: {text}")
+            return
+        fields: dict[str, object] = {"worker": self.name, "lane": self.lane}
+        if task_id is not None:
+            fields["task_id"] = task_id
+        log.log(level, text, extra=fields)
 
     # --- the loop -------------------------------------------------------------------
 
@@ -136,7 +148,9 @@ class LaneWorker:
                     break
                 job = self.claim_one(stop)
                 if job is not None:
-                    self.work(job)
+                    # every line logged while the task is worked on names it (app.logs)
+                    with logs.bound(task_id=job.task_id, lane=self.lane, worker=self.name):
+                        self.work(job)
         return self.stats
 
     def claim_one(self, stop: threading.Event) -> Job | None:
@@ -176,6 +190,8 @@ class LaneWorker:
             return None
         self.idle.reset()
         self.stats.claimed += 1
+        self._log(f"task {task['id']}: claimed (attempt {int(task.get('attempts') or 0) + 1})",
+                  task_id=task["id"])
         return Job(task=task, lease_token=lease["token"], lease_expires_at=lease.get("expiresAt"),
                    lane=self.lane, worker=self.name, stopping=stop)
 
@@ -196,7 +212,7 @@ class LaneWorker:
         if self._waiting_on != err.code:
             self._waiting_on = err.code
             self._log(f"{err.code}: {err.message}; {doing} (backoff up to "
-                      f"{backoff.max_s:g}s)")
+                      f"{backoff.max_s:g}s)", level=logging.WARNING)
         stop.wait(backoff.step())
 
     def work(self, job: Job) -> None:
@@ -225,7 +241,8 @@ class LaneWorker:
             beat.join(5)
         if job.lease_lost.is_set():
             self.stats.lost += 1
-            self._log(f"task {job.task_id}: lease lost while working; outcome dropped")
+            self._log(f"task {job.task_id}: lease lost while working; outcome dropped",
+                      task_id=job.task_id, level=logging.WARNING)
             return
         self._report(job, outcome)
 
@@ -260,11 +277,13 @@ class LaneWorker:
                 answer = self.client.heartbeat(job.task_id, job.lease_token)
             except _LOST as e:
                 job.lease_lost.set()
-                self._log(f"task {job.task_id}: heartbeat refused ({e.code}); lease lost")
+                self._log(f"task {job.task_id}: heartbeat refused ({e.code}); lease lost",
+                          task_id=job.task_id, level=logging.WARNING)
                 return
             except Exception as e:  # transient: keep beating, the lease has slack
                 if not complained:
-                    self._log(f"task {job.task_id}: heartbeat failed ({e}); retrying")
+                    self._log(f"task {job.task_id}: heartbeat failed ({e}); retrying",
+                              task_id=job.task_id, level=logging.WARNING)
                     complained = True
                 continue
             job.heartbeats += 1
@@ -299,11 +318,13 @@ class LaneWorker:
                 return self._complete(job, "failure", f"invalid result: {e.message}", None)
             if result is not None:
                 return self._complete(job, "failure", reason, None)
-            self._log(f"task {job.task_id}: complete refused ({e.code}: {e.message})")
+            self._log(f"task {job.task_id}: complete refused ({e.code}: {e.message})",
+                      task_id=job.task_id, level=logging.WARNING)
             return self._release(job, "its failure could not be recorded")
         except _LOST as e:  # e.g. another lease completed it: the outcome is not ours
             self.stats.lost += 1
-            self._log(f"task {job.task_id}: outcome refused ({e.code}): {e.message}")
+            self._log(f"task {job.task_id}: outcome refused ({e.code}): {e.message}",
+                      task_id=job.task_id, level=logging.WARNING)
             return
         except AuthError:
             raise
@@ -318,34 +339,37 @@ class LaneWorker:
             return
         if outcome == "success":
             self.stats.succeeded += 1
-            self._log(f"task {job.task_id}: done")
+            self._log(f"task {job.task_id}: done", task_id=job.task_id)
             return
         self.stats.failed += 1
         line = (f"task {job.task_id}: failed ({reason}); fingerprint "
                 f"{answer.get('failureFingerprint')} x{answer.get('fingerprintCount')}")
         if answer.get("lanePaused"):
             line += "; the lane is paused by the breaker"
-        self._log(line)
+        self._log(line, task_id=job.task_id)
 
     def _release(self, job: Job, why: str) -> None:
         try:
             answer = self._retrying(lambda: self.client.release(job.task_id, job.lease_token))
         except _LOST as e:
-            self._log(f"task {job.task_id}: release refused ({e.code}); it moved on")
+            self._log(f"task {job.task_id}: release refused ({e.code}); it moved on",
+                      task_id=job.task_id, level=logging.WARNING)
             return
         except AutonomyError as e:  # nothing more to do: the lease expires on its own
-            self._log(f"task {job.task_id}: release refused ({e.code}: {e.message})")
+            self._log(f"task {job.task_id}: release refused ({e.code}: {e.message})",
+                      task_id=job.task_id, level=logging.WARNING)
             return
         if answer is not None:
             self.stats.released += 1
-            self._log(f"task {job.task_id}: lease released ({why})")
+            self._log(f"task {job.task_id}: lease released ({why})", task_id=job.task_id)
 
     def _keep(self, job: Job, outcome: tuple[str, str | None, dict[str, Any] | None]) -> None:
         self._kept[job.task_id] = outcome
         while len(self._kept) > KEPT_MAX:
             del self._kept[next(iter(self._kept))]
         self._log(f"task {job.task_id}: outcome kept ({outcome[0]}); reported, not run "
-                  "again, if the task comes back to this worker")
+                  "again, if the task comes back to this worker", task_id=job.task_id,
+                  level=logging.WARNING)
 
     def _retrying(self, fn: Callable[[], dict[str, Any]], *, for_s: float = 30.0,
                   job: Job | None = None) -> dict[str, Any] | None:
@@ -369,7 +393,7 @@ class LaneWorker:
             left = self._lease_left_s(job) if job and job.lease_expires_at \
                 else for_s - (now - start)
             if left <= 0:
-                self._log(f"giving up after {now - start:.0f}s: {why}")
+                self._log(f"giving up after {now - start:.0f}s: {why}", level=logging.WARNING)
                 return None
             if job is not None and now - last_beat >= self._beat_interval(job):
                 last_beat = now

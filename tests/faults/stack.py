@@ -32,7 +32,7 @@ import sqlalchemy as sa
 
 from app.ops import lane_control, lanes
 from app.settings import Settings
-from app.storage import locks
+from app.storage import leader, locks
 from app.storage.context import Context
 from app.storage.db import transaction
 from app.storage.models import event_table, task_table
@@ -117,6 +117,7 @@ class Stack:
             "AUTONOMY_LEASE_TTL_S": str(lease_ttl_s or self.lease_ttl_s),
             "AUTONOMY_LOCK_HEARTBEAT_INTERVAL_MS": "500",
             "AUTONOMY_LOCK_HOLDER_DEAD_AFTER_MS": "2500",
+            "AUTONOMY_BEAT_LEASE_TTL_MS": "2500", "AUTONOMY_BEAT_LEASE_RENEW_MS": "500",
             "AUTONOMY_BEAT_EVERY_S": "1",
             "AUTONOMY_BEAT_STANDBY_POLL_S": "0.5",
             "AUTONOMY_REDIS_SOCKET_TIMEOUT_S": "2",
@@ -131,7 +132,8 @@ class Stack:
                         redis_prefix=env["AUTONOMY_REDIS_PREFIX"],
                         celery_queue=env["AUTONOMY_CELERY_QUEUE"],
                         lease_ttl_s=self.lease_ttl_s, lock_heartbeat_interval_ms=500,
-                        lock_holder_dead_after_ms=2500, redis_socket_timeout_s=2)
+                        lock_holder_dead_after_ms=2500, redis_socket_timeout_s=2,
+                        beat_lease_ttl_ms=2500, beat_lease_renew_ms=500)
 
     def _spawn(self, name: str, argv: list[str], lease_ttl_s: float | None = None) -> Proc:
         env = {**os.environ, **self.env_vars(lease_ttl_s)}
@@ -242,7 +244,12 @@ class Stack:
         return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
 
     def beat_leader(self) -> str | None:
-        pid = self.lock_holder_pid("beat")
+        try:
+            holder = leader.view(self.ctx)["leader"]
+        except Exception:
+            return None
+        parts = str(holder or "").split(":")
+        pid = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
         for b in ("beat1", "beat2"):
             p = self.procs.get(b)
             if p is not None and p.popen.pid == pid and p.popen.poll() is None:

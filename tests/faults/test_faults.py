@@ -133,7 +133,7 @@ def kill_beat_and_celery_child(stack: Stack) -> tuple[None, datetime, str]:
     took = until(f"{other} to take over", lambda: stack.beat_leader() == other, 60)
     stack.restart(leader)  # back as the standby: exactly one leads
     until(f"{leader} to stand by", lambda: "stands by" in (stack.tmp / f"{leader}.log")
-          .read_text(errors="replace").split("beat lock taken by")[-1], 60)
+          .read_text(errors="replace").split("beat lease taken by")[-1], 60)
     assert stack.beat_leader() == other
     return None, t, (f"killed {leader} and pool pid {job_pid} mid-job; {other} led after "
                      f"{took:.1f}s; {leader} restarted stands by")
