@@ -301,7 +301,9 @@ class Stack:
     def beat_sends_since(self, since: datetime) -> int:
         """'Sending due task' lines both beats logged at or after ``since``."""
         n = 0
-        pat = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+: INFO/MainProcess\] "
+        # app.logs' format ("2026-11-30T00:57:22.860Z INFO  beat celery.beat: ...") or
+        # Celery's own ("[2026-11-30 00:57:22,860: INFO/MainProcess] ...")
+        pat = re.compile(r"^\[?(\d{4}-\d\d-\d\d)[T ](\d\d:\d\d:\d\d)\S* .*"
                          r"Scheduler: Sending due task")
         for b in ("beat1", "beat2"):
             path = self.tmp / f"{b}.log"
@@ -309,8 +311,8 @@ class Stack:
                 continue
             for line in path.read_text(errors="replace").splitlines():
                 m = pat.match(line)
-                if m and datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").replace(
-                        tzinfo=UTC) >= since.replace(microsecond=0):
+                if m and datetime.strptime(f"{m.group(1)} {m.group(2)}", "%Y-%m-%d %H:%M:%S"
+                                           ).replace(tzinfo=UTC) >= since.replace(microsecond=0):
                     n += 1
         return n
 
