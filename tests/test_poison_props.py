@@ -35,7 +35,7 @@ poison = st.lists(char, max_size=12).map("".join)
 # valid but unusual text (emoji, RTL, combining marks...): accepted, stored, answered
 clean = st.text(st.characters(exclude_categories=["Cs", "Cc"]), min_size=1, max_size=30)
 text = st.one_of(clean, clean, st.text(max_size=30), poison,
-                 st.sampled_from(LANES + ["w1", "a b", ""]))
+                 st.sampled_from([*LANES, "w1", "a b", ""]))
 name = st.one_of(st.sampled_from(LANES), st.sampled_from(LANES), st.sampled_from(LANES), text)
 actor = st.one_of(st.none(), st.sampled_from(["w1", "ops:1"]), text)
 
