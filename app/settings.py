@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     db_connect_timeout_s: float = 5.0
     db_busy_timeout_s: float = 30.0
     redis_socket_timeout_s: float = 5.0
+    # SPEC 4.7: the fast path (claim/heartbeat/complete's Redis side) gives Redis this long,
+    # then the database answers alone; while Redis is degraded it is re-probed after
+    # first..max ms (doubling), not on every action
+    redis_fast_path_timeout_ms: int = Field(default=250, gt=0)
+    redis_reprobe_first_ms: int = Field(default=500, gt=0)
+    redis_reprobe_max_ms: int = Field(default=5_000, gt=0)
     data_dir: str = ".autonomy"
 
     # --- lanes, leases, breaker ---------------------------------------------------
@@ -89,7 +95,7 @@ class Settings(BaseSettings):
     # (e.g. "https://ops.example")
     allowed_origins: str = ""
 
-    # --- control panel and `autonomy up` (issue 4: app/api/panel.py, app/up.py) ----------
+    # --- control panel and `autonomy up` (issue 4: app/api/panel.py, app/local/up.py) ----------
     panel_refresh_ms: int = 3_000
     # where `autonomy up` looks for a running Redis when no REDIS_URL is configured
     # (before it starts an embedded one); a setting so tests can point it elsewhere

@@ -245,7 +245,7 @@ def lease_token(value: Any, s: Settings | None = None) -> str:
 
 
 def outcome(value: Any) -> Any:
-    from app.models import Outcome  # storage types; imported late (base layer)
+    from app.kinds import Outcome
 
     if isinstance(value, str):
         storable(value, "outcome")
@@ -292,7 +292,7 @@ def window_hours(value: Any) -> float:
 
 
 def incident_status(value: Any) -> Any:
-    from app.models import IncidentStatus  # storage types; imported late (base layer)
+    from app.kinds import IncidentStatus
 
     if isinstance(value, str):
         storable(value, "status")

@@ -22,9 +22,10 @@ import httpx
 import psutil
 import pytest
 
-from app import lanes, store
-from app.context import Context
-from app.db import transaction
+from app.ops import lanes
+from app.storage import store
+from app.storage.context import Context
+from app.storage.db import transaction
 from tests.api_server import client, serve
 from tests.conftest import make_settings
 from tests.servers import free_port

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from app import ops
-from app.context import Context
 from app.errors import AutonomyError, InvalidInput
+from app.storage.context import Context
 from tests.api_server import client
 from tests.conftest import make_settings
 

@@ -22,9 +22,10 @@ from typing import Any
 
 import pytest
 
-from app import lanes, store
-from app.context import Context
-from app.db import transaction
+from app.ops import lanes
+from app.storage import store
+from app.storage.context import Context
+from app.storage.db import transaction
 from tests.api_server import ServerThread
 from tests.conftest import make_settings
 

@@ -35,7 +35,6 @@ from app import __version__
 from app.api import panel, routes, schemas
 from app.api.deps import SafeJSONResponse
 from app.api.guard import Guard
-from app.context import Context
 from app.errors import (
     AutonomyError,
     Conflict,
@@ -44,6 +43,7 @@ from app.errors import (
     RedisUnavailable,
 )
 from app.settings import Settings
+from app.storage.context import Context
 
 log = logging.getLogger(__name__)
 SWAGGER_CDN = "https://cdn.jsdelivr.net"

@@ -13,9 +13,9 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app import validate
-from app.context import Context
 from app.errors import AuthError, Forbidden, InvalidInput
 from app.settings import Settings
+from app.storage.context import Context
 
 
 def get_ctx(request: Request) -> Context:

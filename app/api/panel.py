@@ -14,10 +14,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from app import history, ops
+from app import ops
 from app.api.deps import Ctx, configured_token
-from app.context import Context
 from app.errors import Unavailable
+from app.ops import history
+from app.storage.context import Context
 
 HERE = Path(__file__).parent
 TASKS_SHOWN = 50

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Query
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from app import history, ops, validate
+from app import ops, validate
 from app.api import metrics, schemas
 from app.api.deps import (
     Authorization,
@@ -25,6 +25,7 @@ from app.api.deps import (
     body_object,
     check_token,
 )
+from app.ops import history
 
 router = APIRouter()
 

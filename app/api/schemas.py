@@ -277,6 +277,8 @@ class StatusAnswer(_Answer):
     an ``error`` when it is missing or unreadable)."""
 
     generatedAt: str
+    redis: Literal["ok", "degraded"] = Field(
+        description="`degraded` while Redis is down or stalled: the database answers alone.")
     workflowHealth: dict[str, Any]
     lanes: list[dict[str, Any]]
     handoff: dict[str, Any]
