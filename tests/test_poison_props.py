@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, seed, settings
 from hypothesis import strategies as st
 
-from app import db
-from app.context import Context
+from app.storage import db
+from app.storage.context import Context
 from tests.api_server import client
 from tests.conftest import make_settings
 
