@@ -78,7 +78,13 @@ def configure(celery: Celery, settings: Settings) -> None:
     celery.conf.update(
         broker_url=settings.effective_redis_url,
         result_backend=settings.effective_redis_url,
-        broker_transport_options=dict(prefix),
+        # a socket deadline and a health check on the broker connection: after a Redis
+        # restart the worker's consumer notices and reconnects instead of waiting on a
+        # dead socket (issue 9: it stopped consuming for good)
+        broker_transport_options={**prefix,
+                                  "socket_timeout": max(settings.redis_socket_timeout_s, 5.0),
+                                  "socket_connect_timeout": settings.redis_socket_timeout_s,
+                                  "health_check_interval": 10},
         result_backend_transport_options=dict(prefix),
         broker_connection_retry_on_startup=True,
         task_default_queue=settings.celery_queue,
