@@ -176,7 +176,7 @@ def test_job_duration_histogram_and_last_success_outlive_the_process_that_ran_th
     last_ok = m[("autonomy_job_last_success_timestamp_seconds", job)]
     assert ("autonomy_job_last_success_timestamp_seconds", (("job_name", "status"),)) not in m
 
-    def broken(_: Context) -> dict[str, Any]:
+    def broken(_: Context, _fence: object) -> dict[str, Any]:
         raise RuntimeError("boom")
 
     monkeypatch.setitem(jobs.CHECKS, "readiness", broken)
