@@ -28,8 +28,8 @@ import pytest
 import redis
 
 from app.settings import Settings
+from app.storage import leader as beat_leader
 from app.storage.context import Context
-from app.storage.locks import collect_run_locks
 from tests.multihost import fleet as fl
 from tests.multihost.conftest import add_row
 from tests.multihost.fleet import LANE, Fleet
@@ -287,15 +287,13 @@ def test_a_standby_beat_leads_within_the_lease_ttl_when_the_leaders_host_is_cut_
     beats = {fleet.procs[f"beat-{r}"].pid: r for r in ("b1", "b2")}
     ctx = Context.from_settings(Settings(
         database_url=fleet.database_url, redis_url=fleet.redis_url, redis_prefix="mh:",
-        lock_holder_dead_after_ms=fl.LOCK_HOLDER_DEAD_AFTER_MS))
+        beat_lease_ttl_ms=fl.BEAT_LEASE_TTL_MS, beat_lease_renew_ms=fl.BEAT_LEASE_RENEW_MS))
     tap = BrokerTap(fleet, {net.hosts["b1"].addr, net.hosts["b2"].addr})
-    period, ttl_s = fl.BEAT_EVERY_S, fl.LOCK_HOLDER_DEAD_AFTER_MS / 1000
+    period, ttl_s = fl.BEAT_EVERY_S, fl.BEAT_LEASE_TTL_MS / 1000
 
     def leader() -> str | None:
-        lock = next((lk for lk in collect_run_locks(ctx) if lk["job"] == "beat"), None)
-        if lock is None or not lock["holderAlive"]:
-            return None
-        return beats.get(int(lock["holder"].split(":")[1]))
+        holder = beat_leader.view(ctx)["leader"]  # host:pid:beat, while its lease lives
+        return beats.get(int(holder.split(":")[1])) if holder else None
 
     try:
         old = fleet.wait_for("a beat to lead", leader, 60)
@@ -349,7 +347,7 @@ def test_a_standby_beat_leads_within_the_lease_ttl_when_the_leaders_host_is_cut_
     assert standby_before == 0, "the standby sent while the leader led"
     assert not doubles, doubles
     assert not late_old, late_old
-    # a standby breaks a leader whose heartbeat stopped for the TTL; it looks every poll_s,
-    # and this test looks every 0.1 s on a loaded machine: half a second of slack for that
+    # a lease that is not renewed lapses within the TTL; a standby looks every poll_s, and
+    # this test looks every 0.1 s on a loaded machine: half a second of slack for that
     bound_s = ttl_s + fl.BEAT_STANDBY_POLL_S + 0.5
     assert handover_s <= bound_s, f"handover took {handover_s:.2f} s; lease TTL {ttl_s:g} s"
