@@ -128,12 +128,11 @@ def _cut_worker_mid_lease(fleet: Fleet, *, cut: str, other: str, how: str,
     background = [_create(fleet, f"background {i}") for i in range(BACKGROUND_TASKS)]
 
     net.cut(net.hosts[cut], how)
-    t_cut = time.monotonic()
+    t_cut = time.time()
     try:
         redone = fleet.wait_for(f"the held task done on {other}",
                                 lambda: (r := fleet.task(held))["status"] == "done" and r,
                                 60, [wother, "api", "postgres", "redis"])
-        t_redone = time.monotonic()
         gate.touch()  # the cut-off command finishes now; its answer cannot get through
         fleet.wait_for(f"the command on {cut} to finish",
                        lambda: Path(f"{gate}.finished").exists(), 60, [wcut])
@@ -143,10 +142,10 @@ def _cut_worker_mid_lease(fleet: Fleet, *, cut: str, other: str, how: str,
                        lambda: _threads(pid_before) < busy_threads, 60, [wcut])
     finally:
         net.heal(net.hosts[cut])
-    t_heal = time.monotonic()
+    t_heal = time.time()
     word = fleet.wait_for(f"{cut}'s last word on task {held} after healing",
                           lambda: _worker_word(fleet.procs[wcut].output(), held), 120, [wcut])
-    t_answer = time.monotonic()
+    t_answer = time.time()
     # whether or not the worker still sends it (SPEC 4.7: it may keep an outcome it could not
     # report once its lease ran out), the late complete it would send, from its host
     explicit = _late_complete(fleet, cut, held, first["lease_token"])
@@ -157,7 +156,6 @@ def _cut_worker_mid_lease(fleet: Fleet, *, cut: str, other: str, how: str,
         again = fleet.wait_for(f"{cut} to finish a task after healing",
                                lambda: (r := fleet.task(after))["status"] == "done" and r,
                                90, [wcut])
-    t_again = time.monotonic()
     ids = [held, *background, after]
     fleet.wait_for("every task of the phase done",
                    lambda: all(fleet.task(i)["status"] == "done" for i in ids), 90)
@@ -167,17 +165,21 @@ def _cut_worker_mid_lease(fleet: Fleet, *, cut: str, other: str, how: str,
     refused = [e for e in held_events
                if e["kind"] == "complete_refused" and e["reason"] == "stale_lease"]
     late_sent = int(_sent(word)) + 1
+    requeued_at = min(e["at"].timestamp() for e in held_events if e["kind"] == "lease_requeued")
+    first_after = min(t["completed_at"].timestamp() for t in tasks.values()
+                      if t["claimed_by"] == cut and t["completed_at"].timestamp() > t_heal)
     add_row({
         "fault": fault,
         "done": sum(t["status"] == "done" for t in tasks.values()),
         "lost": sum(t["status"] != "done" for t in tasks.values()),
         "double grants": double_grants(events),
         "late completes refused": f"{len(refused)}/{late_sent}",
-        "notes": (f"held task {held}: cut -> done on {other} {t_redone - t_cut:.1f} s; "
-                  f"heal -> worker's last word {t_answer - t_heal:.1f} s ({word!r}); the "
-                  f"same complete sent again from {cut}: {explicit.get('error', 'ok')}; heal -> "
-                  f"{cut} finished its next task {t_again - t_heal:.1f} s; cut lasted "
-                  f"{t_heal - t_cut:.1f} s (lease {fl.LEASE_TTL_S:g} s)"),
+        "notes": (f"held task {held}: cut -> requeued {requeued_at - t_cut:.1f} s, -> done on "
+                  f"{other} {tasks[held]['completed_at'].timestamp() - t_cut:.1f} s; cut "
+                  f"lasted {t_heal - t_cut:.1f} s (lease {fl.LEASE_TTL_S:g} s); heal -> "
+                  f"worker's last word {t_answer - t_heal:.1f} s ({word!r}); the same "
+                  f"complete sent again from {cut}: {explicit.get('error', 'ok')}; heal -> "
+                  f"{cut} finished a task {first_after - t_heal:.1f} s"),
     })
 
     # requeued after its lease expired, and done once, elsewhere, with that host's result
