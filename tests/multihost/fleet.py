@@ -282,7 +282,7 @@ def _try_connect(url: str) -> psycopg.Connection[Any] | None:
 def _ready(http: httpx.Client | None) -> bool:
     assert http is not None
     try:
-        return http.get("/api/autonomy/status").status_code == 200
+        return http.get("/readyz").status_code == 200
     except httpx.HTTPError:
         return False
 
