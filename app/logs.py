@@ -115,7 +115,7 @@ class JsonFormatter(logging.Formatter):
         out.update(fields_of(record))
         if record.exc_info:
             out["exc"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
-        return json.dumps(out, default=str, ensure_ascii=False)
+        return _encodable(json.dumps(out, default=str, ensure_ascii=False))
 
 
 class TextFormatter(logging.Formatter):
@@ -131,7 +131,13 @@ class TextFormatter(logging.Formatter):
         if record.exc_info:
             tb = "".join(traceback.format_exception(*record.exc_info)).rstrip()
             line += "\n" + "\n".join("    " + ln for ln in tb.splitlines())
-        return line
+        return _encodable(line)
+
+
+def _encodable(text: str) -> str:
+    # a lone surrogate (garbled input) would make the stream's write raise: escape it
+    # (in a JSON line the escape is JSON's own \udcxx, which parses back)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _text(v: Any) -> str:

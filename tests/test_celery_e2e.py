@@ -128,6 +128,17 @@ def _stored_results(r: redis.Redis, prefix: str) -> list[dict[str, Any]]:
     return metas
 
 
+def _lifted(result: dict[str, Any], path: str) -> dict[str, Any]:
+    """The dict at ``path`` of a status result in Flower's shape, whether it was stored
+    whole under ``path`` or, being deeper, each entry under ``path.<key>``."""
+    whole = dict(result.get(path) or {})
+    for k, v in result.items():
+        key = k[len(path) + 1:] if k.startswith(path + ".") else ""
+        if key and "." not in key and "[" not in key and isinstance(v, dict):
+            whole[key] = {**whole.get(key, {}), **v}
+    return whole
+
+
 def _wait_for(what: str, check: Callable[[], Any], procs: list[Proc],
               deadline: float) -> Any:
     while time.monotonic() < deadline:
@@ -267,7 +278,7 @@ def test_beat_runs_every_job_and_status_lists_the_running_lock_and_a_rerun_is_sk
     # ... and its run record: a later status payload shows every job's last run, ok
     def status_with_every_run_recorded() -> dict[str, Any] | None:
         for m in by_job()["status"]:
-            jobs = (m["result"] or {}).get("workflowHealth.jobs") or {}
+            jobs = _lifted(m["result"] or {}, "workflowHealth.jobs")
             if all((jobs.get(j) or {}).get("lastRunAt") for j in JOBS):
                 return jobs
         return None

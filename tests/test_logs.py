@@ -272,3 +272,26 @@ def test_lines_logged_by_a_handler_name_the_task(captured: io.StringIO, api_ctx:
     assert (mine["task_id"], mine["lane"], mine["worker"]) == (task_id, "coder", "w9")
     done = next(ln for ln in lines if ln["msg"] == f"task {task_id}: done")
     assert (done["task_id"], done["lane"], done["worker"]) == (task_id, "coder", "w9")
+
+
+def test_a_line_with_a_lone_surrogate_is_written_escaped_not_dropped() -> None:
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="utf-8", errors="strict", write_through=True)
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level)
+    try:
+        for fmt in ("json", "text"):
+            logs.configure(Settings(log_format=fmt), process="test", stream=stream)
+            logging.getLogger("app.test").warning("bad \udc80 reason", extra={"lane": "x\udcff"})
+    finally:
+        logging.captureWarnings(False)
+        logging.getLogger("multiprocessing").handlers.clear()
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in before[0]:
+            root.addHandler(h)
+        root.setLevel(before[1])
+    json_line, text_line = raw.getvalue().decode("utf-8").splitlines()
+    parsed = json.loads(json_line)
+    assert parsed["msg"] == "bad \udc80 reason" and parsed["lane"] == "x\udcff"
+    assert "bad \\udc80 reason" in text_line and "lane=x\\udcff" in text_line
