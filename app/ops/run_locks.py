@@ -34,3 +34,8 @@ def holder_name(kind: str) -> str:
 def lead_beat(ctx: Context) -> None:
     """Lead beat, or stand by until the leader's lease is free (see ``beat_guard.lead``)."""
     beat_guard.lead(ctx)
+
+
+def beat_may_send(ctx: Context) -> bool:
+    """May this beat send its due jobs now (it leads on a recently confirmed lease)?"""
+    return beat_guard.may_send(ctx)
