@@ -177,8 +177,8 @@ def _since(ctx: Context, assignee: str) -> str:
 
 def test_the_beat_leader_shows_apart_from_the_run_locks_with_its_ttl(
         server: ServerThread, panel_ctx: Context, page: Page) -> None:
-    from app.storage import leader
     from app.api.panel import fmt_duration
+    from app.storage import leader
 
     page.goto(server.url + "/")
     expect(page.locator("[data-beat-leader='']")).to_contain_text("no leader")
