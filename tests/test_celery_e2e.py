@@ -317,6 +317,14 @@ def test_a_second_beat_stands_by_and_takes_over_when_the_leader_is_killed(
         _wait_for("the standby to be listed",
                   lambda: any(f":{second.popen.pid}:" in h for h in leader.view(ctx)["standbys"]),
                   [first, second], deadline)
+        # the beat probe (compose's healthcheck) passes for the standby, not only the leader
+        for beat, role in ((first, "leader"), (second, "standby")):
+            probe = subprocess.run(
+                [sys.executable, "-m", "app.cli", "probe", "beat", "--json", "--holder-prefix",
+                 f"{socket.gethostname()}:{beat.popen.pid}:"],
+                cwd=REPO, env=e2e["env"], capture_output=True, text=True, timeout=60)
+            assert probe.returncode == 0, probe.stdout + probe.stderr
+            assert json.loads(probe.stdout)["role"] == role
         _wait_for("the leader to send", lambda: "Sending due task" in first.output(),
                   [first, second], deadline)
         time.sleep(1.5)  # several periods of AUTONOMY_BEAT_EVERY_S=1
