@@ -18,17 +18,31 @@ use (``worker_context``) and rebuilds it after a fork.
   lease. The same answer is in every worker's stats (a bootstep's ``info()``), which
   Flower's worker page shows under "Other": ``runLocks``, ``beat``, and one readable line
   per held lock (``run-lock <job>``: holder, elapsed vs budget, over budget, alive).
+- Logging is ``app.logs`` (Celery's ``setup_logging`` signal: Celery leaves the root logger
+  alone): worker and beat lines have the API's format, ``AUTONOMY_LOG_FORMAT=json`` for
+  JSON lines; each line logged while a task runs carries its ``task_id``, ``worker`` (the
+  Celery node name), ``task_name`` and ``lane`` (null: check jobs belong to no lane).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import threading
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, bootsteps
-from celery.signals import beat_init, worker_process_shutdown
+from celery.signals import (
+    beat_init,
+    celeryd_after_setup,
+    celeryd_init,
+    setup_logging,
+    task_postrun,
+    task_prerun,
+    worker_process_shutdown,
+)
 from celery.worker.control import inspect_command
 
 import beat_schedule
@@ -116,6 +130,53 @@ def _close_context(**_: Any) -> None:
         if _ctx is not None and _ctx[0] == os.getpid():
             _ctx[1].close()
         _ctx = None
+
+
+# --- one log format ------------------------------------------------------------------
+
+
+@setup_logging.connect
+def _one_log_format(loglevel: Any = None, **_: Any) -> None:
+    from app import logs
+
+    role = next((a for a in sys.argv[1:] if a in ("worker", "beat", "flower")), "celery")
+    logs.configure(get_settings(), process=role, level=loglevel or None)
+
+
+@celeryd_init.connect
+def _log_format_from_the_start(**_: Any) -> None:
+    # sent before the worker checks its privileges (a warning) and sets logging up
+    _one_log_format()
+
+
+@celeryd_after_setup.connect
+def _name_the_worker(sender: Any = None, **_: Any) -> None:
+    from app import logs
+
+    logs.set_process_fields(worker=str(sender))
+
+
+_task_log_tokens: dict[str, Any] = {}
+
+
+@task_prerun.connect
+def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    from app import logs
+
+    if task_id is not None:
+        hostname = getattr(getattr(task, "request", None), "hostname", None)
+        _task_log_tokens[task_id] = logs.bind(task_id=task_id, lane=None, worker=hostname,
+                                              task_name=getattr(task, "name", None))
+
+
+@task_postrun.connect
+def _unbind_task(task_id: str | None = None, **_: Any) -> None:
+    from app import logs
+
+    token = _task_log_tokens.pop(task_id or "", None)
+    if token is not None:
+        with contextlib.suppress(ValueError):  # bound in another context: nothing to undo here
+            logs.unbind(token)
 
 
 # --- one beat at a time -----------------------------------------------------------------

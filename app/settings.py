@@ -8,6 +8,7 @@ Every tunable is named with its unit (``_s``, ``_ms``, ``_h``). Variables use th
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -105,6 +106,11 @@ class Settings(BaseSettings):
     # (e.g. "https://ops.example")
     allowed_origins: str = ""
 
+    # --- logs (app/logs.py): one format for the API, Celery worker and beat, `autonomy worker`
+    # "text": a readable line (for a terminal); "json": one JSON object per line
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
     # --- control panel and `autonomy up` (issue 4: app/api/panel.py, app/local/up.py) ----------
     panel_refresh_ms: int = 3_000
     # the local default Redis address: with no REDIS_URL, `autonomy up` still starts its
@@ -114,6 +120,14 @@ class Settings(BaseSettings):
     up_ready_timeout_s: float = 60.0
     up_stop_grace_s: float = 15.0
     # --- end of issue 4 block ------------------------------------------------------------
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _log_case(cls, v: object, info: object) -> object:
+        if not isinstance(v, str):
+            return v
+        return v.strip().lower() if getattr(info, "field_name", "") == "log_format" \
+            else v.strip().upper()
 
     @field_validator("redis_prefix")
     @classmethod

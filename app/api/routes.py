@@ -92,7 +92,8 @@ def tasks(
                        503: schemas.ERROR_RESPONSES[503]},
             summary="Prometheus metrics")
 def prometheus(ctx: Ctx) -> Response:
-    """Run-locks held and over budget, lanes paused, GO/NO_GO, claims and guard hits."""
+    """Run-locks, periodic jobs, lanes, the breaker, GO/NO_GO/unknown, counters, Redis and
+    the beat leader (see ``app.api.metrics`` for the names and their rules)."""
     payload = ops.dispatch(ctx, {"action": "status"})
     return Response(metrics.render(payload), media_type=metrics.CONTENT_TYPE)
 

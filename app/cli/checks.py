@@ -11,7 +11,7 @@ from typing import Any
 import typer
 
 from app import ops
-from app.cli.output import emit, run, table, want_json
+from app.cli.output import emit, human_duration, run, table, want_json
 from app.errors import AutonomyError, InvalidInput
 from app.ops import probes, run_locks
 from app.ops.checks import jobs
@@ -53,8 +53,8 @@ def beat_line(beat: dict[str, Any]) -> str:
 def _check_line(a: dict[str, Any]) -> str:
     if a.get("skipped"):
         return (f"{a['job']}: skipped ({a['skipped']}): held by {a.get('holder')} "
-                f"for {a.get('elapsedMs')} ms")
-    head = f"{a['job']}: ok in {a.get('durationMs')} ms"
+                f"for {human_duration(a.get('elapsedMs'))}")
+    head = f"{a['job']}: ok in {human_duration(a.get('durationMs'))}"
     if "state" in a:
         head += f" -- {a['state']}"
     return head
