@@ -31,6 +31,7 @@ import beat_schedule
 from app.celery_app import build_beat_schedule, celery_key_prefix, configure
 from app.local.flower import refuse_open_flower
 from app.settings import Settings
+from tasks.checks import payload_of
 from tests.conftest import make_settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,7 +145,8 @@ def _wait_for(what: str, check: Callable[[], Any], procs: list[Proc],
 
 def _readiness_lock(meta: dict[str, Any]) -> dict[str, Any] | None:
     # the status task's result is the payload shaped for Flower (tasks.checks.flower_shape)
-    locks = (meta.get("result") or {}).get("workflowHealth.runLocks", [])
+    payload = payload_of(meta.get("result") or {})
+    locks = payload.get("workflowHealth", {}).get("runLocks", [])
     return next((lk for lk in locks if lk.get("job") == "readiness"), None)
 
 
@@ -267,7 +269,7 @@ def test_beat_runs_every_job_and_status_lists_the_running_lock_and_a_rerun_is_sk
     # ... and its run record: a later status payload shows every job's last run, ok
     def status_with_every_run_recorded() -> dict[str, Any] | None:
         for m in by_job()["status"]:
-            jobs = (m["result"] or {}).get("workflowHealth.jobs") or {}
+            jobs = (payload_of(m["result"] or {}).get("workflowHealth") or {}).get("jobs") or {}
             if all((jobs.get(j) or {}).get("lastRunAt") for j in JOBS):
                 return jobs
         return None
