@@ -113,8 +113,9 @@ class Settings(BaseSettings):
 
     # --- control panel and `autonomy up` (issue 4: app/api/panel.py, app/local/up.py) ----------
     panel_refresh_ms: int = 3_000
-    # where `autonomy up` looks for a running Redis when no REDIS_URL is configured
-    # (before it starts an embedded one); a setting so tests can point it elsewhere
+    # the local default Redis address: with no REDIS_URL, `autonomy up` still starts its
+    # embedded Redis, and names a Redis found listening here (leaving it alone); a setting
+    # so tests can point it at a Redis of their own
     local_redis_probe_url: str = DEFAULT_REDIS_URL
     up_ready_timeout_s: float = 60.0
     up_stop_grace_s: float = 15.0

@@ -26,6 +26,13 @@ def view(ctx: Context) -> dict[str, Any]:
             "beat": leader.view(ctx)}
 
 
+def break_dead(ctx: Context) -> list[dict[str, Any]]:
+    """Release every run-lock whose holder stopped beating (as self-heal does); answers
+    the ones released. ``autonomy up`` calls it before its first checks, so a lock left by
+    a run killed with the last stop cannot hold up self-heal itself."""
+    return locks.break_dead_locks(ctx)
+
+
 def holder_name(kind: str) -> str:
     """The holder string a process of ``kind`` (``cli``, ``celery``, ...) takes locks as."""
     return locks.default_holder(kind)
