@@ -64,7 +64,7 @@ class PgTrace:
     def _start(self, dbapi_conn: Any) -> None:
         import psycopg
 
-        f = tempfile.TemporaryFile(mode="w+")
+        f = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 -- closed by take()
         dbapi_conn.pgconn.trace(f.fileno())
         dbapi_conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS
                                           | psycopg.pq.Trace.REGRESS_MODE)
