@@ -1,5 +1,5 @@
 """The periodic jobs: data only. ``app.celery_app`` turns it into Celery's beat schedule,
-``app.checks.jobs`` takes each job's run-lock budget from it.
+``app.ops.checks.jobs`` takes each job's run-lock budget from it.
 
 - ``task``: the Celery task (in ``tasks/checks.py``) that runs the job.
 - ``every_s``: how often beat sends it (``AUTONOMY_BEAT_EVERY_S`` overrides all of them).

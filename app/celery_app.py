@@ -32,7 +32,7 @@ import beat_schedule
 from app.settings import Settings, get_settings
 
 if TYPE_CHECKING:
-    from app.context import Context
+    from app.storage.context import Context
 
 RESULT_EXPIRES_S = 3600
 
@@ -93,7 +93,7 @@ _ctx_guard = threading.Lock()
 def worker_context() -> Context:
     """This process's Context, built on first use; a forked child builds its own."""
     global _ctx
-    from app.context import Context
+    from app.storage.context import Context
 
     with _ctx_guard:
         if _ctx is not None and _ctx[0] != os.getpid():
@@ -121,9 +121,9 @@ def _close_context(**_: Any) -> None:
 @beat_init.connect
 def _lead_beat(**_: Any) -> None:
     """Before beat sends anything: lead, or stand by until the leader's lock is free."""
-    from app.beat_guard import lead
+    from app.ops.run_locks import lead_beat
 
-    lead(worker_context())
+    lead_beat(worker_context())
 
 
 # --- remote control -------------------------------------------------------------------
@@ -133,10 +133,10 @@ def _lead_beat(**_: Any) -> None:
 def run_locks(state: Any, **_: Any) -> dict[str, Any]:
     """List held run-locks (job, holder, elapsed, budget, over budget, holder alive)."""
     from app.errors import AutonomyError
-    from app.locks import collect_run_locks
+    from app.ops.run_locks import held
 
     try:
-        locks = collect_run_locks(worker_context())
+        locks = held(worker_context())
     except AutonomyError as e:
         return e.to_wire()
     return {"runLocks": locks, "runLocksCount": len(locks)}

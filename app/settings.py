@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     db_connect_timeout_s: float = 5.0
     db_busy_timeout_s: float = 30.0
     redis_socket_timeout_s: float = 5.0
+    # SPEC 4.7: the fast path (claim/heartbeat/complete's Redis side) gives Redis this long,
+    # then the database answers alone; while Redis is degraded it is re-probed after
+    # first..max ms (doubling), not on every action
+    redis_fast_path_timeout_ms: int = Field(default=250, gt=0)
+    redis_reprobe_first_ms: int = Field(default=500, gt=0)
+    redis_reprobe_max_ms: int = Field(default=5_000, gt=0)
     data_dir: str = ".autonomy"
 
     # --- lanes, leases, breaker ---------------------------------------------------
@@ -51,6 +57,8 @@ class Settings(BaseSettings):
     title_max_len: int = 500
     reason_max_len: int = 2000
     payload_max_bytes: int = 65536
+    # how deep a payload or result may nest (given as an object or as a JSON string)
+    json_max_depth: int = Field(default=32, ge=1, le=200)
     guard_log_max: int = 200
 
     # --- stale rules and checks ---------------------------------------------------
@@ -79,8 +87,15 @@ class Settings(BaseSettings):
     flower_port: int = 5555
     flower_basic_auth: str | None = None
     celery_queue: str = "autonomy"
+    # the Host names the API answers to (SPEC 4.8): empty means the bind address
+    # (api_host), localhost and the loopback literals; "*" allows any (behind a proxy that
+    # checks it). Comma-separated.
+    allowed_hosts: str = ""
+    # origins besides the server's own that may send requests, comma-separated
+    # (e.g. "https://ops.example")
+    allowed_origins: str = ""
 
-    # --- control panel and `autonomy up` (issue 4: app/api/panel.py, app/up.py) ----------
+    # --- control panel and `autonomy up` (issue 4: app/api/panel.py, app/local/up.py) ----------
     panel_refresh_ms: int = 3_000
     # where `autonomy up` looks for a running Redis when no REDIS_URL is configured
     # (before it starts an embedded one); a setting so tests can point it elsewhere
@@ -101,6 +116,23 @@ class Settings(BaseSettings):
         if v < 1:
             raise ValueError("must be >= 1")
         return v
+
+    @property
+    def allowed_host_names(self) -> list[str]:
+        """``allowed_hosts`` as a list of lower-case names."""
+        return [x.strip().lower() for x in self.allowed_hosts.split(",") if x.strip()]
+
+    @property
+    def allowed_origin_list(self) -> list[str]:
+        """``allowed_origins`` as a list (without trailing slashes)."""
+        return [x.strip().rstrip("/").lower() for x in self.allowed_origins.split(",")
+                if x.strip()]
+
+    @property
+    def request_max_bytes(self) -> int:
+        """The largest request body read: a payload and a result, each up to
+        ``payload_max_bytes`` (escaped, up to 2x), and the envelope."""
+        return self.payload_max_bytes * 3 + 16_384
 
     @property
     def effective_redis_url(self) -> str:

@@ -1,10 +1,24 @@
-"""Input checks shared by every adapter: each failure is a named ``InvalidInput``."""
+"""Input rules shared by every adapter: each failure is a named ``InvalidInput``.
+
+One definition per rule: ``types(settings)`` answers the pydantic ``Annotated`` type of
+every field, its limits taken from the settings. The checks below validate with those
+types, and ``app.api.schemas`` builds the HTTP request models (and so the OpenAPI
+document) from the same types -- the HTTP API, the CLI and the in-process API refuse the
+same input, and the schema promises exactly what the server enforces.
+
+Every string accepted must be storable and answerable (SPEC 4.8): text holding NUL or a
+lone UTF-16 surrogate (which cannot be encoded as UTF-8) is refused ``invalid_input``
+naming the field, at any depth of a payload or result (``storable``).
+"""
 
 from __future__ import annotations
 
 import json
-import re
-from typing import Any
+from functools import lru_cache
+from typing import Annotated, Any, NamedTuple, TypeVar
+
+from annotated_types import Ge, Gt, Le
+from pydantic import StringConstraints, TypeAdapter, ValidationError
 
 from app.errors import (
     InvalidAssignee,
@@ -16,127 +30,283 @@ from app.errors import (
     InvalidTitle,
     InvalidWorker,
 )
-from app.models import IncidentStatus, Outcome
 from app.settings import Settings
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-_WORKER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/\-]*$")
-_TOKEN = re.compile(r"^[0-9a-f]{32}$")
-MAX_PRIORITY = 1_000_000
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+WORKER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@/\-]*$"
+TOKEN_PATTERN = r"^[0-9a-f]{32}$"
+NOT_BLANK = r"\S"  # unanchored: holds at least one non-space character
+# the task id column is a 32-bit integer on every backend (PostgreSQL ``integer``)
+TASK_ID_MAX = 2**31 - 1
+PRIORITY_MAX = 1_000_000
+MAX_IN_FLIGHT_MAX = 10_000
+FINGERPRINT_MAX_LEN = 400
+WINDOW_HOURS_MAX = 24 * 366
+OUTCOMES = ("success", "failure")
+INCIDENT_STATUSES = ("ok", "warning", "critical")
+# kept for callers that name it (the old constant)
+MAX_PRIORITY = PRIORITY_MAX
+
+
+class Types(NamedTuple):
+    """The type of every input field, limits included (see ``types``)."""
+
+    assignee: Any
+    worker: Any
+    title: Any
+    reason: Any
+    fingerprint: Any
+    task_id: Any
+    priority: Any
+    lease_token: Any
+    max_in_flight: Any
+    window_hours: Any
+
+
+@lru_cache(maxsize=32)
+def _types(assignee_max: int, worker_max: int, title_max: int, reason_max: int) -> Types:
+    return Types(
+        assignee=Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
+                                                  max_length=assignee_max,
+                                                  pattern=NAME_PATTERN)],
+        worker=Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
+                                                max_length=worker_max,
+                                                pattern=WORKER_PATTERN)],
+        title=Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
+                                               max_length=title_max, pattern=NOT_BLANK)],
+        reason=Annotated[str, StringConstraints(max_length=reason_max)],
+        fingerprint=Annotated[str, StringConstraints(min_length=1,
+                                                     max_length=FINGERPRINT_MAX_LEN,
+                                                     pattern=NOT_BLANK)],
+        task_id=Annotated[int, Ge(1), Le(TASK_ID_MAX)],
+        priority=Annotated[int, Ge(-PRIORITY_MAX), Le(PRIORITY_MAX)],
+        lease_token=Annotated[str, StringConstraints(pattern=TOKEN_PATTERN)],
+        max_in_flight=Annotated[int, Ge(1), Le(MAX_IN_FLIGHT_MAX)],
+        window_hours=Annotated[float, Gt(0), Le(WINDOW_HOURS_MAX)],
+    )
+
+
+def types(s: Settings) -> Types:
+    """The field types under ``s``'s limits (cached per set of limits)."""
+    return _types(s.assignee_max_len, s.worker_max_len, s.title_max_len, s.reason_max_len)
+
+
+@lru_cache(maxsize=256)
+def _adapter(tp: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(tp)
+
+
+T = TypeVar("T")
+
+
+def _check(tp: Any, value: Any, err: type[InvalidInput], field: str, message: str) -> Any:
+    if isinstance(value, str):
+        storable(value, field)
+    try:
+        return _adapter(tp).validate_python(value, strict=True)
+    except ValidationError:
+        raise err(message, field=field) from None
+
+
+# --- storable text -------------------------------------------------------------------
+
+
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be stored and answered (NUL, a lone surrogate), or None."""
+    if "\x00" in text:
+        return "must not contain NUL (\\u0000)"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"is not valid Unicode text (a lone surrogate at position {e.start})"
+    return None
+
+
+def storable(value: Any, field: str, *, max_depth: int | None = None,
+             too_deep: type[InvalidInput] = InvalidInput) -> None:
+    """Refuse (``invalid_input`` naming the field) any string in ``value`` -- a key or a
+    value at any depth -- that cannot be stored and answered, and nesting deeper than
+    ``max_depth``. Iterative, so no input can exhaust the stack."""
+    todo: list[tuple[Any, str, int]] = [(value, field, 0)]
+    while todo:
+        v, where, depth = todo.pop()
+        if isinstance(v, str):
+            why = text_problem(v)
+            if why is not None:
+                raise InvalidInput(f"{where} {why}", field=where)
+        elif isinstance(v, dict | list | tuple):
+            if max_depth is not None and depth >= max_depth:
+                raise too_deep(f"{field} nests deeper than {max_depth} levels",
+                               field=field)
+            items = v.items() if isinstance(v, dict) else enumerate(v)
+            for k, x in items:
+                key = f"{where}.{k}" if isinstance(k, str) else f"{where}[{k}]"
+                if isinstance(k, str):
+                    why = text_problem(k)
+                    if why is not None:
+                        raise InvalidInput(f"a key in {where} {why}", field=where)
+                todo.append((x, key, depth + 1))
+
+
+# --- the fields ----------------------------------------------------------------------
 
 
 def assignee(value: Any, s: Settings) -> str:
     """A lane name: 1..assignee_max_len of letters, digits, ``_.-``."""
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidAssignee("assignee must be a non-empty string")
-    v = value.strip()
-    if len(v) > s.assignee_max_len:
-        raise InvalidAssignee(f"assignee is longer than {s.assignee_max_len} characters")
-    if not _NAME.match(v):
-        raise InvalidAssignee("assignee may hold only letters, digits and _ . -")
-    return v
+    out: str = _check(types(s).assignee, value, InvalidAssignee, "assignee",
+                      f"assignee must be 1 to {s.assignee_max_len} letters, digits and "
+                      "_ . - (starting with a letter or digit)")
+    return out
 
 
-def worker(value: Any, s: Settings) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidWorker("worker must be a non-empty string")
-    v = value.strip()
-    if len(v) > s.worker_max_len:
-        raise InvalidWorker(f"worker is longer than {s.worker_max_len} characters")
-    if not _WORKER.match(v):
-        raise InvalidWorker("worker may hold only letters, digits and _ . - : @ /")
-    return v
+def worker(value: Any, s: Settings, *, field: str = "worker") -> str:
+    """A worker (or actor) name: 1..worker_max_len of letters, digits, ``_.-:@/``."""
+    out: str = _check(types(s).worker, value, InvalidWorker, field,
+                      f"{field} must be 1 to {s.worker_max_len} letters, digits and "
+                      "_ . - : @ / (starting with a letter or digit)")
+    return out
+
+
+def actor(value: Any, s: Settings) -> str | None:
+    """Who asks, for the audit trail (optional): a worker name."""
+    return None if value is None else worker(value, s, field="actor")
 
 
 def title(value: Any, s: Settings) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidTitle("title must be a non-empty string")
-    v = value.strip()
-    if len(v) > s.title_max_len:
-        raise InvalidTitle(f"title is longer than {s.title_max_len} characters")
-    return v
+    out: str = _check(types(s).title, value, InvalidTitle, "title",
+                      f"title must be a non-blank string of at most {s.title_max_len} "
+                      "characters")
+    return out
 
 
-def priority(value: Any) -> int:
+def priority(value: Any, s: Settings | None = None) -> int:
     if value is None:
         return 0
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput("priority must be an integer")
-    if abs(value) > MAX_PRIORITY:
-        raise InvalidInput(f"priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
-    return value
+    out: int = _check(types(s or DEFAULT_LIMITS).priority, value, InvalidInput, "priority",
+                      f"priority must be an integer from -{PRIORITY_MAX} to {PRIORITY_MAX}")
+    return out
 
 
 def json_object(value: Any, s: Settings, *, field: str = "payload",
                 optional: bool = True) -> dict[str, Any] | None:
-    """A JSON object (a dict, or a string holding one) within ``payload_max_bytes``."""
+    """A JSON object (a dict, or a string holding one) within ``payload_max_bytes`` and
+    ``json_max_depth``, every string in it storable."""
     if value is None:
         if optional:
             return None
-        raise InvalidPayload(f"{field} is required")
-    if isinstance(value, str | bytes):
+        raise InvalidPayload(f"{field} is required", field=field)
+    if isinstance(value, bytes):
         try:
-            value = json.loads(value)
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidPayload(f"{field} is not UTF-8 text", field=field) from None
+    if isinstance(value, str):
+        storable(value, field)
+        if len(value) > s.payload_max_bytes * 6:  # \\uXXXX escapes at most 6x the size
+            raise InvalidPayload(f"{field} is over {s.payload_max_bytes} bytes", field=field)
+        try:
+            value = json.loads(value, parse_constant=_no_constants)
+        except RecursionError:
+            raise InvalidPayload(f"{field} nests deeper than {s.json_max_depth} levels",
+                                 field=field) from None
         except ValueError as e:
-            raise InvalidPayload(f"{field} is not valid JSON: {e}") from e
+            raise InvalidPayload(f"{field} is not valid JSON: {str(e)[:200]}",
+                                 field=field) from None
     if not isinstance(value, dict):
-        raise InvalidPayload(f"{field} must be a JSON object")
+        raise InvalidPayload(f"{field} must be a JSON object", field=field)
+    storable(value, field, max_depth=s.json_max_depth, too_deep=InvalidPayload)
     try:
         size = len(json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError) as e:
-        raise InvalidPayload(f"{field} is not serialisable as JSON: {e}") from e
+    except (TypeError, ValueError, RecursionError) as e:
+        raise InvalidPayload(f"{field} is not serialisable as JSON: {str(e)[:200]}",
+                             field=field) from None
     if size > s.payload_max_bytes:
-        raise InvalidPayload(f"{field} is {size} bytes, over {s.payload_max_bytes}")
+        raise InvalidPayload(f"{field} is {size} bytes, over {s.payload_max_bytes}",
+                             field=field)
     return value
 
 
-def task_id(value: Any) -> int:
-    if isinstance(value, bool):
-        raise InvalidInput("taskId must be an integer")
-    if isinstance(value, str) and value.strip().isdigit():
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def task_id(value: Any, s: Settings | None = None) -> int:
+    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) < 20:
         value = int(value.strip())
-    if not isinstance(value, int) or value < 1 or value > 2**62:
-        raise InvalidInput("taskId must be a positive integer")
-    return value
+    out: int = _check(types(s or DEFAULT_LIMITS).task_id, value, InvalidInput, "taskId",
+                      f"taskId must be an integer from 1 to {TASK_ID_MAX}")
+    return out
 
 
-def lease_token(value: Any) -> str:
-    if not isinstance(value, str) or not _TOKEN.match(value):
-        raise InvalidLeaseToken("leaseToken must be the 32-hex token the claim answered")
-    return value
+def lease_token(value: Any, s: Settings | None = None) -> str:
+    out: str = _check(types(s or DEFAULT_LIMITS).lease_token, value, InvalidLeaseToken,
+                      "leaseToken", "leaseToken must be the 32-hex token the claim answered")
+    return out
 
 
-def outcome(value: Any) -> Outcome:
+def outcome(value: Any) -> Any:
+    from app.kinds import Outcome
+
+    if isinstance(value, str):
+        storable(value, "outcome")
     try:
         return Outcome(value)
     except (ValueError, TypeError):
-        raise InvalidOutcome("outcome must be 'success' or 'failure'") from None
+        raise InvalidOutcome("outcome must be 'success' or 'failure'",
+                             field="outcome") from None
 
 
 def reason(value: Any, s: Settings, *, required: bool, field: str = "validationReason"
            ) -> str | None:
     if value is None or (isinstance(value, str) and not value.strip()):
+        if isinstance(value, str):
+            storable(value, field)
         if required:
-            raise InvalidReason(f"{field} is required for a failure")
+            raise InvalidReason(f"{field} is required for a failure", field=field)
         return None
-    if not isinstance(value, str):
-        raise InvalidReason(f"{field} must be a string")
-    if len(value) > s.reason_max_len:
-        raise InvalidReason(f"{field} is longer than {s.reason_max_len} characters")
-    return value.strip()
+    out: str = _check(types(s).reason, value, InvalidReason, field,
+                      f"{field} must be a string of at most {s.reason_max_len} characters")
+    return out.strip()
 
 
-def incident_status(value: Any) -> IncidentStatus:
-    try:
-        st = IncidentStatus(value)
-    except (ValueError, TypeError):
-        st = None
-    if st is None or st is IncidentStatus.recovering:
-        raise InvalidInput("status must be 'ok', 'warning' or 'critical'")
-    return st
+def fingerprint(value: Any) -> str:
+    out: str = _check(types(DEFAULT_LIMITS).fingerprint, value, InvalidInput, "fingerprint",
+                      "fingerprint must be a non-empty string of at most "
+                      f"{FINGERPRINT_MAX_LEN} characters")
+    return out
+
+
+def max_in_flight(value: Any) -> int:
+    out: int = _check(types(DEFAULT_LIMITS).max_in_flight, value, InvalidInput, "maxInFlight",
+                      f"maxInFlight must be an integer from 1 to {MAX_IN_FLIGHT_MAX}")
+    return out
+
+
+def window_hours(value: Any) -> float:
+    if isinstance(value, bool):
+        raise InvalidInput(f"windowHours must be a number in (0, {WINDOW_HOURS_MAX}]",
+                           field="windowHours")
+    out: float = _check(types(DEFAULT_LIMITS).window_hours, value, InvalidInput, "windowHours",
+                        f"windowHours must be a number in (0, {WINDOW_HOURS_MAX}]")
+    return float(out)
+
+
+def incident_status(value: Any) -> Any:
+    from app.kinds import IncidentStatus
+
+    if isinstance(value, str):
+        storable(value, "status")
+    if value not in INCIDENT_STATUSES:
+        raise InvalidInput("status must be 'ok', 'warning' or 'critical'", field="status")
+    return IncidentStatus(value)
 
 
 def positive_number(value: Any, field: str, *, maximum: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= maximum:
-        raise InvalidInput(f"{field} must be a number in (0, {maximum}]")
+        raise InvalidInput(f"{field} must be a number in (0, {maximum}]", field=field)
     return float(value)
+
+
+# the limits that do not come from settings are the same under any settings
+DEFAULT_LIMITS = Settings.model_construct(assignee_max_len=64, worker_max_len=128,
+                                     title_max_len=500, reason_max_len=2000)

@@ -30,6 +30,7 @@ BENCHES = {
     7: "bench.b7_http",
     8: "bench.b8_drain",
     10: "bench.b10_round_trips",
+    12: "bench.b12_script_runner",
 }
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from app import lane_control, lanes
-from app.context import Context
+from app.ops import lane_control, lanes
+from app.storage.context import Context
 from bench.common import Env, Row
 from bench.roundtrips import PgTrace, WireCount, count_wire
 

@@ -14,7 +14,7 @@ from typing import Any
 import redis_lock
 from pottery import Redlock
 
-from app import locks
+from app.storage import locks
 from bench.common import Env, Row, interleaved_rates
 
 BUDGET_MS = 60_000

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import redis
 
-from app import locks
+from app.storage import locks
 from bench.common import Env, Row
 
 

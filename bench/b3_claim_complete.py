@@ -1,4 +1,4 @@
-"""Bench 3: a claim + complete cycle through the operations (``app.lanes.claim`` +
+"""Bench 3: a claim + complete cycle through the operations (``app.ops.lanes.claim`` +
 ``complete``), one process, on SQLite and PostgreSQL.
 
 Floor: what the cycle cannot do without — the same two conditional UPDATEs written by
@@ -16,12 +16,13 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from app import lanes, leases, store
 from app.clock import to_ms, utcnow
-from app.context import Context
-from app.db import transaction
-from app.models import TaskStatus, task_table
-from app.redis_scripts import Script, run_script
+from app.ops import lanes
+from app.storage import leases, store
+from app.storage.context import Context
+from app.storage.db import transaction
+from app.storage.models import TaskStatus, task_table
+from app.storage.redis_scripts import Script, run_script
 from bench.common import Env, Row, interleaved_rates
 from bench.seed import analyze, seed_todo
 
@@ -113,7 +114,7 @@ def run(env: Env) -> list[Row]:
         finally:
             ctx.close()
         rows.append(Row(
-            bench=3, what=f"claim+complete via app.lanes, 1 process, {backend}",
+            bench=3, what=f"claim+complete via app.ops.lanes, 1 process, {backend}",
             figure=got["ops"], unit="cycles/s", baseline=got["floor"],
             baseline_what="floor: 2 Core UPDATEs + same Redis scripts", target=">= 0.6",
             details={"cyclesPerRound": n, "rounds": rounds}))

@@ -16,12 +16,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from app import lane_control, lanes
 from app.clock import utcnow
-from app.context import Context
 from app.errors import AutonomyError
-from app.models import event_table
+from app.ops import lane_control, lanes
 from app.settings import Settings
+from app.storage.context import Context
+from app.storage.models import event_table
 from bench.common import Env, Row
 from bench.seed import analyze, seed_todo
 

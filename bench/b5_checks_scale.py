@@ -18,11 +18,11 @@ import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
-from app import locks
-from app.checks import handoff, readiness
-from app.checks.status import build_status
 from app.clock import utcnow
-from app.context import Context
+from app.ops.checks import handoff, readiness
+from app.ops.checks.status import build_status
+from app.storage import locks
+from app.storage.context import Context
 from bench.common import Env, Row, latency_s
 from bench.plans import plans_of
 from bench.seed import analyze, seed_active, seed_fingerprints, seed_history

@@ -12,10 +12,11 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from app import breaker, store
 from app.clock import utcnow
-from app.context import Context
-from app.db import transaction
+from app.ops import breaker
+from app.storage import store
+from app.storage.context import Context
+from app.storage.db import transaction
 from bench.common import Env, Row, latency_s
 from bench.plans import plans_of
 from bench.seed import analyze, seed_fingerprints

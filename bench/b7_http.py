@@ -23,9 +23,10 @@ from typing import Any
 
 import httpx
 
-from app import lane_control, ops
+from app import ops
 from app.clock import utcnow
-from app.context import Context
+from app.ops import lane_control
+from app.storage.context import Context
 from bench.common import Env, Row, free_port
 from bench.seed import analyze, seed_todo
 

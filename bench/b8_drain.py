@@ -25,7 +25,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from app import lane_control
+from app.ops import lane_control
 from app.clock import utcnow
 from bench import peers
 from bench.common import Env, Row

@@ -24,10 +24,10 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from app import db
 from app.clock import Clock, utcnow
-from app.context import Context
 from app.settings import Settings
+from app.storage import db
+from app.storage.context import Context
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"

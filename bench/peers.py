@@ -26,10 +26,10 @@ from bench.fleet import Recorder, Shared
 
 
 def autonomy_worker(cfg: dict[str, Any], name: str, shared: Shared) -> None:
-    from app.client import LocalClient
-    from app.context import Context
+    from app.workers.client import LocalClient
+    from app.storage.context import Context
     from app.settings import Settings
-    from app.worker import LaneWorker
+    from app.workers.lane_worker import LaneWorker
 
     rec = Recorder(shared)
     ctx = Context.from_settings(Settings(**cfg["settings"]))

@@ -2,7 +2,7 @@
 ``generate_series``, SQLite a recursive CTE), never a row at a time.
 
 Timestamps are written in each backend's own storage form (``timestamptz`` on PostgreSQL,
-``'YYYY-MM-DD HH:MM:SS.ffffff'`` UTC text on SQLite, as ``app.models.UTCDateTime`` does),
+``'YYYY-MM-DD HH:MM:SS.ffffff'`` UTC text on SQLite, as ``app.storage.models.UTCDateTime`` does),
 so the app reads seeded rows exactly like its own.
 """
 

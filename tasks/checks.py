@@ -1,6 +1,6 @@
 """The periodic check jobs as Celery tasks (scheduled by ``beat_schedule.JOBS``).
 
-Each task runs one job under its run-lock through ``app.checks.jobs.run_job`` and returns
+Each task runs one job under its run-lock through ``app.ops.checks.jobs.run_job`` and returns
 its JSON answer -- the stored result Flower shows. A refusal of the domain (an
 ``AutonomyError``) is an answer, ``{"ok": false, "error": code, "message": ...}``, not a
 traceback; an unreachable Redis or database raises, so Celery records a failure and the
@@ -19,8 +19,8 @@ from app.errors import AutonomyError, Unavailable
 
 
 def _run(task: Task, job: str) -> dict[str, Any]:
-    from app.checks.jobs import run_job
-    from app.locks import default_holder
+    from app.ops.checks.jobs import run_job
+    from app.ops.run_locks import holder_name as default_holder
 
     try:
         return run_job(worker_context(), job, holder=default_holder(task.request.id))

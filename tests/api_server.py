@@ -13,7 +13,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from app.api.app import create_app
-from app.context import Context
+from app.storage.context import Context
 from tests.servers import free_port
 
 

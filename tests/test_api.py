@@ -14,8 +14,8 @@ from pydantic import SecretStr
 
 from app import ops
 from app.clock import FrozenClock
-from app.context import Context
 from app.settings import Settings
+from app.storage.context import Context
 from tests.api_server import client
 from tests.conftest import make_settings
 from tests.servers import free_port
@@ -198,7 +198,7 @@ def test_bad_input_over_http_gets_the_same_code_as_the_cli(
     (b'{"action": "create", "assignee": "coder", "title": "t", "payload": '
      + b'{"a": ' * 100 + b"1" + b"}" * 101, "invalid_input"),
     (json.dumps({"action": "create", "assignee": "coder", "title": "t",
-                 "payload": {"x": "y" * 300_000}}).encode(), "invalid_input"),
+                 "payload": {"x": "y" * 300_000}}).encode(), "body_too_large"),
     (b'{"action": "create", "assignee": 5, "title": "t"}', "invalid_assignee"),
     (b'{"action": "create", "assignee": "coder", "title": ["t"]}', "invalid_title"),
     (b'{"action": "create", "assignee": "coder", "title": "t", "actor": 5}', "invalid_worker"),
@@ -223,7 +223,8 @@ def test_malformed_requests_get_400_with_a_stable_code(http: httpx.Client, api_c
     before = snapshot(api_ctx)
     resp = http.post("/api/autonomy", content=body,
                      headers={"Content-Type": "application/json"})
-    assert resp.status_code == 400, resp.text
+    # an oversized body is refused from its Content-Length, unread (SPEC 4.8)
+    assert resp.status_code == (413 if code == "body_too_large" else 400), resp.text
     answer = resp.json()
     assert answer["ok"] is False and answer["error"] == code and answer["message"], answer
     assert snapshot(api_ctx) == before
@@ -269,10 +270,19 @@ def test_a_mutating_action_needs_the_bearer_token(api_ctx: Context, action: str)
     assert set(MUTATING_SAMPLES) == set(ops.MUTATING)
 
 
-def test_reads_need_no_token(api_ctx: Context) -> None:
+def test_with_a_token_reads_of_tasks_and_history_need_it_status_and_metrics_do_not(
+        api_ctx: Context) -> None:
+    # SPEC 4.8: reads that return payloads or results need the token; every POST is
+    # authorised before its body is read, so the read actions need it too
     with client(api_ctx) as http:
+        assert call(http, "history", 401, assignee="coder")["error"] == "unauthorized"
+        assert call(http, "fingerprint_count", 401, fingerprint="coder:x")
+        resp = http.get("/api/autonomy/tasks")
+        assert resp.status_code == 401 and resp.json()["error"] == "unauthorized"
+        assert http.get("/api/autonomy/status").status_code == 200
+        assert http.get("/metrics").status_code == 200
+    with client(api_ctx, TOKEN) as http:
         assert call(http, "history", assignee="coder")["events"] == []
-        assert call(http, "fingerprint_count", fingerprint="coder:x")["count"] == 0
         assert http.get("/api/autonomy/tasks").json() == {"ok": True, "tasks": []}
 
 
@@ -290,16 +300,22 @@ def test_without_a_configured_token_mutations_need_none(sqlite_url: str, redis_s
 # --- unreachable services -------------------------------------------------------------------
 
 
-def test_redis_unreachable_is_503_redis_unavailable(sqlite_url: str, redis_prefix: str,
-                                                    clock: FrozenClock) -> None:
+def test_redis_unreachable_degrades_to_the_database_and_says_so(sqlite_url: str,
+                                                                 redis_prefix: str,
+                                                                 clock: FrozenClock) -> None:
+    """SPEC 4.7: with no Redis at all a claim is answered by the database alone; status
+    and /metrics say degraded."""
     ctx = _ctx(sqlite_url, f"redis://127.0.0.1:{free_port()}/0", redis_prefix, clock,
                redis_socket_timeout_s=1)
     try:
         with client(ctx) as http:
-            call(http, "create", assignee="coder", title="t")  # the database alone suffices
-            answer = call(http, "claim", 503, assignee="coder", worker="w1")
-            assert answer["error"] == "redis_unavailable"
-            assert "Traceback" not in json.dumps(answer)
+            call(http, "create", assignee="coder", title="t")
+            answer = call(http, "claim", assignee="coder", worker="w1")
+            assert answer["lease"]["token"]
+            guarded = call(http, "claim", assignee="coder", worker="w2")
+            assert guarded["guard"] == "duplicate_claim_guard"
+            assert call(http, "status")["redis"] == "degraded"
+            assert "autonomy_redis_degraded 1.0" in http.get("/metrics").text
     finally:
         ctx.close()
 

@@ -28,9 +28,9 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from app import lane_control, lanes
-from app.context import Context
-from app.db import transaction
+from app.ops import lane_control, lanes
+from app.storage.context import Context
+from app.storage.db import transaction
 from tests.api_server import ServerThread
 from tests.conftest import make_settings
 

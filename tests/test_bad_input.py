@@ -7,10 +7,12 @@ from typing import Any
 
 import pytest
 
-from app import lanes, ops
+from app import ops
 from app.clock import FrozenClock
-from app.context import Context
 from app.errors import AutonomyError, DatabaseUnavailable, RedisUnavailable
+from app.ops import lanes
+from app.ops.checks import jobs
+from app.storage.context import Context
 from tests.conftest import make_settings
 from tests.servers import free_port
 from tests.test_lanes import snapshot
@@ -96,9 +98,11 @@ def test_an_unreachable_database_is_database_unavailable(redis_server_url: str,
         ctx.close()
 
 
-def test_redis_down_refuses_a_claim_and_changes_nothing(sqlite_url: str, clock: FrozenClock,
-                                                        redis_server_url: str,
-                                                        redis_prefix: str) -> None:
+def test_redis_down_refuses_a_run_lock_and_changes_nothing(sqlite_url: str, clock: FrozenClock,
+                                                            redis_server_url: str,
+                                                            redis_prefix: str) -> None:
+    """Run-locks live in Redis alone: without it a check run is refused (a claim is not:
+    the database answers it alone, tests/test_redis_degraded.py)."""
     live = Context.from_settings(make_settings(sqlite_url, redis_server_url, redis_prefix),
                                  clock=clock)
     lanes.create(live, assignee="coder", title="t")
@@ -108,7 +112,7 @@ def test_redis_down_refuses_a_claim_and_changes_nothing(sqlite_url: str, clock: 
                       redis_socket_timeout_s=1), clock=clock)
     try:
         with pytest.raises(RedisUnavailable) as err:
-            lanes.claim(down, assignee="coder", worker="w1")
+            jobs.run_job(down, "handoff_health", holder="t")
         assert err.value.to_wire()["error"] == "redis_unavailable"
         assert snapshot(live) == before
     finally:
@@ -141,7 +145,7 @@ def test_a_complete_still_lands_when_redis_is_down(sqlite_url: str, clock: Froze
 
 
 def test_a_database_without_the_schema_says_to_migrate(ctx: Context) -> None:
-    from app import db
+    from app.storage import db
 
     db.downgrade(ctx.settings.database_url, "base")
     ctx.engine.dispose()

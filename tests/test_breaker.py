@@ -9,12 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app import breaker, lane_control, lanes, store
 from app.clock import FrozenClock
-from app.context import Context
-from app.db import transaction
 from app.errors import LanePaused
-from app.history import history
+from app.ops import breaker, lane_control, lanes
+from app.ops.history import history
+from app.storage import store
+from app.storage.context import Context
+from app.storage.db import transaction
 
 
 def fail_next(ctx: Context, reason: str, lane: str = "coder", worker: str = "w1"

@@ -29,7 +29,7 @@ from celery import Celery
 
 import beat_schedule
 from app.celery_app import build_beat_schedule, celery_key_prefix, configure
-from app.cli_flower import refuse_open_flower
+from app.local.flower import refuse_open_flower
 from app.settings import Settings
 from tests.conftest import make_settings
 
@@ -282,8 +282,8 @@ def test_a_second_beat_stands_by_and_takes_over_when_the_leader_is_killed(
         e2e: dict[str, Any], redis_server_url: str, redis_prefix: str, sqlite_url: str) -> None:
     """Two real beats: one leads (the ``beat`` run-lock, visible), the other sends nothing
     until the leader dies; then it breaks the dead leader's lock and leads."""
-    from app import locks
-    from app.context import Context
+    from app.storage import locks
+    from app.storage.context import Context
 
     e2e["env"].update(AUTONOMY_LOCK_HEARTBEAT_INTERVAL_MS="200",
                       AUTONOMY_LOCK_HOLDER_DEAD_AFTER_MS="1500",

@@ -8,13 +8,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from app import lanes, locks, store
-from app.checks import handoff, jobs, readiness, selfheal, state, status
 from app.clock import FrozenClock
-from app.context import Context
-from app.db import transaction
 from app.errors import AutonomyError, InvalidInput
-from app.models import check_state_table
+from app.ops import lanes
+from app.ops.checks import handoff, jobs, readiness, selfheal, state, status
+from app.storage import locks, store
+from app.storage.context import Context
+from app.storage.db import transaction
+from app.storage.models import check_state_table
 
 
 def _write_raw(ctx: Context, name: str, data: str, *, at: Any = None) -> None:

@@ -81,11 +81,16 @@ def test_cli_db_downgrade_then_upgrade(cli_env: dict[str, str]) -> None:
     ok(cli_env, "create", "coder", "t")
 
 
-def test_cli_unreachable_redis_exits_3(cli_env: dict[str, str]) -> None:
+def test_cli_unreachable_redis_exits_3_only_where_redis_is_the_answer(
+        cli_env: dict[str, str]) -> None:
+    """Run-locks live in Redis alone: ``locks`` cannot answer without it (exit 3); a claim
+    is answered by the database alone (SPEC 4.7)."""
     from tests.servers import free_port
 
     assert cli(cli_env, "db", "upgrade").returncode == 0
     env = {**cli_env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
            "AUTONOMY_REDIS_SOCKET_TIMEOUT_S": "1"}
-    proc = cli(env, "claim", "coder", "w1")
+    proc = cli(env, "locks")
     assert proc.returncode == 3 and "redis_unavailable" in proc.stderr
+    ok(env, "create", "coder", "t")
+    assert ok(env, "claim", "coder", "w1")["lease"]["token"]

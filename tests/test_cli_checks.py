@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from app import locks
-from app.context import Context
 from app.settings import Settings
+from app.storage import locks
+from app.storage.context import Context
 from tests.test_cli import cli, cli_env, ok
 
 __all__ = ["cli_env"]  # the fixture, shared with test_cli

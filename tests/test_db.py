@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from app import db
+from app.storage import db
 
 TABLES = {"task", "lane", "failure_fingerprint_log", "event", "check_state"}
 
@@ -40,7 +40,7 @@ def test_migrations_upgrade_downgrade_upgrade(database_url: str) -> None:
 def test_the_next_task_is_read_from_the_lane_index_in_claim_order(pg_url: str) -> None:
     """The claim takes the lane's first index entry: no sort of the backlog under the lane
     lock (the plan PostgreSQL picks once sequential scans are off for this transaction)."""
-    from app import store
+    from app.storage import store
 
     engine = db.make_engine(pg_url)
     try:

@@ -8,11 +8,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from app import lane_control, lanes, store
 from app.clock import FrozenClock
-from app.context import Context
-from app.db import transaction
 from app.errors import LanePaused, NotInProgress, StaleLease, TaskNotFound
+from app.ops import lane_control, lanes
+from app.storage import store
+from app.storage.context import Context
+from app.storage.db import transaction
 
 
 def snapshot(ctx: Context) -> list[dict[str, Any]]:
@@ -97,7 +98,7 @@ def test_guard_hits_are_in_the_lane_history_without_a_database_write(ctx: Contex
     lanes.create(ctx, assignee="coder", title="a")
     first = lanes.claim(ctx, assignee="coder", worker="w1")
     lanes.claim(ctx, assignee="coder", worker="w2")
-    from app.history import history
+    from app.ops.history import history
 
     events = history(ctx, task_id=first["task"]["id"])["events"]
     guards = [e for e in events if e["kind"] == "claim_guard"]
@@ -155,6 +156,34 @@ def test_an_expired_lease_is_claimable_and_the_late_complete_is_fenced(ctx: Cont
     ok = lanes.complete(ctx, task_id=second["task"]["id"], lease_token=second["lease"]["token"],
                         outcome="success")
     assert ok["task"]["status"] == "done" and ok["task"]["claimedBy"] == "w2"
+
+
+def test_a_late_complete_from_a_superseded_lease_on_a_done_task_is_stale_lease(
+        ctx: Context, clock: FrozenClock) -> None:
+    """SPEC 4.2: the task is done under w2's lease; w1's late complete (its lease expired)
+    is refused with stale_lease, writes nothing but an event; w2's retry stays the
+    idempotent duplicate_complete_guard."""
+    lanes.create(ctx, assignee="coder", title="a")
+    first = lanes.claim(ctx, assignee="coder", worker="w1")
+    clock.advance(seconds=ctx.settings.lease_ttl_s + 1)
+    second = lanes.claim(ctx, assignee="coder", worker="w2")
+    tid = second["task"]["id"]
+    lanes.complete(ctx, task_id=tid, lease_token=second["lease"]["token"], outcome="success")
+    before = snapshot(ctx)
+    for outcome in ("success", "failure"):
+        with pytest.raises(StaleLease) as err:
+            lanes.complete(ctx, task_id=tid, lease_token=first["lease"]["token"],
+                           outcome=outcome, validation_reason="late")
+        assert err.value.details["status"] == "done"
+    assert snapshot(ctx) == before
+    again = lanes.complete(ctx, task_id=tid, lease_token=second["lease"]["token"],
+                           outcome="success")
+    assert again["guard"] == "duplicate_complete_guard"
+    assert snapshot(ctx) == before
+    with transaction(ctx.engine, write=False) as conn:
+        refused = [e for e in store.list_events(conn, task_id=tid)
+                   if e["kind"] == "complete_refused"]
+    assert [e["reason"] for e in refused] == ["stale_lease", "stale_lease"]
 
 
 def test_heartbeat_extends_a_live_lease(ctx: Context, clock: FrozenClock) -> None:

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from app import locks, redis_scripts
 from app.clock import FrozenClock
-from app.context import Context
 from app.errors import RedisUnavailable
+from app.storage import locks
+from app.storage.context import Context
 from tests.conftest import make_settings
 from tests.servers import free_port
 
@@ -128,9 +128,11 @@ def test_a_beat_never_outlives_its_lock(short_lctx: Context) -> None:
     token = locks.acquire(short_lctx, "self_heal", budget_ms=2_000)
     assert token
     k = short_lctx.keys
-    # set in one script, the two may be a millisecond apart; the default beat TTL is 10 s
-    assert short_lctx.redis.pttl(k.lock_beat("self_heal")) <= short_lctx.redis.pttl(
-        k.lock("self_heal")) + 1 <= 2_001
+    # set in one script, the two may be a millisecond apart; the default beat TTL is 10 s.
+    # Both read in one MULTI, so a loaded machine cannot put time between the two reads.
+    beat_ttl, lock_ttl = (short_lctx.redis.pipeline(transaction=True)
+                          .pttl(k.lock_beat("self_heal")).pttl(k.lock("self_heal")).execute())
+    assert beat_ttl <= lock_ttl + 1 <= 2_001
     assert locks.extend(short_lctx, "self_heal", token, budget_ms=3_000)
     assert 2_000 < short_lctx.redis.pttl(k.lock_beat("self_heal")) <= 3_000
 
@@ -256,9 +258,8 @@ def test_threads_sharing_a_context_take_turns_on_its_connection(lctx: Context) -
 def test_a_lock_connection_killed_by_the_server_is_replaced(lctx: Context) -> None:
     token = locks.acquire(lctx, "status", budget_ms=1000)
     assert token
-    conn = redis_scripts._line(lctx).conn
-    conn.send_command("CLIENT", "ID")
-    lctx.redis.client_kill_filter(_id=conn.read_response())
+    # the pool hands back the connection it took last: the one the next script runs on
+    lctx.redis.client_kill_filter(_id=lctx.redis.client_id())
     assert locks.release(lctx, "status", token)  # reconnected under the client's retry
     assert locks.collect_run_locks(lctx) == []
 
@@ -322,8 +323,8 @@ def test_many_processes_starting_the_same_job_at_once_run_it_exactly_once(
 
 _HOLDER = """
 import sys, time
-from app import locks
-from app.context import Context
+from app.storage import locks
+from app.storage.context import Context
 from tests.conftest import make_settings
 db, url, prefix, job, budget = sys.argv[1:6]
 ctx = Context.from_settings(make_settings(db, url, prefix, lock_heartbeat_interval_ms=100,

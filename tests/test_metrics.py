@@ -5,10 +5,10 @@ from __future__ import annotations
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import locks
-from app.checks import handoff
 from app.clock import FrozenClock
-from app.context import Context
+from app.ops.checks import handoff
+from app.storage import locks
+from app.storage.context import Context
 from tests.test_api import TOKEN, api_ctx, call, http
 
 __all__ = ["api_ctx", "http"]  # fixtures shared with test_api

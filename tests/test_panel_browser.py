@@ -18,9 +18,10 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from app import lane_control, lanes, locks, store
-from app.context import Context
-from app.db import transaction
+from app.ops import lane_control, lanes
+from app.storage import locks, store
+from app.storage.context import Context
+from app.storage.db import transaction
 from tests.api_server import ServerThread
 from tests.conftest import make_settings
 

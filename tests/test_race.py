@@ -26,11 +26,12 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from app import lane_control, lanes, store
-from app.context import Context
-from app.db import transaction
 from app.errors import DatabaseBusy, LanePaused, NotInProgress, StaleLease
-from app.models import event_table, task_table
+from app.ops import lane_control, lanes
+from app.storage import store
+from app.storage.context import Context
+from app.storage.db import transaction
+from app.storage.models import event_table, task_table
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ import httpx
 import psutil
 import pytest
 
-from app.cli_serve import is_loopback
+from app.netaddr import is_loopback
 from tests.servers import free_port
 
 READY = "autonomy up: ready"

@@ -18,13 +18,16 @@ from typing import Any
 import httpx
 import pytest
 
-from app import demo, lane_control, lanes, ops, store
-from app.client import HttpClient, LocalClient, error_from_wire
-from app.context import Context
-from app.db import transaction
+from app import ops
 from app.errors import AutonomyError, LanePaused, StaleLease, TaskNotFound
-from app.worker import Job, LaneWorker, ValidationFailed, default_worker_name
-from app.worker_cmd import CommandRunner
+from app.local import demo
+from app.ops import lane_control, lanes
+from app.storage import store
+from app.storage.context import Context
+from app.storage.db import transaction
+from app.workers.client import HttpClient, LocalClient, error_from_wire
+from app.workers.command import CommandRunner
+from app.workers.lane_worker import Job, LaneWorker, ValidationFailed, default_worker_name
 from tests.conftest import make_settings
 
 REPO = Path(__file__).resolve().parent.parent

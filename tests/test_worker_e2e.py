@@ -17,12 +17,15 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from app import demo, lane_control, lanes, ops, store
-from app.checks import jobs
-from app.context import Context
-from app.db import transaction
+from app import ops
 from app.errors import StaleLease
-from app.models import event_table, ffl_table, task_table
+from app.local import demo
+from app.ops import lane_control, lanes
+from app.ops.checks import jobs
+from app.storage import store
+from app.storage.context import Context
+from app.storage.db import transaction
+from app.storage.models import event_table, ffl_table, task_table
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.slow

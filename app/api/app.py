@@ -11,7 +11,10 @@ the client.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,15 +24,17 @@ import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
 from app.api import panel, routes, schemas
-from app.context import Context
+from app.api.deps import SafeJSONResponse
+from app.api.guard import Guard
 from app.errors import (
     AutonomyError,
     Conflict,
@@ -38,8 +43,10 @@ from app.errors import (
     RedisUnavailable,
 )
 from app.settings import Settings
+from app.storage.context import Context
 
 log = logging.getLogger(__name__)
+SWAGGER_CDN = "https://cdn.jsdelivr.net"
 
 DESCRIPTION = """Run fleets of autonomous workers safely: lanes, leases, guarded claims,
 a failure breaker and visible run-locks.
@@ -62,14 +69,39 @@ def create_app(settings: Settings | None = None, ctx: Context | None = None) -> 
             context.close()
 
     app = FastAPI(title="autonomy", version=__version__, description=DESCRIPTION,
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None,
+                  default_response_class=SafeJSONResponse)
     app.state.ctx = context
     app.include_router(routes.router)
     app.include_router(panel.router)
     app.mount("/static", StaticFiles(directory=str(panel.HERE / "static")), name="static")
+    docs_html, docs_csp = _docs_page(app)
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return HTMLResponse(docs_html)
+
     _add_error_handlers(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.add_middleware(Guard, settings=context.settings,
+                       csp_for=lambda path: docs_csp if path == "/docs" else None)
     return app
+
+
+def _docs_page(app: FastAPI) -> tuple[str, str]:
+    """Swagger UI's page and its own CSP: its one inline script allowed by hash, its
+    files from the CDN it loads them from; never framed."""
+    html = bytes(get_swagger_ui_html(openapi_url="/openapi.json",
+                                     title=f"{app.title} - API docs").body).decode()
+    scripts = re.findall(r"<script>(.*?)</script>", html, flags=re.S)
+    hashes = " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'"
+        for s in scripts)
+    csp = (f"default-src 'self'; script-src 'self' {SWAGGER_CDN} {hashes}; "
+           f"style-src 'self' {SWAGGER_CDN} 'unsafe-inline'; img-src 'self' data: "
+           "https://fastapi.tiangolo.com; connect-src 'self'; object-src 'none'; "
+           "base-uri 'none'; frame-ancestors 'none'")
+    return html, csp
 
 
 # --- errors ---------------------------------------------------------------------------
@@ -78,8 +110,8 @@ def create_app(settings: Settings | None = None, ctx: Context | None = None) -> 
 def error_response(err: AutonomyError) -> JSONResponse:
     """An ``AutonomyError`` as its JSON answer and HTTP status."""
     headers = {"WWW-Authenticate": "Bearer"} if err.http_status == 401 else None
-    return JSONResponse(jsonable_encoder(err.to_wire()), status_code=err.http_status,
-                        headers=headers)
+    return SafeJSONResponse(jsonable_encoder(err.to_wire()), status_code=err.http_status,
+                            headers=headers)
 
 
 def _first_line(e: BaseException) -> str:
@@ -117,15 +149,15 @@ def _add_error_handlers(app: FastAPI) -> None:
         assert isinstance(e, StarletteHTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code,
                                                                  f"http_{e.status_code}")
-        return JSONResponse({"ok": False, "error": code, "message": str(e.detail)},
-                            status_code=e.status_code, headers=e.headers)
+        return SafeJSONResponse({"ok": False, "error": code, "message": str(e.detail)},
+                                status_code=e.status_code, headers=e.headers)
 
     async def unexpected(request: Request, e: Exception) -> JSONResponse:
         log.error("unexpected error answering %s %s", request.method, request.url.path,
                   exc_info=e)
-        return JSONResponse({"ok": False, "error": "internal_error",
-                             "message": "unexpected server error; see the server log"},
-                            status_code=500)
+        return SafeJSONResponse({"ok": False, "error": "internal_error",
+                                 "message": "unexpected server error; see the server log"},
+                                status_code=500)
 
     app.add_exception_handler(AutonomyError, autonomy_error)
     app.add_exception_handler(redis.ConnectionError, redis_down)
@@ -150,7 +182,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     schema = get_openapi(title=app.title, version=app.version, description=app.description,
                          routes=app.routes)
     comps = schema.setdefault("components", {}).setdefault("schemas", {})
-    union = TypeAdapter(schemas.ActionRequest).json_schema(
+    union = TypeAdapter(schemas.request_schema(app.state.ctx.settings).union).json_schema(
         ref_template="#/components/schemas/{model}")
     comps.update(union.pop("$defs", {}))
     comps["ActionRequest"] = union

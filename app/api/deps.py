@@ -9,16 +9,13 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.context import Context
+from app import validate
 from app.errors import AuthError, Forbidden, InvalidInput
 from app.settings import Settings
-
-# a request body may carry a payload and a result, each up to payload_max_bytes
-_BODY_FACTOR = 3
-_BODY_SLACK = 16_384
-MAX_DEPTH = 64
+from app.storage.context import Context
 
 
 def get_ctx(request: Request) -> Context:
@@ -49,14 +46,17 @@ def _no_constants(name: str) -> Any:
 
 
 async def read_json(request: Request, settings: SettingsDep) -> Body:
-    """Read and parse the body (size-capped; NaN/Infinity refused) without raising."""
-    limit = settings.payload_max_bytes * _BODY_FACTOR + _BODY_SLACK
+    """Read and parse the body (NaN/Infinity refused) without raising. Its size was
+    capped before it was read (``app.api.guard``)."""
     raw = await request.body()
-    if len(raw) > limit:
-        return Body(error=f"the request body is {len(raw)} bytes, over the {limit} limit")
+    if len(raw) > settings.request_max_bytes:  # served without the guard in front
+        return Body(error=f"the request body is {len(raw)} bytes, over the "
+                          f"{settings.request_max_bytes} limit")
     try:
         return Body(json.loads(raw, parse_constant=_no_constants))
-    except (ValueError, RecursionError) as e:
+    except RecursionError:
+        return Body(error="the request body nests too deeply")
+    except ValueError as e:
         return Body(error=f"the request body is not valid JSON: {str(e)[:200]}")
 
 
@@ -99,29 +99,23 @@ def check_token(settings: Settings, authorization: str | None) -> None:
         raise Forbidden("the bearer token is not this server's API token")
 
 
-def body_object(body: Body) -> dict[str, Any]:
-    """The body as a JSON object, or ``invalid_input``."""
+def body_object(body: Body, settings: Settings) -> dict[str, Any]:
+    """The body as a JSON object, every string in it storable and its nesting bounded
+    (iteratively: no input can exhaust the stack later), or ``invalid_input``."""
     if body.error is not None:
         raise InvalidInput(body.error)
     if not isinstance(body.value, dict):
         raise InvalidInput("the request must be a JSON object with an 'action'")
-    _refuse_nul(body.value)
+    for name, value in body.value.items():
+        validate.storable(name, "request")
+        validate.storable(value, str(name), max_depth=2 * settings.json_max_depth + 2)
     return body.value
 
 
-def _refuse_nul(value: Any) -> None:
-    # A NUL character is legal JSON but PostgreSQL text columns refuse it, and a deeply
-    # nested value overflows the JSON encoder's recursion later on: refuse both here
-    # instead of answering a database or encoder error. Iterative, for the same reason.
-    todo: list[tuple[Any, int]] = [(value, 0)]
-    while todo:
-        v, depth = todo.pop()
-        if depth > MAX_DEPTH:
-            raise InvalidInput(f"the request nests deeper than {MAX_DEPTH} levels")
-        if isinstance(v, str):
-            if "\x00" in v:
-                raise InvalidInput("text must not contain NUL (\\u0000) characters")
-        elif isinstance(v, dict):
-            todo.extend((x, depth + 1) for x in (*v.keys(), *v.values()))
-        elif isinstance(v, list):
-            todo.extend((x, depth + 1) for x in v)
+class SafeJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: encoding it cannot fail whatever a
+    string holds, so no answer is ever lost after its change was committed."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, indent=None,
+                          separators=(",", ":"), default=str).encode("ascii")

@@ -26,6 +26,11 @@ class StatusCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self.status
+        degraded = GaugeMetricFamily("autonomy_redis_degraded",
+                                     "1 while Redis is down or stalled (the database answers "
+                                     "alone).")
+        degraded.add_metric([], 1.0 if s.get("redis") == "degraded" else 0.0)
+        yield degraded
         yield from _run_locks(_dict(s.get("workflowHealth")))
         yield from _lanes(_list(s.get("lanes")))
         yield from _go("handoff", _dict(s.get("handoff")))

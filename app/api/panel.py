@@ -14,10 +14,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from app import history, ops
+from app import ops
 from app.api.deps import Ctx, configured_token
-from app.context import Context
 from app.errors import Unavailable
+from app.ops import history
+from app.storage.context import Context
 
 HERE = Path(__file__).parent
 TASKS_SHOWN = 50
@@ -109,4 +110,14 @@ def fmt_duration(ms: Any) -> str:
     return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
+def meter_step(pct: Any) -> int:
+    """A meter's fill as a multiple of 5 (0..100): the ``w<N>`` class in panel.css (the
+    CSP allows no inline style)."""
+    try:
+        return max(0, min(100, round(float(pct) / 5) * 5))
+    except (TypeError, ValueError):
+        return 0
+
+
 templates.env.filters.update(ts=fmt_time, ago=fmt_ago, dur=fmt_duration)
+templates.env.globals["meter_step"] = meter_step

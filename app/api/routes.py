@@ -1,8 +1,9 @@
 """The JSON API: ``POST /api/autonomy`` (every action, through ``app.ops.dispatch``),
 ``GET /api/autonomy/status``, ``GET /api/autonomy/tasks`` and ``GET /metrics``.
 
-Mutating actions (``app.ops.MUTATING``) need ``Authorization: Bearer <token>`` when a
-token is configured; reads are open (the server binds only loopback without a token).
+With a token configured every POST needs ``Authorization: Bearer <token>`` (checked before
+the body is read, by ``app.api.guard``), and so does ``GET /api/autonomy/tasks`` (it
+returns payloads and results); status and ``/metrics`` stay open.
 Refusals are raised as ``AutonomyError`` and answered by the handlers in ``app.api.app``.
 """
 
@@ -14,9 +15,17 @@ from fastapi import APIRouter, Query
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from app import history, ops, validate
+from app import ops, validate
 from app.api import metrics, schemas
-from app.api.deps import Authorization, Ctx, JsonBody, body_object, check_token
+from app.api.deps import (
+    Authorization,
+    Ctx,
+    JsonBody,
+    SafeJSONResponse,
+    body_object,
+    check_token,
+)
+from app.ops import history
 
 router = APIRouter()
 
@@ -28,7 +37,7 @@ _REQUEST_BODY = {
 
 
 def _json(answer: dict[str, Any]) -> JSONResponse:
-    return JSONResponse(jsonable_encoder(answer))
+    return SafeJSONResponse(jsonable_encoder(answer))
 
 
 @router.post(
@@ -42,11 +51,11 @@ def _json(answer: dict[str, Any]) -> JSONResponse:
 )
 def act(ctx: Ctx, body: JsonBody, authorization: Authorization) -> Response:
     """Authorise (mutations), check the shape, dispatch."""
-    request = body_object(body)
+    request = body_object(body, ctx.settings)
     action = request.get("action")
     if isinstance(action, str) and action in ops.MUTATING:
         check_token(ctx.settings, authorization)
-    schemas.check_shape(request)
+    schemas.check_shape(request, ctx.settings)
     return _json(ops.dispatch(ctx, request))
 
 

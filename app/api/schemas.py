@@ -2,160 +2,127 @@
 union discriminated on ``action``, and the answers they get. They are what the OpenAPI
 schema publishes.
 
-The request models check the JSON *shape* (required fields, JSON types, enums) in strict
-mode; ranges, lengths and characters are left to ``app.validate`` behind ``app.ops``,
-so the HTTP API and the CLI refuse the same input with the same code. A shape error is
-mapped to the code the domain would give for that field (``invalid_assignee`` for the
-assignee, ...), never FastAPI's 422.
+The request models are built per settings from ``app.validate.types`` -- the one
+definition of every field's type and limits, which the operations themselves validate
+with -- so the OpenAPI document states exactly the limits the server enforces, and the
+HTTP API and the CLI refuse the same input with the same code. A shape error is mapped to
+the code the domain gives for that field (``invalid_assignee`` for the assignee, ...),
+never FastAPI's 422.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, get_args
+from functools import lru_cache
+from typing import Annotated, Any, Literal, NamedTuple, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 
-from app import errors
+from app import errors, validate
+from app.settings import Settings
 
-# documentation only (see the module docstring): what app.validate accepts by default
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
-_WORKER = r"^[A-Za-z0-9][A-Za-z0-9_.:@/\-]*$"
-_TOKEN = r"^[0-9a-f]{32}$"
-
-
-def _doc(description: str, **schema: Any) -> Any:
-    return Field(description=description, json_schema_extra=schema or None)
-
-
-def _opt(description: str, **schema: Any) -> Any:
-    return Field(default=None, description=description, json_schema_extra=schema or None)
+_TEXT = " Text: no NUL, no lone surrogates."
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
-class CreateRequest(_Request):
-    """Queue a task in a lane."""
-
-    action: Literal["create"]
-    assignee: str = _doc("The lane.", pattern=_NAME, maxLength=64)
-    title: str = _doc("What to do.", minLength=1, maxLength=500)
-    priority: int | None = _opt("Higher is claimed first (default 0).",
-                                minimum=-1_000_000, maximum=1_000_000)
-    payload: dict[str, Any] | str | None = _opt("A JSON object (or a string holding one).")
-    actor: str | None = _opt("Who asks (for the audit trail).", pattern=_WORKER, maxLength=128)
+def _req(tp: Any, description: str) -> Any:
+    return (tp, Field(description=description))
 
 
-class ClaimRequest(_Request):
-    """Claim the lane's next task under a lease."""
-
-    action: Literal["claim"]
-    assignee: str = _doc("The lane.", pattern=_NAME, maxLength=64)
-    worker: str = _doc("Who claims.", pattern=_WORKER, maxLength=128)
+def _opt(tp: Any, description: str) -> Any:
+    return (tp | None, Field(default=None, description=description))
 
 
-class HeartbeatRequest(_Request):
-    """Extend a live lease."""
+class RequestSchema(NamedTuple):
+    """The request models under one set of limits, their union and its validator."""
 
-    action: Literal["heartbeat"]
-    taskId: int = _doc("The task.", minimum=1, maximum=2**31 - 1)
-    leaseToken: str = _doc("The token the claim answered.", pattern=_TOKEN)
-
-
-class CompleteRequest(_Request):
-    """Finish a leased task with success, or with a validation failure."""
-
-    action: Literal["complete"]
-    taskId: int = _doc("The task.", minimum=1, maximum=2**31 - 1)
-    leaseToken: str = _doc("The token the claim answered.", pattern=_TOKEN)
-    outcome: Literal["success", "failure"]
-    validationReason: str | None = _opt("Why it failed (required for a failure).",
-                                        maxLength=2000)
-    result: dict[str, Any] | str | None = _opt("A JSON object kept on the task.")
-    actor: str | None = _opt("Who completes (default: the lease holder).", pattern=_WORKER,
-                             maxLength=128)
+    models: tuple[type[_Request], ...]
+    union: Any
+    adapter: TypeAdapter[Any]
 
 
-class ReleaseRequest(_Request):
-    """Give a lease back without an outcome."""
+@lru_cache(maxsize=16)
+def _build(t: validate.Types) -> RequestSchema:
+    obj = dict[str, Any] | str
+    actor = _opt(t.worker, "Who asks (for the audit trail).")
+    specs: list[tuple[str, str, str, dict[str, Any]]] = [
+        ("CreateRequest", "Queue a task in a lane.", "create", {
+            "assignee": _req(t.assignee, "The lane."),
+            "title": _req(t.title, "What to do." + _TEXT),
+            "priority": _opt(t.priority, "Higher is claimed first (default 0)."),
+            "payload": _opt(obj, "A JSON object (or a string holding one)." + _TEXT),
+            "actor": actor}),
+        ("ClaimRequest", "Claim the lane's next task under a lease.", "claim", {
+            "assignee": _req(t.assignee, "The lane."),
+            "worker": _req(t.worker, "Who claims.")}),
+        ("HeartbeatRequest", "Extend a live lease.", "heartbeat", {
+            "taskId": _req(t.task_id, "The task."),
+            "leaseToken": _req(t.lease_token, "The token the claim answered.")}),
+        ("CompleteRequest", "Finish a leased task with success, or with a validation "
+         "failure.", "complete", {
+            "taskId": _req(t.task_id, "The task."),
+            "leaseToken": _req(t.lease_token, "The token the claim answered."),
+            "outcome": _req(Literal["success", "failure"], "How it went."),
+            "validationReason": _opt(t.reason, "Why it failed (required for a failure)."
+                                     + _TEXT),
+            "result": _opt(obj, "A JSON object kept on the task." + _TEXT),
+            "actor": _opt(t.worker, "Who completes (default: the lease holder).")}),
+        ("ReleaseRequest", "Give a lease back without an outcome.", "release", {
+            "taskId": _req(t.task_id, "The task."),
+            "leaseToken": _req(t.lease_token, "The token the claim answered."),
+            "actor": _opt(t.worker, "Who releases.")}),
+        ("PauseLaneRequest", "Pause a lane (idempotent).", "pause_lane", {
+            "assignee": _req(t.assignee, "The lane."),
+            "reason": _opt(t.reason, "Why." + _TEXT),
+            "actor": _opt(t.worker, "Who pauses.")}),
+        ("ResumeLaneRequest", "Resume a lane (idempotent); restarts the breaker's counting "
+         "window.", "resume_lane", {
+            "assignee": _req(t.assignee, "The lane."),
+            "reason": _opt(t.reason, "Why." + _TEXT),
+            "actor": _opt(t.worker, "Who resumes.")}),
+        ("ConfigureLaneRequest", "Set how many live leases a lane allows at once.",
+         "configure_lane", {
+            "assignee": _req(t.assignee, "The lane."),
+            "maxInFlight": _req(t.max_in_flight, "Live leases allowed at once."),
+            "actor": _opt(t.worker, "Who configures.")}),
+        ("FingerprintCountRequest", "Count one failure fingerprint's hits in a window.",
+         "fingerprint_count", {
+            "fingerprint": _req(t.fingerprint, "``{assignee}:{normalised reason}``." + _TEXT),
+            "windowHours": _opt(t.window_hours, "Window (default: the breaker window).")}),
+        ("HistoryRequest", "A task's or a lane's events; give exactly one of ``taskId`` "
+         "and ``assignee``.", "history", {
+            "taskId": _opt(t.task_id, "The task."),
+            "assignee": _opt(t.assignee, "The lane.")}),
+        ("StatusRequest", "The status payload (the same as ``GET /api/autonomy/status``).",
+         "status", {}),
+        ("OpsIncidentRequest", "Set the ops incident state (written with the time it was "
+         "written).", "ops_incident", {
+            "status": _req(Literal["ok", "warning", "critical"], "The state."),
+            "reason": _opt(t.reason, "What is going on." + _TEXT),
+            "actor": _opt(t.worker, "Who sets it.")}),
+    ]
+    models = tuple(
+        create_model(name, __base__=_Request, __doc__=doc,
+                     action=_req(Literal[action], "The action."), **fields)
+        for name, doc, action, fields in specs)
+    union: Any = Annotated[tuple_union(models), Field(discriminator="action")]
+    return RequestSchema(models, union, TypeAdapter(union))
 
-    action: Literal["release"]
-    taskId: int = _doc("The task.", minimum=1, maximum=2**31 - 1)
-    leaseToken: str = _doc("The token the claim answered.", pattern=_TOKEN)
-    actor: str | None = _opt("Who releases.", pattern=_WORKER, maxLength=128)
+
+def tuple_union(models: tuple[type[_Request], ...]) -> Any:
+    """``models[0] | models[1] | ...``."""
+    out: Any = models[0]
+    for m in models[1:]:
+        out = out | m
+    return out
 
 
-class PauseLaneRequest(_Request):
-    """Pause a lane (idempotent)."""
+def request_schema(s: Settings) -> RequestSchema:
+    """The request models under ``s``'s limits."""
+    return _build(validate.types(s))
 
-    action: Literal["pause_lane"]
-    assignee: str = _doc("The lane.", pattern=_NAME, maxLength=64)
-    reason: str | None = _opt("Why.", maxLength=2000)
-    actor: str | None = _opt("Who pauses.", pattern=_WORKER, maxLength=128)
-
-
-class ResumeLaneRequest(_Request):
-    """Resume a lane (idempotent); restarts the breaker's counting window."""
-
-    action: Literal["resume_lane"]
-    assignee: str = _doc("The lane.", pattern=_NAME, maxLength=64)
-    reason: str | None = _opt("Why.", maxLength=2000)
-    actor: str | None = _opt("Who resumes.", pattern=_WORKER, maxLength=128)
-
-
-class ConfigureLaneRequest(_Request):
-    """Set how many live leases a lane allows at once."""
-
-    action: Literal["configure_lane"]
-    assignee: str = _doc("The lane.", pattern=_NAME, maxLength=64)
-    maxInFlight: int = _doc("Live leases allowed at once.", minimum=1, maximum=10_000)
-    actor: str | None = _opt("Who configures.", pattern=_WORKER, maxLength=128)
-
-
-class FingerprintCountRequest(_Request):
-    """Count one failure fingerprint's hits in a window."""
-
-    action: Literal["fingerprint_count"]
-    fingerprint: str = _doc("``{assignee}:{normalised reason}``.", minLength=1, maxLength=400)
-    windowHours: float | None = _opt("Window (default: the breaker window).",
-                                     exclusiveMinimum=0, maximum=24 * 366)
-
-
-class HistoryRequest(_Request):
-    """A task's or a lane's events; give exactly one of ``taskId`` and ``assignee``."""
-
-    action: Literal["history"]
-    taskId: int | None = _opt("The task.", minimum=1, maximum=2**31 - 1)
-    assignee: str | None = _opt("The lane.", pattern=_NAME, maxLength=64)
-
-
-class StatusRequest(_Request):
-    """The status payload (the same as ``GET /api/autonomy/status``)."""
-
-    action: Literal["status"]
-
-
-class OpsIncidentRequest(_Request):
-    """Set the ops incident state (written with the time it was written)."""
-
-    action: Literal["ops_incident"]
-    status: Literal["ok", "warning", "critical"]
-    reason: str | None = _opt("What is going on.", maxLength=2000)
-    actor: str | None = _opt("Who sets it.", pattern=_WORKER, maxLength=128)
-
-
-ActionRequest = Annotated[
-    CreateRequest | ClaimRequest | HeartbeatRequest | CompleteRequest | ReleaseRequest
-    | PauseLaneRequest | ResumeLaneRequest | ConfigureLaneRequest | FingerprintCountRequest
-    | HistoryRequest | StatusRequest | OpsIncidentRequest,
-    Field(discriminator="action"),
-]
-REQUEST_MODELS: tuple[type[_Request], ...] = (
-    CreateRequest, ClaimRequest, HeartbeatRequest, CompleteRequest, ReleaseRequest,
-    PauseLaneRequest, ResumeLaneRequest, ConfigureLaneRequest, FingerprintCountRequest,
-    HistoryRequest, StatusRequest, OpsIncidentRequest)
-_ADAPTER: TypeAdapter[Any] = TypeAdapter(ActionRequest)
 
 # a shape error in this field is refused with the code the domain gives for it
 _FIELD_ERRORS: dict[str, type[errors.InvalidInput]] = {
@@ -167,29 +134,27 @@ _FIELD_ERRORS: dict[str, type[errors.InvalidInput]] = {
 }
 
 
-def check_shape(body: dict[str, Any]) -> None:
-    """Raise the ``InvalidInput`` the first shape error of ``body`` stands for."""
+def check_shape(body: dict[str, Any], s: Settings) -> None:
+    """Raise the ``InvalidInput`` the first shape or limit error of ``body`` stands for."""
     try:
-        _ADAPTER.validate_python(body)
+        request_schema(s).adapter.validate_python(body)
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
         if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
             raise errors.InvalidAction(
                 f"unknown action {body.get('action')!r}; known: "
-                f"{', '.join(sorted(_actions()))}", actions=sorted(_actions())) from None
+                f"{', '.join(sorted(action_names()))}",
+                actions=sorted(action_names())) from None
         loc = [str(p) for p in first["loc"][1:]]
         field = loc[0] if loc else "request"
         cls = _FIELD_ERRORS.get(field, errors.InvalidInput)
         raise cls(f"{'.'.join(loc) or field}: {first['msg']}", field=field) from None
 
 
-def _actions() -> list[str]:
-    return [get_args(m.model_fields["action"].annotation)[0] for m in REQUEST_MODELS]
-
-
 def action_names() -> list[str]:
     """Every action the request union describes."""
-    return _actions()
+    models = _build(validate.types(validate.DEFAULT_LIMITS)).models
+    return [get_args(m.model_fields["action"].annotation)[0] for m in models]
 
 
 # --- answers -------------------------------------------------------------------------
@@ -312,6 +277,8 @@ class StatusAnswer(_Answer):
     an ``error`` when it is missing or unreadable)."""
 
     generatedAt: str
+    redis: Literal["ok", "degraded"] = Field(
+        description="`degraded` while Redis is down or stalled: the database answers alone.")
     workflowHealth: dict[str, Any]
     lanes: list[dict[str, Any]]
     handoff: dict[str, Any]

@@ -114,14 +114,16 @@
   }
 
   sections.addEventListener("click", function (ev) {
-    var button = ev.target.closest("button.resume");
+    var button = ev.target.closest("button.resume, button.pause");
     if (!button) { return; }
     var lane = button.dataset.assignee;
+    var pause = button.classList.contains("pause");
+    var verb = pause ? "pause" : "resume";
     button.disabled = true;
-    act({ action: "resume_lane", assignee: lane, actor: "panel",
-          reason: "resumed from the control panel" })
-      .then(function () { say("Lane " + lane + " resumed."); })
-      .catch(function (err) { say("Could not resume " + lane + ": " + err.message, true); })
+    act({ action: pause ? "pause_lane" : "resume_lane", assignee: lane, actor: "panel",
+          reason: (pause ? "paused" : "resumed") + " from the control panel" })
+      .then(function () { say("Lane " + lane + " " + verb + "d."); })
+      .catch(function (err) { say("Could not " + verb + " " + lane + ": " + err.message, true); })
       .then(function () { button.disabled = false; return refresh(); })
       .then(schedule);
   });

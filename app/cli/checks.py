@@ -1,0 +1,99 @@
+"""CLI for the periodic checks: ``autonomy check handoff|readiness|self-heal|status`` runs
+one check inline under its run-lock; ``autonomy status`` prints the status payload;
+``autonomy incident set critical|warning|ok --reason ...`` writes the ops incident state;
+``autonomy locks`` lists the held run-locks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+from app import ops
+from app.cli.output import run, table, want_json
+from app.errors import InvalidInput
+from app.ops import run_locks
+from app.ops.checks import jobs
+from app.storage.context import Context
+
+# what people type -> the job's name in beat_schedule.JOBS
+CHECK_NAMES = {"handoff": "handoff_health", "readiness": "readiness", "self-heal": "self_heal",
+               "status": "status"}
+
+JsonOpt = typer.Option(None, "--json", help="Print JSON (the default when piped).")
+
+
+def _with_ctx(fn: Any) -> Any:
+    def go() -> dict[str, Any]:
+        ctx = Context.from_settings()
+        try:
+            return dict(fn(ctx))
+        finally:
+            ctx.close()
+    return go
+
+
+def _locks_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no run-lock is held"
+    return table(rows, ["job", "holder", "startedAt", "elapsedMs", "budgetMs", "overBudget",
+                        "holderAlive"])
+
+
+def _check_line(a: dict[str, Any]) -> str:
+    if a.get("skipped"):
+        return (f"{a['job']}: skipped ({a['skipped']}): held by {a.get('holder')} "
+                f"for {a.get('elapsedMs')} ms")
+    head = f"{a['job']}: ok in {a.get('durationMs')} ms"
+    if "state" in a:
+        head += f" -- {a['state']}"
+    return head
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``check``, ``status``, ``incident`` and ``locks`` to the CLI."""
+    incident_app = typer.Typer(no_args_is_help=True, help="The ops incident state.")
+    app.add_typer(incident_app, name="incident")
+
+    @app.command("check")
+    def check(name: str = typer.Argument(..., help="handoff | readiness | self-heal | status"),
+              as_json: bool | None = JsonOpt) -> None:
+        """Run one check now, under its run-lock, and print its result."""
+        j = want_json(as_json)
+
+        def go(ctx: Context) -> dict[str, Any]:
+            job = CHECK_NAMES.get(name)
+            if job is None:
+                raise InvalidInput(f"unknown check {name!r}: one of "
+                                   f"{', '.join(CHECK_NAMES)}", field="check")
+            return jobs.run_job(ctx, job, holder=run_locks.holder_name("cli"))
+
+        run(_with_ctx(go), j, _check_line)
+
+    @app.command("status")
+    def status(as_json: bool | None = JsonOpt) -> None:
+        """The status payload (what the API, the panel and Flower show)."""
+        run(_with_ctx(lambda ctx: ops.dispatch(ctx, {"action": "status"})),
+            want_json(as_json), None)
+
+    @incident_app.command("set")
+    def incident_set(status: str = typer.Argument(..., help="critical | warning | ok"),
+                     reason: str | None = typer.Option(None, help="Why (shown to operators)."),
+                     actor: str = typer.Option("cli", help="Who says so."),
+                     as_json: bool | None = JsonOpt) -> None:
+        """Write the ops incident state, with the time it was written."""
+        request = {"action": "ops_incident", "status": status, "reason": reason,
+                   "actor": actor}
+        run(_with_ctx(lambda ctx: ops.dispatch(ctx, request)),
+            want_json(as_json),
+            lambda a: f"ops incident: {a['opsIncident']['status']} "
+                      f"({a['opsIncident']['reason'] or 'no reason'})")
+
+    @app.command("locks")
+    def locks_cmd(as_json: bool | None = JsonOpt) -> None:
+        """The run-locks held now, with elapsed time against budget."""
+        def go(ctx: Context) -> dict[str, Any]:
+            held = run_locks.held(ctx)
+            return {"ok": True, "runLocks": held, "runLocksCount": len(held)}
+
+        run(_with_ctx(go), want_json(as_json), lambda a: _locks_table(a["runLocks"]))

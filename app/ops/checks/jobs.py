@@ -1,0 +1,97 @@
+"""Run a periodic job under its run-lock, and remember how each run went.
+
+``run_job(ctx, "readiness")`` is what the Celery task, ``autonomy check`` and the tests all
+call: it takes the job's run-lock (budget from ``beat_schedule.JOBS``), runs the check while
+the lock's heartbeat beats, and records the run (``job:{name}`` state: when it started and
+finished, whether it raised) -- the handoff check's ``cron`` criterion reads those records.
+A run that finds the lock held does nothing but answer ``skipped: "already_running"`` with
+the holder and elapsed time (and leave an event saying so).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from app.clock import to_ms
+from app.errors import AutonomyError, InvalidInput
+from app.ops.checks import handoff, readiness, runs, selfheal, state, status
+from app.storage import locks, store
+from app.storage.context import Context
+from app.storage.db import transaction
+
+CHECKS: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "handoff_health": handoff.run_handoff,
+    "readiness": readiness.run_readiness,
+    "self_heal": selfheal.run_self_heal,
+    "status": status.build_status,
+}
+assert set(runs.JOB_NAMES) == set(CHECKS), "beat_schedule.JOBS and CHECKS name the same jobs"
+JOB_NAMES = runs.JOB_NAMES
+
+
+def run_job(ctx: Context, job: str, *, holder: str | None = None) -> dict[str, Any]:
+    """Run ``job`` once under its run-lock; answers its result with ``job`` and
+    ``durationMs``, or ``skipped: "already_running"`` when another run holds the lock.
+
+    Raises ``InvalidInput`` for an unknown job; an error inside the check is recorded as
+    the run's outcome and raised again.
+    """
+    if job not in CHECKS:
+        raise InvalidInput(f"unknown job {job!r}: one of {', '.join(JOB_NAMES)}", field="job")
+    try:
+        with locks.held(ctx, job, budget_ms=runs.budget_ms(job), holder=holder) as h:
+            return _run(ctx, job, h)
+    except locks.AlreadyRunning as e:
+        _record_skip(ctx, job, e)
+        return {"ok": True, "job": job, "skipped": "already_running", "holder": e.holder,
+                "elapsedMs": e.elapsed_ms}
+
+
+def _run(ctx: Context, job: str, h: locks.Held) -> dict[str, Any]:
+    started, t0 = ctx.clock(), time.monotonic()
+    try:
+        result = CHECKS[job](ctx)
+    except Exception as e:
+        _record_run(ctx, job, started=started, t0=t0, ok=False,
+                    error=e.code if isinstance(e, AutonomyError) else type(e).__name__,
+                    message=str(e)[:500], holder=h.holder)
+        raise
+    _hold_for_min_runtime(ctx, job, t0)
+    duration = _record_run(ctx, job, started=started, t0=t0, ok=True, error=None,
+                           message=None, holder=h.holder)
+    return {**result, "job": job, "durationMs": duration, "lockLost": h.lost}
+
+
+def _hold_for_min_runtime(ctx: Context, job: str, t0: float) -> None:
+    # a demo/test knob: keep the run (and its lock, beating) going a while so that "a job
+    # still running" can be watched in the status payload, Flower and the panel
+    min_ms = ctx.settings.job_min_runtime_ms.get(job, 0)
+    left_s = min_ms / 1000 - (time.monotonic() - t0)
+    if left_s > 0:
+        time.sleep(left_s)
+
+
+def _record_run(ctx: Context, job: str, *, started: datetime, t0: float, ok: bool,
+                error: str | None, message: str | None, holder: str) -> int:
+    duration = int((time.monotonic() - t0) * 1000)
+    now = ctx.clock()
+    with transaction(ctx.engine) as conn:
+        state.write(conn, name=state.job_state_name(job), now=now, data={
+            "lastStartedAt": to_ms(started), "lastRunAt": to_ms(now), "durationMs": duration,
+            "ok": ok, "error": error, "message": message, "holder": holder})
+    return duration
+
+
+def _record_skip(ctx: Context, job: str, e: locks.AlreadyRunning) -> None:
+    now = ctx.clock()
+    with transaction(ctx.engine) as conn:
+        prev = state.read(conn, name=state.job_state_name(job), now=now)
+        data = dict(prev.data or {})
+        data.update(skipped="already_running", skippedAt=to_ms(now))
+        state.write(conn, name=state.job_state_name(job), data=data, now=now)
+        store.insert_event(conn, kind="run_lock_skipped", at=now, actor=job,
+                           reason="already_running",
+                           data={"job": job, "holder": e.holder, "elapsedMs": e.elapsed_ms})

@@ -1,0 +1,56 @@
+"""Self-heal: requeue tasks whose lease expired and release run-locks whose holder is gone.
+
+A lock over budget whose holder still beats is reported in ``runningLocks``, never broken.
+The summary (what was requeued, which locks were released, which are running) is persisted
+as the ``self_heal`` state and shown in the status payload.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.clock import iso, to_ms
+from app.ops import lanes
+from app.ops.checks import state
+from app.storage import leases, locks, store
+from app.storage.context import Context
+from app.storage.db import transaction
+
+ACTOR = "self_heal"
+
+
+def run_self_heal(ctx: Context) -> dict[str, Any]:
+    """Requeue expired leases, break dead holders' run-locks; answers the summary."""
+    now = ctx.clock()
+    with transaction(ctx.engine) as conn:
+        rows = store.requeue_expired(conn, now=now)
+        lanes.requeue_events(conn, rows, now=now, actor=ACTOR)
+    for r in rows:  # the Redis lease cache forgets them (best effort; the DB decided)
+        leases.drop(ctx, assignee=r["assignee"], worker=r["claimed_by"], task_id=r["id"],
+                    token=r["lease_token"])
+    broken = locks.break_dead_locks(ctx)
+    running = locks.collect_run_locks(ctx)
+    summary = {"requeued": [r["id"] for r in rows],
+               "locksReleased": [{k: b[k] for k in ("job", "holder", "elapsedMs", "budgetMs")}
+                                 for b in broken],
+               "runningLocks": running}
+    with transaction(ctx.engine) as conn:
+        state.write(conn, name=state.SELF_HEAL, now=now,
+                    data={**summary, "ranAt": to_ms(now)})
+        store.insert_events(conn, rows=[
+            {"kind": "run_lock_broken", "at": now, "actor": ACTOR,
+             "reason": "holder stopped beating", "data": b} for b in summary["locksReleased"]])
+    return {"ok": True, "lastRunAt": iso(now), **summary}
+
+
+def selfheal_view(states: state.States) -> dict[str, Any]:
+    """The last self-heal summary for the status payload."""
+    r = states.get(state.SELF_HEAL,
+                   state.fields(requeued=list, locksReleased=list, runningLocks=list))
+    out: dict[str, Any] = {"lastRunAt": iso(r.written_at), "requeued": [],
+                           "locksReleased": [], "runningLocks": [],
+                           "error": None if r.error == "missing" else r.error}
+    if r.data is not None:
+        out.update(requeued=r.data["requeued"], locksReleased=r.data["locksReleased"],
+                   runningLocks=r.data["runningLocks"])
+    return out

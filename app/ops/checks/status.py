@@ -1,0 +1,72 @@
+"""The status payload (SPEC 4.6): built by one function that the status job, the CLI, the
+HTTP API, the control panel and ``/metrics`` all call.
+
+Every part carries its own ``error`` when its signal is missing or unreadable, so the
+payload always answers; only an unreachable database raises (``Unavailable``). While
+Redis is down or stalled the payload says ``redis: "degraded"`` and ``workflowHealth``
+carries ``error: "redis_unavailable"`` (its run-locks and counters live in Redis).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from app import wire
+from app.clock import iso
+from app.errors import RedisUnavailable
+from app.ops.checks import handoff, readiness, runs, selfheal, state
+from app.storage import leases, locks, store
+from app.storage.context import Context
+from app.storage.db import transaction
+from app.storage.redis_conn import redis_errors
+
+
+def build_status(ctx: Context) -> dict[str, Any]:
+    """The whole fleet at a glance: run-locks, lanes, handoff, ops incident, readiness,
+    self-heal, each job's last run, recent failure fingerprints, counters."""
+    s, now = ctx.settings, ctx.clock()
+    with transaction(ctx.engine, write=False) as conn:
+        counts = store.lane_status_counts(conn)
+        lanes = [wire.lane(row, counts.get(row["assignee"], {}))
+                 for row in store.list_lanes(conn)]
+        states = runs.load_states(conn, now=now)
+        ho = handoff.snapshot_view(conn, ctx, states)
+        incident = state.incident(states, ctx=ctx)
+        ready = readiness.readiness_view(states, ctx)
+        heal = selfheal.selfheal_view(states)
+        jobs = runs.job_views(states, ctx)
+        since = now - timedelta(hours=s.breaker_window_h)
+        fingerprints = [{"fingerprint": r["fingerprint"], "assignee": r["assignee"],
+                         "count": int(r["count"]), "threshold": s.breaker_threshold,
+                         "lastAt": iso(r["last_at"])}
+                        for r in store.recent_fingerprints(conn, since=since)]
+    run_locks: list[dict[str, Any]] = []
+    metrics: dict[str, int] = {}
+    redis_ok = leases.probe(ctx)
+    if redis_ok:
+        try:
+            run_locks = locks.collect_run_locks(ctx)
+            with redis_errors(ctx.redis):
+                metrics = {str(k): int(v)
+                           for k, v in ctx.redis.hgetall(ctx.keys.metrics()).items()}
+        except RedisUnavailable as e:
+            ctx.redis_health.failed(e)
+            redis_ok = False
+    health: dict[str, Any] = {"runLocks": run_locks, "runLocksCount": len(run_locks),
+                              "jobs": jobs}
+    if not redis_ok:  # the run-locks and counters live in Redis: unknown, not "none"
+        health["error"] = RedisUnavailable.code
+    return {
+        "ok": True,
+        "generatedAt": iso(now),
+        "redis": "ok" if redis_ok else "degraded",
+        "workflowHealth": health,
+        "lanes": lanes,
+        "handoff": ho,
+        "opsIncident": incident,
+        "readiness": ready,
+        "selfHeal": heal,
+        "fingerprints": fingerprints,
+        "metrics": metrics,
+    }

@@ -1,0 +1,82 @@
+"""Pause, resume and configure a lane. Both pause and resume are idempotent, and a pause
+lasts until someone resumes it: nothing un-pauses a lane by itself."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app import validate, wire
+from app.clock import iso
+from app.storage import leases, store
+from app.storage.context import Context
+from app.storage.db import transaction
+
+
+def pause_lane(ctx: Context, *, assignee: str, reason: str | None = None,
+               actor: str | None = None) -> dict[str, Any]:
+    """Pause a lane and mark its active tasks; a second pause changes nothing."""
+    s = ctx.settings
+    a = validate.assignee(assignee, s)
+    why = validate.reason(reason, s, required=False, field="reason") or "paused by operator"
+    who = _actor(actor, s)
+    now = ctx.clock()
+    with transaction(ctx.engine) as conn:
+        store.ensure_lane(conn, assignee=a, now=now, max_in_flight=s.default_max_in_flight)
+        lane = store.get_lane(conn, assignee=a, for_update=True)
+        assert lane is not None
+        already = bool(lane["paused"])
+        if not already:
+            store.set_lane_pause(conn, assignee=a, paused=True, reason=why, now=now)
+            store.insert_event(conn, kind="lane_paused", at=now, assignee=a, actor=who,
+                               reason=why)
+            lane = store.get_lane(conn, assignee=a)
+    assert lane is not None
+    leases.set_paused(ctx, assignee=a, paused=True, reason=lane["paused_reason"],
+                      paused_at=iso(lane["paused_at"]))
+    return {"ok": True, "lane": wire.lane(lane), "alreadyPaused": already}
+
+
+def resume_lane(ctx: Context, *, assignee: str, actor: str | None = None,
+                reason: str | None = None) -> dict[str, Any]:
+    """Resume a lane: clears the pause on it and its tasks, records ``resumed_at`` (which
+    also restarts the breaker's counting window). Resuming a running lane changes nothing."""
+    s = ctx.settings
+    a = validate.assignee(assignee, s)
+    why = validate.reason(reason, s, required=False, field="reason")
+    who = _actor(actor, s)
+    now = ctx.clock()
+    with transaction(ctx.engine) as conn:
+        lane = store.get_lane(conn, assignee=a, for_update=True)
+        was_paused = bool(lane and lane["paused"])
+        if lane is not None and was_paused:
+            store.set_lane_pause(conn, assignee=a, paused=False, reason=None, now=now)
+            store.insert_event(conn, kind="lane_resumed", at=now, assignee=a, actor=who,
+                               reason=why, data={"wasPausedFor": lane["paused_reason"]})
+            lane = store.get_lane(conn, assignee=a)
+    leases.set_paused(ctx, assignee=a, paused=False, reason=None, paused_at=None)
+    if lane is None:
+        return {"ok": True, "lane": None, "alreadyRunning": True}
+    return {"ok": True, "lane": wire.lane(lane), "alreadyRunning": not was_paused}
+
+
+def configure_lane(ctx: Context, *, assignee: str, max_in_flight: Any,
+                   actor: str | None = None) -> dict[str, Any]:
+    """Set how many live leases a lane allows at once."""
+    s = ctx.settings
+    a = validate.assignee(assignee, s)
+    max_in_flight = validate.max_in_flight(max_in_flight)
+    now = ctx.clock()
+    with transaction(ctx.engine) as conn:
+        store.ensure_lane(conn, assignee=a, now=now, max_in_flight=max_in_flight)
+        store.get_lane(conn, assignee=a, for_update=True)
+        store.set_lane_max_in_flight(conn, assignee=a, max_in_flight=max_in_flight)
+        store.insert_event(conn, kind="lane_configured", at=now, assignee=a,
+                           actor=_actor(actor, s), data={"maxInFlight": max_in_flight})
+        lane = store.get_lane(conn, assignee=a)
+    assert lane is not None
+    leases.set_max_in_flight(ctx, assignee=a, max_in_flight=max_in_flight)
+    return {"ok": True, "lane": wire.lane(lane)}
+
+
+def _actor(actor: Any, s: Any) -> str:
+    return validate.actor(actor, s) or "unknown"

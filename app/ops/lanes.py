@@ -1,0 +1,356 @@
+"""The lane operations: create, claim, heartbeat, complete, release, pause, resume.
+
+Each answers a JSON-ready dict with ``ok`` (SPEC section 4) or raises an
+``AutonomyError``. The duplicate-claim guard holds at two layers: Redis (``leases.py``,
+no database write) and the database transaction (lane row lock + conditional update), and
+either alone prevents a double claim.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.engine import Connection, RowMapping
+
+from app import validate, wire
+from app.clock import iso, to_ms
+from app.errors import AutonomyError, LanePaused, NotInProgress, StaleLease, TaskNotFound
+from app.ops import breaker
+from app.storage import leases, store
+from app.storage.context import Context
+from app.storage.db import transaction
+from app.storage.models import Outcome, TaskKind, TaskStatus
+
+log = logging.getLogger(__name__)
+
+
+def create(ctx: Context, *, assignee: str, title: str, priority: int | None = None,
+           payload: Any = None, actor: str | None = None) -> dict[str, Any]:
+    """Queue a task in a lane (the lane row is created on first use)."""
+    s = ctx.settings
+    a = validate.assignee(assignee, s)
+    values = {
+        "title": validate.title(title, s), "assignee": a, "kind": TaskKind.work.value,
+        "status": TaskStatus.todo.value, "priority": validate.priority(priority),
+        "payload": validate.json_object(payload, s) or {}, "attempts": 0,
+    }
+    actor = validate.actor(actor, s)
+    now = ctx.clock()
+    with transaction(ctx.engine) as conn:
+        store.ensure_lane(conn, assignee=a, now=now, max_in_flight=s.default_max_in_flight)
+        lane = store.get_lane(conn, assignee=a)
+        assert lane is not None
+        row = store.insert_task(conn, values={
+            **values, "created_at": now, "updated_at": now,
+            "lane_paused": bool(lane["paused"]),
+            "lane_paused_reason": lane["paused_reason"] if lane["paused"] else None,
+            "lane_paused_at": lane["paused_at"] if lane["paused"] else None,
+        })
+        store.insert_event(conn, kind="task_created", at=now, assignee=a, task_id=row["id"],
+                           actor=actor)
+    return {"ok": True, "task": wire.task(row)}
+
+
+def claim(ctx: Context, *, assignee: str, worker: str) -> dict[str, Any]:
+    """Claim the lane's next task under a lease (SPEC 4.1).
+
+    Redis is asked first; its ``PROCEED`` reserves the lane slot for this claim. While
+    another claim holds the slot (``CLAIMING``) this one waits for it to land -- then the
+    answer is that lease, not a second grant. A refusal Redis suggests is confirmed by a
+    database read; when Redis was behind (a lease that ended, a pause that was lifted) it
+    is put right and asked again. Past ``claim_reserve_ms`` the database decides alone,
+    and so it does at once while Redis is degraded (down, stalled: SPEC 4.7).
+    """
+    s = ctx.settings
+    a, w = validate.assignee(assignee, s), validate.worker(worker, s)
+    deadline = time.monotonic() + s.claim_reserve_ms / 1000
+    while True:
+        now = ctx.clock()
+        fast = leases.check(ctx, assignee=a, worker=w, now_ms=to_ms(now))
+        if fast is None or fast.code == leases.PROCEED:
+            break
+        if fast.code != leases.CLAIMING:
+            answer = _confirm_fast_path(ctx, fast, assignee=a, worker=w, now=now)
+            if answer is not None:
+                return answer
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(s.claim_wait_poll_ms / 1000)
+    granted = False
+    try:
+        answer = _claim_in_db(ctx, assignee=a, worker=w, now=now)
+        granted = answer.get("lease") is not None and answer.get("guard") is None
+        return answer
+    finally:
+        if fast is not None and fast.code == leases.PROCEED and not granted:
+            leases.unreserve(ctx, assignee=a, worker=w)
+
+
+def _confirm_fast_path(ctx: Context, fast: leases.FastPath, *, assignee: str, worker: str,
+                       now: datetime) -> dict[str, Any] | None:
+    """Check Redis's suggestion against the database (a read, never a write)."""
+    with transaction(ctx.engine, write=False) as conn:
+        lane = store.get_lane(conn, assignee=assignee)
+        if lane is None:
+            return None
+        if lane["paused"]:
+            raise _paused_error(lane)
+        live = store.live_leases(conn, assignee=assignee, now=now)
+    if fast.code == leases.PAUSED:
+        leases.set_paused(ctx, assignee=assignee, paused=False, reason=None, paused_at=None)
+    held = _held(live, worker=worker, max_in_flight=lane["max_in_flight"])
+    if held is None:
+        if fast.lease is not None:  # the worker key outlived its lease in the DB
+            leases.drop(ctx, assignee=assignee, worker=worker,
+                        task_id=int(fast.lease.get("taskId", 0)), token=fast.lease.get("token"))
+        live_ids = {t["id"] for t in live}
+        for tid in fast.task_ids:  # leases that ended in the DB before Redis heard of it
+            if tid not in live_ids:
+                leases.drop(ctx, assignee=assignee, worker=None, task_id=tid, token=None)
+        return None
+    return _guard(ctx, held, worker=worker, layer="redis")
+
+
+def _claim_in_db(ctx: Context, *, assignee: str, worker: str, now: datetime) -> dict[str, Any]:
+    s = ctx.settings
+    expires = now + timedelta(seconds=s.lease_ttl_s)
+    token = secrets.token_hex(16)
+    with transaction(ctx.engine) as conn:
+        lane = store.get_lane(conn, assignee=assignee, for_update=True)
+        if lane is None:
+            return {"ok": True, "task": None}
+        if lane["paused"]:
+            raise _paused_error(lane)
+        leased = store.in_progress(conn, assignee=assignee)
+        expired = [t for t in leased if t["lease_expires_at"] <= now]
+        requeued = []
+        if expired:
+            ids = store.requeue_tasks(conn, task_ids=[t["id"] for t in expired], now=now)
+            requeued = [t for t in expired if t["id"] in ids]
+        requeue_events(conn, requeued, now=now, actor=f"claim:{worker}")
+        held = _held([t for t in leased if t["lease_expires_at"] > now], worker=worker,
+                     max_in_flight=lane["max_in_flight"])
+        if held is None:
+            row = store.claim_next(conn, assignee=assignee, worker=worker, token=token,
+                                   expires_at=expires, now=now)
+            if row is not None:
+                store.insert_event(conn, kind="lease_granted", at=now, assignee=assignee,
+                                   task_id=row["id"], actor=worker,
+                                   data={"expiresAt": iso(expires)})
+    for r in requeued:
+        leases.drop(ctx, assignee=assignee, worker=r["claimed_by"], task_id=r["id"],
+                    token=r["lease_token"])
+    if held is not None:
+        return _guard(ctx, held, worker=worker, layer="db")
+    if row is None:
+        return {"ok": True, "task": None}
+    leases.record(ctx, assignee=assignee, worker=worker, task_id=row["id"], token=token,
+                  expires_ms=to_ms(expires), now_ms=to_ms(now),
+                  max_in_flight=lane["max_in_flight"], metric="claims")
+    return {"ok": True, "task": wire.task(row),
+            "lease": {"token": token, "expiresAt": iso(expires)}}
+
+
+def _held(live: Any, *, worker: str, max_in_flight: int) -> RowMapping | None:
+    """The live lease that refuses this claim: the worker's own, or any when the lane is full."""
+    for t in live:
+        if t["claimed_by"] == worker:
+            return t
+    return live[0] if len(live) >= max_in_flight else None
+
+
+def _guard(ctx: Context, held: RowMapping, *, worker: str, layer: str) -> dict[str, Any]:
+    answer: dict[str, Any] = {
+        "ok": True, "guard": "duplicate_claim_guard", "task": wire.task(held),
+        "leaseHolder": held["claimed_by"], "leaseExpiresAt": iso(held["lease_expires_at"]),
+    }
+    if held["claimed_by"] == worker:  # a retried claim gets its own lease back
+        answer["lease"] = {"token": held["lease_token"],
+                           "expiresAt": iso(held["lease_expires_at"])}
+    leases.log_guard(ctx, assignee=held["assignee"], metric="guard:duplicate_claim_guard",
+                     entry={"kind": "claim_guard", "at": iso(ctx.clock()), "worker": worker,
+                            "taskId": held["id"], "leaseHolder": held["claimed_by"],
+                            "layer": layer})
+    return answer
+
+
+def _paused_error(lane: RowMapping) -> LanePaused:
+    return LanePaused(f"lane {lane['assignee']!r} is paused: {lane['paused_reason'] or ''}",
+                      assignee=lane["assignee"], reason=lane["paused_reason"],
+                      pausedAt=iso(lane["paused_at"]))
+
+
+def requeue_events(conn: Connection, rows: Any, *, now: datetime, actor: str) -> None:
+    """One ``lease_requeued`` event per requeued row (claim or self-heal)."""
+    store.insert_events(conn, rows=[
+        {"kind": "lease_requeued", "at": now, "assignee": r["assignee"], "task_id": r["id"],
+         "actor": actor, "reason": "lease expired",
+         "data": {"claimedBy": r["claimed_by"], "leaseExpiresAt": iso(r["lease_expires_at"])}}
+        for r in rows
+    ])
+
+
+def heartbeat(ctx: Context, *, task_id: Any, lease_token: Any) -> dict[str, Any]:
+    """Extend a live lease; fenced by its token."""
+    tid, token = validate.task_id(task_id), validate.lease_token(lease_token)
+    now = ctx.clock()
+    expires = now + timedelta(seconds=ctx.settings.lease_ttl_s)
+    with transaction(ctx.engine) as conn:
+        row = store.get_task(conn, task_id=tid, for_update=True)
+        refusal = _refusal(row, tid, token, action="heartbeat")
+        if refusal is None:
+            store.extend_lease(conn, task_id=tid, token=token, expires_at=expires, now=now)
+            lane = store.get_lane(conn, assignee=row["assignee"])  # type: ignore[index]
+        else:
+            _refusal_event(conn, refusal, row, now=now, action="heartbeat")
+    if refusal is not None:
+        raise refusal
+    assert row is not None and lane is not None
+    leases.record(ctx, assignee=row["assignee"], worker=row["claimed_by"], task_id=tid,
+                  token=token, expires_ms=to_ms(expires), now_ms=to_ms(now),
+                  max_in_flight=lane["max_in_flight"])
+    return {"ok": True, "taskId": tid, "lease": {"token": token, "expiresAt": iso(expires)}}
+
+
+def _refusal(row: RowMapping | None, tid: int, token: str, *, action: str
+             ) -> AutonomyError | None:
+    if row is None:
+        return TaskNotFound(f"no task with id {tid}", taskId=tid)
+    if row["status"] != TaskStatus.in_progress.value:
+        return NotInProgress(f"task {tid} is {row['status']}, not in progress; cannot {action}",
+                             taskId=tid, status=row["status"])
+    if row["lease_token"] != token:
+        return StaleLease(f"the lease token is no longer task {tid}'s: its lease expired "
+                          f"and the task moved on; cannot {action}", taskId=tid)
+    return None
+
+
+def _done_refusal(row: RowMapping, tid: int, token: str) -> AutonomyError | None:
+    """A complete on a done task (SPEC 4.2): the token of the lease that completed it is an
+    idempotent retry (None: ``duplicate_complete_guard``); any other is a superseded
+    lease's late outcome, refused (``stale_lease``)."""
+    if row["lease_token"] == token:
+        return None
+    return StaleLease(f"task {tid} is done, completed under another lease; this lease was "
+                      "superseded and its outcome is not recorded", taskId=tid,
+                      status=row["status"])
+
+
+def _refusal_event(conn: Connection, err: AutonomyError, row: RowMapping | None, *,
+                   now: datetime, action: str) -> None:
+    if row is None:
+        return
+    store.insert_event(conn, kind=f"{action}_refused", at=now, assignee=row["assignee"],
+                       task_id=row["id"], reason=err.code, data={"status": row["status"]})
+
+
+def complete(ctx: Context, *, task_id: Any, lease_token: Any, outcome: Any,
+             validation_reason: Any = None, result: Any = None,
+             actor: str | None = None) -> dict[str, Any]:
+    """Finish a leased task with success, or with a validation failure (SPEC 4.2)."""
+    s = ctx.settings
+    tid, token, out = validate.task_id(task_id), validate.lease_token(lease_token), \
+        validate.outcome(outcome)
+    reason = validate.reason(validation_reason, s, required=out is Outcome.failure)
+    res = validate.json_object(result, s, field="result")
+    actor = validate.actor(actor, s)
+    now = ctx.clock()
+    answer: dict[str, Any]
+    if out is Outcome.success:
+        fast = _complete_fast(ctx, tid=tid, token=token, res=res, now=now, actor=actor)
+        if fast is not None:
+            return fast
+    with transaction(ctx.engine) as conn:
+        lane = None
+        if out is Outcome.failure:  # lock order: lane, then task
+            row = store.get_task(conn, task_id=tid)
+            if row is not None:
+                lane = store.get_lane(conn, assignee=row["assignee"], for_update=True)
+        row = store.get_task(conn, task_id=tid, for_update=True)
+        if row is not None and row["status"] == TaskStatus.done.value:
+            refusal = _done_refusal(row, tid, token)
+            if refusal is None:
+                answer = {"ok": True, "guard": "duplicate_complete_guard",
+                          "task": wire.task(row)}
+        else:
+            refusal = _refusal(row, tid, token, action="complete")
+        if refusal is not None:
+            _refusal_event(conn, refusal, row, now=now, action="complete")
+        elif row is not None and row["status"] != TaskStatus.done.value:
+            answer = _finish(ctx, conn, row=row, lane=lane, token=token, out=out,
+                             reason=reason, res=res, now=now, actor=actor)
+    if refusal is not None:
+        raise refusal
+    assert row is not None
+    if answer.get("guard"):
+        leases.bump(ctx, "guard:duplicate_complete_guard")
+        return answer
+    leases.drop(ctx, assignee=row["assignee"], worker=row["claimed_by"], task_id=tid,
+                token=token)
+    if answer.get("pauseReason"):
+        leases.set_paused(ctx, assignee=row["assignee"], paused=True,
+                          reason=answer["pauseReason"], paused_at=answer["pausedAt"])
+    return answer
+
+
+def _complete_fast(ctx: Context, *, tid: int, token: str, res: dict[str, Any] | None,
+                   now: datetime, actor: str | None) -> dict[str, Any] | None:
+    """The common case in one conditional UPDATE: the lease is live and the token is the
+    task's. None when it matched nothing -- then the full path reads the row and answers
+    the guard or the refusal."""
+    with transaction(ctx.engine) as conn:
+        done = store.mark_done(conn, task_id=tid, token=token, now=now, result=res)
+        if done is None:
+            return None
+        store.insert_event(conn, kind="task_completed", at=now, assignee=done["assignee"],
+                           task_id=tid, actor=actor or done["claimed_by"])
+    leases.drop(ctx, assignee=done["assignee"], worker=done["claimed_by"], task_id=tid,
+                token=token)
+    return {"ok": True, "task": wire.task(done)}
+
+
+def _finish(ctx: Context, conn: Connection, *, row: RowMapping, lane: RowMapping | None,
+            token: str, out: Outcome, reason: str | None, res: dict[str, Any] | None,
+            now: datetime, actor: str | None) -> dict[str, Any]:
+    who = actor or row["claimed_by"]
+    if out is Outcome.success:
+        done = store.mark_done(conn, task_id=row["id"], token=token, now=now, result=res)
+        assert done is not None
+        store.insert_event(conn, kind="task_completed", at=now, assignee=row["assignee"],
+                           task_id=row["id"], actor=who)
+        return {"ok": True, "task": wire.task(done)}
+    assert lane is not None and reason is not None
+    fields = breaker.record_failure(ctx, conn, task=row, lane=lane, reason=reason, result=res,
+                                    now=now, actor=who)
+    after = store.get_task(conn, task_id=row["id"])
+    assert after is not None
+    return {"ok": True, "task": wire.task(after), **fields}
+
+
+def release(ctx: Context, *, task_id: Any, lease_token: Any, actor: str | None = None
+            ) -> dict[str, Any]:
+    """Give a lease back without an outcome (a worker shutting down): the task is ``todo``
+    again at once instead of waiting for its lease to expire."""
+    tid, token = validate.task_id(task_id), validate.lease_token(lease_token)
+    actor = validate.actor(actor, ctx.settings)
+    now = ctx.clock()
+    with transaction(ctx.engine) as conn:
+        row = store.get_task(conn, task_id=tid, for_update=True)
+        refusal = _refusal(row, tid, token, action="release")
+        if refusal is None:
+            store.release_lease(conn, task_id=tid, token=token, now=now)
+            store.insert_event(conn, kind="lease_released", at=now,
+                               assignee=row["assignee"],  # type: ignore[index]
+                               task_id=tid, actor=actor or row["claimed_by"])  # type: ignore[index]
+        else:
+            _refusal_event(conn, refusal, row, now=now, action="release")
+    if refusal is not None:
+        raise refusal
+    assert row is not None
+    leases.drop(ctx, assignee=row["assignee"], worker=row["claimed_by"], task_id=tid,
+                token=token)
+    return {"ok": True, "taskId": tid, "released": True}

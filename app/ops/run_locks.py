@@ -1,0 +1,28 @@
+"""Run-locks and the beat leader lease as the faces see them (SPEC 4.5, 4.6).
+
+The CLI, the Celery app and its tasks list the held run-locks, name a holder and lead beat
+through these, not through ``app.storage.locks`` / ``app.storage.beat_guard`` directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.storage import beat_guard, locks
+from app.storage.context import Context
+
+
+def held(ctx: Context) -> list[dict[str, Any]]:
+    """Every held run-lock (job, holder, startedAt, elapsedMs, budgetMs, overBudget,
+    holderAlive), as the status payload lists them."""
+    return locks.collect_run_locks(ctx)
+
+
+def holder_name(kind: str) -> str:
+    """The holder string a process of ``kind`` (``cli``, ``celery``, ...) takes locks as."""
+    return locks.default_holder(kind)
+
+
+def lead_beat(ctx: Context) -> None:
+    """Lead beat, or stand by until the leader's lease is free (see ``beat_guard.lead``)."""
+    beat_guard.lead(ctx)

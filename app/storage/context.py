@@ -1,0 +1,61 @@
+"""The context every operation runs in: settings, engine, Redis, keys and a clock."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import redis
+from redis import Redis
+from sqlalchemy.engine import Engine
+
+from app.clock import Clock, utcnow
+from app.settings import Settings, get_settings
+from app.storage.db import make_engine
+from app.storage.redis_conn import RedisHealth, make_fast_redis, make_redis
+from app.storage.redis_keys import Keys
+
+
+@dataclass
+class Context:
+    """What an operation needs; adapters build one and pass it in."""
+
+    settings: Settings
+    engine: Engine
+    redis: redis.Redis
+    clock: Clock = field(default=utcnow)
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.settings.redis_prefix)
+
+    @cached_property
+    def fast_redis(self) -> Redis:
+        """The fast path's client: same server, ``redis_fast_path_timeout_ms`` deadline,
+        no retries (SPEC 4.7). Built on first use."""
+        return make_fast_redis(self.redis,
+                               timeout_s=self.settings.redis_fast_path_timeout_ms / 1000)
+
+    @cached_property
+    def redis_health(self) -> RedisHealth:
+        """Whether the fast path may ask Redis now (degraded while it is away)."""
+        s = self.settings
+        return RedisHealth(first_ms=s.redis_reprobe_first_ms, max_ms=s.redis_reprobe_max_ms)
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, *, clock: Clock = utcnow) -> Context:
+        """Build engine and Redis client from settings (defaults: the process settings)."""
+        s = settings or get_settings()
+        engine = make_engine(s.database_url, connect_timeout_s=s.db_connect_timeout_s,
+                             busy_timeout_s=s.db_busy_timeout_s)
+        client = make_redis(s.effective_redis_url, socket_timeout_s=s.redis_socket_timeout_s)
+        return cls(settings=s, engine=engine, redis=client, clock=clock)
+
+    def close(self) -> None:
+        """Release pooled connections."""
+        self.engine.dispose()
+        self.redis.close()
+        fast = self.__dict__.get("fast_redis")
+        if fast is not None:
+            fast.close()
+            fast.connection_pool.disconnect()

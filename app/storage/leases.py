@@ -1,0 +1,273 @@
+"""Claim-lease dedupe in Redis: the fast path that answers a duplicate claim without a
+database write.
+
+Redis here is a cache of the database's leases and lane state, never the authority:
+every refusal it suggests is confirmed by a database read before it is answered, and a
+flushed Redis only means the database layer does all the work. Every call here goes
+through ``_fast``: the fast path's client (``redis_fast_path_timeout_ms``, no retries) and
+the context's ``RedisHealth`` -- a Redis that errs or stalls marks it degraded, and until
+a re-probe answers, the operations skip Redis and the database answers alone (SPEC 4.7). Keys: see
+``app/storage/redis_keys.py`` (``lease:*``, ``lane:*:leases``, ``lane:*:meta``, ``lane:*:guards``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from app.errors import RedisUnavailable
+from app.storage.context import Context
+from app.storage.redis_conn import redis_errors
+from app.storage.redis_scripts import Script, run_script
+
+log = logging.getLogger(__name__)
+
+PROCEED, PAUSED, WORKER_HOLDS, LANE_FULL, CLAIMING = 0, 1, 2, 3, 4
+
+# A claim that may go ahead reserves its slot in the lane's zset (member ``claim:{worker}``,
+# score = when the reservation lapses) in the same step, so that a claim racing it is told
+# to wait (CLAIMING) instead of both going on to the database: the Redis layer on its own
+# keeps a lane within its ``maxInFlight``. ``record`` turns the reservation into the lease;
+# ``unreserve`` drops it when the claim granted nothing; a crashed claimer's lapses.
+#
+# KEYS[1] lane meta hash, KEYS[2] this worker's lease key, KEYS[3] lane leases zset
+# ARGV[1] now (ms), ARGV[2] worker, ARGV[3] reservation lapses at (ms)
+# -> {PAUSED, reason, pausedAt} | {WORKER_HOLDS, leaseJSON} | {LANE_FULL, id...}
+#    | {CLAIMING, worker} (a claim in flight holds the slot) | {PROCEED} (slot reserved)
+_CHECK = Script("""
+local meta = redis.call('HMGET', KEYS[1], 'paused', 'reason', 'pausedAt', 'maxInFlight')
+if meta[1] == '1' then return {1, meta[2] or '', meta[3] or ''} end
+local mine = redis.call('GET', KEYS[2])
+if mine then return {2, mine} end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
+local me = 'claim:' .. ARGV[2]
+if redis.call('ZSCORE', KEYS[3], me) then return {4, ARGV[2]} end
+local limit = tonumber(meta[4])
+if limit then
+  local live = redis.call('ZRANGE', KEYS[3], 0, -1)
+  if #live >= limit then
+    local out, claiming = {3}, nil
+    for i, id in ipairs(live) do
+      if string.sub(id, 1, 6) == 'claim:' then claiming = string.sub(id, 7)
+      else out[#out + 1] = id end
+    end
+    if #out - 1 < limit and claiming then return {4, claiming} end
+    return out
+  end
+end
+redis.call('ZADD', KEYS[3], ARGV[3], me)
+return {0}
+""")
+
+# KEYS[1] lane leases zset; ARGV[1] worker
+_UNRESERVE = Script("""
+return redis.call('ZREM', KEYS[1], 'claim:' .. ARGV[1])
+""")
+
+# KEYS[1] worker lease key, KEYS[2] lane leases zset, KEYS[3] lane meta hash, KEYS[4] metrics
+# ARGV[1] lease JSON, ARGV[2] ttl ms, ARGV[3] task id, ARGV[4] expires ms, ARGV[5] now ms,
+# ARGV[6] max in flight, ARGV[7] metric field to bump ('' for none), ARGV[8] worker
+_RECORD = Script("""
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZREM', KEYS[2], 'claim:' .. ARGV[8])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[3], 'maxInFlight', ARGV[6])
+if ARGV[7] ~= '' then redis.call('HINCRBY', KEYS[4], ARGV[7], 1) end
+return 1
+""")
+
+# KEYS[1] worker lease key, KEYS[2] lane leases zset
+# ARGV[1] token, ARGV[2] task id
+# Deletes the worker key only when it still carries this token (never another's lease).
+_DROP = Script("""
+local cur = redis.call('GET', KEYS[1])
+if cur and string.find(cur, ARGV[1], 1, true) then redis.call('DEL', KEYS[1]) end
+redis.call('ZREM', KEYS[2], ARGV[2])
+return 1
+""")
+
+# KEYS[1] lane guards list, KEYS[2] metrics hash
+# ARGV[1] guard JSON, ARGV[2] list cap, ARGV[3] metric field
+_GUARD = Script("""
+redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+return 1
+""")
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """What Redis suggests before the database is asked."""
+
+    code: int
+    reason: str | None = None
+    paused_at: str | None = None
+    lease: dict[str, Any] | None = None
+    task_ids: tuple[int, ...] = ()
+    claiming: str | None = None
+
+
+def _run(ctx: Context, script: Script, keys: list[str], args: list[Any]) -> Any:
+    return run_script(ctx, script, len(keys), *keys, *args, fast=True)
+
+
+_SKIPPED = object()
+
+
+def _fast(ctx: Context, what: str, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on the fast path, or ``_SKIPPED`` when Redis is degraded or fails now (the
+    failure marks it degraded; the caller goes on with the database alone)."""
+    health = ctx.redis_health
+    if not health.usable():
+        return _SKIPPED
+    try:
+        with redis_errors(ctx.fast_redis):
+            out = fn()
+    except RedisUnavailable as e:
+        health.failed(e)
+        log.debug("redis: could not %s (the database stays authoritative): %s", what, e)
+        return _SKIPPED
+    health.ok()
+    return out
+
+
+def check(ctx: Context, *, assignee: str, worker: str, now_ms: int) -> FastPath | None:
+    """One round trip: is the lane paused, does the worker hold a lease, is the lane full,
+    is another claim in flight? When none of these, the worker's slot is reserved for
+    ``claim_reserve_ms`` (``PROCEED``).
+
+    None when Redis is degraded or cannot answer within its deadline: the database decides
+    alone.
+    """
+    k = ctx.keys
+    res = _fast(ctx, "check the claim", lambda: _run(
+        ctx, _CHECK,
+        [k.lane_meta(assignee), k.worker_lease(assignee, worker), k.lane_leases(assignee)],
+        [now_ms, worker, now_ms + ctx.settings.claim_reserve_ms]))
+    if res is _SKIPPED:
+        return None
+    code = int(res[0])
+    if code == CLAIMING:
+        return FastPath(CLAIMING, claiming=res[1])
+    if code == PAUSED:
+        return FastPath(PAUSED, reason=res[1] or None, paused_at=res[2] or None)
+    if code == WORKER_HOLDS:
+        return FastPath(WORKER_HOLDS, lease=json.loads(res[1]))
+    if code == LANE_FULL:
+        return FastPath(LANE_FULL, task_ids=tuple(int(x) for x in res[1:]))
+    return FastPath(PROCEED)
+
+
+def record(ctx: Context, *, assignee: str, worker: str, task_id: int, token: str,
+           expires_ms: int, now_ms: int, max_in_flight: int, metric: str = "") -> None:
+    """Mirror a granted or extended lease into Redis (best effort: the DB already holds it)."""
+    k = ctx.keys
+    ttl = max(1, expires_ms - now_ms)
+    lease = json.dumps({"taskId": task_id, "token": token, "expiresAtMs": expires_ms})
+    _best_effort(
+        "record lease",
+        lambda: _run(ctx, _RECORD,
+                     [k.worker_lease(assignee, worker), k.lane_leases(assignee),
+                      k.lane_meta(assignee), k.metrics()],
+                     [lease, ttl, task_id, expires_ms, now_ms, max_in_flight, metric, worker]),
+        ctx,
+    )
+
+
+def unreserve(ctx: Context, *, assignee: str, worker: str) -> None:
+    """Give back the slot ``check`` reserved, when the claim granted nothing (best effort:
+    an unreleased reservation lapses after ``claim_reserve_ms``)."""
+    _best_effort(
+        "drop claim reservation",
+        lambda: _run(ctx, _UNRESERVE, [ctx.keys.lane_leases(assignee)], [worker]),
+        ctx,
+    )
+
+
+def drop(ctx: Context, *, assignee: str, worker: str | None, task_id: int,
+         token: str | None) -> None:
+    """Forget a lease that ended (completed, failed, requeued, released)."""
+    k = ctx.keys
+    worker_key = k.worker_lease(assignee, worker) if worker else k.worker_lease(assignee, "")
+    _best_effort(
+        "drop lease",
+        lambda: _run(ctx, _DROP, [worker_key, k.lane_leases(assignee)],
+                     [token or "\x00", task_id]),
+        ctx,
+    )
+
+
+def set_paused(ctx: Context, *, assignee: str, paused: bool, reason: str | None,
+               paused_at: str | None) -> None:
+    """Mirror the lane's pause state (the DB confirms it before any refusal)."""
+    key = ctx.keys.lane_meta(assignee)
+
+    def write() -> None:
+        if paused:
+            ctx.fast_redis.hset(key, mapping={"paused": "1", "reason": reason or "",
+                                              "pausedAt": paused_at or ""})
+        else:
+            pipe = ctx.fast_redis.pipeline()
+            pipe.hset(key, "paused", "0")
+            pipe.hdel(key, "reason", "pausedAt")
+            pipe.execute()
+
+    _best_effort("mirror pause", write, ctx)
+
+
+def set_max_in_flight(ctx: Context, *, assignee: str, max_in_flight: int) -> None:
+    _best_effort(
+        "mirror max in flight",
+        lambda: ctx.fast_redis.hset(ctx.keys.lane_meta(assignee), "maxInFlight",
+                                    max_in_flight),
+        ctx,
+    )
+
+
+def log_guard(ctx: Context, *, assignee: str, entry: dict[str, Any], metric: str) -> None:
+    """Append a refused duplicate to the lane's capped guard log (kept off the database)."""
+    k = ctx.keys
+    _best_effort(
+        "log guard",
+        lambda: _run(ctx, _GUARD, [k.lane_guards(assignee), k.metrics()],
+                     [json.dumps(entry), ctx.settings.guard_log_max, metric]),
+        ctx,
+    )
+
+
+def guard_log(ctx: Context, *, assignee: str, limit: int = 200) -> list[dict[str, Any]]:
+    """The lane's most recent refused duplicates, newest first (none while Redis is
+    degraded)."""
+    raw = _fast(ctx, "read the guard log",
+                lambda: ctx.fast_redis.lrange(ctx.keys.lane_guards(assignee), 0, limit - 1))
+    if raw is _SKIPPED:
+        return []
+    out = []
+    for item in raw:
+        try:
+            out.append(json.loads(item))
+        except ValueError:
+            continue
+    return out
+
+
+def bump(ctx: Context, metric: str, by: int = 1) -> None:
+    """Increment a counter in the metrics hash (best effort)."""
+    _best_effort("bump metric",
+                 lambda: ctx.fast_redis.hincrby(ctx.keys.metrics(), metric, by), ctx)
+
+
+def _best_effort(what: str, fn: Any, ctx: Context) -> None:
+    _fast(ctx, what, fn)
+
+
+def probe(ctx: Context) -> bool:
+    """Is Redis usable now, as the fast path sees it (a PING within its deadline, unless
+    a re-probe is not due yet)? For the status payload's ``redis`` field."""
+    return _fast(ctx, "ping", ctx.fast_redis.ping) is not _SKIPPED

@@ -1,0 +1,51 @@
+"""Lua scripts through redis-py's public API: the hot path of run-locks and claim leases.
+
+``run_script(ctx, script, numkeys, *keys_and_args)`` sends ``EVALSHA`` (``EVAL`` once after
+a Redis restart forgot the script) through the context's client, with its pool and retry
+policy, and translates connection errors into ``RedisUnavailable``.
+
+Why the public API: an earlier runner kept one pool connection and drove redis-py's
+connection internals to save ~25 us a call; a claim+complete cycle costs milliseconds, so
+that saving was ~1 % of it (measured in ``docs/benchmarks.md``), not worth breaking on a
+minor redis-py release.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.exceptions import NoScriptError
+
+from app.storage.context import Context
+from app.storage.redis_conn import redis_errors
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script and its SHA1 (what ``EVALSHA`` names it by)."""
+
+    body: str
+    sha: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.body.encode()).hexdigest())
+
+
+def run_script(ctx: Context, lua: Script, numkeys: int, *keys_and_args: Any,
+               fast: bool = False) -> Any:
+    """Run ``lua`` with its keys and arguments; answers its reply. ``fast`` sends it on
+    the fast path's client (``ctx.fast_redis``: a short deadline, no retries)."""
+    r = ctx.fast_redis if fast else ctx.redis
+    try:
+        try:
+            return r.evalsha(lua.sha, numkeys, *keys_and_args)
+        except NoScriptError:  # a restarted Redis forgot it; EVAL caches it again
+            return r.eval(lua.body, numkeys, *keys_and_args)
+    except (redis.ConnectionError, redis.TimeoutError):
+        # redis_errors translates it; entered only on failure (a context manager on the
+        # success path costs a few microseconds a call for nothing)
+        with redis_errors(r):
+            raise

@@ -1,0 +1,478 @@
+"""All SQL. Every function takes the open ``Connection`` of the caller's transaction and
+keyword-only arguments; none commits. Rows come back as SQLAlchemy ``RowMapping``.
+
+Locking: ``for_update=True`` adds ``FOR UPDATE`` on PostgreSQL (ignored by SQLite, where a
+write transaction already holds the database's write lock from ``BEGIN IMMEDIATE``).
+Lock order, to stay deadlock-free: lane row, then task rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, RowMapping
+
+from app.storage.models import (
+    TaskKind,
+    TaskStatus,
+    check_state_table,
+    event_table,
+    ffl_table,
+    lane_table,
+    task_table,
+)
+
+T = task_table
+L = lane_table
+F = ffl_table
+E = event_table
+C = check_state_table
+
+ACTIVE = (TaskStatus.todo.value, TaskStatus.in_progress.value)
+
+
+def _pg(conn: Connection) -> bool:
+    return conn.dialect.name == "postgresql"
+
+
+def _insert(conn: Connection, table: sa.Table) -> Any:
+    if _pg(conn):
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table)
+
+
+# --- lanes ---------------------------------------------------------------------------
+
+
+def get_lane(conn: Connection, *, assignee: str, for_update: bool = False) -> RowMapping | None:
+    """The lane row, optionally locked."""
+    q = sa.select(L).where(L.c.assignee == assignee)
+    if for_update:
+        q = q.with_for_update()
+    return conn.execute(q).mappings().first()
+
+
+def ensure_lane(conn: Connection, *, assignee: str, now: datetime, max_in_flight: int) -> None:
+    """Create the lane row if it does not exist (race-safe upsert, no change otherwise)."""
+    stmt = _insert(conn, L).values(
+        assignee=assignee, paused=False, max_in_flight=max_in_flight, created_at=now
+    ).on_conflict_do_nothing(index_elements=["assignee"])
+    conn.execute(stmt)
+
+
+def set_lane_pause(conn: Connection, *, assignee: str, paused: bool, reason: str | None,
+                   now: datetime) -> None:
+    """Pause or resume the lane row and mark its active tasks the same way."""
+    lane_values: dict[str, Any] = {"paused": paused, "paused_reason": reason if paused else None}
+    if paused:
+        lane_values["paused_at"] = now
+    else:
+        lane_values.update(paused_at=None, resumed_at=now)
+    conn.execute(sa.update(L).where(L.c.assignee == assignee).values(**lane_values))
+    conn.execute(
+        sa.update(T)
+        .where(T.c.assignee == assignee, T.c.status.in_(ACTIVE))
+        .values(
+            lane_paused=paused,
+            lane_paused_reason=reason if paused else None,
+            lane_paused_at=now if paused else None,
+            updated_at=now,
+        )
+    )
+
+
+def set_lane_max_in_flight(conn: Connection, *, assignee: str, max_in_flight: int) -> None:
+    conn.execute(sa.update(L).where(L.c.assignee == assignee).values(max_in_flight=max_in_flight))
+
+
+def list_lanes(conn: Connection) -> Sequence[RowMapping]:
+    return conn.execute(sa.select(L).order_by(L.c.assignee)).mappings().all()
+
+
+def lane_status_counts(conn: Connection) -> dict[str, dict[str, int]]:
+    """``{assignee: {"todo": n, "in_progress": n}}``: the live work, read through the
+    status index. Done and cancelled tasks are history: counting them would cost more as
+    the store grows (``history`` and the event log answer for them)."""
+    out: dict[str, dict[str, int]] = {}
+    live = conn.execute(
+        sa.select(T.c.assignee, T.c.status, sa.func.count())
+        .where(T.c.status.in_([TaskStatus.todo.value, TaskStatus.in_progress.value]))
+        .group_by(T.c.assignee, T.c.status)
+    ).all()
+    for assignee, status, n in live:
+        out.setdefault(assignee, {})[status] = int(n)
+    return out
+
+
+# --- tasks ---------------------------------------------------------------------------
+
+
+def insert_task(conn: Connection, *, values: dict[str, Any]) -> RowMapping:
+    """Insert one task and return its row."""
+    row = conn.execute(sa.insert(T).values(**values).returning(*T.c)).mappings().one()
+    return row
+
+
+def get_task(conn: Connection, *, task_id: int, for_update: bool = False) -> RowMapping | None:
+    q = sa.select(T).where(T.c.id == task_id)
+    if for_update:
+        q = q.with_for_update()
+    return conn.execute(q).mappings().first()
+
+
+def get_tasks(conn: Connection, *, task_ids: Sequence[int]) -> Sequence[RowMapping]:
+    if not task_ids:
+        return []
+    return conn.execute(sa.select(T).where(T.c.id.in_(task_ids))).mappings().all()
+
+
+def list_tasks(conn: Connection, *, assignee: str | None = None, status: str | None = None,
+               limit: int = 100) -> Sequence[RowMapping]:
+    q = sa.select(T)
+    if assignee is not None:
+        q = q.where(T.c.assignee == assignee)
+    if status is not None:
+        q = q.where(T.c.status == status)
+    return conn.execute(q.order_by(T.c.id.desc()).limit(limit)).mappings().all()
+
+
+def live_leases(conn: Connection, *, assignee: str, now: datetime) -> Sequence[RowMapping]:
+    """In-progress tasks of the lane whose lease has not expired, soonest expiry first."""
+    q = (
+        sa.select(T)
+        .where(T.c.assignee == assignee, T.c.status == TaskStatus.in_progress.value,
+               T.c.lease_expires_at > now)
+        .order_by(T.c.lease_expires_at)
+    )
+    return conn.execute(q).mappings().all()
+
+
+def in_progress(conn: Connection, *, assignee: str) -> Sequence[RowMapping]:
+    """Every in-progress task of a lane (live and expired leases), soonest expiry first."""
+    q = (
+        sa.select(T)
+        .where(T.c.assignee == assignee, T.c.status == TaskStatus.in_progress.value)
+        .order_by(T.c.lease_expires_at)
+    )
+    return conn.execute(q).mappings().all()
+
+
+def requeue_tasks(conn: Connection, *, task_ids: Sequence[int], now: datetime) -> set[int]:
+    """Return the given tasks to ``todo`` if their lease has expired by ``now``; answers the
+    ids actually requeued (a complete that got there first wins)."""
+    done = conn.execute(
+        sa.update(T)
+        .where(T.c.id.in_(list(task_ids)), T.c.status == TaskStatus.in_progress.value,
+               T.c.lease_expires_at <= now)
+        .values(status=TaskStatus.todo.value, claimed_by=None, lease_token=None,
+                lease_expires_at=None, updated_at=now)
+        .returning(T.c.id)
+    ).scalars().all()
+    return set(done)
+
+
+def requeue_expired(conn: Connection, *, now: datetime, assignee: str | None = None,
+                    limit: int | None = None) -> Sequence[RowMapping]:
+    """Return expired in-progress tasks to ``todo``; answers the rows as they were."""
+    cond = [T.c.status == TaskStatus.in_progress.value, T.c.lease_expires_at <= now]
+    if assignee is not None:
+        cond.append(T.c.assignee == assignee)
+    sel = sa.select(T.c.id, T.c.assignee, T.c.claimed_by, T.c.lease_token,
+                    T.c.lease_expires_at).where(*cond).order_by(T.c.id)
+    if limit is not None:
+        sel = sel.limit(limit)
+    if _pg(conn):
+        sel = sel.with_for_update(skip_locked=True)
+    rows = conn.execute(sel).mappings().all()
+    if rows:
+        conn.execute(
+            sa.update(T)
+            .where(T.c.id.in_([r["id"] for r in rows]),
+                   T.c.status == TaskStatus.in_progress.value)
+            .values(status=TaskStatus.todo.value, claimed_by=None, lease_token=None,
+                    lease_expires_at=None, updated_at=now)
+        )
+    return rows
+
+
+def claim_next_pick(*, assignee: str, pg: bool) -> sa.Select[Any]:
+    """The lane's next ``todo`` task id in claim order, read from ``ix_task_lane_queue``
+    (row-locked, skipping locked rows, on PostgreSQL)."""
+    pick = (
+        sa.select(T.c.id)
+        .where(T.c.assignee == assignee, T.c.status == TaskStatus.todo.value)
+        .order_by(T.c.priority.desc(), T.c.created_at, T.c.id)
+        .limit(1)
+    )
+    return pick.with_for_update(skip_locked=True) if pg else pick
+
+
+def claim_next(conn: Connection, *, assignee: str, worker: str, token: str,
+               expires_at: datetime, now: datetime) -> RowMapping | None:
+    """Lease the lane's next task -- highest priority, then oldest -- in one conditional
+    UPDATE (its subquery row-locks the candidate, skipping locked rows, on PostgreSQL);
+    answers the leased row, or None when the lane has nothing to claim."""
+    pick = claim_next_pick(assignee=assignee, pg=_pg(conn))
+    return conn.execute(
+        sa.update(T)
+        .where(T.c.id == pick.scalar_subquery(), T.c.status == TaskStatus.todo.value)
+        .values(status=TaskStatus.in_progress.value, claimed_by=worker, lease_token=token,
+                lease_expires_at=expires_at, updated_at=now)
+        .returning(*T.c)
+    ).mappings().first()
+
+
+@dataclass
+class ClaimRows:
+    """What ``claim_pg`` answers: the paused lane, or the lease that refuses the claim, or
+    the leases granted; and the expired leases it requeued on the way (old holder, token)."""
+
+    lane: dict[str, Any] | None = None
+    paused: dict[str, Any] | None = None
+    held: dict[str, Any] | None = None
+    granted: list[dict[str, Any]] = field(default_factory=list)
+    requeued: list[dict[str, Any]] = field(default_factory=list)
+
+
+_CLAIM_PG = ("SELECT outcome, row_json FROM autonomy_claim(%(assignee)s, %(worker)s, "
+             "%(tokens)s::text[], %(now)s::timestamptz, %(expires)s::timestamptz, "
+             "%(expires_iso)s)")
+_TIMES = ("lease_expires_at", "lane_paused_at", "created_at", "updated_at", "completed_at",
+          "paused_at", "resumed_at")
+
+
+def claim_pg(conn: Connection, *, assignee: str, worker: str, tokens: Sequence[str],
+             now: datetime, expires_at: datetime, expires_iso: str) -> ClaimRows:
+    """PostgreSQL: the whole claim -- pause check, expired leases requeued, both guards,
+    up to ``len(tokens)`` leases within ``max_in_flight``, their events -- in one call of
+    ``autonomy_claim`` (migration 0003), one round trip. Run it in ``db.autocommit``: the
+    call is its own transaction."""
+    out = ClaimRows()
+    rows = conn.exec_driver_sql(_CLAIM_PG, {
+        "assignee": assignee, "worker": worker, "tokens": list(tokens), "now": now,
+        "expires": expires_at, "expires_iso": expires_iso}).all()
+    for outcome, data in rows:
+        row = _json_row(data)
+        if outcome == "granted":
+            out.granted.append(row)
+        elif outcome == "requeued":
+            out.requeued.append(row)
+        elif outcome == "held":
+            out.held = row
+        elif outcome == "lane":
+            out.lane = row
+        elif outcome == "paused":
+            out.paused = row
+    out.granted.sort(key=lambda r: (-r["priority"], r["created_at"], r["id"]))
+    return out
+
+
+def _json_row(data: Any) -> dict[str, Any]:
+    """A row that came back as JSON, its timestamps made aware datetimes again."""
+    row = dict(data)
+    for k in _TIMES:
+        v = row.get(k)
+        if isinstance(v, str):
+            row[k] = datetime.fromisoformat(v).astimezone(UTC)
+    return row
+
+
+_COMPLETE_PG = (
+    "WITH done AS ("
+    " UPDATE task SET status = 'done', completed_at = %(now)s, updated_at = %(now)s,"
+    " lease_expires_at = NULL, result = %(result)s::json"
+    " WHERE id = %(id)s AND status = 'in_progress' AND lease_token = %(token)s"
+    " RETURNING *"
+    "), ev AS ("
+    " INSERT INTO event (at, kind, assignee, task_id, actor, data)"
+    " SELECT %(now)s, 'task_completed', done.assignee, done.id,"
+    " coalesce(%(actor)s, done.claimed_by), '{}'::json FROM done"
+    ") SELECT * FROM done")
+
+
+def complete_pg(conn: Connection, *, task_id: int, token: str, now: datetime,
+                result: dict[str, Any] | None, actor: str | None) -> RowMapping | None:
+    """PostgreSQL: ``mark_done`` and its ``task_completed`` event in one statement, one
+    round trip (run it in ``db.autocommit``). None when the lease is not live under this
+    token -- the caller's full path then reads the row and answers the guard or refusal."""
+    return conn.exec_driver_sql(_COMPLETE_PG, {
+        "now": now, "result": None if result is None else json.dumps(result), "id": task_id,
+        "token": token, "actor": actor}).mappings().first()
+
+
+def extend_lease(conn: Connection, *, task_id: int, token: str, expires_at: datetime,
+                 now: datetime) -> bool:
+    res = conn.execute(
+        sa.update(T)
+        .where(T.c.id == task_id, T.c.status == TaskStatus.in_progress.value,
+               T.c.lease_token == token)
+        .values(lease_expires_at=expires_at, updated_at=now)
+    )
+    return res.rowcount == 1
+
+
+def mark_done(conn: Connection, *, task_id: int, token: str, now: datetime,
+              result: dict[str, Any] | None) -> RowMapping | None:
+    """Conditionally mark a leased task done. Its ``lease_token`` stays: a done task keeps
+    the token of the lease that completed it, which tells an idempotent retry of that
+    complete from a superseded lease's late one (SPEC 4.2)."""
+    return conn.execute(
+        sa.update(T)
+        .where(T.c.id == task_id, T.c.status == TaskStatus.in_progress.value,
+               T.c.lease_token == token)
+        .values(status=TaskStatus.done.value, completed_at=now, updated_at=now,
+                lease_expires_at=None, result=result)
+        .returning(*T.c)
+    ).mappings().first()
+
+
+def return_failed(conn: Connection, *, task_id: int, token: str, fingerprint: str, reason: str,
+                  now: datetime, result: dict[str, Any] | None) -> RowMapping | None:
+    """Conditionally put a failed in-progress task back to ``todo`` with attempts + 1."""
+    return conn.execute(
+        sa.update(T)
+        .where(T.c.id == task_id, T.c.status == TaskStatus.in_progress.value,
+               T.c.lease_token == token)
+        .values(status=TaskStatus.todo.value, attempts=T.c.attempts + 1,
+                failure_fingerprint=fingerprint, last_validation_reason=reason,
+                claimed_by=None, lease_token=None, lease_expires_at=None, updated_at=now,
+                result=result)
+        .returning(*T.c)
+    ).mappings().first()
+
+
+def release_lease(conn: Connection, *, task_id: int, token: str, now: datetime) -> bool:
+    """Give a lease back without an outcome: the task returns to ``todo`` untouched."""
+    res = conn.execute(
+        sa.update(T)
+        .where(T.c.id == task_id, T.c.status == TaskStatus.in_progress.value,
+               T.c.lease_token == token)
+        .values(status=TaskStatus.todo.value, claimed_by=None, lease_token=None,
+                lease_expires_at=None, updated_at=now)
+    )
+    return res.rowcount == 1
+
+
+def open_remediation(conn: Connection, *, fingerprint: str) -> RowMapping | None:
+    """The open ops remediation task for a fingerprint, if any."""
+    return conn.execute(
+        sa.select(T).where(T.c.failure_fingerprint == fingerprint,
+                           T.c.kind == TaskKind.ops_remediation.value,
+                           T.c.status.in_(ACTIVE)).limit(1)
+    ).mappings().first()
+
+
+# --- failure fingerprints ---------------------------------------------------------------
+
+
+def insert_fingerprint(conn: Connection, *, fingerprint: str, assignee: str, reason: str,
+                       task_id: int, now: datetime) -> None:
+    conn.execute(sa.insert(F).values(fingerprint=fingerprint, assignee=assignee, reason=reason,
+                                     task_id=task_id, created_at=now))
+
+
+def count_fingerprint(conn: Connection, *, fingerprint: str, since: datetime) -> int:
+    """Failures of one fingerprint since a time (index ``ix_ffl_fingerprint_created``)."""
+    return int(conn.execute(
+        sa.select(sa.func.count()).select_from(F)
+        .where(F.c.fingerprint == fingerprint, F.c.created_at >= since)
+    ).scalar_one())
+
+
+def fingerprint_task_ids(conn: Connection, *, fingerprint: str, since: datetime,
+                         limit: int = 50) -> list[int]:
+    rows = conn.execute(
+        sa.select(F.c.task_id).where(F.c.fingerprint == fingerprint, F.c.created_at >= since)
+        .order_by(F.c.created_at).limit(limit)
+    ).scalars().all()
+    return list(dict.fromkeys(int(r) for r in rows))
+
+
+def recent_fingerprints(conn: Connection, *, since: datetime, limit: int = 20
+                        ) -> Sequence[RowMapping]:
+    """Fingerprints seen since a time, most frequent first."""
+    n = sa.func.count().label("count")
+    return conn.execute(
+        sa.select(F.c.fingerprint, F.c.assignee, n, sa.func.max(F.c.created_at).label("last_at"))
+        .where(F.c.created_at >= since)
+        .group_by(F.c.fingerprint, F.c.assignee)
+        .order_by(n.desc()).limit(limit)
+    ).mappings().all()
+
+
+# --- events --------------------------------------------------------------------------
+
+
+def insert_event(conn: Connection, *, kind: str, at: datetime, assignee: str | None = None,
+                 task_id: int | None = None, actor: str | None = None,
+                 reason: str | None = None, data: dict[str, Any] | None = None) -> None:
+    conn.execute(sa.insert(E).values(kind=kind, at=at, assignee=assignee, task_id=task_id,
+                                     actor=actor, reason=reason, data=data or {}))
+
+
+def insert_events(conn: Connection, *, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        base: dict[str, Any] = {"assignee": None, "task_id": None, "actor": None,
+                                "reason": None, "data": {}}
+        conn.execute(sa.insert(E), [{**base, **r} for r in rows])
+
+
+def list_events(conn: Connection, *, task_id: int | None = None, assignee: str | None = None,
+                kind: str | None = None, limit: int = 200) -> Sequence[RowMapping]:
+    """Newest events first, filtered by task, lane or kind."""
+    q = sa.select(E)
+    if task_id is not None:
+        q = q.where(E.c.task_id == task_id)
+    if assignee is not None:
+        q = q.where(E.c.assignee == assignee)
+    if kind is not None:
+        q = q.where(E.c.kind == kind)
+    return conn.execute(q.order_by(E.c.id.desc()).limit(limit)).mappings().all()
+
+
+# --- check state -----------------------------------------------------------------------
+
+
+def read_check_state(conn: Connection, *, name: str) -> RowMapping | None:
+    return conn.execute(sa.select(C).where(C.c.name == name)).mappings().first()
+
+
+def write_check_state(conn: Connection, *, name: str, data: str, now: datetime) -> None:
+    """Upsert one state row; atomic with the caller's transaction."""
+    stmt = _insert(conn, C).values(name=name, data=data, written_at=now)
+    stmt = stmt.on_conflict_do_update(index_elements=["name"],
+                                      set_={"data": data, "written_at": now})
+    conn.execute(stmt)
+
+
+def read_check_states(conn: Connection, *, names: Sequence[str]) -> dict[str, RowMapping]:
+    rows = conn.execute(sa.select(C).where(C.c.name.in_(list(names)))).mappings().all()
+    return {r["name"]: r for r in rows}
+
+
+# --- queue signals for the checks ---------------------------------------------------------
+
+
+def queue_signals(conn: Connection, *, now: datetime) -> dict[str, Any]:
+    """What the checks ask of the queue, each an index lookup (no count over all tasks):
+    is there claimable backlog, how many in-progress leases have expired, and when did
+    the last task complete."""
+    backlog = conn.execute(
+        sa.select(T.c.id).where(T.c.status == TaskStatus.todo.value,
+                                T.c.lane_paused == sa.false()).limit(1)
+    ).first() is not None
+    expired = conn.execute(
+        sa.select(sa.func.count()).select_from(T)
+        .where(T.c.status == TaskStatus.in_progress.value, T.c.lease_expires_at <= now)
+    ).scalar_one()
+    last_done = conn.execute(sa.select(sa.func.max(T.c.completed_at))).scalar()
+    return {"backlog": backlog, "expiredLeases": int(expired), "lastCompletedAt": last_done}

@@ -1,0 +1,147 @@
+"""How a worker talks to autonomy: the same actions, in-process or over HTTP.
+
+``LocalClient`` dispatches through ``app.ops`` with a ``Context`` of its own (the worker
+then needs ``DATABASE_URL`` / ``REDIS_URL``); ``HttpClient`` POSTs the same requests to a
+running server's ``/api/autonomy`` with a bearer token. Both raise the same
+``AutonomyError`` subclasses, so worker code never knows which one it holds.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from app.errors import AutonomyError, Unavailable
+from app.settings import Settings, get_settings
+from app.storage.context import Context
+
+
+class Client(ABC):
+    """The actions a worker needs, over ``call(request) -> answer``."""
+
+    settings: Settings
+
+    @abstractmethod
+    def call(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Run one action (``{"action": ..., ...}``); raises ``AutonomyError`` on refusal."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections (idempotent)."""
+
+    def claim(self, lane: str, worker: str) -> dict[str, Any]:
+        """Claim the lane's next task (SPEC 4.1)."""
+        return self.call({"action": "claim", "assignee": lane, "worker": worker})
+
+    def heartbeat(self, task_id: int, lease_token: str) -> dict[str, Any]:
+        """Extend a live lease."""
+        return self.call({"action": "heartbeat", "taskId": task_id, "leaseToken": lease_token})
+
+    def complete(self, task_id: int, lease_token: str, *, outcome: str,
+                 reason: str | None = None, result: dict[str, Any] | None = None,
+                 actor: str | None = None) -> dict[str, Any]:
+        """Complete a leased task with ``success`` or a ``failure`` and its reason."""
+        return self.call({"action": "complete", "taskId": task_id, "leaseToken": lease_token,
+                          "outcome": outcome, "validationReason": reason, "result": result,
+                          "actor": actor})
+
+    def release(self, task_id: int, lease_token: str, *, actor: str | None = None
+                ) -> dict[str, Any]:
+        """Give a lease back without an outcome (the task is ``todo`` again at once)."""
+        return self.call({"action": "release", "taskId": task_id, "leaseToken": lease_token,
+                          "actor": actor})
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LocalClient(Client):
+    """Calls ``app.ops.dispatch`` in this process. Thread-safe: the engine pools
+    connections and the Redis client is shared safely between threads."""
+
+    def __init__(self, ctx: Context | None = None, *, settings: Settings | None = None) -> None:
+        self._owned = ctx is None
+        self.ctx = ctx if ctx is not None else Context.from_settings(settings)
+        self.settings = self.ctx.settings
+
+    def call(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Dispatch in-process."""
+        from app import ops
+
+        return ops.dispatch(self.ctx, request)
+
+    def close(self) -> None:
+        """Close the context if this client built it."""
+        if self._owned:
+            self.ctx.close()
+            self._owned = False
+
+
+def _error_classes() -> dict[str, type[AutonomyError]]:
+    found: dict[str, type[AutonomyError]] = {}
+    todo: list[type[AutonomyError]] = [AutonomyError]
+    while todo:
+        cls = todo.pop()
+        found.setdefault(cls.code, cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def error_from_wire(answer: dict[str, Any]) -> AutonomyError:
+    """The ``AutonomyError`` an ``{"ok": false, "error": code, ...}`` answer stands for;
+    an unknown code becomes the root class with ``error`` kept in its details."""
+    code = str(answer.get("error") or "internal_error")
+    message = str(answer.get("message") or code)
+    details = {k: v for k, v in answer.items() if k not in ("ok", "error", "message")}
+    cls = _error_classes().get(code)
+    if cls is None:
+        return AutonomyError(message, error=code, **details)
+    return cls(message, **details)
+
+
+class HttpClient(Client):
+    """POSTs actions to ``{url}/api/autonomy`` with ``Authorization: Bearer <token>``.
+
+    ``transport`` is for tests (an ``httpx`` transport); thread-safe like ``httpx.Client``.
+    """
+
+    def __init__(self, url: str, token: str | None = None, *, timeout_s: float = 10.0,
+                 settings: Settings | None = None, transport: Any = None) -> None:
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.settings = settings or get_settings()
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s,
+                                  transport=transport)
+
+    def call(self, request: dict[str, Any]) -> dict[str, Any]:
+        """POST one action; maps ``ok: false`` answers back to their error class."""
+        import httpx
+
+        try:
+            resp = self._http.post("/api/autonomy", json=request)
+        except httpx.HTTPError as e:
+            raise Unavailable(f"the autonomy API at {self.url} cannot be reached: {e}",
+                              url=self.url) from e
+        try:
+            answer = resp.json()
+        except (ValueError, RecursionError):
+            answer = None
+        if isinstance(answer, dict) and answer.get("ok") is True:
+            return answer
+        if isinstance(answer, dict) and "error" in answer:
+            raise error_from_wire(answer)
+        # not one of our answers: a proxy's error page, a wrong URL, a garbled body
+        text = f"the autonomy API at {self.url} answered HTTP {resp.status_code}: " \
+               f"{resp.text[:300]!r}"
+        if resp.status_code in (502, 503, 504):
+            raise Unavailable(text, url=self.url)  # a gateway's page: worth retrying
+        raise AutonomyError(text, error=f"http_{resp.status_code}", url=self.url)
+
+    def close(self) -> None:
+        """Close the HTTP connection pool."""
+        self._http.close()

@@ -1,0 +1,369 @@
+"""``LaneWorker``: consume one lane — claim, run a handler, complete — for workers written
+in Python, and the loop under ``autonomy worker`` (whose handler runs a command).
+
+::
+
+    def review(task):
+        if "tests" not in task["payload"]:
+            raise ValidationFailed("missing tests")   # failure: counts toward the breaker
+        return {"approved": True}                     # success: kept as the task's result
+
+    LaneWorker("reviewer", review).run()
+
+While the handler runs a thread heartbeats the lease every ``lease_ttl / 3`` so a slow task
+keeps it. A paused lane (``lane_paused``) and an unreachable service are waited out with a
+capped backoff, said once per episode; an empty lane is polled with a short backoff. A stop
+(the event, or SIGTERM/SIGINT when ``run`` installs handlers) stops claiming; the running
+task finishes. A handler that is interrupted (``KeyboardInterrupt``, ``SystemExit``) or
+raises ``ReleaseTask`` gives its lease back, so the task is never left in progress until
+its lease expires.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+from app.backoff import Backoff
+from app.clock import utcnow
+from app.errors import (
+    AuthError,
+    AutonomyError,
+    InvalidInput,
+    LanePaused,
+    NotInProgress,
+    StaleLease,
+    TaskNotFound,
+    Unavailable,
+)
+from app.workers.client import Client, LocalClient
+from app.workers.job import (
+    Handler,
+    Job,
+    JobHandler,
+    ReleaseTask,
+    ValidationFailed,
+    WorkerStats,
+    default_worker_name,
+)
+
+__all__ = ["Job", "JobHandler", "LaneWorker", "ReleaseTask", "ValidationFailed",
+           "WorkerStats", "default_worker_name"]
+
+Say = Callable[[str], None]
+_LOST = (StaleLease, NotInProgress, TaskNotFound)  # the lease is gone for good
+# the only refusals that stop a worker: waiting or moving on will not cure them
+_FATAL = (AuthError, InvalidInput)
+
+
+def say_stderr(line: str) -> None:
+    """Print one progress line on stderr (escaping what cannot be encoded)."""
+    print(line.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr,
+          flush=True)
+
+
+def _storable(text: str) -> str:
+    """``text`` without what the server refuses (NUL, lone surrogates)."""
+    return text.replace("\x00", "\\0").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class LaneWorker:
+    """Claims tasks from ``lane`` one at a time and hands each to ``handler``.
+
+    ``client`` defaults to a ``LocalClient`` from the environment's settings (closed by
+    ``close()``). Each worker holds at most one lease per lane, so run several workers
+    (each with its own name) for parallelism, and raise the lane's ``maxInFlight``.
+    """
+
+    def __init__(self, lane: str, handler: Handler, *, worker_name: str | None = None,
+                 client: Client | None = None, heartbeat_interval_s: float | None = None,
+                 idle_backoff_s: tuple[float, float] = (0.1, 2.0),
+                 pause_backoff_s: tuple[float, float] = (1.0, 30.0),
+                 say: Say | None = None) -> None:
+        self._owns_client = client is None
+        self.client = client if client is not None else LocalClient()
+        s = self.client.settings
+        from app import validate
+
+        self.lane = validate.assignee(lane, s)
+        self.name = validate.worker(worker_name or default_worker_name(), s)
+        self.handler = handler
+        self._fixed_beat_s = heartbeat_interval_s
+        self.heartbeat_interval_s = heartbeat_interval_s or max(0.05, s.lease_ttl_s / 3)
+        self.idle = Backoff(*idle_backoff_s)
+        self.pause = Backoff(*pause_backoff_s)
+        self.say = say or say_stderr
+        self.stats = WorkerStats()
+        self._waiting_on: str | None = None  # the code we are waiting out, said once
+
+    def close(self) -> None:
+        """Close the client if this worker built it."""
+        if self._owns_client:
+            self.client.close()
+
+    def _log(self, text: str) -> None:
+        self.say(f"worker {self.name} [{self.lane}]: {text}")
+
+    # --- the loop -------------------------------------------------------------------
+
+    def run(self, stop_event: threading.Event | None = None, max_tasks: int | None = None,
+            *, handle_signals: bool | None = None) -> WorkerStats:
+        """Work until ``stop_event`` is set or ``max_tasks`` tasks are finished.
+
+        Without a ``stop_event``, SIGTERM/SIGINT stop the loop (when called from the main
+        thread): the running task finishes first; a second signal interrupts it and its
+        lease is released. Answers the counts.
+        """
+        stop = stop_event or threading.Event()
+        if handle_signals is None:
+            handle_signals = stop_event is None
+        with _stop_on_signals(stop, self._log) if handle_signals else _nothing():
+            while not stop.is_set():
+                if max_tasks is not None and self.stats.finished >= max_tasks:
+                    break
+                job = self.claim_one(stop)
+                if job is not None:
+                    self.work(job)
+        return self.stats
+
+    def claim_one(self, stop: threading.Event) -> Job | None:
+        """Try one claim; waits out pauses, outages and an empty lane before answering
+        ``None``. Refusals that waiting cannot cure (bad input, auth) are raised; an answer
+        the worker cannot use (a server error, a garbled body) is logged and the claim
+        retried -- a retried claim gets back the lease the lost answer granted."""
+        try:
+            answer = self.client.claim(self.lane, self.name)
+        except LanePaused as e:
+            self._wait(stop, self.pause, e, "waiting for a resume")
+            return None
+        except Unavailable as e:
+            self._wait(stop, self.pause, e, "retrying")
+            return None
+        except _FATAL:
+            raise
+        except AutonomyError as e:  # the server failed on this claim: not on every claim
+            self._waiting_on = None
+            self._wait(stop, self.pause, e, "claiming again")
+            return None
+        except Exception as e:  # e.g. a database deadlock reported raw: transient
+            self._wait(stop, self.pause, AutonomyError(f"{type(e).__name__}: {e}"), "retrying")
+            return None
+        if self._waiting_on is not None:
+            self._log(f"claiming again (was: {self._waiting_on})")
+            self._waiting_on = None
+        self.pause.reset()
+        task, lease = answer.get("task"), answer.get("lease")
+        if task is None or lease is None:  # empty lane, or full with others' leases
+            stop.wait(self.idle.step())
+            return None
+        if not isinstance(task, dict) or not isinstance(task.get("id"), int) \
+                or not isinstance(lease, dict) or not isinstance(lease.get("token"), str):
+            self._unusable_claim(task, lease)
+            stop.wait(self.pause.step())
+            return None
+        self.idle.reset()
+        self.stats.claimed += 1
+        return Job(task=task, lease_token=lease["token"], lease_expires_at=lease.get("expiresAt"),
+                   lane=self.lane, worker=self.name, stopping=stop)
+
+    def _unusable_claim(self, task: Any, lease: Any) -> None:
+        """A claim answer without a usable task: fail the task when it can be named."""
+        tid = task.get("id") if isinstance(task, dict) else None
+        token = lease.get("token") if isinstance(lease, dict) else None
+        self._log(f"task {tid}: the claim answer cannot be used "
+                  f"(task {type(task).__name__}, lease {type(lease).__name__})")
+        if isinstance(tid, int) and isinstance(token, str):
+            job = Job(task={"id": tid}, lease_token=token, lease_expires_at=None,
+                      lane=self.lane, worker=self.name, stopping=threading.Event())
+            self._complete(job, "failure", "the claim answer for this task could not be "
+                           "used by the worker", None)
+
+    def _wait(self, stop: threading.Event, backoff: Backoff, err: AutonomyError,
+              doing: str) -> None:
+        if self._waiting_on != err.code:
+            self._waiting_on = err.code
+            self._log(f"{err.code}: {err.message}; {doing} (backoff up to "
+                      f"{backoff.max_s:g}s)")
+        stop.wait(backoff.step())
+
+    def work(self, job: Job) -> None:
+        """Run the handler on a claimed task under a heartbeat, then record the outcome."""
+        if job.stopping.is_set():  # a stop arrived while the claim was on its way
+            self._release(job, "stopping before the task started")
+            return
+        done = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job, done),
+                                name=f"heartbeat-{job.task_id}", daemon=True)
+        beat.start()
+        try:
+            outcome = self._call_handler(job)
+        except BaseException:  # interrupted: give the lease back, then let it propagate
+            done.set()
+            self._release(job, "interrupted")
+            raise
+        finally:
+            done.set()
+            beat.join(5)
+        if job.lease_lost.is_set():
+            self.stats.lost += 1
+            self._log(f"task {job.task_id}: lease lost while working; outcome dropped")
+            return
+        kind, value, result = outcome
+        if kind == "release":
+            self._release(job, value or "handler asked")
+        else:
+            self._complete(job, kind, value, result)
+
+    def _call_handler(self, job: Job) -> tuple[str, str | None, dict[str, Any] | None]:
+        try:
+            if isinstance(self.handler, JobHandler):
+                result = self.handler.handle_job(job)
+            else:
+                result = self.handler(job.task)
+        except ValidationFailed as e:
+            return "failure", e.reason, e.result
+        except ReleaseTask as e:
+            return "release", str(e) or None, None
+        except Exception as e:
+            return "failure", str(e).strip() or type(e).__name__, None
+        if result is not None and not isinstance(result, dict):
+            result = {"value": result}
+        return "success", None, result
+
+    def _heartbeat(self, job: Job, done: threading.Event) -> None:
+        complained = False
+        while not done.wait(self._beat_interval(job)):
+            try:
+                answer = self.client.heartbeat(job.task_id, job.lease_token)
+            except _LOST as e:
+                job.lease_lost.set()
+                self._log(f"task {job.task_id}: heartbeat refused ({e.code}); lease lost")
+                return
+            except Exception as e:  # transient: keep beating, the lease has slack
+                if not complained:
+                    self._log(f"task {job.task_id}: heartbeat failed ({e}); retrying")
+                    complained = True
+                continue
+            job.heartbeats += 1
+            job.lease_expires_at = answer.get("lease", {}).get("expiresAt")
+
+    def _beat_interval(self, job: Job) -> float:
+        """A third of the lease: of our settings' TTL, or of what the lease answer says is
+        left when that is shorter (a server with a shorter TTL than ours)."""
+        if self._fixed_beat_s is not None or not job.lease_expires_at:
+            return self.heartbeat_interval_s
+        try:
+            left = (datetime.fromisoformat(job.lease_expires_at) - utcnow()).total_seconds()
+        except ValueError:
+            return self.heartbeat_interval_s
+        if left <= 0:  # clocks disagree; keep to our own setting
+            return self.heartbeat_interval_s
+        return max(0.05, min(self.heartbeat_interval_s, left / 3))
+
+    # --- outcomes -------------------------------------------------------------------
+
+    def _complete(self, job: Job, outcome: str, reason: str | None,
+                  result: dict[str, Any] | None) -> None:
+        s = self.client.settings
+        if outcome == "failure":
+            reason = _storable((reason or "failed").strip()[: s.reason_max_len]) or "failed"
+        try:
+            answer = self._retrying(lambda: self.client.complete(
+                job.task_id, job.lease_token, outcome=outcome, reason=reason, result=result))
+        except InvalidInput as e:  # e.g. an unserialisable result: still close the task
+            if outcome == "success":
+                return self._complete(job, "failure", f"invalid result: {e.message}", None)
+            if result is not None:
+                return self._complete(job, "failure", reason, None)
+            self._log(f"task {job.task_id}: complete refused ({e.code}: {e.message})")
+            return self._release(job, "its failure could not be recorded")
+        except _LOST as e:  # e.g. another lease completed it: the outcome is not ours
+            self.stats.lost += 1
+            self._log(f"task {job.task_id}: outcome refused ({e.code}): {e.message}")
+            return
+        except AuthError:
+            raise
+        except AutonomyError as e:  # the server failed on this task: record that instead
+            self._log(f"task {job.task_id}: complete answered {e.code}: {e.message}")
+            if outcome == "success" or result is not None:
+                return self._complete(job, "failure", f"the server could not record the "
+                                      f"outcome ({outcome}): {e.code}", None)
+            return self._release(job, f"its outcome could not be recorded ({e.code})")
+        if answer is None:
+            self._log(f"task {job.task_id}: outcome not recorded; its lease will expire")
+            return
+        if outcome == "success":
+            self.stats.succeeded += 1
+            self._log(f"task {job.task_id}: done")
+            return
+        self.stats.failed += 1
+        line = (f"task {job.task_id}: failed ({reason}); fingerprint "
+                f"{answer.get('failureFingerprint')} x{answer.get('fingerprintCount')}")
+        if answer.get("lanePaused"):
+            line += "; the lane is paused by the breaker"
+        self._log(line)
+
+    def _release(self, job: Job, why: str) -> None:
+        try:
+            answer = self._retrying(lambda: self.client.release(job.task_id, job.lease_token))
+        except _LOST as e:
+            self._log(f"task {job.task_id}: release refused ({e.code}); it moved on")
+            return
+        except AutonomyError as e:  # nothing more to do: the lease expires on its own
+            self._log(f"task {job.task_id}: release refused ({e.code}: {e.message})")
+            return
+        if answer is not None:
+            self.stats.released += 1
+            self._log(f"task {job.task_id}: lease released ({why})")
+
+    def _retrying(self, fn: Callable[[], dict[str, Any]], *, for_s: float = 30.0
+                  ) -> dict[str, Any] | None:
+        """Retry through outages for a while; past that the lease expires and self-heal
+        requeues the task, so giving up loses nothing."""
+        backoff, deadline = Backoff(0.2, 5.0), time.monotonic() + for_s
+        while True:
+            try:
+                return fn()
+            except AutonomyError as e:
+                if not isinstance(e, Unavailable):
+                    raise
+                why = e.message
+            except Exception as e:  # e.g. a database deadlock reported raw: retry it
+                why = f"{type(e).__name__}: {e}"
+            if time.monotonic() >= deadline:
+                self._log(f"giving up after {for_s:g}s: {why}")
+                return None
+            time.sleep(backoff.step())
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event, log: Say) -> Iterator[None]:
+    """First SIGTERM/SIGINT: stop claiming. Second: interrupt (the lease is released)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        log(f"{signal.Signals(signum).name}: stopping after the running task "
+            "(send it again to interrupt)")
+
+    before = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
