@@ -61,6 +61,7 @@ def run(env: Env) -> list[Row]:
     try:
         counts = cycle_counts(ctx, trace)
     finally:
+        trace.close()
         ctx.close()
     t = total(counts)
     details = {k: v.to_json() for k, v in counts.items()}

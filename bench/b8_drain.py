@@ -25,8 +25,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from app.ops import lane_control
 from app.clock import utcnow
+from app.ops import lane_control
 from bench import peers
 from bench.common import Env, Row
 from bench.fleet import drain

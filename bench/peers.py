@@ -26,9 +26,9 @@ from bench.fleet import Recorder, Shared
 
 
 def autonomy_worker(cfg: dict[str, Any], name: str, shared: Shared) -> None:
-    from app.workers.client import LocalClient
-    from app.storage.context import Context
     from app.settings import Settings
+    from app.storage.context import Context
+    from app.workers.client import LocalClient
     from app.workers.lane_worker import LaneWorker
 
     rec = Recorder(shared)

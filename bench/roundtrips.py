@@ -71,6 +71,16 @@ class PgTrace:
         with self._lock:
             self._conns[id(dbapi_conn)] = (dbapi_conn, f)
 
+    def close(self) -> None:
+        """Stop tracing and close the trace files."""
+        with self._lock:
+            conns = list(self._conns.values())
+            self._conns.clear()
+        for dbapi_conn, f in conns:
+            if not dbapi_conn.closed:
+                dbapi_conn.pgconn.untrace()
+            f.close()
+
     def take(self) -> list[tuple[int, list[str]]]:
         """Each connection's trace lines since the last ``take`` (traces restart afresh)."""
         lines: list[tuple[int, list[str]]] = []

@@ -22,7 +22,7 @@ from app.errors import AutonomyError, LanePaused, NotInProgress, StaleLease, Tas
 from app.ops import breaker
 from app.storage import leases, store
 from app.storage.context import Context
-from app.storage.db import transaction
+from app.storage.db import autocommit, is_postgres, run_once_more_if_dead, transaction
 from app.storage.models import Outcome, TaskKind, TaskStatus
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,8 @@ def _confirm_fast_path(ctx: Context, fast: leases.FastPath, *, assignee: str, wo
 
 
 def _claim_in_db(ctx: Context, *, assignee: str, worker: str, now: datetime) -> dict[str, Any]:
+    if is_postgres(ctx.engine):
+        return _claim_on_pg(ctx, assignee=assignee, worker=worker, now=now)
     s = ctx.settings
     expires = now + timedelta(seconds=s.lease_ttl_s)
     token = secrets.token_hex(16)
@@ -153,6 +155,36 @@ def _claim_in_db(ctx: Context, *, assignee: str, worker: str, now: datetime) -> 
                   max_in_flight=lane["max_in_flight"], metric="claims")
     return {"ok": True, "task": wire.task(row),
             "lease": {"token": token, "expiresAt": iso(expires)}}
+
+
+def _claim_on_pg(ctx: Context, *, assignee: str, worker: str, now: datetime
+                 ) -> dict[str, Any]:
+    """PostgreSQL: the same steps as ``_claim_in_db`` in one call of ``autonomy_claim``
+    (one round trip, its own transaction; ``store.claim_pg``)."""
+    expires = now + timedelta(seconds=ctx.settings.lease_ttl_s)
+    token = secrets.token_hex(16)
+
+    def call() -> store.ClaimRows:
+        with autocommit(ctx.engine) as conn:
+            return store.claim_pg(conn, assignee=assignee, worker=worker, tokens=[token],
+                                  now=now, expires_at=expires, expires_iso=iso(expires) or "")
+
+    got = run_once_more_if_dead(ctx.engine, call)
+    for r in got.requeued:
+        leases.drop(ctx, assignee=assignee, worker=r["claimed_by"], task_id=r["id"],
+                    token=r["lease_token"])
+    if got.paused is not None:
+        raise _paused_error(got.paused)
+    if got.held is not None:
+        return _guard(ctx, got.held, worker=worker, layer="db")
+    if not got.granted or got.lane is None:
+        return {"ok": True, "task": None}
+    row = got.granted[0]
+    leases.record(ctx, assignee=assignee, worker=worker, task_id=row["id"],
+                  token=row["lease_token"], expires_ms=to_ms(expires), now_ms=to_ms(now),
+                  max_in_flight=got.lane["max_in_flight"], metric="claims")
+    return {"ok": True, "task": wire.task(row),
+            "lease": {"token": row["lease_token"], "expiresAt": iso(expires)}}
 
 
 def _held(live: Any, *, worker: str, max_in_flight: int) -> RowMapping | None:
@@ -302,15 +334,29 @@ def _complete_fast(ctx: Context, *, tid: int, token: str, res: dict[str, Any] | 
     """The common case in one conditional UPDATE: the lease is live and the token is the
     task's. None when it matched nothing -- then the full path reads the row and answers
     the guard or the refusal."""
-    with transaction(ctx.engine) as conn:
-        done = store.mark_done(conn, task_id=tid, token=token, now=now, result=res)
+    if is_postgres(ctx.engine):  # one statement, one round trip
+        done = run_once_more_if_dead(ctx.engine, lambda: _complete_on_pg(
+            ctx, tid=tid, token=token, res=res, now=now, actor=actor))
         if done is None:
             return None
-        store.insert_event(conn, kind="task_completed", at=now, assignee=done["assignee"],
-                           task_id=tid, actor=actor or done["claimed_by"])
+    else:
+        with transaction(ctx.engine) as conn:
+            done = store.mark_done(conn, task_id=tid, token=token, now=now, result=res)
+            if done is None:
+                return None
+            store.insert_event(conn, kind="task_completed", at=now,
+                               assignee=done["assignee"], task_id=tid,
+                               actor=actor or done["claimed_by"])
     leases.drop(ctx, assignee=done["assignee"], worker=done["claimed_by"], task_id=tid,
                 token=token)
     return {"ok": True, "task": wire.task(done)}
+
+
+def _complete_on_pg(ctx: Context, *, tid: int, token: str, res: dict[str, Any] | None,
+                    now: datetime, actor: str | None) -> RowMapping | None:
+    with autocommit(ctx.engine) as conn:
+        return store.complete_pg(conn, task_id=tid, token=token, now=now, result=res,
+                                 actor=actor)
 
 
 def _finish(ctx: Context, conn: Connection, *, row: RowMapping, lane: RowMapping | None,

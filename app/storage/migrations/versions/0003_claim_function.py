@@ -19,7 +19,7 @@ server what a claim did in six round trips and a lane row lock held across them:
 The function is VOLATILE, so each statement in it reads a fresh snapshot taken after the
 lock: a claim sees every lease granted by the claims before it. Rows come back as
 ``(outcome, json)``. SQLite has no such function: it runs the same steps in a
-``BEGIN IMMEDIATE`` transaction (``app/store.py``).
+``BEGIN IMMEDIATE`` transaction (``app/storage/store.py``).
 
 Revision ID: 0003
 Revises: 0002
