@@ -371,6 +371,20 @@ def open_remediation(conn: Connection, *, fingerprint: str) -> RowMapping | None
     ).mappings().first()
 
 
+def notify_lane(conn: Connection, *, assignee: str) -> None:
+    """PostgreSQL: ``NOTIFY`` the lane's waiters when this transaction commits (push
+    pickup's fallback while Redis is degraded; ``app/storage/pickup.py``). SQLite: nothing."""
+    if _pg(conn):
+        conn.execute(sa.text("SELECT pg_notify('autonomy_lane', :a)"), {"a": assignee})
+
+
+def count_todo(conn: Connection, *, assignee: str, limit: int) -> int:
+    """How many ``todo`` tasks the lane has, counted up to ``limit`` (the lane index)."""
+    sub = (sa.select(T.c.id).where(T.c.assignee == assignee,
+                                   T.c.status == TaskStatus.todo.value).limit(limit))
+    return int(conn.execute(sa.select(sa.func.count()).select_from(sub.subquery())).scalar_one())
+
+
 # --- failure fingerprints ---------------------------------------------------------------
 
 

@@ -25,9 +25,13 @@ def run_self_heal(ctx: Context) -> dict[str, Any]:
     with transaction(ctx.engine) as conn:
         rows = store.requeue_expired(conn, now=now)
         lanes.requeue_events(conn, rows, now=now, actor=ACTOR)
+        for a in {r["assignee"] for r in rows}:
+            store.notify_lane(conn, assignee=a)
     for r in rows:  # the Redis lease cache forgets them (best effort; the DB decided)
         leases.drop(ctx, assignee=r["assignee"], worker=r["claimed_by"], task_id=r["id"],
                     token=r["lease_token"])
+    for a in {r["assignee"] for r in rows}:
+        lanes.made_claimable(ctx, assignee=a, n=sum(r["assignee"] == a for r in rows))
     broken = locks.break_dead_locks(ctx)
     running = locks.collect_run_locks(ctx)
     summary = {"requeued": [r["id"] for r in rows],
