@@ -29,6 +29,7 @@ BENCHES = {
     6: "bench.b6_fingerprint_count",
     7: "bench.b7_http",
     8: "bench.b8_drain",
+    9: "bench.b9_pickup",
     10: "bench.b10_round_trips",
     12: "bench.b12_script_runner",
 }

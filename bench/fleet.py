@@ -74,12 +74,14 @@ class Recorder:
 
 
 class Fleet:
-    """N processes running ``target(cfg, name, shared)``."""
+    """N processes running ``target(cfg, name, shared)`` (``cfgs``: one cfg each)."""
 
-    def __init__(self, target: Callable[..., None], cfg: dict[str, Any], procs: int) -> None:
+    def __init__(self, target: Callable[..., None], cfg: dict[str, Any], procs: int, *,
+                 cfgs: list[dict[str, Any]] | None = None) -> None:
         self.shared = Shared()
-        self.ps = [SPAWN.Process(target=target, args=(cfg, f"w{i}", self.shared), daemon=True)
-                   for i in range(procs)]
+        cfgs = cfgs if cfgs is not None else [cfg] * procs
+        self.ps = [SPAWN.Process(target=target, args=(c, f"w{i}", self.shared), daemon=True)
+                   for i, c in enumerate(cfgs)]
 
     def start(self, *, timeout_s: float = 180) -> None:
         for p in self.ps:

@@ -40,6 +40,14 @@ def create(ctx: Context, *, assignee: str, title: str, priority: int | None = No
     }
     actor = validate.actor(actor, s)
     now = ctx.clock()
+    if is_postgres(ctx.engine):  # one statement, one round trip
+        with autocommit(ctx.engine) as conn:
+            row = store.create_pg(conn, values=values, now=now, actor=actor,
+                                  max_in_flight=s.default_max_in_flight)
+        if row is not None:
+            if not row["lane_paused"]:
+                made_claimable(ctx, assignee=a)
+            return {"ok": True, "task": wire.task(row)}
     with transaction(ctx.engine) as conn:
         store.ensure_lane(conn, assignee=a, now=now, max_in_flight=s.default_max_in_flight)
         lane = store.get_lane(conn, assignee=a)

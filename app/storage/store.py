@@ -371,6 +371,42 @@ def open_remediation(conn: Connection, *, fingerprint: str) -> RowMapping | None
     ).mappings().first()
 
 
+_CREATE_PG = (
+    "WITH new_lane AS ("
+    " INSERT INTO lane (assignee, paused, max_in_flight, created_at)"
+    " VALUES (%(assignee)s, false, %(max_in_flight)s, %(now)s)"
+    " ON CONFLICT (assignee) DO NOTHING"
+    " RETURNING paused, paused_reason, paused_at"
+    "), l AS ("
+    " SELECT paused, paused_reason, paused_at FROM new_lane UNION ALL"
+    " SELECT paused, paused_reason, paused_at FROM lane WHERE assignee = %(assignee)s"
+    "), t AS ("
+    " INSERT INTO task (title, assignee, kind, status, priority, payload, attempts,"
+    " lane_paused, lane_paused_reason, lane_paused_at, created_at, updated_at)"
+    " SELECT %(title)s, %(assignee)s, %(kind)s, 'todo', %(priority)s, %(payload)s::json, 0,"
+    " l.paused, CASE WHEN l.paused THEN l.paused_reason END,"
+    " CASE WHEN l.paused THEN l.paused_at END, %(now)s, %(now)s FROM (SELECT * FROM l LIMIT 1) l"
+    " RETURNING *"
+    "), ev AS ("
+    " INSERT INTO event (at, kind, assignee, task_id, actor, data)"
+    " SELECT %(now)s, 'task_created', t.assignee, t.id, %(actor)s, '{}'::json FROM t"
+    "), woke AS ("
+    " SELECT pg_notify('autonomy_lane', t.assignee) FROM t WHERE NOT t.lane_paused"
+    ") SELECT t.*, (SELECT count(*) FROM woke) AS notified FROM t")
+
+
+def create_pg(conn: Connection, *, values: dict[str, Any], now: datetime, max_in_flight: int,
+              actor: str | None) -> RowMapping | None:
+    """PostgreSQL: ``create`` in one statement -- the lane row on first use, the task with
+    the lane's pause stamped on it, its ``task_created`` event and the lane's NOTIFY (when
+    not paused). Run it in ``db.autocommit``. None when the lane row was being created by
+    another statement at the same moment (the caller's transaction path then runs)."""
+    return conn.exec_driver_sql(_CREATE_PG, {
+        "assignee": values["assignee"], "max_in_flight": max_in_flight, "now": now,
+        "title": values["title"], "kind": values["kind"], "priority": values["priority"],
+        "payload": json.dumps(values["payload"]), "actor": actor}).mappings().first()
+
+
 def notify_lane(conn: Connection, *, assignee: str) -> None:
     """PostgreSQL: ``NOTIFY`` the lane's waiters when this transaction commits (push
     pickup's fallback while Redis is degraded; ``app/storage/pickup.py``). SQLite: nothing."""
