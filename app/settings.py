@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     default_max_in_flight: int = 1
     # push pickup (app/storage/pickup.py): an idle lane's waiters claim on a wake, or one
     # of them per this period (the safety poll); a claim's waitMs is bounded by the max
-    pickup_safety_poll_ms: int = Field(default=2_000, gt=0)
+    pickup_safety_poll_ms: int = Field(default=5_000, gt=0)
     claim_wait_max_ms: int = Field(default=30_000, gt=0)
     # how long a LaneWorker's claim waits for work in one call (it checks its stop
     # between calls): in-process, and over HTTP (a long poll)
