@@ -21,4 +21,8 @@ RUN pip install . \
 USER autonomy
 
 EXPOSE 8000 5555
+# the API's readiness (database at the schema head, Redis reachable); compose gives the
+# worker, beat and Flower services probes of their own
+HEALTHCHECK --interval=15s --timeout=10s --start-period=20s --retries=5 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=5)"]
 CMD ["autonomy", "serve", "--host", "0.0.0.0"]

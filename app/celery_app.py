@@ -14,18 +14,35 @@ use (``worker_context``) and rebuilds it after a fork.
   period. A beat message expires after one period: when workers are down the queue does
   not fill with stale runs of the same job.
 - ``celery -A app.celery_app inspect run_locks`` asks each worker for the held run-locks
-  (the same list as the status payload's ``workflowHealth.runLocks``).
+  (the same list as the status payload's ``workflowHealth.runLocks``) and the beat leader
+  lease. The same answer is in every worker's stats (a bootstep's ``info()``), which
+  Flower's worker page shows under "Other": ``runLocks``, ``beat``, and one readable line
+  per held lock (``run-lock <job>``: holder, elapsed vs budget, over budget, alive).
+- Logging is ``app.logs`` (Celery's ``setup_logging`` signal: Celery leaves the root logger
+  alone): worker and beat lines have the API's format, ``AUTONOMY_LOG_FORMAT=json`` for
+  JSON lines; each line logged while a task runs carries its ``task_id``, ``worker`` (the
+  Celery node name), ``task_name`` and ``lane`` (null: check jobs belong to no lane).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import threading
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from celery import Celery
-from celery.signals import beat_init, worker_process_shutdown
+from celery import Celery, bootsteps
+from celery.signals import (
+    beat_init,
+    celeryd_after_setup,
+    celeryd_init,
+    setup_logging,
+    task_postrun,
+    task_prerun,
+    worker_process_shutdown,
+)
 from celery.worker.control import inspect_command
 
 import beat_schedule
@@ -115,6 +132,53 @@ def _close_context(**_: Any) -> None:
         _ctx = None
 
 
+# --- one log format ------------------------------------------------------------------
+
+
+@setup_logging.connect
+def _one_log_format(loglevel: Any = None, **_: Any) -> None:
+    from app import logs
+
+    role = next((a for a in sys.argv[1:] if a in ("worker", "beat", "flower")), "celery")
+    logs.configure(get_settings(), process=role, level=loglevel or None)
+
+
+@celeryd_init.connect
+def _log_format_from_the_start(**_: Any) -> None:
+    # sent before the worker checks its privileges (a warning) and sets logging up
+    _one_log_format()
+
+
+@celeryd_after_setup.connect
+def _name_the_worker(sender: Any = None, **_: Any) -> None:
+    from app import logs
+
+    logs.set_process_fields(worker=str(sender))
+
+
+_task_log_tokens: dict[str, Any] = {}
+
+
+@task_prerun.connect
+def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    from app import logs
+
+    if task_id is not None:
+        hostname = getattr(getattr(task, "request", None), "hostname", None)
+        _task_log_tokens[task_id] = logs.bind(task_id=task_id, lane=None, worker=hostname,
+                                              task_name=getattr(task, "name", None))
+
+
+@task_postrun.connect
+def _unbind_task(task_id: str | None = None, **_: Any) -> None:
+    from app import logs
+
+    token = _task_log_tokens.pop(task_id or "", None)
+    if token is not None:
+        with contextlib.suppress(ValueError):  # bound in another context: nothing to undo here
+            logs.unbind(token)
+
+
 # --- one beat at a time -----------------------------------------------------------------
 
 
@@ -129,14 +193,58 @@ def _lead_beat(**_: Any) -> None:
 # --- remote control -------------------------------------------------------------------
 
 
-@inspect_command()
-def run_locks(state: Any, **_: Any) -> dict[str, Any]:
-    """List held run-locks (job, holder, elapsed, budget, over budget, holder alive)."""
+def locks_answer() -> dict[str, Any]:
+    """The held run-locks and the beat leader lease (an error answer if unreadable)."""
     from app.errors import AutonomyError
-    from app.ops.run_locks import held
+    from app.ops.run_locks import view
 
     try:
-        locks = held(worker_context())
+        return view(worker_context())
     except AutonomyError as e:
         return e.to_wire()
-    return {"runLocks": locks, "runLocksCount": len(locks)}
+
+
+def _secs(ms: int | None) -> str:
+    return "-" if ms is None else f"{ms / 1000:.1f} s"
+
+
+def lock_lines(answer: dict[str, Any]) -> dict[str, str]:
+    """One readable line per held run-lock, keyed ``run-lock <job>``, and the beat lease."""
+    lines = {}
+    for lk in answer.get("runLocks") or []:
+        lines[f"run-lock {lk['job']}"] = (
+            f"holder {lk['holder']} · elapsed {_secs(lk['elapsedMs'])} of "
+            f"{_secs(lk['budgetMs'])} budget · "
+            f"{'OVER BUDGET' if lk['overBudget'] else 'within budget'} · "
+            f"{'holder alive' if lk['holderAlive'] else 'holder dead (heartbeat stopped)'} · "
+            f"since {lk['startedAt']}")
+    beat = answer.get("beat")
+    if beat is not None:
+        lines["beat leader lease"] = (
+            f"{beat['leader'] or 'NONE'} · since {beat['since']} · renewed "
+            f"{beat['renewedAt']} · TTL {_secs(beat['ttlMs'])} · standbys "
+            f"{', '.join(beat['standbys']) or 'none'}")
+    return lines
+
+
+@inspect_command()
+def run_locks(state: Any, **_: Any) -> dict[str, Any]:
+    """List held run-locks (job, holder, elapsed, budget, over budget, holder alive) and
+    the beat leader lease."""
+    return locks_answer()
+
+
+class RunLocksInStats(bootsteps.StartStopStep):
+    """Adds the held run-locks and the beat lease to the worker's stats, read fresh on
+    each ``stats`` request: Flower's worker page shows them (tab "Other"). A StartStopStep
+    (with nothing to start) because only those are listed in the worker's steps, whose
+    ``info()`` the stats collect."""
+
+    def info(self, worker: Any) -> dict[str, Any]:
+        answer = locks_answer()
+        if "error" in answer:  # Redis down: say so, never break the worker's stats
+            return {"runLocks": f"unreadable: {answer['error']}: {answer['message']}"}
+        return {**lock_lines(answer), **answer}
+
+
+app.steps["worker"].add(RunLocksInStats)

@@ -11,7 +11,8 @@
     │   ├── InvalidPayload             invalid_payload
     │   ├── InvalidReason              invalid_reason
     │   ├── InvalidAction              invalid_action
-    │   └── InvalidLeaseToken          invalid_lease_token
+    │   ├── InvalidLeaseToken          invalid_lease_token
+    │   └── PortInUse                  port_in_use
     ├── NotFound                       not_found             404
     │   └── TaskNotFound               task_not_found
     ├── Conflict                       conflict              409
@@ -105,6 +106,12 @@ class InvalidLeaseToken(InvalidInput):
     """Raised when a lease token is empty or malformed."""
 
     code = "invalid_lease_token"
+
+
+class PortInUse(InvalidInput):
+    """Raised when ``autonomy up`` is asked to serve on a port another process holds."""
+
+    code = "port_in_use"
 
 
 class NotFound(AutonomyError):

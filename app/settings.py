@@ -8,8 +8,9 @@ Every tunable is named with its unit (``_s``, ``_ms``, ``_h``). Variables use th
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -87,6 +88,10 @@ class Settings(BaseSettings):
     beat_every_s: float | None = Field(default=None, gt=0)
     job_min_runtime_ms: dict[str, int] = Field(default_factory=dict)
     beat_standby_poll_s: float = Field(default=2.0, gt=0)
+    # the beat leader lease (app/leader.py): a leader that stops renewing loses it within
+    # the TTL; renewal runs well inside it
+    beat_lease_ttl_ms: int = Field(default=10_000, gt=0)
+    beat_lease_renew_ms: int = Field(default=2_000, gt=0)
 
     # --- interfaces ---------------------------------------------------------------
     api_token: SecretStr | None = None
@@ -95,6 +100,12 @@ class Settings(BaseSettings):
     flower_port: int = 5555
     flower_basic_auth: str | None = None
     celery_queue: str = "autonomy"
+    # /readyz: answer 503 while Redis is down (False: 200 with "redis": "degraded", for
+    # deployments that keep serving from the database alone)
+    readyz_redis_required: bool = True
+    # set by `autonomy up` for each child it starts; /livez echoes it, so `up` knows the
+    # answer came from its own child, not from whatever else holds the port
+    start_nonce: str | None = None
     # the Host names the API answers to (SPEC 4.8): empty means the bind address
     # (api_host), localhost and the loopback literals; "*" allows any (behind a proxy that
     # checks it). Comma-separated.
@@ -102,6 +113,11 @@ class Settings(BaseSettings):
     # origins besides the server's own that may send requests, comma-separated
     # (e.g. "https://ops.example")
     allowed_origins: str = ""
+
+    # --- logs (app/logs.py): one format for the API, Celery worker and beat, `autonomy worker`
+    # "text": a readable line (for a terminal); "json": one JSON object per line
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # --- control panel and `autonomy up` (issue 4: app/api/panel.py, app/local/up.py) ----------
     panel_refresh_ms: int = 3_000
@@ -111,6 +127,14 @@ class Settings(BaseSettings):
     up_ready_timeout_s: float = 60.0
     up_stop_grace_s: float = 15.0
     # --- end of issue 4 block ------------------------------------------------------------
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _log_case(cls, v: object, info: object) -> object:
+        if not isinstance(v, str):
+            return v
+        return v.strip().lower() if getattr(info, "field_name", "") == "log_format" \
+            else v.strip().upper()
 
     @field_validator("redis_prefix")
     @classmethod
@@ -124,6 +148,12 @@ class Settings(BaseSettings):
         if v < 1:
             raise ValueError("must be >= 1")
         return v
+
+    @model_validator(mode="after")
+    def _lease_renewed_inside_its_ttl(self) -> Settings:
+        if self.beat_lease_renew_ms >= self.beat_lease_ttl_ms:
+            raise ValueError("beat_lease_renew_ms must be below beat_lease_ttl_ms")
+        return self
 
     @property
     def allowed_host_names(self) -> list[str]:

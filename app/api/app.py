@@ -35,6 +35,7 @@ from app import __version__
 from app.api import panel, routes, schemas
 from app.api.deps import SafeJSONResponse
 from app.api.guard import Guard
+from app.api.request_log import RequestLog
 from app.errors import (
     AutonomyError,
     Conflict,
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None, ctx: Context | None = None) -> 
         return HTMLResponse(docs_html)
 
     _add_error_handlers(app)
+    app.add_middleware(RequestLog)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(Guard, settings=context.settings,
                        csp_for=lambda path: docs_csp if path == "/docs" else None)
@@ -154,7 +156,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     async def unexpected(request: Request, e: Exception) -> JSONResponse:
         log.error("unexpected error answering %s %s", request.method, request.url.path,
-                  exc_info=e)
+                  exc_info=e, extra={"request_id": getattr(request.state, "request_id", None)})
         return SafeJSONResponse({"ok": False, "error": "internal_error",
                                  "message": "unexpected server error; see the server log"},
                                 status_code=500)

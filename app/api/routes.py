@@ -1,5 +1,7 @@
 """The JSON API: ``POST /api/autonomy`` (every action, through ``app.ops.dispatch``),
-``GET /api/autonomy/status``, ``GET /api/autonomy/tasks`` and ``GET /metrics``.
+``GET /api/autonomy/status``, ``GET /api/autonomy/tasks``, ``GET /metrics`` and the probes
+``GET /livez`` (no I/O) and ``GET /readyz`` (database, schema and Redis; 503 naming what
+failed).
 
 With a token configured every POST needs ``Authorization: Bearer <token>`` (checked before
 the body is read, by ``app.api.guard``), and so does ``GET /api/autonomy/tasks`` (it
@@ -9,6 +11,7 @@ Refusals are raised as ``AutonomyError`` and answered by the handlers in ``app.a
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
@@ -25,7 +28,7 @@ from app.api.deps import (
     body_object,
     check_token,
 )
-from app.ops import history
+from app.ops import history, probes
 
 router = APIRouter()
 
@@ -89,6 +92,25 @@ def tasks(
                        503: schemas.ERROR_RESPONSES[503]},
             summary="Prometheus metrics")
 def prometheus(ctx: Ctx) -> Response:
-    """Run-locks held and over budget, lanes paused, GO/NO_GO, claims and guard hits."""
+    """Run-locks, periodic jobs, lanes, the breaker, GO/NO_GO/unknown, counters, Redis and
+    the beat leader (see ``app.api.metrics`` for the names and their rules)."""
     payload = ops.dispatch(ctx, {"action": "status"})
     return Response(metrics.render(payload), media_type=metrics.CONTENT_TYPE)
+
+
+@router.get("/livez", summary="Liveness: the process serves (no I/O)",
+            responses={200: {"description": "`{ok: true, pid, nonce}`"}})
+def livez(ctx: Ctx) -> Response:
+    """Answers from memory: the pid, and the start nonce ``autonomy up`` gave this process
+    (so ``up`` knows it is its own child answering, not another process on the port)."""
+    return _json({"ok": True, "pid": os.getpid(), "nonce": ctx.settings.start_nonce})
+
+
+@router.get("/readyz", summary="Readiness: database reachable and migrated, Redis reachable",
+            responses={503: {"description": "Not ready: `failed` names the parts, `message` "
+                                            "says why; Redis down is `redis: degraded`."}})
+def readyz(ctx: Ctx) -> Response:
+    """200 when the database answers at the code's schema head and Redis answers; else 503
+    with ``error: not_ready`` and ``failed`` naming each part that is not."""
+    answer = probes.ready(ctx)
+    return SafeJSONResponse(jsonable_encoder(answer), status_code=200 if answer["ok"] else 503)

@@ -274,6 +274,17 @@ class HistoryAnswer(_Answer):
     events: list[EventWire]
 
 
+class BeatLeaderWire(BaseModel):
+    """The beat leader lease (not a run-lock): who leads, since when, when the lease was
+    last renewed, its TTL, and the beats standing by."""
+
+    leader: str | None
+    since: str | None
+    renewedAt: str | None
+    ttlMs: int
+    standbys: list[str]
+
+
 class StatusAnswer(_Answer):
     """The status payload: run-locks, lanes, handoff, ops incident, readiness, self-heal,
     failure fingerprints and counters (each persisted signal with its ``stale`` flag and
@@ -283,6 +294,7 @@ class StatusAnswer(_Answer):
     redis: Literal["ok", "degraded"] = Field(
         description="`degraded` while Redis is down or stalled: the database answers alone.")
     workflowHealth: dict[str, Any]
+    beat: BeatLeaderWire
     lanes: list[dict[str, Any]]
     handoff: dict[str, Any]
     opsIncident: dict[str, Any]

@@ -1,5 +1,10 @@
 """``autonomy``: thin commands over the operations. JSON with ``--json`` (or when piped),
-tables otherwise; exit 0 on ``ok``, non-zero with the error code on stderr otherwise.
+tables otherwise (durations and times made readable; JSON keeps milliseconds and ISO
+times); exit 0 on ``ok``, non-zero with the error code on stderr otherwise.
+
+``autonomy --version`` prints the version; ``autonomy --install-completion`` /
+``--show-completion`` install or print shell completion (Typer's, for bash, zsh, fish
+and PowerShell).
 
 Command groups that live in their own modules (checks, serving, workers) register
 themselves through ``EXTENSIONS``: each is ``module:register`` taking the Typer app.
@@ -15,12 +20,12 @@ from typing import Any
 
 import typer
 
-from app import ops
-from app.cli.output import fail, run, table, want_json
+from app import __version__, logs, ops
+from app.cli.output import fail, human_time, run, table, want_json
 from app.errors import AutonomyError, InvalidInput
 from app.storage.context import Context
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=True, no_args_is_help=True,
                   help="Run fleets of autonomous workers safely.")
 db_app = typer.Typer(no_args_is_help=True, help="Database migrations.")
 app.add_typer(db_app, name="db")
@@ -33,6 +38,19 @@ EXTENSIONS = [
     "app.cli.serve:register",
     "app.cli.worker:register",
 ]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"autonomy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version,
+                                       is_eager=True, help="Print the version and exit.")
+          ) -> None:
+    """Run fleets of autonomous workers safely."""
 
 
 def context() -> Context:
@@ -65,7 +83,8 @@ def _task_line(a: dict[str, Any]) -> str:
         lines.append(table([t], ["id", "assignee", "status", "priority", "attempts",
                                  "claimedBy", "lanePaused", "title"]))
     if a.get("lease"):
-        lines.append(f"lease token: {a['lease']['token']}  expires: {a['lease']['expiresAt']}")
+        lines.append(f"lease token: {a['lease']['token']}  "
+                     f"expires: {human_time(a['lease']['expiresAt'])}")
     for k in ("failureFingerprint", "fingerprintCount", "lanePaused", "remediationTaskId"):
         if k in a:
             lines.append(f"{k}: {a[k]}")
@@ -199,7 +218,10 @@ def _load_extensions() -> None:
 def main() -> None:
     """Console script entry point. Whatever the input, the answer is an exit code and an
     ``error: <code>: <message>`` line, never a traceback (``AUTONOMY_DEBUG=1`` shows one)."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:  # one-shot commands log warnings only; serve and worker reconfigure for INFO
+        logs.configure(process="cli", level=logging.WARNING)
+    except ValueError:  # a bad setting: the command itself reports it
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _load_extensions()
     try:
         code = app(standalone_mode=False)

@@ -1,7 +1,8 @@
 """CLI for the periodic checks: ``autonomy check handoff|readiness|self-heal|status`` runs
 one check inline under its run-lock; ``autonomy status`` prints the status payload;
 ``autonomy incident set critical|warning|ok --reason ...`` writes the ops incident state;
-``autonomy locks`` lists the held run-locks."""
+``autonomy locks`` lists the held run-locks and the beat leader lease; ``autonomy probe
+ready|beat`` are the health probes for containers (exit 0 healthy, 1 not)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from typing import Any
 import typer
 
 from app import ops
-from app.cli.output import run, table, want_json
-from app.errors import InvalidInput
-from app.ops import run_locks
+from app.cli.output import emit, human_duration, run, table, want_json
+from app.errors import AutonomyError, InvalidInput
+from app.ops import probes, run_locks
 from app.ops.checks import jobs
 from app.storage.context import Context
 
@@ -40,11 +41,20 @@ def _locks_table(rows: list[dict[str, Any]]) -> str:
                         "holderAlive"])
 
 
+def beat_line(beat: dict[str, Any]) -> str:
+    """The beat leader lease in one line (it is not a run-lock: no budget, a TTL)."""
+    standbys = ", ".join(beat.get("standbys") or []) or "none"
+    if not beat.get("leader"):
+        return (f"beat leader: none (lease TTL {beat['ttlMs']} ms); standbys: {standbys}")
+    return (f"beat leader: {beat['leader']} since {beat['since']}, lease renewed "
+            f"{beat['renewedAt']} (TTL {beat['ttlMs']} ms); standbys: {standbys}")
+
+
 def _check_line(a: dict[str, Any]) -> str:
     if a.get("skipped"):
         return (f"{a['job']}: skipped ({a['skipped']}): held by {a.get('holder')} "
-                f"for {a.get('elapsedMs')} ms")
-    head = f"{a['job']}: ok in {a.get('durationMs')} ms"
+                f"for {human_duration(a.get('elapsedMs'))}")
+    head = f"{a['job']}: ok in {human_duration(a.get('durationMs'))}"
     if "state" in a:
         head += f" -- {a['state']}"
     return head
@@ -54,6 +64,34 @@ def register(app: typer.Typer) -> None:
     """Add ``check``, ``status``, ``incident`` and ``locks`` to the CLI."""
     incident_app = typer.Typer(no_args_is_help=True, help="The ops incident state.")
     app.add_typer(incident_app, name="incident")
+    probe_app = typer.Typer(no_args_is_help=True,
+                            help="Health probes for containers: exit 0 healthy, 1 not.")
+    app.add_typer(probe_app, name="probe")
+
+    def _probe(answer: dict[str, Any], as_json: bool, line: str) -> None:
+        emit(answer, as_json, lambda _: line)
+        if not answer["ok"]:
+            raise typer.Exit(1)
+
+    @probe_app.command("ready")
+    def probe_ready(as_json: bool | None = JsonOpt) -> None:
+        """Database reachable and migrated, Redis reachable (what GET /readyz answers)."""
+        answer = _with_ctx(probes.ready)()
+        _probe(answer, want_json(as_json),
+               "ready" if answer["ok"] else f"not ready: {answer.get('message')}")
+
+    @probe_app.command("beat")
+    def probe_beat(holder_prefix: str | None = typer.Option(
+            None, help="Whose beat (default: this host's, 'HOSTNAME:')."),
+            as_json: bool | None = JsonOpt) -> None:
+        """A beat of this host leads or stands by (renewed its lease or said it stands by
+        within the lease TTL). A standby passes; a beat cut off from Redis does not."""
+        try:
+            answer = _with_ctx(lambda ctx: probes.beat(ctx, holder_prefix))()
+        except AutonomyError as e:
+            answer = {**e.to_wire(), "role": None}
+        _probe(answer, want_json(as_json),
+               f"beat: {answer['role']}" if answer["ok"] else f"beat: {answer['message']}")
 
     @app.command("check")
     def check(name: str = typer.Argument(..., help="handoff | readiness | self-heal | status"),
@@ -91,9 +129,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("locks")
     def locks_cmd(as_json: bool | None = JsonOpt) -> None:
-        """The run-locks held now, with elapsed time against budget."""
+        """The run-locks held now, with elapsed time against budget, and the beat leader
+        lease (shown apart: it has a TTL, not a budget)."""
         def go(ctx: Context) -> dict[str, Any]:
-            held = run_locks.held(ctx)
-            return {"ok": True, "runLocks": held, "runLocksCount": len(held)}
+            return {"ok": True, **run_locks.view(ctx)}
 
-        run(_with_ctx(go), want_json(as_json), lambda a: _locks_table(a["runLocks"]))
+        run(_with_ctx(go), want_json(as_json),
+            lambda a: _locks_table(a["runLocks"]) + "\n" + beat_line(a["beat"]))

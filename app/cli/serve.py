@@ -3,8 +3,11 @@ use: API, Celery worker, beat, Flower, and an embedded Redis when none is around
 
 from __future__ import annotations
 
+import logging
+
 import typer
 
+from app import logs
 from app.netaddr import is_loopback
 from app.settings import Settings, get_settings
 
@@ -31,7 +34,7 @@ def serve(
                                     "127.0.0.1). Non-loopback needs AUTONOMY_API_TOKEN."),
     port: int | None = typer.Option(None, min=0, max=65535,
                                     help="Port (default AUTONOMY_API_PORT, 8000)."),
-    access_log: bool = typer.Option(True, help="Log every request."),
+    access_log: bool = typer.Option(True, help="Log every request (with its request id)."),
 ) -> None:
     """Serve the HTTP API and the control panel."""
     import uvicorn
@@ -47,8 +50,13 @@ def serve(
         raise typer.Exit(2)
     # the bind address is one of the Host names the server answers to (SPEC 4.8)
     settings = settings.model_copy(update={"api_host": h})
-    uvicorn.run(create_app(settings), host=h, port=p, access_log=access_log,
-                log_level="info", ws="none", lifespan="on")
+    logs.configure(settings, process="api")
+    if not access_log:
+        logging.getLogger("app.api.access").setLevel(logging.WARNING)
+    # log_config=None: uvicorn keeps its hands off logging (app.logs routes its lines);
+    # its access log is off because app.api.request_log writes one with the request id
+    uvicorn.run(create_app(settings), host=h, port=p, access_log=False, log_config=None,
+                ws="none", lifespan="on")
 
 
 def up(

@@ -9,6 +9,7 @@ leases released; a second signal cuts the grace short.
 
 from __future__ import annotations
 
+import logging
 import shlex
 import signal
 import threading
@@ -17,12 +18,15 @@ from typing import Any
 
 import typer
 
+from app import logs
 from app.cli.output import emit, fail, want_json
 from app.errors import AutonomyError
 from app.settings import get_settings
 from app.workers.client import Client, HttpClient, LocalClient
 from app.workers.command import CommandRunner
-from app.workers.lane_worker import LaneWorker, WorkerStats, default_worker_name, say_stderr
+from app.workers.lane_worker import LaneWorker, WorkerStats, default_worker_name
+
+log = logging.getLogger("app.workers.lane_worker")
 
 
 def register(app: typer.Typer) -> None:
@@ -55,6 +59,7 @@ def worker(
     stderr line as the validation reason), heartbeating the lease while it runs."""
     j = want_json(as_json)
     settings = get_settings()
+    logs.configure(settings, process="worker")
     stop, hurry = threading.Event(), threading.Event()
     client: Client
     if url:
@@ -77,8 +82,8 @@ def worker(
         fail(e, j)
         return
     where = url or "local database"
-    say_stderr(f"worker {base} [{workers[0].lane}]: running {shlex.join(cmd)} "
-               f"(concurrency {concurrency}, {where})")
+    log.info("running %s (concurrency %d, %s)", shlex.join(cmd), concurrency, where,
+             extra={"worker": base, "lane": workers[0].lane})
     try:
         errors = _run_all(workers, stop, hurry, max_tasks)
     finally:
@@ -112,13 +117,15 @@ def _run_all(workers: list[LaneWorker], stop: threading.Event, hurry: threading.
 
     def on_signal(signum: int, _frame: Any) -> None:
         sig = signal.Signals(signum).name
+        fields = {"worker": workers[0].name, "lane": workers[0].lane}
         if stop.is_set():
             hurry.set()
-            say_stderr(f"{sig} again: killing running commands and releasing their leases")
+            log.warning("%s again: killing running commands and releasing their leases", sig,
+                        extra=fields)
         else:
             stop.set()
-            say_stderr(f"{sig}: no more claims; running commands get the grace period "
-                       "(send it again to cut it short)")
+            log.warning("%s: no more claims; running commands get the grace period "
+                        "(send it again to cut it short)", sig, extra=fields)
 
     before = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     threads = [threading.Thread(target=loop, args=(w,), name=w.name) for w in workers]

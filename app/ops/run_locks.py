@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.storage import beat_guard, locks
+from app.storage import beat_guard, leader, locks
 from app.storage.context import Context
 
 
@@ -16,6 +16,14 @@ def held(ctx: Context) -> list[dict[str, Any]]:
     """Every held run-lock (job, holder, startedAt, elapsedMs, budgetMs, overBudget,
     holderAlive), as the status payload lists them."""
     return locks.collect_run_locks(ctx)
+
+
+def view(ctx: Context) -> dict[str, Any]:
+    """The held run-locks and the beat leader lease: what the status payload, ``celery
+    inspect run_locks``, the worker's stats in Flower and ``autonomy locks`` all show."""
+    locks_held = held(ctx)
+    return {"runLocks": locks_held, "runLocksCount": len(locks_held),
+            "beat": leader.view(ctx)}
 
 
 def holder_name(kind: str) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -217,3 +218,22 @@ def current_revision(engine: Engine) -> str | None:
 
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
+
+
+@lru_cache(maxsize=1)
+def head_revision() -> str | None:
+    """The newest revision of the migrations this code ships."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def schema_state(engine: Engine) -> tuple[str | None, str | None]:
+    """(the database's revision, the code's head); raises ``DatabaseUnavailable`` when
+    the database cannot be reached."""
+    try:
+        current = current_revision(engine)
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as e:
+        raise DatabaseUnavailable(f"the database cannot be reached: {_first_line(e)}",
+                                  url=_safe_url(engine)) from e
+    return current, head_revision()

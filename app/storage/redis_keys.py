@@ -47,6 +47,12 @@ key                                type    TTL                                  
                                            collect/break once its lock is gone) --
                                            lists held locks without scanning the
                                            keyspace
+``beat:leader``                    hash    ``beat_lease_ttl_ms`` (set again on    leader.py
+                                           renew) ``token``, ``holder``, ``since``,
+                                           ``renewedAt`` (ms): the beat leader lease
+``beat:standbys``                  zset    2 x lease TTL, refreshed on each write  leader.py
+                                           member holder, score the ms it last
+                                           stood by; older than the TTL = gone
 =================================  ======  =====================================  ===========
 
 Celery's broker, result and event keys are Celery's own names under ``{prefix}celery:``
@@ -96,3 +102,10 @@ class Keys:
 
     def lock_registry(self) -> str:
         return f"{self.prefix}locks:index"
+
+    # --- the beat leader lease (leader.py) ----------------------------------------
+    def beat_leader(self) -> str:
+        return f"{self.prefix}beat:leader"
+
+    def beat_standbys(self) -> str:
+        return f"{self.prefix}beat:standbys"

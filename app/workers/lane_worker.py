@@ -10,6 +10,9 @@ in Python, and the loop under ``autonomy worker`` (whose handler runs a command)
 
     LaneWorker("reviewer", review).run()
 
+Progress lines go through ``logging`` with ``worker``, ``lane`` and ``task_id`` fields
+(``app.logs.configure`` gives them the process's format; ``say=`` takes plain lines instead).
+
 While the handler runs a thread heartbeats the lease every ``lease_ttl / 3`` so a slow task
 keeps it. A paused lane (``lane_paused``) and an unreachable service are waited out with a
 capped backoff, said once per episode; an empty lane is waited on by a claim with
@@ -22,8 +25,8 @@ its lease expires.
 
 from __future__ import annotations
 
+import logging
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +34,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
+from app import logs
 from app.backoff import Backoff
 from app.clock import utcnow
 from app.errors import (
@@ -57,6 +61,8 @@ from app.workers.job import (
 __all__ = ["Job", "JobHandler", "LaneWorker", "ReleaseTask", "ValidationFailed",
            "WorkerStats", "default_worker_name"]
 
+log = logging.getLogger(__name__)
+
 Say = Callable[[str], None]
 _LOST = (StaleLease, NotInProgress, TaskNotFound)  # the lease is gone for good
 # the only refusals that stop a worker: waiting or moving on will not cure them
@@ -64,9 +70,9 @@ _FATAL = (AuthError, InvalidInput)
 
 
 def say_stderr(line: str) -> None:
-    """Print one progress line on stderr (escaping what cannot be encoded)."""
-    print(line.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr,
-          flush=True)
+    """Log one progress line (``app.logs`` gives it the process's format, on stderr),
+    escaping what cannot be encoded (a lone surrogate from a garbled answer)."""
+    log.info(line.encode("utf-8", "backslashreplace").decode("utf-8"))
 
 
 def _storable(text: str) -> str:
@@ -101,7 +107,7 @@ class LaneWorker:
         # the last claim found the lane empty: the next one waits for work (push pickup)
         self._lane_empty = False
         self.pause = Backoff(*pause_backoff_s)
-        self.say = say or say_stderr
+        self.say = say  # None: log lines through ``logging`` (app.logs), with their fields
         self.stats = WorkerStats()
         self._waiting_on: str | None = None  # the code we are waiting out, said once
 
@@ -110,8 +116,14 @@ class LaneWorker:
         if self._owns_client:
             self.client.close()
 
-    def _log(self, text: str) -> None:
-        self.say(f"worker {self.name} [{self.lane}]: {text}")
+    def _log(self, text: str, *, task_id: int | None = None, level: int = logging.INFO) -> None:
+        if self.say is not None:
+            self.say(f"worker {self.name} [{self.lane}]: {text}")
+            return
+        fields: dict[str, object] = {"worker": self.name, "lane": self.lane}
+        if task_id is not None:
+            fields["task_id"] = task_id
+        log.log(level, text, extra=fields)
 
     # --- the loop -------------------------------------------------------------------
 
@@ -132,7 +144,9 @@ class LaneWorker:
                     break
                 job = self.claim_one(stop)
                 if job is not None:
-                    self.work(job)
+                    # every line logged while the task is worked on names it (app.logs)
+                    with logs.bound(task_id=job.task_id, lane=self.lane, worker=self.name):
+                        self.work(job)
         return self.stats
 
     def claim_one(self, stop: threading.Event) -> Job | None:
@@ -181,6 +195,8 @@ class LaneWorker:
         self.idle.reset()
         self._lane_empty = False
         self.stats.claimed += 1
+        self._log(f"task {task['id']}: claimed (attempt {int(task.get('attempts') or 0) + 1})",
+                  task_id=task["id"])
         return Job(task=task, lease_token=lease["token"], lease_expires_at=lease.get("expiresAt"),
                    lane=self.lane, worker=self.name, stopping=stop)
 
@@ -201,7 +217,7 @@ class LaneWorker:
         if self._waiting_on != err.code:
             self._waiting_on = err.code
             self._log(f"{err.code}: {err.message}; {doing} (backoff up to "
-                      f"{backoff.max_s:g}s)")
+                      f"{backoff.max_s:g}s)", level=logging.WARNING)
         stop.wait(backoff.step())
 
     def work(self, job: Job) -> None:
@@ -224,7 +240,8 @@ class LaneWorker:
             beat.join(5)
         if job.lease_lost.is_set():
             self.stats.lost += 1
-            self._log(f"task {job.task_id}: lease lost while working; outcome dropped")
+            self._log(f"task {job.task_id}: lease lost while working; outcome dropped",
+                      task_id=job.task_id, level=logging.WARNING)
             return
         kind, value, result = outcome
         if kind == "release":
@@ -255,11 +272,13 @@ class LaneWorker:
                 answer = self.client.heartbeat(job.task_id, job.lease_token)
             except _LOST as e:
                 job.lease_lost.set()
-                self._log(f"task {job.task_id}: heartbeat refused ({e.code}); lease lost")
+                self._log(f"task {job.task_id}: heartbeat refused ({e.code}); lease lost",
+                          task_id=job.task_id, level=logging.WARNING)
                 return
             except Exception as e:  # transient: keep beating, the lease has slack
                 if not complained:
-                    self._log(f"task {job.task_id}: heartbeat failed ({e}); retrying")
+                    self._log(f"task {job.task_id}: heartbeat failed ({e}); retrying",
+                              task_id=job.task_id, level=logging.WARNING)
                     complained = True
                 continue
             job.heartbeats += 1
@@ -293,11 +312,13 @@ class LaneWorker:
                 return self._complete(job, "failure", f"invalid result: {e.message}", None)
             if result is not None:
                 return self._complete(job, "failure", reason, None)
-            self._log(f"task {job.task_id}: complete refused ({e.code}: {e.message})")
+            self._log(f"task {job.task_id}: complete refused ({e.code}: {e.message})",
+                      task_id=job.task_id, level=logging.WARNING)
             return self._release(job, "its failure could not be recorded")
         except _LOST as e:  # e.g. another lease completed it: the outcome is not ours
             self.stats.lost += 1
-            self._log(f"task {job.task_id}: outcome refused ({e.code}): {e.message}")
+            self._log(f"task {job.task_id}: outcome refused ({e.code}): {e.message}",
+                      task_id=job.task_id, level=logging.WARNING)
             return
         except AuthError:
             raise
@@ -312,27 +333,29 @@ class LaneWorker:
             return
         if outcome == "success":
             self.stats.succeeded += 1
-            self._log(f"task {job.task_id}: done")
+            self._log(f"task {job.task_id}: done", task_id=job.task_id)
             return
         self.stats.failed += 1
         line = (f"task {job.task_id}: failed ({reason}); fingerprint "
                 f"{answer.get('failureFingerprint')} x{answer.get('fingerprintCount')}")
         if answer.get("lanePaused"):
             line += "; the lane is paused by the breaker"
-        self._log(line)
+        self._log(line, task_id=job.task_id)
 
     def _release(self, job: Job, why: str) -> None:
         try:
             answer = self._retrying(lambda: self.client.release(job.task_id, job.lease_token))
         except _LOST as e:
-            self._log(f"task {job.task_id}: release refused ({e.code}); it moved on")
+            self._log(f"task {job.task_id}: release refused ({e.code}); it moved on",
+                      task_id=job.task_id, level=logging.WARNING)
             return
         except AutonomyError as e:  # nothing more to do: the lease expires on its own
-            self._log(f"task {job.task_id}: release refused ({e.code}: {e.message})")
+            self._log(f"task {job.task_id}: release refused ({e.code}: {e.message})",
+                      task_id=job.task_id, level=logging.WARNING)
             return
         if answer is not None:
             self.stats.released += 1
-            self._log(f"task {job.task_id}: lease released ({why})")
+            self._log(f"task {job.task_id}: lease released ({why})", task_id=job.task_id)
 
     def _retrying(self, fn: Callable[[], dict[str, Any]], *, for_s: float = 30.0
                   ) -> dict[str, Any] | None:
@@ -349,7 +372,7 @@ class LaneWorker:
             except Exception as e:  # e.g. a database deadlock reported raw: retry it
                 why = f"{type(e).__name__}: {e}"
             if time.monotonic() >= deadline:
-                self._log(f"giving up after {for_s:g}s: {why}")
+                self._log(f"giving up after {for_s:g}s: {why}", level=logging.WARNING)
                 return None
             time.sleep(backoff.step())
 

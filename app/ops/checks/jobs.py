@@ -3,7 +3,8 @@
 ``run_job(ctx, "readiness")`` is what the Celery task, ``autonomy check`` and the tests all
 call: it takes the job's run-lock (budget from ``beat_schedule.JOBS``), runs the check while
 the lock's heartbeat beats, and records the run (``job:{name}`` state: when it started and
-finished, whether it raised) -- the handoff check's ``cron`` criterion reads those records.
+finished, whether it raised; ``job_stats:{name}``: counts and a duration histogram for
+``/metrics``) -- the handoff check's ``cron`` criterion reads those records.
 A run that finds the lock held does nothing but answer ``skipped: "already_running"`` with
 the holder and elapsed time (and leave an event saying so).
 """
@@ -17,7 +18,7 @@ from typing import Any
 
 from app.clock import to_ms
 from app.errors import AutonomyError, InvalidInput
-from app.ops.checks import handoff, readiness, runs, selfheal, state, status
+from app.ops.checks import handoff, job_stats, readiness, runs, selfheal, state, status
 from app.storage import locks, store
 from app.storage.context import Context
 from app.storage.db import transaction
@@ -82,6 +83,7 @@ def _record_run(ctx: Context, job: str, *, started: datetime, t0: float, ok: boo
         state.write(conn, name=state.job_state_name(job), now=now, data={
             "lastStartedAt": to_ms(started), "lastRunAt": to_ms(now), "durationMs": duration,
             "ok": ok, "error": error, "message": message, "holder": holder})
+        job_stats.record(conn, job=job, duration_ms=duration, ok=ok, now=now)
     return duration
 
 

@@ -9,7 +9,7 @@ from sqlalchemy.engine import Connection
 
 import beat_schedule
 from app.clock import iso_ms, to_ms
-from app.ops.checks import state
+from app.ops.checks import job_stats, state
 from app.storage.context import Context
 
 JOB_NAMES: tuple[str, ...] = tuple(beat_schedule.JOBS)
@@ -26,15 +26,17 @@ def budget_ms(job: str) -> int:
 
 def load_states(conn: Connection, *, now: datetime) -> state.States:
     """Every check state -- handoff, ops incident, readiness, self-heal, each job's last
-    run -- in one query."""
+    run and run statistics -- in one query."""
     names = [state.HANDOFF, state.OPS_INCIDENT, state.READINESS, state.SELF_HEAL,
-             *(state.job_state_name(j) for j in JOB_NAMES)]
+             *(state.job_state_name(j) for j in JOB_NAMES),
+             *(job_stats.stats_state_name(j) for j in JOB_NAMES)]
     return state.load(conn, names=names, now=now)
 
 
 def job_views(states: state.States, ctx: Context) -> dict[str, dict[str, Any]]:
     """Each periodic job's last run as the status payload shows it (``missed`` when its
-    last start is older than ``job_missed_after_factor`` periods)."""
+    last start is older than ``job_missed_after_factor`` periods), with its run statistics
+    (``job_stats.view``: runs, failures, last success, duration histogram)."""
     now = states.now
     out = {}
     for job in JOB_NAMES:
@@ -44,7 +46,8 @@ def job_views(states: state.States, ctx: Context) -> dict[str, dict[str, Any]]:
                                 "budgetMs": budget_ms(job), "lastStartedAt": None,
                                 "lastRunAt": None, "durationMs": None, "ok": None,
                                 "error": None, "skipped": None, "missed": False,
-                                "stateError": None if r.error == "missing" else r.error}
+                                "stateError": None if r.error == "missing" else r.error,
+                                **job_stats.view(states, job)}
         d = r.data
         if d is not None:
             started_ms = d.get("lastStartedAt")

@@ -16,7 +16,7 @@ from app import wire
 from app.clock import iso
 from app.errors import RedisUnavailable
 from app.ops.checks import handoff, readiness, runs, selfheal, state
-from app.storage import leases, locks, store
+from app.storage import leader, leases, locks, store
 from app.storage.context import Context
 from app.storage.db import transaction
 from app.storage.redis_conn import redis_errors
@@ -42,11 +42,13 @@ def build_status(ctx: Context) -> dict[str, Any]:
                          "lastAt": iso(r["last_at"])}
                         for r in store.recent_fingerprints(conn, since=since)]
     run_locks: list[dict[str, Any]] = []
+    beat = leader.unknown(ctx)
     metrics: dict[str, int] = {}
     redis_ok = leases.probe(ctx)
     if redis_ok:
         try:
             run_locks = locks.collect_run_locks(ctx)
+            beat = leader.view(ctx)
             with redis_errors(ctx.redis):
                 metrics = {str(k): int(v)
                            for k, v in ctx.redis.hgetall(ctx.keys.metrics()).items()}
@@ -62,6 +64,7 @@ def build_status(ctx: Context) -> dict[str, Any]:
         "generatedAt": iso(now),
         "redis": "ok" if redis_ok else "degraded",
         "workflowHealth": health,
+        "beat": beat,
         "lanes": lanes,
         "handoff": ho,
         "opsIncident": incident,

@@ -1,0 +1,297 @@
+"""One log format: ``AUTONOMY_LOG_FORMAT=json`` makes every process write JSON lines that
+carry their ids -- ``task_id``, ``lane``, ``worker`` on task lines, ``request_id`` on the
+API's -- and the default is a readable line with the same fields."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app import logs
+from app.settings import Settings
+from tests.api_server import client as api_client
+from tests.servers import free_port
+from tests.test_api import api_ctx
+from tests.test_celery_e2e import REPO, e2e
+from tests.test_cli import cli, cli_env, ok
+
+__all__ = ["api_ctx", "cli_env", "e2e"]
+
+FAILING_ON_EVEN_IDS = ("read _; [ $((AUTONOMY_TASK_ID % 2)) = 1 ] "
+                       "|| { echo 'bad output' >&2; exit 1; }")
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """Every non-empty line parsed as one JSON object (fails on any other line)."""
+    out = []
+    for line in text.splitlines():
+        if line.strip():
+            obj = json.loads(line)
+            assert isinstance(obj, dict), line
+            assert {"ts", "level", "process", "pid", "logger", "msg"} <= obj.keys(), obj
+            out.append(obj)
+    return out
+
+
+def _until(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def captured() -> Iterator[io.StringIO]:
+    """The root logger configured to JSON on a buffer; restored afterwards."""
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level)
+    buf = io.StringIO()
+    logs.configure(Settings(log_format="json"), process="test", stream=buf)
+    yield buf
+    logging.captureWarnings(False)
+    logging.getLogger("multiprocessing").handlers.clear()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in before[0]:
+        root.addHandler(h)
+    root.setLevel(before[1])
+
+
+def test_autonomy_worker_json_lines_carry_task_lane_and_worker(cli_env: dict[str, str]) -> None:
+    assert cli(cli_env, "db", "upgrade").returncode == 0
+    ids = [ok(cli_env, "create", "coder", f"t{i}")["task"]["id"] for i in range(2)]
+    env = {**cli_env, "AUTONOMY_LOG_FORMAT": "json"}
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "worker", "--lane", "coder",
+                           "--name", "w1", "--max-tasks", "2", "--", "sh", "-c",
+                           FAILING_ON_EVEN_IDS],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = json_lines(proc.stderr)
+    assert all(ln["process"] == "worker" for ln in lines)
+    assert all(ln["worker"] == "w1" and ln["lane"] == "coder" for ln in lines)
+    task_lines = [ln for ln in lines if "task_id" in ln]
+    assert {ln["task_id"] for ln in task_lines} == set(ids)
+    assert all(ln["msg"].startswith(f"task {ln['task_id']}:") for ln in task_lines)
+    msgs = {(ln["task_id"], ln["msg"].split(": ", 1)[1].split(" ")[0]) for ln in task_lines}
+    done, failed = (ids[0], ids[1]) if ids[0] % 2 else (ids[1], ids[0])
+    assert (done, "done") in msgs and (failed, "failed") in msgs
+    assert (done, "claimed") in msgs and (failed, "claimed") in msgs
+    assert json.loads(proc.stdout)["succeeded"] == 1  # the summary on stdout, unchanged
+
+
+def test_autonomy_worker_text_lines_are_readable_with_the_same_fields(
+        cli_env: dict[str, str]) -> None:
+    assert cli(cli_env, "db", "upgrade").returncode == 0
+    task_id = ok(cli_env, "create", "coder", "t")["task"]["id"]
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "worker", "--lane", "coder",
+                           "--name", "w1", "--max-tasks", "1", "--", "true"],
+                          env=cli_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    done = [ln for ln in proc.stderr.splitlines() if f"task {task_id}: done" in ln]
+    assert len(done) == 1
+    assert " INFO  worker app.workers.lane_worker: " in done[0]
+    assert done[0].endswith(f"worker=w1 lane=coder task_id={task_id}")
+    with pytest.raises(ValueError):
+        json.loads(done[0])
+
+
+def test_api_json_lines_carry_the_request_id(cli_env: dict[str, str]) -> None:
+    assert cli(cli_env, "db", "upgrade").returncode == 0
+    port = free_port()
+    env = {**cli_env, "AUTONOMY_LOG_FORMAT": "json"}
+    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            try:
+                return httpx.get(f"{base}/api/autonomy/status", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _until(up, 60, "the API to answer")
+        mine = httpx.get(f"{base}/metrics", headers={"X-Request-ID": "req-42.a"}, timeout=10)
+        theirs = httpx.post(f"{base}/api/autonomy", json={"action": "claim", "assignee": "x"},
+                            headers={"X-Request-ID": "has spaces, refused"}, timeout=10)
+        fresh = httpx.get(f"{base}/api/autonomy/status", timeout=10)
+    finally:
+        server.send_signal(signal.SIGINT)
+        _, err = server.communicate(timeout=30)
+    assert mine.headers["x-request-id"] == "req-42.a"
+    assert theirs.status_code == 400 and len(theirs.headers["x-request-id"]) == 32
+    assert fresh.headers["x-request-id"] != theirs.headers["x-request-id"]
+    lines = json_lines(err)
+    assert all(ln["process"] == "api" for ln in lines)
+    access = {ln["request_id"]: ln for ln in lines if ln["logger"] == "app.api.access"}
+    assert access["req-42.a"]["path"] == "/metrics" and access["req-42.a"]["status"] == 200
+    assert access[theirs.headers["x-request-id"]]["status"] == 400
+    assert access[fresh.headers["x-request-id"]]["method"] == "GET"
+    assert any(ln["logger"].startswith("uvicorn") for ln in lines)  # uvicorn's own, same format
+
+
+def test_bound_fields_and_celery_task_lines(captured: io.StringIO) -> None:
+    log = logging.getLogger("app.test")
+    with logs.bound(request_id="r1"):
+        log.info("inside")
+    log.info("outside")
+    logs.set_process_fields(worker="celery@host")
+    try:
+        # Celery's own "Task %(name)s[%(id)s] succeeded" lines name their task in the args
+        logging.getLogger("celery.app.trace").info(
+            "Task %(name)s[%(id)s] succeeded", {"name": "tasks.checks.status", "id": "abc"})
+    finally:
+        logs._process["defaults"] = {}
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        log.exception("it broke", extra={"task_id": 7, "lane": "coder"})
+    inside, outside, celery_line, broke = json_lines(captured.getvalue())
+    assert inside["request_id"] == "r1" and "request_id" not in outside
+    assert celery_line["task_id"] == "abc" and celery_line["worker"] == "celery@host"
+    assert celery_line["lane"] is None  # a task line always has the three, null if none
+    assert broke["task_id"] == 7 and broke["worker"] is None and broke["level"] == "error"
+    assert "RuntimeError: boom" in broke["exc"]
+
+
+def test_log_format_setting_is_checked() -> None:
+    assert Settings(log_format="JSON").log_format == "json"  # type: ignore[arg-type]
+    assert Settings(log_level="debug").log_level == "DEBUG"  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        Settings(log_format="xml")  # type: ignore[arg-type]
+
+
+def _stop_group(p: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGTERM)
+    try:
+        p.wait(20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(10)
+
+
+@pytest.mark.slow
+def test_celery_worker_and_beat_write_json_lines_that_name_the_task(
+        e2e: dict[str, Any]) -> None:
+    env = {**e2e["env"], "AUTONOMY_LOG_FORMAT": "json", "AUTONOMY_JOB_MIN_RUNTIME_MS": "{}"}
+    node = f"logs-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+    tmp: Path = e2e["tmp"]
+    celery = [sys.executable, "-m", "celery", "-A", "app.celery_app"]
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    errs = {name: (tmp / f"{name}.err") for name in ("worker", "beat")}
+    try:
+        for name, args in (("worker", ["worker", "--loglevel", "INFO", "--concurrency", "1",
+                                       "-n", node, "--without-mingle", "--without-gossip"]),
+                           ("beat", ["beat", "--loglevel", "INFO", "--schedule",
+                                     str(tmp / "celerybeat-schedule")])):
+            with errs[name].open("wb") as err:
+                procs[name] = subprocess.Popen([*celery, *args], env=env, cwd=REPO,
+                                               stdout=subprocess.DEVNULL, stderr=err,
+                                               start_new_session=True)
+
+        def worker_lines() -> list[dict[str, Any]]:
+            text = errs["worker"].read_text(errors="replace")
+            return json_lines(text[: text.rfind("\n") + 1])  # whole lines only
+
+        def every_job_succeeded() -> bool:
+            done = " ".join(ln["msg"] for ln in worker_lines() if "succeeded" in ln["msg"])
+            return all(f"tasks.checks.{j}[" in done for j in ("status", "self_heal"))
+
+        _until(every_job_succeeded, 90, "the worker to run the status and self-heal jobs")
+    finally:
+        for p in procs.values():
+            _stop_group(p)
+    worker = json_lines(errs["worker"].read_text())
+    beat = json_lines(errs["beat"].read_text())
+    assert {ln["process"] for ln in worker} == {"worker"}
+    assert {ln["process"] for ln in beat} == {"beat"}
+    assert any("Sending due task" in ln["msg"] for ln in beat)
+    task_lines = [ln for ln in worker if ln.get("task_id")]
+    received = [ln for ln in task_lines if "received" in ln["msg"].lower()]
+    succeeded = [ln for ln in task_lines if "succeeded" in ln["msg"]]
+    assert received and succeeded
+    for ln in task_lines:
+        assert ln["worker"] == node and ln["lane"] is None, ln
+        assert ln["task_id"] in ln["msg"] or ln.get("task_name"), ln
+    ran = [ln for ln in task_lines if ln.get("task_name")]  # logged inside the task (prerun)
+    assert {ln["pid"] for ln in ran} - {procs["worker"].pid}, "no line from a pool child"
+
+
+def test_an_unexpected_api_error_is_logged_with_its_request_id(
+        captured: io.StringIO, api_ctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.api import routes
+
+    def boom(*_: Any) -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(routes.ops, "dispatch", boom)
+    with api_client(api_ctx) as http:
+        resp = http.get("/api/autonomy/status", headers={"X-Request-ID": "err-1"})
+    assert resp.status_code == 500 and resp.json()["error"] == "internal_error"
+    lines = [ln for ln in json_lines(captured.getvalue()) if ln.get("request_id") == "err-1"]
+    error = next(ln for ln in lines if ln["level"] == "error")
+    assert "RuntimeError: boom" in error["exc"] and error["logger"] == "app.api.app"
+    access = next(ln for ln in lines if ln["logger"] == "app.api.access")
+    assert access["status"] == 500 and access["path"] == "/api/autonomy/status"
+
+
+def test_lines_logged_by_a_handler_name_the_task(captured: io.StringIO, api_ctx: Any) -> None:
+    """A Python LaneWorker's handler logs through ``logging``: its lines carry the task."""
+    from app import ops
+    from app.workers.client import LocalClient
+    from app.workers.lane_worker import LaneWorker
+
+    task_id = ops.dispatch(api_ctx, {"action": "create", "assignee": "coder",
+                                     "title": "t"})["task"]["id"]
+
+    def handler(task: dict[str, Any]) -> dict[str, Any]:
+        logging.getLogger("my.handler").info("working on %s", task["title"])
+        return {}
+
+    LaneWorker("coder", handler, worker_name="w9", client=LocalClient(api_ctx)).run(
+        max_tasks=1, handle_signals=False)
+    lines = json_lines(captured.getvalue())
+    mine = next(ln for ln in lines if ln["logger"] == "my.handler")
+    assert (mine["task_id"], mine["lane"], mine["worker"]) == (task_id, "coder", "w9")
+    done = next(ln for ln in lines if ln["msg"] == f"task {task_id}: done")
+    assert (done["task_id"], done["lane"], done["worker"]) == (task_id, "coder", "w9")
+
+
+def test_a_line_with_a_lone_surrogate_is_written_escaped_not_dropped() -> None:
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="utf-8", errors="strict", write_through=True)
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level)
+    try:
+        for fmt in ("json", "text"):
+            logs.configure(Settings(log_format=fmt), process="test", stream=stream)
+            logging.getLogger("app.test").warning("bad \udc80 reason", extra={"lane": "x\udcff"})
+    finally:
+        logging.captureWarnings(False)
+        logging.getLogger("multiprocessing").handlers.clear()
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in before[0]:
+            root.addHandler(h)
+        root.setLevel(before[1])
+    json_line, text_line = raw.getvalue().decode("utf-8").splitlines()
+    parsed = json.loads(json_line)
+    assert parsed["msg"] == "bad \udc80 reason" and parsed["lane"] == "x\udcff"
+    assert "bad \\udc80 reason" in text_line and "lane=x\\udcff" in text_line
