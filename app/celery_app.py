@@ -27,6 +27,7 @@ use (``worker_context``) and rebuilds it after a fork.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import threading
@@ -34,6 +35,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, bootsteps
+from celery.beat import PersistentScheduler
 from celery.signals import (
     beat_init,
     celeryd_after_setup,
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
     from app.storage.context import Context
 
 RESULT_EXPIRES_S = 3600
+_beat_log = logging.getLogger("app.beat")
 
 
 def celery_key_prefix(settings: Settings) -> str:
@@ -100,6 +103,7 @@ def configure(celery: Celery, settings: Settings) -> None:
         timezone="UTC",
         enable_utc=True,
         beat_schedule=build_beat_schedule(settings),
+        beat_scheduler="app.celery_app:LeaderScheduler",
     )
 
 
@@ -186,6 +190,22 @@ def _unbind_task(task_id: str | None = None, **_: Any) -> None:
 
 
 # --- one beat at a time -----------------------------------------------------------------
+
+
+class LeaderScheduler(PersistentScheduler):
+    """Celery's scheduler, sending a due job only while this beat leads on a recently
+    confirmed lease (``app.storage.beat_guard.may_send``). A job that falls due while the
+    lease cannot be confirmed (Redis unreachable, or cut off from it) is skipped for that
+    period, not sent late: a standby may already lead and send it."""
+
+    def apply_entry(self, entry: Any, producer: Any = None) -> None:
+        from app.ops.run_locks import beat_may_send
+
+        if not beat_may_send(worker_context()):
+            _beat_log.warning("not sending %s: this beat's leader lease is not confirmed "
+                              "(Redis unreachable, or another beat leads)", entry.name)
+            return
+        super().apply_entry(entry, producer=producer)
 
 
 @beat_init.connect

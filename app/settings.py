@@ -50,6 +50,14 @@ class Settings(BaseSettings):
     claim_reserve_ms: int = Field(default=2_000, gt=0)
     claim_wait_poll_ms: int = Field(default=5, gt=0)
     default_max_in_flight: int = 1
+    # push pickup (app/storage/pickup.py): an idle lane's waiters claim on a wake, or one
+    # of them per this period (the safety poll); a claim's waitMs is bounded by the max
+    pickup_safety_poll_ms: int = Field(default=5_000, gt=0)
+    claim_wait_max_ms: int = Field(default=30_000, gt=0)
+    # how long a LaneWorker's claim waits for work in one call (it checks its stop
+    # between calls): in-process, and over HTTP (a long poll)
+    worker_wait_ms: int = Field(default=2_000, gt=0)
+    worker_http_wait_ms: int = Field(default=10_000, gt=0)
     breaker_threshold: int = 3
     breaker_window_h: float = 24.0
     remediation_lane: str = "ops"
@@ -113,8 +121,9 @@ class Settings(BaseSettings):
 
     # --- control panel and `autonomy up` (issue 4: app/api/panel.py, app/local/up.py) ----------
     panel_refresh_ms: int = 3_000
-    # where `autonomy up` looks for a running Redis when no REDIS_URL is configured
-    # (before it starts an embedded one); a setting so tests can point it elsewhere
+    # the local default Redis address: with no REDIS_URL, `autonomy up` still starts its
+    # embedded Redis, and names a Redis found listening here (leaving it alone); a setting
+    # so tests can point it at a Redis of their own
     local_redis_probe_url: str = DEFAULT_REDIS_URL
     up_ready_timeout_s: float = 60.0
     up_stop_grace_s: float = 15.0

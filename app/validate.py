@@ -62,10 +62,12 @@ class Types(NamedTuple):
     lease_token: Any
     max_in_flight: Any
     window_hours: Any
+    wait_ms: Any
 
 
 @lru_cache(maxsize=32)
-def _types(assignee_max: int, worker_max: int, title_max: int, reason_max: int) -> Types:
+def _types(assignee_max: int, worker_max: int, title_max: int, reason_max: int,
+           wait_max: int = 30_000) -> Types:
     return Types(
         assignee=Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
                                                   max_length=assignee_max,
@@ -84,12 +86,14 @@ def _types(assignee_max: int, worker_max: int, title_max: int, reason_max: int) 
         lease_token=Annotated[str, StringConstraints(pattern=TOKEN_PATTERN)],
         max_in_flight=Annotated[int, Ge(1), Le(MAX_IN_FLIGHT_MAX)],
         window_hours=Annotated[float, Gt(0), Le(WINDOW_HOURS_MAX)],
+        wait_ms=Annotated[int, Ge(0), Le(wait_max)],
     )
 
 
 def types(s: Settings) -> Types:
     """The field types under ``s``'s limits (cached per set of limits)."""
-    return _types(s.assignee_max_len, s.worker_max_len, s.title_max_len, s.reason_max_len)
+    return _types(s.assignee_max_len, s.worker_max_len, s.title_max_len, s.reason_max_len,
+                  s.claim_wait_max_ms)
 
 
 @lru_cache(maxsize=256)
@@ -278,6 +282,16 @@ def fingerprint(value: Any) -> str:
 def max_in_flight(value: Any) -> int:
     out: int = _check(types(DEFAULT_LIMITS).max_in_flight, value, InvalidInput, "maxInFlight",
                       f"maxInFlight must be an integer from 1 to {MAX_IN_FLIGHT_MAX}")
+    return out
+
+
+def wait_ms(value: Any, s: Settings) -> int:
+    """A claim's ``waitMs``: how long it may wait for work on an empty lane, 0 (the
+    default: answer at once) to ``claim_wait_max_ms``."""
+    if value is None:
+        return 0
+    out: int = _check(types(s).wait_ms, value, InvalidInput, "waitMs",
+                      f"waitMs must be an integer from 0 to {s.claim_wait_max_ms}")
     return out
 
 

@@ -28,6 +28,9 @@ BENCHES = {
     5: "bench.b5_checks_scale",
     6: "bench.b6_fingerprint_count",
     7: "bench.b7_http",
+    8: "bench.b8_drain",
+    9: "bench.b9_pickup",
+    10: "bench.b10_round_trips",
     12: "bench.b12_script_runner",
 }
 

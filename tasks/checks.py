@@ -78,6 +78,47 @@ def flower_shape(payload: dict[str, Any]) -> dict[str, Any]:
     return {**first, **out}
 
 
+def payload_of(shaped: dict[str, Any]) -> dict[str, Any]:
+    """The status payload back from its ``flower_shape`` (for readers of the stored
+    result): each lifted part returns under its dotted path."""
+    out: dict[str, Any] = {}
+    # shallow paths first, so a part lifted from a dict lands in that dict
+    for path in sorted(shaped, key=lambda p: len(_steps(p))):
+        steps = _steps(path)
+        node: Any = out
+        for i, step in enumerate(steps[:-1]):
+            nxt: Any = [] if isinstance(steps[i + 1], int) else {}
+            if isinstance(node, list):
+                while len(node) <= step:  # type: ignore[operator]
+                    node.append(None)
+                if node[step] is None:
+                    node[step] = nxt
+                node = node[step]
+            else:
+                node = node.setdefault(step, nxt)
+        last, value = steps[-1], shaped[path]
+        if isinstance(node, list):
+            while len(node) <= last:  # type: ignore[operator]
+                node.append(None)
+            node[last] = value
+        elif isinstance(value, dict) and isinstance(node.get(last), dict):
+            node[last] = {**value, **node[last]}
+        else:
+            node[last] = value
+    return out
+
+
+def _steps(path: str) -> list[Any]:
+    """``"a.b[2].c"`` -> ``["a", "b", 2, "c"]``."""
+    out: list[Any] = []
+    for part in path.split("."):
+        name, *indexes = part.split("[")
+        if name:
+            out.append(name)
+        out.extend(int(i.rstrip("]")) for i in indexes)
+    return out
+
+
 def _register(job: str, name: str) -> Task:
     def run(self: Task) -> dict[str, Any]:
         answer = _run(self, job)

@@ -16,6 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHES = range(1, 8)
+# issue 13's: fleets of worker processes and peer queues (pgqueuer, procrastinate, Celery)
+FLEET_BENCHES = (8, 9, 10)
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -27,8 +29,10 @@ def quick_run(redis_server_url: str, pg_server_url: str,
     out = tmp_path_factory.mktemp("bench") / "quick.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTONOMY_")}
     env.update(REDIS_URL=redis_server_url, TEST_DATABASE_URL=pg_server_url)
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    only = ",".join(str(b) for b in BENCHES)
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", only, "--json",
+                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert out.exists(), proc.stderr[-4000:]
     doc: dict[str, Any] = json.loads(out.read_text())
     doc["returncode"], doc["stdout"], doc["stderr"] = proc.returncode, proc.stdout, proc.stderr
@@ -44,10 +48,27 @@ def test_the_quick_run_crashes_no_benchmark_and_prints_one_table(
     assert quick_run["machine"]["postgresql"] and quick_run["machine"]["redis"]
 
 
-@pytest.mark.parametrize("bench", BENCHES)
-def test_each_benchmark_reports_a_figure_beside_a_baseline(quick_run: dict[str, Any],
-                                                           bench: int) -> None:
-    rows = [r for r in quick_run["rows"] if r["bench"] == bench]
+@pytest.fixture(scope="module")
+def fleet_run(redis_server_url: str, pg_server_url: str,
+              tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """``python -m bench --quick --only 8,9,10``: the fleets, peers included."""
+    out = tmp_path_factory.mktemp("bench") / "fleet.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTONOMY_")}
+    env.update(REDIS_URL=redis_server_url, TEST_DATABASE_URL=pg_server_url)
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only",
+                           ",".join(str(b) for b in FLEET_BENCHES), "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert out.exists(), proc.stderr[-4000:]
+    doc: dict[str, Any] = json.loads(out.read_text())
+    assert doc["errors"] == {}, doc["errors"]
+    return doc
+
+
+@pytest.mark.parametrize("bench", [*BENCHES, *FLEET_BENCHES])
+def test_each_benchmark_reports_a_figure_beside_a_baseline(
+        request: pytest.FixtureRequest, bench: int) -> None:
+    run = request.getfixturevalue("fleet_run" if bench in FLEET_BENCHES else "quick_run")
+    rows = [r for r in run["rows"] if r["bench"] == bench]
     assert rows, f"bench {bench} produced no row"
     for r in rows:
         for key in ("figure", "baseline", "ratio"):

@@ -31,6 +31,7 @@ import beat_schedule
 from app.celery_app import build_beat_schedule, celery_key_prefix, configure
 from app.local.flower import refuse_open_flower
 from app.settings import Settings
+from tasks.checks import payload_of
 from tests.conftest import make_settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -128,17 +129,6 @@ def _stored_results(r: redis.Redis, prefix: str) -> list[dict[str, Any]]:
     return metas
 
 
-def _lifted(result: dict[str, Any], path: str) -> dict[str, Any]:
-    """The dict at ``path`` of a status result in Flower's shape, whether it was stored
-    whole under ``path`` or, being deeper, each entry under ``path.<key>``."""
-    whole = dict(result.get(path) or {})
-    for k, v in result.items():
-        key = k[len(path) + 1:] if k.startswith(path + ".") else ""
-        if key and "." not in key and "[" not in key and isinstance(v, dict):
-            whole[key] = {**whole.get(key, {}), **v}
-    return whole
-
-
 def _wait_for(what: str, check: Callable[[], Any], procs: list[Proc],
               deadline: float) -> Any:
     while time.monotonic() < deadline:
@@ -155,7 +145,8 @@ def _wait_for(what: str, check: Callable[[], Any], procs: list[Proc],
 
 def _readiness_lock(meta: dict[str, Any]) -> dict[str, Any] | None:
     # the status task's result is the payload shaped for Flower (tasks.checks.flower_shape)
-    locks = (meta.get("result") or {}).get("workflowHealth.runLocks", [])
+    payload = payload_of(meta.get("result") or {})
+    locks = payload.get("workflowHealth", {}).get("runLocks", [])
     return next((lk for lk in locks if lk.get("job") == "readiness"), None)
 
 
@@ -278,7 +269,7 @@ def test_beat_runs_every_job_and_status_lists_the_running_lock_and_a_rerun_is_sk
     # ... and its run record: a later status payload shows every job's last run, ok
     def status_with_every_run_recorded() -> dict[str, Any] | None:
         for m in by_job()["status"]:
-            jobs = _lifted(m["result"] or {}, "workflowHealth.jobs")
+            jobs = (payload_of(m["result"] or {}).get("workflowHealth") or {}).get("jobs") or {}
             if all((jobs.get(j) or {}).get("lastRunAt") for j in JOBS):
                 return jobs
         return None
@@ -328,6 +319,14 @@ def test_a_second_beat_stands_by_and_takes_over_when_the_leader_is_killed(
         _wait_for("the standby to be listed",
                   lambda: any(f":{second.popen.pid}:" in h for h in leader.view(ctx)["standbys"]),
                   [first, second], deadline)
+        # the beat probe (compose's healthcheck) passes for the standby, not only the leader
+        for beat, role in ((first, "leader"), (second, "standby")):
+            probe = subprocess.run(
+                [sys.executable, "-m", "app.cli", "probe", "beat", "--json", "--holder-prefix",
+                 f"{socket.gethostname()}:{beat.popen.pid}:"],
+                cwd=REPO, env=e2e["env"], capture_output=True, text=True, timeout=60)
+            assert probe.returncode == 0, probe.stdout + probe.stderr
+            assert json.loads(probe.stdout)["role"] == role
         _wait_for("the leader to send", lambda: "Sending due task" in first.output(),
                   [first, second], deadline)
         time.sleep(1.5)  # several periods of AUTONOMY_BEAT_EVERY_S=1

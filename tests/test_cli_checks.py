@@ -60,3 +60,26 @@ def test_incident_set_writes_the_state_and_refuses_an_unknown_status(
 def test_an_unknown_check_is_bad_input(cli_env: dict[str, str]) -> None:
     bad = cli(cli_env, "check", "everything")
     assert bad.returncode == 2 and "error: invalid_input" in bad.stderr
+
+
+def test_locks_shows_the_beat_leader_lease_apart_with_its_ttl(cli_env: dict[str, str]) -> None:
+    from app.cli.checks import beat_line
+    from app.storage import leader
+
+    assert cli(cli_env, "db", "upgrade").returncode == 0
+    ctx = Context.from_settings(Settings(database_url=cli_env["DATABASE_URL"],
+                                         redis_url=cli_env["REDIS_URL"],
+                                         redis_prefix=cli_env["AUTONOMY_REDIS_PREFIX"]))
+    try:
+        assert ok(cli_env, "locks")["beat"]["leader"] is None
+        token, _ = leader.acquire(ctx, "b:1:beat")
+        leader.stand_by(ctx, "b:2:beat")
+        listed = ok(cli_env, "locks")
+        assert listed["runLocks"] == [] and listed["beat"]["leader"] == "b:1:beat"
+        assert listed["beat"]["standbys"] == ["b:2:beat"] and listed["beat"]["ttlMs"] == 10_000
+        line = beat_line(listed["beat"])
+        assert line.startswith("beat leader: b:1:beat since ") and "(TTL 10000 ms)" in line
+        assert line.endswith("standbys: b:2:beat")
+        assert token is not None
+    finally:
+        ctx.close()

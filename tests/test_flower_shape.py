@@ -5,8 +5,6 @@ payload and ``inspect run_locks``, with one readable line per lock."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from celery.utils.saferepr import saferepr
 
 from app.celery_app import lock_lines
@@ -16,38 +14,7 @@ from app.ops.checks.status import build_status
 from app.ops.run_locks import view as locks_view
 from app.storage import leader, locks
 from app.storage.context import Context
-from tasks.checks import STATUS_REPR_MAX, TASKS, flower_shape
-
-
-def _unflatten(shaped: dict[str, Any]) -> dict[str, Any]:
-    """Put the lifted parts back where they were (the dotted paths of ``flower_shape``)."""
-    import re
-
-    out: dict[str, Any] = {}
-    for path in sorted(shaped, key=lambda p: p.count(".") + p.count("[")):
-        steps = re.findall(r"[^.\[\]]+|\[\d+\]", path)
-        node: Any = out
-        for i, step in enumerate(steps):
-            last = i == len(steps) - 1
-            key: Any = int(step[1:-1]) if step.startswith("[") else step
-            nxt_is_index = not last and steps[i + 1].startswith("[")
-            if isinstance(node, list):
-                while len(node) <= key:
-                    node.append({})
-                if last:
-                    node[key] = {**node[key], **shaped[path]} if isinstance(
-                        shaped[path], dict) else shaped[path]
-                else:
-                    node = node[key]
-                continue
-            if last:
-                if isinstance(shaped[path], dict) and isinstance(node.get(key), dict):
-                    node[key].update(shaped[path])
-                else:
-                    node[key] = shaped[path]
-            else:
-                node = node.setdefault(key, [] if nxt_is_index else {})
-    return out
+from tasks.checks import STATUS_REPR_MAX, TASKS, flower_shape, payload_of
 
 
 def test_the_status_result_renders_in_full_in_flower_and_loses_nothing(ctx: Context) -> None:
@@ -73,7 +40,7 @@ def test_the_status_result_renders_in_full_in_flower_and_loses_nothing(ctx: Cont
     assert "'overBudget': True" in text and "'holderAlive': True" in text
     assert "'leader': 'h:3:beat'" in text and "'standbys': ['h:4:beat']" in text
     # nothing is dropped or changed: the lifted parts go back to the payload
-    assert _unflatten(shaped) == payload
+    assert payload_of(shaped) == payload
     # the unshaped payload is what Flower used to elide
     assert "[{...}" in saferepr(payload, STATUS_REPR_MAX)
 

@@ -122,3 +122,22 @@ def test_a_standby_takes_over_within_the_ttl_once_the_leader_stops_renewing(
 def test_the_renewal_must_run_inside_the_ttl(sqlite_url: str) -> None:
     with pytest.raises(ValueError, match="beat_lease_renew_ms"):
         Settings(database_url=sqlite_url, beat_lease_ttl_ms=1_000, beat_lease_renew_ms=1_000)
+
+
+def test_with_redis_down_status_says_nobody_is_known_to_lead_in_the_same_shape(
+        sqlite_url: str, redis_prefix: str) -> None:
+    from tests.servers import ThrowawayRedis
+
+    own = ThrowawayRedis()
+    ctx = Context.from_settings(make_settings(sqlite_url, own.url, redis_prefix,
+                                              redis_socket_timeout_s=1))
+    try:
+        leader.acquire(ctx, "h:1:beat")
+        assert build_status(ctx)["beat"]["leader"] == "h:1:beat"
+        own.stop()
+        st = build_status(ctx)
+        assert st["redis"] == "degraded"
+        assert st["beat"] == {"leader": None, "since": None, "renewedAt": None,
+                              "ttlMs": ctx.settings.beat_lease_ttl_ms, "standbys": []}
+    finally:
+        ctx.close()

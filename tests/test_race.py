@@ -64,6 +64,9 @@ def race_worker(cfg: dict[str, Any], start: Any, out: Any) -> None:
             # the database's lane check sees no live lease, so it alone would grant past
             # max_in_flight: only the Redis layer (its claim reservation) stands in the way
             store.in_progress = lambda conn, *, assignee: []
+            # PostgreSQL's one-call claim (autonomy_claim) checks the lane on the server:
+            # take the statement-by-statement path, whose lane check is the one off above
+            lanes.is_postgres = lambda engine: False  # type: ignore[attr-defined]
         try:
             start.wait(120)  # a barrier: every worker and the seeded parent go together
             _work(ctx, cfg["lane"], cfg["worker"], report)

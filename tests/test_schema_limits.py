@@ -21,7 +21,9 @@ from tests.conftest import make_settings
 
 TOKEN = "limits-token"
 LIMITS = {"assignee_max_len": 20, "worker_max_len": 30, "title_max_len": 40,
-          "reason_max_len": 50}
+          "reason_max_len": 50,
+          # a claim's waitMs at its limit waits that long on an empty lane: keep it short
+          "claim_wait_max_ms": 300}
 BASE: dict[str, Any] = {
     "assignee": "lane", "worker": "w1", "title": "t", "priority": 0, "taskId": 1,
     "leaseToken": "0" * 32, "outcome": "success", "validationReason": "why", "reason": "why",
@@ -107,6 +109,7 @@ def test_every_limit_in_the_openapi_document_is_the_limit_the_server_enforces(
         assert stated[("create", "title", "maxLength")] == "a" * 40
         assert stated[("pause_lane", "reason", "maxLength")] == "a" * 50
         assert stated[("heartbeat", "taskId", "maximum")] == 2**31 - 1
+        assert stated[("claim", "waitMs", "maximum")] == 300
         assert len(all_cases) >= 60, len(all_cases)
         disagreements = []
         for action, field, limit, value, valid in all_cases:

@@ -336,11 +336,24 @@ def test_up_with_a_redis_on_the_default_port_and_no_redis_url_starts_the_embedde
 @pytest.mark.slow
 def test_up_says_in_one_line_that_it_uses_a_redis_it_did_not_start(
         tmp_path: Path, procs: list[Proc], redis_server_url: str, redis_prefix: str) -> None:
+    """... and a run-lock left by a holder that died (the last stop killed it) is released
+    before the first checks, so it cannot hold self-heal up."""
+    from app.storage import locks
+    from app.storage.context import Context
+    from tests.conftest import make_settings
+
+    ctx = Context.from_settings(make_settings(f"sqlite:///{tmp_path / 'x.db'}",
+                                              redis_server_url, redis_prefix))
+    assert locks.acquire(ctx, "self_heal", budget_ms=60_000, holder="gone:1:killed")
+    ctx.redis.delete(ctx.keys.lock_beat("self_heal"))  # its heartbeat lapsed
+    ctx.close()
     port = free_port()
     env = base_env(tmp_path, REDIS_URL=redis_server_url, AUTONOMY_REDIS_PREFIX=redis_prefix,
                    AUTONOMY_CELERY_QUEUE=f"q-{redis_prefix}")
     p = run_cli(procs, env, tmp_path, "up", "--no-flower", "--port", str(port))
     p.wait_for(READY)
+    assert "run-locks released (their holders died with the last stop): self_heal" in p.output
+    assert "self_heal ok" in p.wait_for("checks   ran once at start")
     lines = [ln for ln in p.lines if ln.startswith("autonomy up: redis")]
     assert lines == [f"autonomy up: redis    {redis_server_url} (REDIS_URL: a Redis autonomy "
                      "up did not start)"]

@@ -56,7 +56,10 @@ def _build(t: validate.Types) -> RequestSchema:
             "actor": actor}),
         ("ClaimRequest", "Claim the lane's next task under a lease.", "claim", {
             "assignee": _req(t.assignee, "The lane."),
-            "worker": _req(t.worker, "Who claims.")}),
+            "worker": _req(t.worker, "Who claims."),
+            "waitMs": _opt(t.wait_ms, "When the lane has nothing to claim, wait up to this "
+                           "long (ms) for work to arrive before answering (a long poll; "
+                           "default 0).")}),
         ("HeartbeatRequest", "Extend a live lease.", "heartbeat", {
             "taskId": _req(t.task_id, "The task."),
             "leaseToken": _req(t.lease_token, "The token the claim answered.")}),

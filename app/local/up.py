@@ -41,9 +41,9 @@ from app.ops import schema
 from app.settings import Settings
 
 POLL_S = 0.2
-# the demo's visible run-lock: self_heal (every 30 s, budget 60 s) holds its lock 45 s a
+# the demo's visible run-lock: readiness (every 60 s, budget 30 s) holds its lock 25 s a
 # run, so the panel and Flower show a real lock's elapsed time climbing against its budget
-DEMO_JOB_MIN_RUNTIME_MS = {"self_heal": 45_000}
+DEMO_JOB_MIN_RUNTIME_MS = {"readiness": 25_000}
 
 
 @dataclass
@@ -192,12 +192,16 @@ class Supervisor:
         """Every periodic check once, now, inline (under its run-lock), so the panel shows
         real handoff, readiness and job runs from the start instead of "missing"."""
         from app.ops.checks.jobs import JOB_NAMES, run_job
-        from app.ops.run_locks import holder_name
+        from app.ops.run_locks import break_dead, holder_name
         from app.storage.context import Context  # a face builds its context (as _seed_demo)
 
         ctx = Context.from_settings(effective.model_copy(update={"job_min_runtime_ms": {}}))
         said = []
         try:
+            broken = [lk["job"] for lk in break_dead(ctx)]
+            if broken:
+                self.say(f"run-locks released (their holders died with the last stop): "
+                         f"{', '.join(broken)}")
             for job in JOB_NAMES:
                 try:
                     answer = run_job(ctx, job, holder=holder_name("up"))

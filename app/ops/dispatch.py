@@ -48,7 +48,8 @@ ACTIONS: dict[str, Callable[[Context, Mapping[str, Any]], dict[str, Any]]] = {
         ctx, assignee=f.get("assignee"), title=f.get("title"),  # type: ignore[arg-type]
         priority=f.get("priority"), payload=f.get("payload"), actor=f.get("actor")),
     "claim": lambda ctx, f: lanes.claim(
-        ctx, assignee=f.get("assignee"), worker=f.get("worker")),  # type: ignore[arg-type]
+        ctx, assignee=f.get("assignee"), worker=f.get("worker"),  # type: ignore[arg-type]
+        wait_ms=f.get("waitMs")),
     "heartbeat": lambda ctx, f: lanes.heartbeat(
         ctx, task_id=f.get("taskId"), lease_token=f.get("leaseToken")),
     "complete": lambda ctx, f: lanes.complete(

@@ -7,7 +7,7 @@ from typing import Any
 
 from app import validate, wire
 from app.clock import iso
-from app.storage import leases, store
+from app.storage import leases, pickup, store
 from app.storage.context import Context
 from app.storage.db import transaction
 
@@ -53,7 +53,11 @@ def resume_lane(ctx: Context, *, assignee: str, actor: str | None = None,
             store.insert_event(conn, kind="lane_resumed", at=now, assignee=a, actor=who,
                                reason=why, data={"wasPausedFor": lane["paused_reason"]})
             lane = store.get_lane(conn, assignee=a)
+            store.notify_lane(conn, assignee=a)
+            todo = store.count_todo(conn, assignee=a, limit=pickup.WAKE_CAP)
     leases.set_paused(ctx, assignee=a, paused=False, reason=None, paused_at=None)
+    if was_paused:
+        pickup.wake(ctx, assignee=a, n=todo)
     if lane is None:
         return {"ok": True, "lane": None, "alreadyRunning": True}
     return {"ok": True, "lane": wire.lane(lane), "alreadyRunning": not was_paused}

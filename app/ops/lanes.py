@@ -20,9 +20,9 @@ from app import validate, wire
 from app.clock import iso, to_ms
 from app.errors import AutonomyError, LanePaused, NotInProgress, StaleLease, TaskNotFound
 from app.ops import breaker
-from app.storage import leases, store
+from app.storage import leases, pickup, store
 from app.storage.context import Context
-from app.storage.db import transaction
+from app.storage.db import autocommit, is_postgres, run_once_more_if_dead, transaction
 from app.storage.models import Outcome, TaskKind, TaskStatus
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,14 @@ def create(ctx: Context, *, assignee: str, title: str, priority: int | None = No
     }
     actor = validate.actor(actor, s)
     now = ctx.clock()
+    if is_postgres(ctx.engine):  # one statement, one round trip
+        with autocommit(ctx.engine) as conn:
+            row = store.create_pg(conn, values=values, now=now, actor=actor,
+                                  max_in_flight=s.default_max_in_flight)
+        if row is not None:
+            if not row["lane_paused"]:
+                made_claimable(ctx, assignee=a)
+            return {"ok": True, "task": wire.task(row)}
     with transaction(ctx.engine) as conn:
         store.ensure_lane(conn, assignee=a, now=now, max_in_flight=s.default_max_in_flight)
         lane = store.get_lane(conn, assignee=a)
@@ -52,11 +60,52 @@ def create(ctx: Context, *, assignee: str, title: str, priority: int | None = No
         })
         store.insert_event(conn, kind="task_created", at=now, assignee=a, task_id=row["id"],
                            actor=actor)
+        if not lane["paused"]:
+            store.notify_lane(conn, assignee=a)
+    if not lane["paused"]:
+        made_claimable(ctx, assignee=a)
     return {"ok": True, "task": wire.task(row)}
 
 
-def claim(ctx: Context, *, assignee: str, worker: str) -> dict[str, Any]:
-    """Claim the lane's next task under a lease (SPEC 4.1).
+def claim(ctx: Context, *, assignee: str, worker: str, wait_ms: Any = None
+          ) -> dict[str, Any]:
+    """Claim the lane's next task under a lease (SPEC 4.1). With ``wait_ms``, a claim
+    that finds the lane empty waits up to that long for work (push pickup)."""
+    s = ctx.settings
+    a, w = validate.assignee(assignee, s), validate.worker(worker, s)
+    wait = validate.wait_ms(wait_ms, s)
+    if not wait:
+        return _claim_now(ctx, assignee=a, worker=w)
+    return _claim_waiting(ctx, assignee=a, worker=w, wait_ms=wait)
+
+
+def _claim_waiting(ctx: Context, *, assignee: str, worker: str, wait_ms: int
+                   ) -> dict[str, Any]:
+    """Claim on a wake, or on the lane's safety poll when it is this caller's turn;
+    otherwise block on the lane's wake list (``pickup.wait``) until ``wait_ms`` is up. So
+    a fleet waiting on an empty lane costs the database one claim per safety period, and
+    a task created wakes one waiter within a round trip or two."""
+    deadline = time.monotonic() + wait_ms / 1000
+    turn = pickup.take_turn(ctx, assignee=assignee)
+    while True:
+        if turn:
+            answer = _claim_now(ctx, assignee=assignee, worker=worker)
+            if answer.get("task") is not None:
+                return answer
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return {"ok": True, "task": None}
+        turn = pickup.wait(ctx, assignee=assignee, timeout_s=left) != "timeout"
+
+
+def made_claimable(ctx: Context, *, assignee: str, n: int = 1) -> None:
+    """Wake up to ``n`` of the lane's waiting claims (after the commit that made ``n``
+    tasks claimable; the NOTIFY fallback went in that transaction: ``store.notify_lane``)."""
+    pickup.wake(ctx, assignee=assignee, n=n)
+
+
+def _claim_now(ctx: Context, *, assignee: str, worker: str) -> dict[str, Any]:
+    """Claim the lane's next task now.
 
     Redis is asked first; its ``PROCEED`` reserves the lane slot for this claim. While
     another claim holds the slot (``CLAIMING``) this one waits for it to land -- then the
@@ -66,7 +115,7 @@ def claim(ctx: Context, *, assignee: str, worker: str) -> dict[str, Any]:
     and so it does at once while Redis is degraded (down, stalled: SPEC 4.7).
     """
     s = ctx.settings
-    a, w = validate.assignee(assignee, s), validate.worker(worker, s)
+    a, w = assignee, worker
     deadline = time.monotonic() + s.claim_reserve_ms / 1000
     while True:
         now = ctx.clock()
@@ -116,6 +165,8 @@ def _confirm_fast_path(ctx: Context, fast: leases.FastPath, *, assignee: str, wo
 
 
 def _claim_in_db(ctx: Context, *, assignee: str, worker: str, now: datetime) -> dict[str, Any]:
+    if is_postgres(ctx.engine):
+        return _claim_on_pg(ctx, assignee=assignee, worker=worker, now=now)
     s = ctx.settings
     expires = now + timedelta(seconds=s.lease_ttl_s)
     token = secrets.token_hex(16)
@@ -144,6 +195,7 @@ def _claim_in_db(ctx: Context, *, assignee: str, worker: str, now: datetime) -> 
     for r in requeued:
         leases.drop(ctx, assignee=assignee, worker=r["claimed_by"], task_id=r["id"],
                     token=r["lease_token"])
+    made_claimable(ctx, assignee=assignee, n=len(requeued))
     if held is not None:
         return _guard(ctx, held, worker=worker, layer="db")
     if row is None:
@@ -153,6 +205,37 @@ def _claim_in_db(ctx: Context, *, assignee: str, worker: str, now: datetime) -> 
                   max_in_flight=lane["max_in_flight"], metric="claims")
     return {"ok": True, "task": wire.task(row),
             "lease": {"token": token, "expiresAt": iso(expires)}}
+
+
+def _claim_on_pg(ctx: Context, *, assignee: str, worker: str, now: datetime
+                 ) -> dict[str, Any]:
+    """PostgreSQL: the same steps as ``_claim_in_db`` in one call of ``autonomy_claim``
+    (one round trip, its own transaction; ``store.claim_pg``)."""
+    expires = now + timedelta(seconds=ctx.settings.lease_ttl_s)
+    token = secrets.token_hex(16)
+
+    def call() -> store.ClaimRows:
+        with autocommit(ctx.engine) as conn:
+            return store.claim_pg(conn, assignee=assignee, worker=worker, tokens=[token],
+                                  now=now, expires_at=expires, expires_iso=iso(expires) or "")
+
+    got = run_once_more_if_dead(ctx.engine, call)
+    for r in got.requeued:
+        leases.drop(ctx, assignee=assignee, worker=r["claimed_by"], task_id=r["id"],
+                    token=r["lease_token"])
+    made_claimable(ctx, assignee=assignee, n=len(got.requeued))
+    if got.paused is not None:
+        raise _paused_error(got.paused)
+    if got.held is not None:
+        return _guard(ctx, got.held, worker=worker, layer="db")
+    if not got.granted or got.lane is None:
+        return {"ok": True, "task": None}
+    row = got.granted[0]
+    leases.record(ctx, assignee=assignee, worker=worker, task_id=row["id"],
+                  token=row["lease_token"], expires_ms=to_ms(expires), now_ms=to_ms(now),
+                  max_in_flight=got.lane["max_in_flight"], metric="claims")
+    return {"ok": True, "task": wire.task(row),
+            "lease": {"token": row["lease_token"], "expiresAt": iso(expires)}}
 
 
 def _held(live: Any, *, worker: str, max_in_flight: int) -> RowMapping | None:
@@ -294,6 +377,8 @@ def complete(ctx: Context, *, task_id: Any, lease_token: Any, outcome: Any,
     if answer.get("pauseReason"):
         leases.set_paused(ctx, assignee=row["assignee"], paused=True,
                           reason=answer["pauseReason"], paused_at=answer["pausedAt"])
+    elif answer["task"]["status"] == TaskStatus.todo.value:  # a failure: claimable again
+        made_claimable(ctx, assignee=row["assignee"])
     return answer
 
 
@@ -302,15 +387,29 @@ def _complete_fast(ctx: Context, *, tid: int, token: str, res: dict[str, Any] | 
     """The common case in one conditional UPDATE: the lease is live and the token is the
     task's. None when it matched nothing -- then the full path reads the row and answers
     the guard or the refusal."""
-    with transaction(ctx.engine) as conn:
-        done = store.mark_done(conn, task_id=tid, token=token, now=now, result=res)
+    if is_postgres(ctx.engine):  # one statement, one round trip
+        done = run_once_more_if_dead(ctx.engine, lambda: _complete_on_pg(
+            ctx, tid=tid, token=token, res=res, now=now, actor=actor))
         if done is None:
             return None
-        store.insert_event(conn, kind="task_completed", at=now, assignee=done["assignee"],
-                           task_id=tid, actor=actor or done["claimed_by"])
+    else:
+        with transaction(ctx.engine) as conn:
+            done = store.mark_done(conn, task_id=tid, token=token, now=now, result=res)
+            if done is None:
+                return None
+            store.insert_event(conn, kind="task_completed", at=now,
+                               assignee=done["assignee"], task_id=tid,
+                               actor=actor or done["claimed_by"])
     leases.drop(ctx, assignee=done["assignee"], worker=done["claimed_by"], task_id=tid,
                 token=token)
     return {"ok": True, "task": wire.task(done)}
+
+
+def _complete_on_pg(ctx: Context, *, tid: int, token: str, res: dict[str, Any] | None,
+                    now: datetime, actor: str | None) -> RowMapping | None:
+    with autocommit(ctx.engine) as conn:
+        return store.complete_pg(conn, task_id=tid, token=token, now=now, result=res,
+                                 actor=actor)
 
 
 def _finish(ctx: Context, conn: Connection, *, row: RowMapping, lane: RowMapping | None,
@@ -326,6 +425,8 @@ def _finish(ctx: Context, conn: Connection, *, row: RowMapping, lane: RowMapping
     assert lane is not None and reason is not None
     fields = breaker.record_failure(ctx, conn, task=row, lane=lane, reason=reason, result=res,
                                     now=now, actor=who)
+    if not fields.get("lanePaused"):
+        store.notify_lane(conn, assignee=row["assignee"])
     after = store.get_task(conn, task_id=row["id"])
     assert after is not None
     return {"ok": True, "task": wire.task(after), **fields}
@@ -343,6 +444,7 @@ def release(ctx: Context, *, task_id: Any, lease_token: Any, actor: str | None =
         refusal = _refusal(row, tid, token, action="release")
         if refusal is None:
             store.release_lease(conn, task_id=tid, token=token, now=now)
+            store.notify_lane(conn, assignee=row["assignee"])  # type: ignore[index]
             store.insert_event(conn, kind="lease_released", at=now,
                                assignee=row["assignee"],  # type: ignore[index]
                                task_id=tid, actor=actor or row["claimed_by"])  # type: ignore[index]
@@ -353,4 +455,5 @@ def release(ctx: Context, *, task_id: Any, lease_token: Any, actor: str | None =
     assert row is not None
     leases.drop(ctx, assignee=row["assignee"], worker=row["claimed_by"], task_id=tid,
                 token=token)
+    made_claimable(ctx, assignee=row["assignee"])
     return {"ok": True, "taskId": tid, "released": True}

@@ -26,6 +26,13 @@ def view(ctx: Context) -> dict[str, Any]:
             "beat": leader.view(ctx)}
 
 
+def break_dead(ctx: Context) -> list[dict[str, Any]]:
+    """Release every run-lock whose holder stopped beating (as self-heal does); answers
+    the ones released. ``autonomy up`` calls it before its first checks, so a lock left by
+    a run killed with the last stop cannot hold up self-heal itself."""
+    return locks.break_dead_locks(ctx)
+
+
 def holder_name(kind: str) -> str:
     """The holder string a process of ``kind`` (``cli``, ``celery``, ...) takes locks as."""
     return locks.default_holder(kind)
@@ -34,3 +41,8 @@ def holder_name(kind: str) -> str:
 def lead_beat(ctx: Context) -> None:
     """Lead beat, or stand by until the leader's lease is free (see ``beat_guard.lead``)."""
     beat_guard.lead(ctx)
+
+
+def beat_may_send(ctx: Context) -> bool:
+    """May this beat send its due jobs now (it leads on a recently confirmed lease)?"""
+    return beat_guard.may_send(ctx)

@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 from app.errors import AutonomyError
@@ -35,6 +36,9 @@ from app.storage import leader, locks
 from app.storage.context import Context
 
 log = logging.getLogger(__name__)
+
+# monotonic time this process last confirmed its lease (taken or renewed); None: not leading
+_confirmed_at: float | None = None
 
 
 def _confirm_s(ctx: Context) -> float:
@@ -63,6 +67,7 @@ def lead(ctx: Context, *, holder: str | None = None, stop: threading.Event | Non
             stop.wait(poll_s)
             continue
         if token is not None:
+            _confirm()
             log.warning("beat lease taken by %s: this beat leads", who)
             threading.Thread(target=_keep, args=(ctx, token, who, stop,
                                                  on_lost or _stop_self),
@@ -117,7 +122,10 @@ def _keep(ctx: Context, token: str, who: str, stop: threading.Event,
         if failing:
             log.warning("beat lease renewal answers again")
             failing = False
-        if state != leader.RENEWED:
+        if state == leader.RENEWED:
+            _confirm()
+        else:
+            _forget()
             holder = None
             with contextlib.suppress(AutonomyError):
                 holder = leader.view(ctx)["leader"]
@@ -125,6 +133,28 @@ def _keep(ctx: Context, token: str, who: str, stop: threading.Event,
                       holder or "unknown")
             on_lost()
             return
+
+
+def _confirm() -> None:
+    global _confirmed_at
+    _confirmed_at = time.monotonic()
+
+
+def _forget() -> None:
+    global _confirmed_at
+    _confirmed_at = None
+
+
+def may_send(ctx: Context) -> bool:
+    """True while this process leads on a lease it confirmed recently enough that no other
+    beat can hold it yet: less than (TTL - one renewal) ago. A leader cut off from Redis
+    stops sending before its lease can lapse, so it never sends the jobs that fall due
+    while a standby may already lead (SPEC 4.7); it sends again once a renewal answers."""
+    at = _confirmed_at
+    if at is None:
+        return False
+    s = ctx.settings
+    return time.monotonic() - at < (s.beat_lease_ttl_ms - s.beat_lease_renew_ms) / 1000
 
 
 def _stop_self() -> None:

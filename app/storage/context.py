@@ -59,3 +59,6 @@ class Context:
         if fast is not None:
             fast.close()
             fast.connection_pool.disconnect()
+        listener = self.__dict__.pop("_pickup_listener", None)  # app.storage.pickup's
+        if listener is not None:
+            listener.close()

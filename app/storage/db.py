@@ -3,10 +3,16 @@
 SQLite runs in WAL mode with a busy timeout; a write transaction starts with
 ``BEGIN IMMEDIATE`` so two writers queue instead of failing on lock upgrade.
 PostgreSQL uses psycopg 3. Connection failures surface as ``DatabaseUnavailable``.
+
+No ping on every checkout: a connection that sat in the pool for less than
+``IDLE_PING_AFTER_S`` is used as it is (the hot path runs back to back), an older one is
+pinged first and replaced when dead; a hot-path statement that finds its connection dead
+anyway is run once more on a fresh one (``autocommit``).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -20,6 +26,9 @@ from app.errors import DatabaseBusy, DatabaseNotMigrated, DatabaseUnavailable
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _WRITE = "autonomy_write"
+# a pooled connection idle for longer than this is pinged before use (a server restart or
+# an idle timeout is found then, not by the statement)
+IDLE_PING_AFTER_S = 2.0
 
 
 def normalise_url(url: str) -> str:
@@ -40,12 +49,33 @@ def make_engine(url: str, *, connect_timeout_s: float = 5.0, busy_timeout_s: flo
         )
         _configure_sqlite(engine, busy_timeout_s)
         return engine
-    return sa.create_engine(
+    engine = sa.create_engine(
         url,
-        pool_pre_ping=True,
         pool_size=pool_size,
         connect_args={"connect_timeout": max(1, int(connect_timeout_s))},
     )
+    _ping_when_idle(engine)
+    return engine
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """SQLAlchemy's pessimistic disconnect handling, for idle connections only: the
+    ``checkout`` handler raises ``DisconnectionError`` on a dead one and the pool retries
+    with a new connection."""
+
+    @sa.event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @sa.event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since < IDLE_PING_AFTER_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as e:
+            raise sa.exc.DisconnectionError(f"pooled connection is dead: {e}") from e
 
 
 def _configure_sqlite(engine: Engine, busy_timeout_s: float) -> None:
@@ -83,23 +113,55 @@ def transaction(engine: Engine, *, write: bool = True) -> Iterator[Connection]:
             with conn.begin():
                 yield conn
     except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.ProgrammingError) as e:
-        if _is_missing_schema(e):
-            raise DatabaseNotMigrated(
-                "the database has no autonomy schema: run `autonomy db upgrade`",
-                url=_safe_url(engine)) from e
-        if isinstance(e, sa.exc.ProgrammingError):
+        err = _translate(engine, e)
+        if err is e:
             raise
-        if isinstance(e, sa.exc.OperationalError) and _is_lock_conflict(e):
-            raise DatabaseBusy(f"the database gave up on a lock, nothing was changed; "
-                               f"retry: {_first_line(e)}") from e
-        raise DatabaseUnavailable(
-            f"the database cannot be reached: {_first_line(e)}", url=_safe_url(engine)
-        ) from e
+        raise err from e
+
+
+@contextmanager
+def autocommit(engine: Engine) -> Iterator[Connection]:
+    """A connection whose statements each commit on their own (PostgreSQL: no ``BEGIN``
+    nor ``COMMIT`` round trip). For the hot path's single statements, which are atomic by
+    themselves. Errors are translated as in ``transaction``."""
+    try:
+        with engine.connect() as raw:
+            yield raw.execution_options(isolation_level="AUTOCOMMIT")
+    except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.ProgrammingError) as e:
+        raise _translate(engine, e) from e
+
+
+def run_once_more_if_dead(engine: Engine, fn: Any) -> Any:
+    """``fn()``; run again once when its pooled connection turned out dead (the server
+    restarted since it was last used). Only for statements safe to repeat: a claim or
+    complete whose first try may have landed is answered by its guard the second time."""
+    try:
+        return fn()
+    except (DatabaseUnavailable, DatabaseNotMigrated, DatabaseBusy) as e:
+        cause = e.__cause__
+        if isinstance(cause, sa.exc.DBAPIError) and cause.connection_invalidated:
+            return fn()
+        raise
+
+
+def _translate(engine: Engine, e: sa.exc.DBAPIError) -> Exception:
+    if _is_missing_schema(e):
+        return DatabaseNotMigrated(
+            "the database has no autonomy schema: run `autonomy db upgrade`",
+            url=_safe_url(engine))
+    if isinstance(e, sa.exc.ProgrammingError):
+        return e
+    if isinstance(e, sa.exc.OperationalError) and _is_lock_conflict(e):
+        return DatabaseBusy(f"the database gave up on a lock, nothing was changed; "
+                            f"retry: {_first_line(e)}")
+    return DatabaseUnavailable(f"the database cannot be reached: {_first_line(e)}",
+                               url=_safe_url(engine))
 
 
 def _is_missing_schema(e: sa.exc.DBAPIError) -> bool:
     text = str(e.orig).lower()
-    return "no such table" in text or ("relation" in text and "does not exist" in text)
+    return "no such table" in text or (("relation" in text or "autonomy_claim" in text)
+                                       and "does not exist" in text)
 
 
 def _is_lock_conflict(e: sa.exc.OperationalError) -> bool:

@@ -19,6 +19,15 @@ key                                type    TTL                                  
 ``lane:{assignee}:guards``         list    none; capped to ``guard_log_max``      leases.py
                                            JSON guard hits (the audit of refused
                                            duplicate claims, kept off the DB)
+``lane:{assignee}:wake``           list    2 x ``pickup_safety_poll_ms`` (>= 10   pickup.py
+                                           s), set again on each push; capped to
+                                           1,024. One entry per task made
+                                           claimable; a waiting claim pops one
+                                           (BRPOP): a hint, never the authority
+``lane:{assignee}:poll``           string  ``pickup_safety_poll_ms``              pickup.py
+                                           ``SET NX``: whose turn it is to claim
+                                           on the lane's safety poll (one waiter
+                                           per period, whatever the fleet's size)
 ``metrics``                        hash    none                                   metrics.py
                                            counters: claims, guard hits, ...
 ``lock:{job}``                     hash    budget + grace (set again on extend)   locks.py
@@ -72,6 +81,13 @@ class Keys:
 
     def lane_guards(self, assignee: str) -> str:
         return f"{self.prefix}lane:{assignee}:guards"
+
+    # --- push pickup (pickup.py) -------------------------------------------------
+    def lane_wake(self, assignee: str) -> str:
+        return f"{self.prefix}lane:{assignee}:wake"
+
+    def lane_poll(self, assignee: str) -> str:
+        return f"{self.prefix}lane:{assignee}:poll"
 
     # --- metrics (metrics.py) -----------------------------------------------------
     def metrics(self) -> str:

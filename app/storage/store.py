@@ -8,8 +8,10 @@ Lock order, to stay deadlock-free: lane row, then task rows.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -229,6 +231,84 @@ def claim_next(conn: Connection, *, assignee: str, worker: str, token: str,
     ).mappings().first()
 
 
+@dataclass
+class ClaimRows:
+    """What ``claim_pg`` answers: the paused lane, or the lease that refuses the claim, or
+    the leases granted; and the expired leases it requeued on the way (old holder, token)."""
+
+    lane: dict[str, Any] | None = None
+    paused: dict[str, Any] | None = None
+    held: dict[str, Any] | None = None
+    granted: list[dict[str, Any]] = field(default_factory=list)
+    requeued: list[dict[str, Any]] = field(default_factory=list)
+
+
+_CLAIM_PG = ("SELECT outcome, row_json FROM autonomy_claim(%(assignee)s, %(worker)s, "
+             "%(tokens)s::text[], %(now)s::timestamptz, %(expires)s::timestamptz, "
+             "%(expires_iso)s)")
+_TIMES = ("lease_expires_at", "lane_paused_at", "created_at", "updated_at", "completed_at",
+          "paused_at", "resumed_at")
+
+
+def claim_pg(conn: Connection, *, assignee: str, worker: str, tokens: Sequence[str],
+             now: datetime, expires_at: datetime, expires_iso: str) -> ClaimRows:
+    """PostgreSQL: the whole claim -- pause check, expired leases requeued, both guards,
+    up to ``len(tokens)`` leases within ``max_in_flight``, their events -- in one call of
+    ``autonomy_claim`` (migration 0003), one round trip. Run it in ``db.autocommit``: the
+    call is its own transaction."""
+    out = ClaimRows()
+    rows = conn.exec_driver_sql(_CLAIM_PG, {
+        "assignee": assignee, "worker": worker, "tokens": list(tokens), "now": now,
+        "expires": expires_at, "expires_iso": expires_iso}).all()
+    for outcome, data in rows:
+        row = _json_row(data)
+        if outcome == "granted":
+            out.granted.append(row)
+        elif outcome == "requeued":
+            out.requeued.append(row)
+        elif outcome == "held":
+            out.held = row
+        elif outcome == "lane":
+            out.lane = row
+        elif outcome == "paused":
+            out.paused = row
+    out.granted.sort(key=lambda r: (-r["priority"], r["created_at"], r["id"]))
+    return out
+
+
+def _json_row(data: Any) -> dict[str, Any]:
+    """A row that came back as JSON, its timestamps made aware datetimes again."""
+    row = dict(data)
+    for k in _TIMES:
+        v = row.get(k)
+        if isinstance(v, str):
+            row[k] = datetime.fromisoformat(v).astimezone(UTC)
+    return row
+
+
+_COMPLETE_PG = (
+    "WITH done AS ("
+    " UPDATE task SET status = 'done', completed_at = %(now)s, updated_at = %(now)s,"
+    " lease_expires_at = NULL, result = %(result)s::json"
+    " WHERE id = %(id)s AND status = 'in_progress' AND lease_token = %(token)s"
+    " RETURNING *"
+    "), ev AS ("
+    " INSERT INTO event (at, kind, assignee, task_id, actor, data)"
+    " SELECT %(now)s, 'task_completed', done.assignee, done.id,"
+    " coalesce(%(actor)s, done.claimed_by), '{}'::json FROM done"
+    ") SELECT * FROM done")
+
+
+def complete_pg(conn: Connection, *, task_id: int, token: str, now: datetime,
+                result: dict[str, Any] | None, actor: str | None) -> RowMapping | None:
+    """PostgreSQL: ``mark_done`` and its ``task_completed`` event in one statement, one
+    round trip (run it in ``db.autocommit``). None when the lease is not live under this
+    token -- the caller's full path then reads the row and answers the guard or refusal."""
+    return conn.exec_driver_sql(_COMPLETE_PG, {
+        "now": now, "result": None if result is None else json.dumps(result), "id": task_id,
+        "token": token, "actor": actor}).mappings().first()
+
+
 def extend_lease(conn: Connection, *, task_id: int, token: str, expires_at: datetime,
                  now: datetime) -> bool:
     res = conn.execute(
@@ -289,6 +369,56 @@ def open_remediation(conn: Connection, *, fingerprint: str) -> RowMapping | None
                            T.c.kind == TaskKind.ops_remediation.value,
                            T.c.status.in_(ACTIVE)).limit(1)
     ).mappings().first()
+
+
+_CREATE_PG = (
+    "WITH new_lane AS ("
+    " INSERT INTO lane (assignee, paused, max_in_flight, created_at)"
+    " VALUES (%(assignee)s, false, %(max_in_flight)s, %(now)s)"
+    " ON CONFLICT (assignee) DO NOTHING"
+    " RETURNING paused, paused_reason, paused_at"
+    "), l AS ("
+    " SELECT paused, paused_reason, paused_at FROM new_lane UNION ALL"
+    " SELECT paused, paused_reason, paused_at FROM lane WHERE assignee = %(assignee)s"
+    "), t AS ("
+    " INSERT INTO task (title, assignee, kind, status, priority, payload, attempts,"
+    " lane_paused, lane_paused_reason, lane_paused_at, created_at, updated_at)"
+    " SELECT %(title)s, %(assignee)s, %(kind)s, 'todo', %(priority)s, %(payload)s::json, 0,"
+    " l.paused, CASE WHEN l.paused THEN l.paused_reason END,"
+    " CASE WHEN l.paused THEN l.paused_at END, %(now)s, %(now)s FROM (SELECT * FROM l LIMIT 1) l"
+    " RETURNING *"
+    "), ev AS ("
+    " INSERT INTO event (at, kind, assignee, task_id, actor, data)"
+    " SELECT %(now)s, 'task_created', t.assignee, t.id, %(actor)s, '{}'::json FROM t"
+    "), woke AS ("
+    " SELECT pg_notify('autonomy_lane', t.assignee) FROM t WHERE NOT t.lane_paused"
+    ") SELECT t.*, (SELECT count(*) FROM woke) AS notified FROM t")
+
+
+def create_pg(conn: Connection, *, values: dict[str, Any], now: datetime, max_in_flight: int,
+              actor: str | None) -> RowMapping | None:
+    """PostgreSQL: ``create`` in one statement -- the lane row on first use, the task with
+    the lane's pause stamped on it, its ``task_created`` event and the lane's NOTIFY (when
+    not paused). Run it in ``db.autocommit``. None when the lane row was being created by
+    another statement at the same moment (the caller's transaction path then runs)."""
+    return conn.exec_driver_sql(_CREATE_PG, {
+        "assignee": values["assignee"], "max_in_flight": max_in_flight, "now": now,
+        "title": values["title"], "kind": values["kind"], "priority": values["priority"],
+        "payload": json.dumps(values["payload"]), "actor": actor}).mappings().first()
+
+
+def notify_lane(conn: Connection, *, assignee: str) -> None:
+    """PostgreSQL: ``NOTIFY`` the lane's waiters when this transaction commits (push
+    pickup's fallback while Redis is degraded; ``app/storage/pickup.py``). SQLite: nothing."""
+    if _pg(conn):
+        conn.execute(sa.text("SELECT pg_notify('autonomy_lane', :a)"), {"a": assignee})
+
+
+def count_todo(conn: Connection, *, assignee: str, limit: int) -> int:
+    """How many ``todo`` tasks the lane has, counted up to ``limit`` (the lane index)."""
+    sub = (sa.select(T.c.id).where(T.c.assignee == assignee,
+                                   T.c.status == TaskStatus.todo.value).limit(limit))
+    return int(conn.execute(sa.select(sa.func.count()).select_from(sub.subquery())).scalar_one())
 
 
 # --- failure fingerprints ---------------------------------------------------------------

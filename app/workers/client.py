@@ -29,9 +29,18 @@ class Client(ABC):
     def close(self) -> None:
         """Release connections (idempotent)."""
 
-    def claim(self, lane: str, worker: str) -> dict[str, Any]:
-        """Claim the lane's next task (SPEC 4.1)."""
-        return self.call({"action": "claim", "assignee": lane, "worker": worker})
+    def claim(self, lane: str, worker: str, *, wait_ms: int | None = None) -> dict[str, Any]:
+        """Claim the lane's next task (SPEC 4.1); with ``wait_ms``, an empty lane is waited
+        on that long for work to arrive (push pickup) before the answer."""
+        request: dict[str, Any] = {"action": "claim", "assignee": lane, "worker": worker}
+        if wait_ms:
+            request["waitMs"] = wait_ms
+        return self.call(request)
+
+    @property
+    def claim_wait_ms(self) -> int:
+        """How long a worker's claim on an empty lane waits per call."""
+        return self.settings.worker_wait_ms
 
     def heartbeat(self, task_id: int, lease_token: str) -> dict[str, Any]:
         """Extend a live lease."""
@@ -115,15 +124,23 @@ class HttpClient(Client):
         self.url = url.rstrip("/")
         self.settings = settings or get_settings()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.timeout_s = timeout_s
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s,
                                   transport=transport)
+
+    @property
+    def claim_wait_ms(self) -> int:
+        """The long poll's length: the server holds an empty claim this long."""
+        return self.settings.worker_http_wait_ms
 
     def call(self, request: dict[str, Any]) -> dict[str, Any]:
         """POST one action; maps ``ok: false`` answers back to their error class."""
         import httpx
 
         try:
-            resp = self._http.post("/api/autonomy", json=request)
+            wait_s = request.get("waitMs", 0) / 1000 if request.get("action") == "claim" else 0
+            resp = self._http.post("/api/autonomy", json=request,
+                                   timeout=self.timeout_s + wait_s)
         except httpx.HTTPError as e:
             raise Unavailable(f"the autonomy API at {self.url} cannot be reached: {e}",
                               url=self.url) from e

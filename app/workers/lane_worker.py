@@ -15,8 +15,9 @@ Progress lines go through ``logging`` with ``worker``, ``lane`` and ``task_id`` 
 
 While the handler runs a thread heartbeats the lease every ``lease_ttl / 3`` so a slow task
 keeps it. A paused lane (``lane_paused``) and an unreachable service are waited out with a
-capped backoff, said once per episode; an empty lane is polled with a short backoff. A stop
-(the event, or SIGTERM/SIGINT when ``run`` installs handlers) stops claiming; the running
+capped backoff, said once per episode; an empty lane is waited on by a claim with
+``waitMs`` that returns when work arrives (push pickup, no polling). A stop (the event,
+or SIGTERM/SIGINT when ``run`` installs handlers) stops claiming; the running
 task finishes. A handler that is interrupted (``KeyboardInterrupt``, ``SystemExit``) or
 raises ``ReleaseTask`` gives its lease back, so the task is never left in progress until
 its lease expires. An outcome that cannot be reported (the service is down) is retried,
@@ -107,6 +108,8 @@ class LaneWorker:
         self._fixed_beat_s = heartbeat_interval_s
         self.heartbeat_interval_s = heartbeat_interval_s or max(0.05, s.lease_ttl_s / 3)
         self.idle = Backoff(*idle_backoff_s)
+        # the last claim found the lane empty: the next one waits for work (push pickup)
+        self._lane_empty = False
         self.pause = Backoff(*pause_backoff_s)
         self.say = say  # None: log lines through ``logging`` (app.logs), with their fields
         self.stats = WorkerStats()
@@ -158,8 +161,10 @@ class LaneWorker:
         ``None``. Refusals that waiting cannot cure (bad input, auth) are raised; an answer
         the worker cannot use (a server error, a garbled body) is logged and the claim
         retried -- a retried claim gets back the lease the lost answer granted."""
+        wait_ms = self.client.claim_wait_ms if self._lane_empty else None
+        asked = time.monotonic()
         try:
-            answer = self.client.claim(self.lane, self.name)
+            answer = self.client.claim(self.lane, self.name, wait_ms=wait_ms)
         except LanePaused as e:
             self._wait(stop, self.pause, e, "waiting for a resume")
             return None
@@ -180,7 +185,13 @@ class LaneWorker:
             self._waiting_on = None
         self.pause.reset()
         task, lease = answer.get("task"), answer.get("lease")
-        if task is None or lease is None:  # empty lane, or full with others' leases
+        if task is None and answer.get("guard") is None:  # the lane is empty
+            if not self._lane_empty:  # wait for work in the next claim (push pickup)
+                self._lane_empty = True
+            elif time.monotonic() - asked < (wait_ms or 0) / 2000:
+                stop.wait(self.idle.step())  # a server that does not wait: poll instead
+            return None
+        if task is None or lease is None:  # full with others' leases
             stop.wait(self.idle.step())
             return None
         if not isinstance(task, dict) or not isinstance(task.get("id"), int) \
@@ -189,6 +200,7 @@ class LaneWorker:
             stop.wait(self.pause.step())
             return None
         self.idle.reset()
+        self._lane_empty = False
         self.stats.claimed += 1
         self._log(f"task {task['id']}: claimed (attempt {int(task.get('attempts') or 0) + 1})",
                   task_id=task["id"])

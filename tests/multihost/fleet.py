@@ -7,7 +7,7 @@
 | wh | ``autonomy worker --url`` over HTTP to the API |
 | b1, b2 | ``celery -A app.celery_app beat`` each; one leads, one stands by |
 
-Settings are short (lease 3 s, beat period 2 s, leader dead after 1.5 s) so a fault plays
+Settings are short (lease 3 s, beat period 2 s, beat leader lease 1.5 s) so a fault plays
 out in seconds. Every process runs in its own process group with its output in a file;
 ``stop`` ends them all. The test process observes from inside the server host.
 """
@@ -45,6 +45,8 @@ LEASE_TTL_S = 3.0
 BEAT_EVERY_S = 2.0
 LOCK_HEARTBEAT_INTERVAL_MS = 250
 LOCK_HOLDER_DEAD_AFTER_MS = 1500
+BEAT_LEASE_TTL_MS = 1500  # the beat leader lease
+BEAT_LEASE_RENEW_MS = 250
 BEAT_STANDBY_POLL_S = 0.2
 # a direct worker on another host: a query whose packets go unanswered fails after 3 s
 # (libpq's tcp_user_timeout) instead of waiting for TCP to give up (~15 min)
@@ -134,6 +136,8 @@ class Fleet:
             "AUTONOMY_LOCK_HEARTBEAT_INTERVAL_MS": str(LOCK_HEARTBEAT_INTERVAL_MS),
             "AUTONOMY_LOCK_HOLDER_DEAD_AFTER_MS": str(LOCK_HOLDER_DEAD_AFTER_MS),
             "AUTONOMY_BEAT_STANDBY_POLL_S": str(BEAT_STANDBY_POLL_S),
+            "AUTONOMY_BEAT_LEASE_TTL_MS": str(BEAT_LEASE_TTL_MS),
+            "AUTONOMY_BEAT_LEASE_RENEW_MS": str(BEAT_LEASE_RENEW_MS),
             "PYTHONUNBUFFERED": "1", "MH_HOST": host,
         })
         env.update(extra)
@@ -278,7 +282,7 @@ def _try_connect(url: str) -> psycopg.Connection[Any] | None:
 def _ready(http: httpx.Client | None) -> bool:
     assert http is not None
     try:
-        return http.get("/api/autonomy/status").status_code == 200
+        return http.get("/readyz").status_code == 200
     except httpx.HTTPError:
         return False
 

@@ -28,9 +28,13 @@ def run_self_heal(ctx: Context, fence: state.Fence | None = None) -> dict[str, A
             fence.check("the requeue of expired leases")
         rows = store.requeue_expired(conn, now=now)
         lanes.requeue_events(conn, rows, now=now, actor=ACTOR)
+        for a in {r["assignee"] for r in rows}:
+            store.notify_lane(conn, assignee=a)
     for r in rows:  # the Redis lease cache forgets them (best effort; the DB decided)
         leases.drop(ctx, assignee=r["assignee"], worker=r["claimed_by"], task_id=r["id"],
                     token=r["lease_token"])
+    for a in {r["assignee"] for r in rows}:
+        lanes.made_claimable(ctx, assignee=a, n=sum(r["assignee"] == a for r in rows))
     if fence is not None:
         fence.check("the release of dead run-locks")
     broken = locks.break_dead_locks(ctx)

@@ -1,0 +1,140 @@
+"""Push pickup: a claim that found its lane empty waits for a signal instead of polling.
+
+Whatever makes a task claimable -- create, a lease released or requeued, a failure that
+returns its task to ``todo``, a resume -- pushes one wake per task onto the lane's wake
+list (``lane:{assignee}:wake``); a waiting claim blocks on it (``BRPOP``), so one task
+wakes one waiter, not the whole fleet. A wake pushed while nobody waits stays in the list
+(capped, with a TTL) for the next waiter, so none is lost between a claim that found the
+lane empty and its wait.
+
+Nothing here is the authority: a wake is only a hint to claim now, and the database
+decides. Besides wakes, waiters claim on a slow safety poll, taken by one waiter per lane
+at a time (``lane:{assignee}:poll``, ``SET NX PX``), so an idle fleet costs the database
+at most one claim per ``pickup_safety_poll_ms`` per lane whatever its size -- and still
+finds work that arrived without a wake (Redis flushed, a task written by hand).
+
+When Redis is degraded, PostgreSQL's LISTEN/NOTIFY carries the wakes instead: producers
+``NOTIFY`` the lane in their own transaction (``store.notify_lane``) and a waiter listens
+on a connection of its own; on SQLite without Redis the waiter sleeps out a slice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import redis
+
+from app.storage.context import Context
+
+log = logging.getLogger(__name__)
+
+WAKE_CAP = 1024  # wakes kept for waiters to come: more than any lane's waiting fleet
+CHANNEL = "autonomy_lane"  # PostgreSQL NOTIFY channel; the payload is the lane's name
+
+
+def wake(ctx: Context, *, assignee: str, n: int = 1) -> None:
+    """Tell waiters of the lane that ``n`` tasks became claimable (best effort: a missed
+    wake costs at most one safety poll of latency)."""
+    if n <= 0 or not ctx.redis_health.usable():
+        return
+    key = ctx.keys.lane_wake(assignee)
+    ttl_ms = max(ctx.settings.pickup_safety_poll_ms * 2, 10_000)
+    try:
+        pipe = ctx.fast_redis.pipeline(transaction=False)
+        pipe.lpush(key, *(["1"] * min(n, WAKE_CAP)))
+        pipe.ltrim(key, 0, WAKE_CAP - 1)
+        pipe.pexpire(key, ttl_ms)
+        pipe.execute()
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        ctx.redis_health.failed(e)
+        log.debug("redis: could not push a wake for lane %s: %s", assignee, e)
+
+
+def wait(ctx: Context, *, assignee: str, timeout_s: float) -> str:
+    """Block until a wake for the lane arrives or ``timeout_s`` passes. Answers ``"wake"``,
+    ``"poll"`` (no wake, but this waiter's turn for the lane's safety poll) or
+    ``"timeout"`` (claim nothing). Never longer than ``timeout_s``."""
+    timeout_s = max(0.0, timeout_s)
+    if ctx.redis_health.usable():
+        try:
+            return _wait_redis(ctx, assignee=assignee, timeout_s=timeout_s)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            ctx.redis_health.failed(e)
+            log.debug("redis: wait for lane %s failed, falling back: %s", assignee, e)
+    if ctx.engine.dialect.name == "postgresql":
+        return _wait_notify(ctx, assignee=assignee, timeout_s=timeout_s)
+    time.sleep(min(timeout_s, ctx.settings.pickup_safety_poll_ms / 1000))
+    return "poll"
+
+
+def _wait_redis(ctx: Context, *, assignee: str, timeout_s: float) -> str:
+    k = ctx.keys
+    # BRPOP's timeout must stay inside the client's socket timeout
+    slice_cap = max(0.1, ctx.settings.redis_socket_timeout_s - 1.0)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return "timeout"
+        block = min(left, slice_cap)
+        # BRPOP takes whole seconds or fractions since Redis 6; 0 would block forever
+        got = ctx.redis.brpop([k.lane_wake(assignee)], timeout=max(0.01, round(block, 2)))
+        if got is not None:
+            return "wake"
+        if ctx.redis.set(k.lane_poll(assignee), "1", nx=True,
+                         px=ctx.settings.pickup_safety_poll_ms):
+            return "poll"
+
+
+def _wait_notify(ctx: Context, *, assignee: str, timeout_s: float) -> str:
+    """LISTEN on a connection of our own (kept per context) for the lane's NOTIFY."""
+    conn = _listener(ctx)
+    deadline = time.monotonic() + min(timeout_s, ctx.settings.pickup_safety_poll_ms / 1000)
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "poll"
+            for n in conn.notifies(timeout=left, stop_after=1):
+                if n.payload == assignee:
+                    return "wake"
+    except Exception as e:  # the listener died (server restart): a fresh one next time
+        ctx.__dict__.pop("_pickup_listener", None)
+        log.debug("postgres: LISTEN for lane %s failed: %s", assignee, e)
+        time.sleep(min(max(0.0, deadline - time.monotonic()), 1.0))
+        return "poll"
+
+
+def _listener(ctx: Context) -> Any:
+    conn = ctx.__dict__.get("_pickup_listener")
+    if conn is None or conn.closed:
+        import psycopg
+
+        url = ctx.engine.url.set(drivername="postgresql").render_as_string(
+            hide_password=False)
+        conn = psycopg.connect(url, autocommit=True,
+                               connect_timeout=max(1, int(ctx.settings.db_connect_timeout_s)))
+        conn.execute(f"LISTEN {CHANNEL}")
+        ctx.__dict__["_pickup_listener"] = conn
+    return conn
+
+
+def take_turn(ctx: Context, *, assignee: str) -> bool:
+    """Without blocking: may a claim that is about to wait try the database first? Yes
+    when a wake is pending (taken), when the lane's safety poll is this caller's, or when
+    Redis cannot say (degraded: the database decides every time)."""
+    if not ctx.redis_health.usable():
+        return True
+    k = ctx.keys
+    try:
+        if ctx.fast_redis.rpop(k.lane_wake(assignee)) is not None:
+            return True
+        return bool(ctx.fast_redis.set(k.lane_poll(assignee), "1", nx=True,
+                                       px=ctx.settings.pickup_safety_poll_ms))
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        ctx.redis_health.failed(e)
+        return True
+
+

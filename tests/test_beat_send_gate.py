@@ -1,0 +1,79 @@
+"""A leader beat sends due jobs only on a lease it confirmed recently: cut off from Redis
+(here: its Redis stopped with SIGSTOP, so renewals hang), it stops sending before the lease
+can lapse and a standby take over; once renewals answer again it sends again.
+
+The multihost partition test (tests/multihost) shows the same on a real network cut: before
+this gate the cut-off leader sent the jobs that fell due during the cut after healing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from app.celery_app import LeaderScheduler
+from app.storage import beat_guard
+from app.storage.context import Context
+from tests.conftest import make_settings
+from tests.servers import ThrowawayRedis
+
+
+@pytest.fixture
+def own_redis() -> Iterator[ThrowawayRedis]:
+    server = ThrowawayRedis()
+    yield server
+    os.kill(server.proc.pid, signal.SIGCONT)  # never leave it stopped
+    server.stop()
+
+
+def _wait(what: str, cond: object, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_a_leader_stops_sending_while_its_lease_cannot_be_confirmed_and_resumes(
+        sqlite_url: str, own_redis: ThrowawayRedis) -> None:
+    ctx = Context.from_settings(make_settings(
+        sqlite_url, own_redis.url, "gate:", beat_lease_ttl_ms=1500, beat_lease_renew_ms=250,
+        redis_socket_timeout_s=0.5))
+    stop = threading.Event()
+    try:
+        assert not beat_guard.may_send(ctx)  # not leading yet
+        token = beat_guard.lead(ctx, holder="host:1:beat", stop=stop, on_lost=stop.set)
+        assert token is not None
+        assert beat_guard.may_send(ctx)
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)  # renewals hang from here on
+        t0 = time.monotonic()
+        _wait("the gate to close", lambda: not beat_guard.may_send(ctx))
+        # closed before the lease could lapse (TTL 1.5 s after the last renewal)
+        assert time.monotonic() - t0 < 1.5
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
+        _wait("the gate to open again", lambda: beat_guard.may_send(ctx))
+    finally:
+        stop.set()
+        beat_guard._forget()
+        ctx.close()
+
+
+def test_the_scheduler_skips_a_due_job_while_the_gate_is_closed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[str] = []
+    monkeypatch.setattr("celery.beat.PersistentScheduler.apply_entry",
+                        lambda self, entry, producer=None: sent.append(entry.name))
+
+    class Entry:
+        name = "handoff_health"
+
+    sched = LeaderScheduler.__new__(LeaderScheduler)  # apply_entry needs no scheduler state
+    monkeypatch.setattr("app.ops.run_locks.beat_may_send", lambda ctx: False)
+    sched.apply_entry(Entry())
+    assert sent == []
+    monkeypatch.setattr("app.ops.run_locks.beat_may_send", lambda ctx: True)
+    sched.apply_entry(Entry())
+    assert sent == ["handoff_health"]
