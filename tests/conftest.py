@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,6 +113,17 @@ def redis_client(redis_server_url: str) -> Iterator[redis.Redis]:
     client = make_redis(redis_server_url)
     yield client
     client.close()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[ThrowawayRedis]:
+    """A redis-server of this test's own, to stop, stall (SIGSTOP) or kill: never the
+    shared one. Left running (SIGCONT) before it is stopped."""
+    server = ThrowawayRedis()
+    yield server
+    if server.proc.poll() is None:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    server.stop()
 
 
 @pytest.fixture

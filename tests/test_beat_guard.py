@@ -20,15 +20,6 @@ from tests.conftest import make_settings
 from tests.servers import ThrowawayRedis
 
 
-@pytest.fixture
-def own_redis() -> Iterator[ThrowawayRedis]:
-    server = ThrowawayRedis()
-    yield server
-    if server.proc.poll() is None:
-        os.kill(server.proc.pid, signal.SIGCONT)
-    server.stop()
-
-
 def _until(what: str, cond: Callable[[], bool], timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():

@@ -11,7 +11,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -20,14 +19,6 @@ from app.storage import beat_guard
 from app.storage.context import Context
 from tests.conftest import make_settings
 from tests.servers import ThrowawayRedis
-
-
-@pytest.fixture
-def own_redis() -> Iterator[ThrowawayRedis]:
-    server = ThrowawayRedis()
-    yield server
-    os.kill(server.proc.pid, signal.SIGCONT)  # never leave it stopped
-    server.stop()
 
 
 def _wait(what: str, cond: object, timeout_s: float = 30.0) -> None:

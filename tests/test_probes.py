@@ -12,10 +12,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from app.clock import FrozenClock
 from app.ops.probes import this_host
@@ -27,12 +24,6 @@ from tests.servers import ThrowawayRedis, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
-
-@pytest.fixture
-def own_redis() -> Iterator[ThrowawayRedis]:
-    server = ThrowawayRedis()
-    yield server
-    server.stop()
 
 
 def _ctx(db_url: str, redis_url: str, prefix: str, **overrides: object) -> Context:

@@ -28,15 +28,6 @@ from tests.conftest import make_settings
 from tests.servers import ThrowawayRedis
 
 
-@pytest.fixture
-def own_redis() -> Iterator[ThrowawayRedis]:
-    server = ThrowawayRedis()
-    yield server
-    if server.proc.poll() is None:
-        os.kill(server.proc.pid, signal.SIGCONT)
-    server.stop()
-
-
 def _ctx(database_url: str, server: ThrowawayRedis, clock: FrozenClock,
          **overrides: Any) -> Context:
     s = make_settings(database_url, server.url, "t:", redis_fast_path_timeout_ms=200,
