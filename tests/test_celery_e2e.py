@@ -33,24 +33,12 @@ from app.local.flower import refuse_open_flower
 from app.settings import Settings
 from tasks.checks import payload_of
 from tests.conftest import make_settings
+from tests.servers import live_in_group
 
 REPO = Path(__file__).resolve().parent.parent
 JOBS = ("handoff_health", "readiness", "self_heal", "status")
 READINESS_HOLD_MS = 12_000
 DEADLINE_S = 50.0
-
-
-def _live_in_group(pgid: int) -> list[int]:
-    """Pids of the process group that are alive (zombies excluded)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            pids.append(int(stat.parent.name))
-    return pids
 
 
 class Proc:
@@ -79,7 +67,7 @@ class Proc:
     def _gone_within(self, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            if self.popen.poll() is not None and not _live_in_group(self.pgid):
+            if self.popen.poll() is not None and not live_in_group(self.pgid):
                 return True
             time.sleep(0.1)
         return False
@@ -118,7 +106,7 @@ def e2e(tmp_path: Path, sqlite_url: str, redis_server_url: str,
     for p in reversed(procs):
         p.stop()
     for p in procs:
-        assert not _live_in_group(p.pgid), f"{p.name} left processes behind"
+        assert not live_in_group(p.pgid), f"{p.name} left processes behind"
     client.close()
 
 

