@@ -127,11 +127,18 @@ def text_problem(text: str) -> str | None:
     return None
 
 
+_SCALARS = frozenset({int, float, bool})
+
+
 def storable(value: Any, field: str, *, max_depth: int | None = None,
              too_deep: type[InvalidInput] = InvalidInput) -> None:
     """Refuse (``invalid_input`` naming the field) any string in ``value`` -- a key or a
     value at any depth -- that cannot be stored and answered, and nesting deeper than
     ``max_depth``. Iterative, so no input can exhaust the stack."""
+    if value is None or type(value) in _SCALARS:  # the common case, without the walk
+        return
+    if type(value) is str and value.isascii() and "\x00" not in value:
+        return
     todo: list[tuple[Any, str, int]] = [(value, field, 0)]
     while todo:
         v, where, depth = todo.pop()
@@ -247,6 +254,17 @@ def lease_token(value: Any, s: Settings | None = None) -> str:
     out: str = _check(types(s or DEFAULT_LIMITS).lease_token, value, InvalidLeaseToken,
                       "leaseToken", "leaseToken must be the 32-hex token the claim answered")
     return out
+
+
+def claim_next(value: Any, s: Settings) -> tuple[str, str] | None:
+    """``complete``'s optional ``claimNext``: ``{"assignee": lane, "worker": name}``, the
+    claim to make once the outcome is recorded; as ``(assignee, worker)``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidInput("claimNext must be an object with assignee and worker",
+                           field="claimNext")
+    return assignee(value.get("assignee"), s), worker(value.get("worker"), s)
 
 
 def outcome(value: Any) -> Outcome:

@@ -22,7 +22,8 @@ LANE = "rt-lane"
 
 
 def cycle_counts(ctx: Context, trace: PgTrace) -> dict[str, WireCount]:
-    """The counts of one claim, one complete, and an empty-lane claim, on a warm context
+    """The counts of one claim, one complete, an empty-lane claim, and a worker's steady
+    cycle (a complete that also claims the next task: ``claimNext``), on a warm context
     (scripts loaded, pool filled, statements prepared)."""
     lane_control.configure_lane(ctx, assignee=LANE, max_in_flight=4, actor="bench")
     for i in range(10):  # 8 warm, the counted one, one more: then empty
@@ -43,11 +44,30 @@ def cycle_counts(ctx: Context, trace: PgTrace) -> dict[str, WireCount]:
     out["complete"] = count_wire(trace, lambda: complete(box["got"]))
     complete(claim())  # the lane is empty now
     out["empty claim"] = count_wire(trace, claim)
+    out["worker cycle"] = _worker_cycle(ctx, trace)
     return out
 
 
+def _worker_cycle(ctx: Context, trace: PgTrace) -> WireCount:
+    """What ``LaneWorker`` sends per task once it runs: complete + claim next, one call."""
+    for i in range(10):
+        lanes.create(ctx, assignee=LANE, title=f"cycle {i}")
+    got = lanes.claim(ctx, assignee=LANE, worker="rt-worker")
+
+    def cycle() -> None:
+        nonlocal got
+        got = lanes.complete(ctx, task_id=got["task"]["id"], lease_token=got["lease"]["token"],
+                             outcome="success",
+                             claim_next={"assignee": LANE, "worker": "rt-worker"})["next"]
+        assert got.get("lease") and not got.get("guard"), got
+
+    for _ in range(7):  # warm
+        cycle()
+    return count_wire(trace, cycle)
+
+
 def total(counts: dict[str, WireCount]) -> dict[str, int]:
-    """Claim + complete together."""
+    """Claim + complete together, as separate calls."""
     c, d = counts["claim"], counts["complete"]
     return {"pgRoundTrips": c.pg_round_trips + d.pg_round_trips,
             "pgTransactions": c.pg_transactions + d.pg_transactions,
@@ -63,13 +83,19 @@ def run(env: Env) -> list[Row]:
     finally:
         trace.close()
         ctx.close()
-    t = total(counts)
+    t, w = total(counts), counts["worker cycle"].to_json()
     details = {k: v.to_json() for k, v in counts.items()}
+    labels = (("pgRoundTrips", "PostgreSQL round trips"),
+              ("pgTransactions", "PostgreSQL transactions"),
+              ("redisRoundTrips", "Redis round trips"))
     return [
         Row(bench=10, what=f"claim+complete: {label}", figure=t[key], unit="per cycle",
             baseline=BEFORE[key], baseline_what="before issue 13", target="report",
             details=details if key == "pgRoundTrips" else {})
-        for key, label in (("pgRoundTrips", "PostgreSQL round trips"),
-                           ("pgTransactions", "PostgreSQL transactions"),
-                           ("redisRoundTrips", "Redis round trips"))
+        for key, label in labels
+    ] + [
+        Row(bench=10, what=f"worker cycle (complete + claimNext): {label}", figure=w[key],
+            unit="per cycle", baseline=BEFORE[key], baseline_what="before issue 13",
+            target="report")
+        for key, label in labels
     ]

@@ -26,12 +26,12 @@ def test_migrations_upgrade_downgrade_upgrade(database_url: str) -> None:
     assert _tables(database_url) == TABLES
     engine = db.make_engine(database_url)
     try:
-        assert db.current_revision(engine) == "0003"
-        if db.is_postgres(engine):  # the claim in one call (migration 0003)
+        assert db.current_revision(engine) == "0004"
+        if db.is_postgres(engine):  # the claim in one call (0003), complete+claim (0004)
             with engine.connect() as c:
                 assert c.exec_driver_sql(
-                    "SELECT count(*) FROM pg_proc WHERE proname = 'autonomy_claim'"
-                ).scalar_one() == 1
+                    "SELECT count(*) FROM pg_proc WHERE proname IN "
+                    "('autonomy_claim', 'autonomy_complete')").scalar_one() == 2
         indexes = {ix["name"] for ix in sa.inspect(engine).get_indexes("task")}
         assert {"ix_task_lane_queue", "ix_task_failure_fingerprint",
                 "ix_task_completed_at"} <= indexes

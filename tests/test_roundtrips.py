@@ -58,6 +58,18 @@ def test_a_cycle_costs_two_postgres_and_three_redis_round_trips(
     assert total(counted) == {"pgRoundTrips": 2, "pgTransactions": 2, "redisRoundTrips": 3}
 
 
+def test_a_workers_cycle_is_one_postgres_and_two_redis_round_trips(
+        counted: dict[str, WireCount]) -> None:
+    """``LaneWorker``'s steady state: a complete that also claims the next task
+    (``claimNext``) -- ``autonomy_complete`` in one statement and one transaction; Redis:
+    the hand-over (drop the lease, check and reserve the next claim) and the new lease's
+    record."""
+    cycle = counted["worker cycle"]
+    assert (cycle.pg_round_trips, cycle.pg_transactions, cycle.pg_pings,
+            cycle.redis_round_trips) == (1, 1, 0, 2), cycle.to_json()
+    assert cycle.statements[0].startswith("SELECT outcome, row_json FROM autonomy_complete(")
+
+
 def test_the_counter_sees_a_transaction_of_several_statements(
         pg_url: str, redis_server_url: str, redis_prefix: str) -> None:
     """The instrument itself: BEGIN, two statements and COMMIT are four round trips and

@@ -47,6 +47,9 @@ class RequestSchema(NamedTuple):
 def _build(t: validate.Types) -> RequestSchema:
     obj = dict[str, Any] | str
     actor = _opt(t.worker, "Who asks (for the audit trail).")
+    claim_next = create_model("ClaimNext", __base__=_Request,
+                              assignee=_req(t.assignee, "The lane."),
+                              worker=_req(t.worker, "Who claims: the lease's holder."))
     specs: list[tuple[str, str, str, dict[str, Any]]] = [
         ("CreateRequest", "Queue a task in a lane.", "create", {
             "assignee": _req(t.assignee, "The lane."),
@@ -71,7 +74,11 @@ def _build(t: validate.Types) -> RequestSchema:
             "validationReason": _opt(t.reason, "Why it failed (required for a failure)."
                                      + _TEXT),
             "result": _opt(obj, "A JSON object kept on the task." + _TEXT),
-            "actor": _opt(t.worker, "Who completes (default: the lease holder).")}),
+            "actor": _opt(t.worker, "Who completes (default: the lease holder)."),
+            "claimNext": _opt(claim_next, "Once the outcome is recorded, claim this "
+                              "worker's next task in this lane and answer it as `next` "
+                              "(what `claim` answers; left out when that claim is "
+                              "refused): a worker's cycle in one request.")}),
         ("ReleaseRequest", "Give a lease back without an outcome.", "release", {
             "taskId": _req(t.task_id, "The task."),
             "leaseToken": _req(t.lease_token, "The token the claim answered."),
@@ -150,7 +157,9 @@ def check_shape(body: dict[str, Any], s: Settings) -> None:
                 actions=sorted(action_names())) from None
         loc = [str(p) for p in first["loc"][1:]]
         field = loc[0] if loc else "request"
-        cls = _FIELD_ERRORS.get(field, errors.InvalidInput)
+        # a nested field (``claimNext.worker``) gets its own field's code
+        inner = loc[1] if field == "claimNext" and len(loc) > 1 else field
+        cls = _FIELD_ERRORS.get(inner, errors.InvalidInput)
         raise cls(f"{'.'.join(loc) or field}: {first['msg']}", field=field) from None
 
 
@@ -228,6 +237,8 @@ class TaskAnswer(_Answer):
     fingerprintCount: int | None = None
     lanePaused: bool | None = None
     remediationTaskId: int | None = None
+    next: TaskAnswer | None = Field(default=None, description=(
+        "`complete` with `claimNext`: the worker's next claim, as `claim` answers it."))
 
 
 class LeaseAnswer(_Answer):

@@ -55,7 +55,7 @@ ACTIONS: dict[str, Callable[[Context, Mapping[str, Any]], dict[str, Any]]] = {
     "complete": lambda ctx, f: lanes.complete(
         ctx, task_id=f.get("taskId"), lease_token=f.get("leaseToken"),
         outcome=f.get("outcome"), validation_reason=f.get("validationReason"),
-        result=f.get("result"), actor=f.get("actor")),
+        result=f.get("result"), actor=f.get("actor"), claim_next=f.get("claimNext")),
     "release": lambda ctx, f: lanes.release(
         ctx, task_id=f.get("taskId"), lease_token=f.get("leaseToken"), actor=f.get("actor")),
     "pause_lane": lambda ctx, f: lane_control.pause_lane(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -22,7 +23,7 @@ from app.errors import AutonomyError, LanePaused, NotInProgress, StaleLease, Tas
 from app.ops import breaker
 from app.storage import leases, pickup, store
 from app.storage.context import Context
-from app.storage.db import autocommit, is_postgres, run_once_more_if_dead, transaction
+from app.storage.db import autocommit, is_postgres, transaction
 from app.storage.models import Outcome, TaskKind, TaskStatus
 
 log = logging.getLogger(__name__)
@@ -214,12 +215,15 @@ def _claim_on_pg(ctx: Context, *, assignee: str, worker: str, now: datetime
     expires = now + timedelta(seconds=ctx.settings.lease_ttl_s)
     token = secrets.token_hex(16)
 
-    def call() -> store.ClaimRows:
-        with autocommit(ctx.engine) as conn:
-            return store.claim_pg(conn, assignee=assignee, worker=worker, tokens=[token],
-                                  now=now, expires_at=expires, expires_iso=iso(expires) or "")
+    got = store.claim_pg(ctx.engine, assignee=assignee, worker=worker, tokens=[token],
+                         now=now, expires_at=expires, expires_iso=iso(expires) or "")
+    return _claim_answer(ctx, got, assignee=assignee, worker=worker, now=now,
+                         expires=expires)
 
-    got = run_once_more_if_dead(ctx.engine, call)
+
+def _claim_answer(ctx: Context, got: store.ClaimRows, *, assignee: str, worker: str,
+                  now: datetime, expires: datetime) -> dict[str, Any]:
+    """A claim's answer from ``autonomy_claim``'s rows, Redis told what changed."""
     for r in got.requeued:
         leases.drop(ctx, assignee=assignee, worker=r["claimed_by"], task_id=r["id"],
                     token=r["lease_token"])
@@ -246,7 +250,7 @@ def _held(live: Any, *, worker: str, max_in_flight: int) -> RowMapping | None:
     return live[0] if len(live) >= max_in_flight else None
 
 
-def _guard(ctx: Context, held: RowMapping, *, worker: str, layer: str) -> dict[str, Any]:
+def _guard(ctx: Context, held: Mapping[Any, Any], *, worker: str, layer: str) -> dict[str, Any]:
     answer: dict[str, Any] = {
         "ok": True, "guard": "duplicate_claim_guard", "task": wire.task(held),
         "leaseHolder": held["claimed_by"], "leaseExpiresAt": iso(held["lease_expires_at"]),
@@ -261,7 +265,7 @@ def _guard(ctx: Context, held: RowMapping, *, worker: str, layer: str) -> dict[s
     return answer
 
 
-def _paused_error(lane: RowMapping) -> LanePaused:
+def _paused_error(lane: Mapping[Any, Any]) -> LanePaused:
     return LanePaused(f"lane {lane['assignee']!r} is paused: {lane['paused_reason'] or ''}",
                       assignee=lane["assignee"], reason=lane["paused_reason"],
                       pausedAt=iso(lane["paused_at"]))
@@ -333,20 +337,47 @@ def _refusal_event(conn: Connection, err: AutonomyError, row: RowMapping | None,
 
 def complete(ctx: Context, *, task_id: Any, lease_token: Any, outcome: Any,
              validation_reason: Any = None, result: Any = None,
-             actor: str | None = None) -> dict[str, Any]:
-    """Finish a leased task with success, or with a validation failure (SPEC 4.2)."""
+             actor: str | None = None, claim_next: Any = None) -> dict[str, Any]:
+    """Finish a leased task with success, or with a validation failure (SPEC 4.2).
+
+    ``claim_next`` (``{"assignee": lane, "worker": name}``): once the outcome is recorded,
+    claim that worker's next task in the lane too and answer it as ``next`` (what ``claim``
+    would answer) -- on PostgreSQL in the same round trip and transaction as the complete.
+    ``next`` is left out when that claim was refused (a paused lane, Redis asking to
+    wait, ...): the worker then claims as usual and hears why."""
     s = ctx.settings
     tid, token, out = validate.task_id(task_id), validate.lease_token(lease_token), \
         validate.outcome(outcome)
     reason = validate.reason(validation_reason, s, required=out is Outcome.failure)
     res = validate.json_object(result, s, field="result")
     actor = validate.actor(actor, s)
+    nxt = validate.claim_next(claim_next, s)
     now = ctx.clock()
-    answer: dict[str, Any]
     if out is Outcome.success:
-        fast = _complete_fast(ctx, tid=tid, token=token, res=res, now=now, actor=actor)
+        fast = _complete_fast(ctx, tid=tid, token=token, res=res, now=now, actor=actor,
+                              nxt=nxt)
         if fast is not None:
-            return fast
+            return fast if "next" in fast or nxt is None else _with_next(ctx, fast, nxt)
+    answer = _complete_full(ctx, tid=tid, token=token, out=out, reason=reason, res=res,
+                            now=now, actor=actor)
+    return answer if nxt is None else _with_next(ctx, answer, nxt)
+
+
+def _with_next(ctx: Context, answer: dict[str, Any], nxt: tuple[str, str]
+               ) -> dict[str, Any]:
+    """``answer`` with the worker's next claim as ``next``; without, when it is refused."""
+    try:
+        return {**answer, "next": _claim_now(ctx, assignee=nxt[0], worker=nxt[1])}
+    except AutonomyError:
+        return answer
+
+
+def _complete_full(ctx: Context, *, tid: int, token: str, out: Outcome, reason: str | None,
+                   res: dict[str, Any] | None, now: datetime, actor: str | None
+                   ) -> dict[str, Any]:
+    """The complete that reads the row first: a failure (the breaker), a retry (the
+    guard), a refusal."""
+    answer: dict[str, Any]
     with transaction(ctx.engine) as conn:
         lane = None
         if out is Outcome.failure:  # lock order: lane, then task
@@ -383,13 +414,18 @@ def complete(ctx: Context, *, task_id: Any, lease_token: Any, outcome: Any,
 
 
 def _complete_fast(ctx: Context, *, tid: int, token: str, res: dict[str, Any] | None,
-                   now: datetime, actor: str | None) -> dict[str, Any] | None:
+                   now: datetime, actor: str | None, nxt: tuple[str, str] | None = None
+                   ) -> dict[str, Any] | None:
     """The common case in one conditional UPDATE: the lease is live and the token is the
     task's. None when it matched nothing -- then the full path reads the row and answers
     the guard or the refusal."""
+    if nxt is not None and is_postgres(ctx.engine):
+        return _complete_and_claim_on_pg(ctx, tid=tid, token=token, res=res, now=now,
+                                         actor=actor, assignee=nxt[0], worker=nxt[1])
+    done: Mapping[Any, Any] | None
     if is_postgres(ctx.engine):  # one statement, one round trip
-        done = run_once_more_if_dead(ctx.engine, lambda: _complete_on_pg(
-            ctx, tid=tid, token=token, res=res, now=now, actor=actor))
+        done = store.complete_pg(ctx.engine, task_id=tid, token=token, now=now, result=res,
+                                 actor=actor)
         if done is None:
             return None
     else:
@@ -405,11 +441,43 @@ def _complete_fast(ctx: Context, *, tid: int, token: str, res: dict[str, Any] | 
     return {"ok": True, "task": wire.task(done)}
 
 
-def _complete_on_pg(ctx: Context, *, tid: int, token: str, res: dict[str, Any] | None,
-                    now: datetime, actor: str | None) -> RowMapping | None:
-    with autocommit(ctx.engine) as conn:
-        return store.complete_pg(conn, task_id=tid, token=token, now=now, result=res,
-                                 actor=actor)
+def _complete_and_claim_on_pg(ctx: Context, *, tid: int, token: str,
+                              res: dict[str, Any] | None, now: datetime, actor: str | None,
+                              assignee: str, worker: str) -> dict[str, Any] | None:
+    """A worker's cycle in two Redis round trips and one PostgreSQL one: Redis drops the
+    lease being completed and checks (and reserves the slot for) the worker's next claim;
+    ``autonomy_complete`` completes the task and, when Redis said go (or is degraded),
+    claims the next one; Redis records the new lease. The answer carries ``next`` only
+    when that claim was made here."""
+    fast = leases.handoff(ctx, assignee=assignee, worker=worker, task_id=tid, token=token,
+                          now_ms=to_ms(now))
+    reserved = fast is not None and fast.code == leases.PROCEED
+    claim = fast is None or reserved
+    expires = now + timedelta(seconds=ctx.settings.lease_ttl_s)
+    granted = False
+    try:
+        done, got = store.complete_claim_pg(
+            ctx.engine, task_id=tid, token=token, now=now, result=res, actor=actor,
+            assignee=assignee, worker=worker if claim else None,
+            tokens=[secrets.token_hex(16)], expires_at=expires, expires_iso=iso(expires) or "")
+        if done is None:
+            return None
+        if done["assignee"] != assignee or done["claimed_by"] != worker:
+            leases.drop(ctx, assignee=done["assignee"], worker=done["claimed_by"],
+                        task_id=tid, token=token)
+        answer: dict[str, Any] = {"ok": True, "task": wire.task(done)}
+        if got is None:
+            return answer
+        try:
+            answer["next"] = nxt = _claim_answer(ctx, got, assignee=assignee, worker=worker,
+                                                 now=now, expires=expires)
+        except LanePaused:
+            return answer
+        granted = nxt.get("lease") is not None and nxt.get("guard") is None
+        return answer
+    finally:
+        if reserved and not granted:
+            leases.unreserve(ctx, assignee=assignee, worker=worker)
 
 
 def _finish(ctx: Context, conn: Connection, *, row: RowMapping, lane: RowMapping | None,

@@ -15,8 +15,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, RowMapping
+from sqlalchemy.engine import Connection, Engine, RowMapping
 
+from app.storage.db import hot
 from app.storage.models import (
     TaskKind,
     TaskStatus,
@@ -250,16 +251,20 @@ _TIMES = ("lease_expires_at", "lane_paused_at", "created_at", "updated_at", "com
           "paused_at", "resumed_at")
 
 
-def claim_pg(conn: Connection, *, assignee: str, worker: str, tokens: Sequence[str],
+def claim_pg(engine: Engine, *, assignee: str, worker: str, tokens: Sequence[str],
              now: datetime, expires_at: datetime, expires_iso: str) -> ClaimRows:
     """PostgreSQL: the whole claim -- pause check, expired leases requeued, both guards,
     up to ``len(tokens)`` leases within ``max_in_flight``, their events -- in one call of
-    ``autonomy_claim`` (migration 0003), one round trip. Run it in ``db.autocommit``: the
-    call is its own transaction."""
-    out = ClaimRows()
-    rows = conn.exec_driver_sql(_CLAIM_PG, {
+    ``autonomy_claim`` (migrations 0003, 0004), one round trip, its own transaction
+    (``db.hot``)."""
+    return _claim_rows(hot(engine, _CLAIM_PG, {
         "assignee": assignee, "worker": worker, "tokens": list(tokens), "now": now,
-        "expires": expires_at, "expires_iso": expires_iso}).all()
+        "expires": expires_at, "expires_iso": expires_iso}))
+
+
+def _claim_rows(rows: Sequence[Any]) -> ClaimRows:
+    """``autonomy_claim``'s ``(outcome, json)`` rows sorted into a ``ClaimRows``."""
+    out = ClaimRows()
     for outcome, data in rows:
         row = _json_row(data)
         if outcome == "granted":
@@ -296,17 +301,44 @@ _COMPLETE_PG = (
     " INSERT INTO event (at, kind, assignee, task_id, actor, data)"
     " SELECT %(now)s, 'task_completed', done.assignee, done.id,"
     " coalesce(%(actor)s, done.claimed_by), '{}'::json FROM done"
-    ") SELECT * FROM done")
+    ") SELECT to_json(done) FROM done")
 
 
-def complete_pg(conn: Connection, *, task_id: int, token: str, now: datetime,
-                result: dict[str, Any] | None, actor: str | None) -> RowMapping | None:
+def complete_pg(engine: Engine, *, task_id: int, token: str, now: datetime,
+                result: dict[str, Any] | None, actor: str | None) -> dict[str, Any] | None:
     """PostgreSQL: ``mark_done`` and its ``task_completed`` event in one statement, one
-    round trip (run it in ``db.autocommit``). None when the lease is not live under this
-    token -- the caller's full path then reads the row and answers the guard or refusal."""
-    return conn.exec_driver_sql(_COMPLETE_PG, {
+    round trip, its own transaction (``db.hot``). None when the lease is not live under
+    this token -- the caller's full path then reads the row and answers the guard or
+    refusal."""
+    rows = hot(engine, _COMPLETE_PG, {
         "now": now, "result": None if result is None else json.dumps(result), "id": task_id,
-        "token": token, "actor": actor}).mappings().first()
+        "token": token, "actor": actor})
+    return _json_row(rows[0][0]) if rows else None
+
+
+_COMPLETE_CLAIM_PG = (
+    "SELECT outcome, row_json FROM autonomy_complete(%(id)s, %(token)s,"
+    " %(now)s::timestamptz, %(result)s::json, %(actor)s, %(assignee)s, %(worker)s,"
+    " %(tokens)s::text[], %(expires)s::timestamptz, %(expires_iso)s)")
+
+
+def complete_claim_pg(engine: Engine, *, task_id: int, token: str, now: datetime,
+                      result: dict[str, Any] | None, actor: str | None, assignee: str,
+                      worker: str | None, tokens: Sequence[str], expires_at: datetime,
+                      expires_iso: str) -> tuple[dict[str, Any] | None, ClaimRows | None]:
+    """PostgreSQL: ``complete_pg`` and then, when ``worker`` held the lease in
+    ``assignee``, ``claim_pg`` for that worker -- one call of ``autonomy_complete``
+    (migration 0004), one round trip, one transaction (``db.hot``).
+    Answers (the done row or None, the claim's rows or None when no claim was made)."""
+    rows = hot(engine, _COMPLETE_CLAIM_PG, {
+        "id": task_id, "token": token, "now": now,
+        "result": None if result is None else json.dumps(result), "actor": actor,
+        "assignee": assignee, "worker": worker, "tokens": list(tokens),
+        "expires": expires_at, "expires_iso": expires_iso})
+    if not rows or rows[0][0] != "done":
+        return None, None
+    done = _json_row(rows[0][1])
+    return done, (_claim_rows(rows[1:]) if len(rows) > 1 else None)
 
 
 def extend_lease(conn: Connection, *, task_id: int, token: str, expires_at: datetime,

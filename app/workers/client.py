@@ -48,11 +48,17 @@ class Client(ABC):
 
     def complete(self, task_id: int, lease_token: str, *, outcome: str,
                  reason: str | None = None, result: dict[str, Any] | None = None,
-                 actor: str | None = None) -> dict[str, Any]:
-        """Complete a leased task with ``success`` or a ``failure`` and its reason."""
-        return self.call({"action": "complete", "taskId": task_id, "leaseToken": lease_token,
-                          "outcome": outcome, "validationReason": reason, "result": result,
-                          "actor": actor})
+                 actor: str | None = None, claim_next: tuple[str, str] | None = None
+                 ) -> dict[str, Any]:
+        """Complete a leased task with ``success`` or a ``failure`` and its reason. With
+        ``claim_next=(lane, worker)`` the answer's ``next`` is that worker's next claim
+        (left out when it was refused: claim as usual then)."""
+        request: dict[str, Any] = {
+            "action": "complete", "taskId": task_id, "leaseToken": lease_token,
+            "outcome": outcome, "validationReason": reason, "result": result, "actor": actor}
+        if claim_next is not None:
+            request["claimNext"] = {"assignee": claim_next[0], "worker": claim_next[1]}
+        return self.call(request)
 
     def release(self, task_id: int, lease_token: str, *, actor: str | None = None
                 ) -> dict[str, Any]:

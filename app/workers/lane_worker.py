@@ -29,6 +29,7 @@ complete refused because the lease was superseded is logged "outcome refused".
 from __future__ import annotations
 
 import logging
+import queue
 import signal
 import threading
 import time
@@ -117,6 +118,12 @@ class LaneWorker:
         # outcomes that could not be reported before their lease ran out (SPEC 4.7), by
         # task id: reported, not run again, if this worker gets the task back
         self._kept: dict[int, tuple[str, str | None, dict[str, Any] | None]] = {}
+        # the next claim's answer, handed over by the last complete (``claimNext``): a
+        # worker's cycle is then one request; ``_want_next`` says whether to ask for it
+        self._next: dict[str, Any] | None = None
+        self._want_next = False
+        self._beat_inbox: queue.SimpleQueue[tuple[Job, threading.Event,
+                                                  threading.Event]] | None = None
 
     def close(self) -> None:
         """Close the client if this worker built it."""
@@ -146,15 +153,34 @@ class LaneWorker:
         if handle_signals is None:
             handle_signals = stop_event is None
         with _stop_on_signals(stop, self._log) if handle_signals else _nothing():
-            while not stop.is_set():
-                if max_tasks is not None and self.stats.finished >= max_tasks:
-                    break
-                job = self.claim_one(stop)
-                if job is not None:
-                    # every line logged while the task is worked on names it (app.logs)
-                    with logs.bound(task_id=job.task_id, lane=self.lane, worker=self.name):
-                        self.work(job)
+            try:
+                while not stop.is_set():
+                    if max_tasks is not None and self.stats.finished >= max_tasks:
+                        break
+                    job = self.claim_one(stop)
+                    if job is not None:
+                        # ask the complete for the next claim unless this is the last one
+                        self._want_next = max_tasks is None \
+                            or self.stats.finished + 1 < max_tasks
+                        # every line logged while the task is worked on names it (app.logs)
+                        with logs.bound(task_id=job.task_id, lane=self.lane,
+                                        worker=self.name):
+                            self.work(job)
+            finally:
+                self._release_handed_over()
         return self.stats
+
+    def _release_handed_over(self) -> None:
+        """A lease the last complete handed over that will not be worked: give it back."""
+        nxt, self._next = self._next, None
+        task = (nxt or {}).get("task")
+        lease = (nxt or {}).get("lease")
+        if isinstance(task, dict) and isinstance(task.get("id"), int) \
+                and isinstance(lease, dict) and isinstance(lease.get("token"), str):
+            job = Job(task=task, lease_token=lease["token"],
+                      lease_expires_at=lease.get("expiresAt"), lane=self.lane,
+                      worker=self.name, stopping=threading.Event())
+            self._release(job, "the worker is stopping")
 
     def claim_one(self, stop: threading.Event) -> Job | None:
         """Try one claim; waits out pauses, outages and an empty lane before answering
@@ -163,8 +189,10 @@ class LaneWorker:
         retried -- a retried claim gets back the lease the lost answer granted."""
         wait_ms = self.client.claim_wait_ms if self._lane_empty else None
         asked = time.monotonic()
+        handed, self._next = self._next, None
         try:
-            answer = self.client.claim(self.lane, self.name, wait_ms=wait_ms)
+            answer = handed if handed is not None \
+                else self.client.claim(self.lane, self.name, wait_ms=wait_ms)
         except LanePaused as e:
             self._wait(stop, self.pause, e, "waiting for a resume")
             return None
@@ -238,19 +266,18 @@ class LaneWorker:
         if job.stopping.is_set():  # a stop arrived while the claim was on its way
             self._release(job, "stopping before the task started")
             return
-        done = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(job, done),
-                                name=f"heartbeat-{job.task_id}", daemon=True)
-        beat.start()
+        done, idle = threading.Event(), threading.Event()
+        self._beats().put((job, done, idle))
         try:
             outcome = self._call_handler(job)
         except BaseException:  # interrupted: give the lease back, then let it propagate
             done.set()
+            idle.wait(5)
             self._release(job, "interrupted")
             raise
         finally:
             done.set()
-            beat.join(5)
+            idle.wait(5)  # no heartbeat of this lease is in flight any more
         if job.lease_lost.is_set():
             self.stats.lost += 1
             self._log(f"task {job.task_id}: lease lost while working; outcome dropped",
@@ -281,6 +308,24 @@ class LaneWorker:
         if result is not None and not isinstance(result, dict):
             result = {"value": result}
         return "success", None, result
+
+    def _beats(self) -> queue.SimpleQueue[tuple[Job, threading.Event, threading.Event]]:
+        """The worker's heartbeat thread's inbox (one thread for the worker's life, not
+        one per task: starting a thread costs more CPU than a whole claim)."""
+        if self._beat_inbox is None:
+            self._beat_inbox = queue.SimpleQueue()
+            threading.Thread(target=self._beat_loop, args=(self._beat_inbox,),
+                             name=f"heartbeat-{self.name}", daemon=True).start()
+        return self._beat_inbox
+
+    def _beat_loop(self, inbox: queue.SimpleQueue[tuple[Job, threading.Event,
+                                                         threading.Event]]) -> None:
+        while True:
+            job, done, idle = inbox.get()
+            try:
+                self._heartbeat(job, done)
+            finally:
+                idle.set()
 
     def _heartbeat(self, job: Job, done: threading.Event) -> None:
         complained = False
@@ -322,9 +367,11 @@ class LaneWorker:
         if outcome == "failure":
             reason = _storable((reason or "failed").strip()[: s.reason_max_len]) or "failed"
         try:
+            nxt = (self.lane, self.name) if self._want_next and not job.stopping.is_set() \
+                else None
             answer = self._retrying(lambda: self.client.complete(
-                job.task_id, job.lease_token, outcome=outcome, reason=reason, result=result),
-                job=job)
+                job.task_id, job.lease_token, outcome=outcome, reason=reason, result=result,
+                claim_next=nxt), job=job)
         except InvalidInput as e:  # e.g. an unserialisable result: still close the task
             if outcome == "success":
                 return self._complete(job, "failure", f"invalid result: {e.message}", None)
@@ -349,6 +396,8 @@ class LaneWorker:
         if answer is None:  # its lease ran out first: keep it for a claim that brings it back
             self._keep(job, (outcome, reason, result))
             return
+        if isinstance(answer.get("next"), dict):
+            self._next = answer["next"]
         if outcome == "success":
             self.stats.succeeded += 1
             self._log(f"task {job.task_id}: done", task_id=job.task_id)
