@@ -36,6 +36,7 @@ from bench.common import Env, Row
 from bench.fleet import Fleet, Recorder, Shared
 
 PER_PROCESS = 25
+SETTLE_S = 12.0
 LANE = "pickup"
 
 
@@ -192,7 +193,10 @@ def one(env: Env, redis_url: str, system: str, n: int, *, idle_s: float, samples
     try:
         fleet.start(timeout_s=600)
         fleet.go()
-        time.sleep(min(5.0, idle_s))  # settle: every worker's first claim found nothing
+        # settle: every worker's first claim found nothing, and the backends have reported
+        # those start-up transactions (PostgreSQL 15+ flushes an idle backend's statistics
+        # up to 10 s late, which would bill them to the idle window)
+        time.sleep(min(SETTLE_S, idle_s))
         x0, r0, t0 = _xacts(env, url), _redis_cmds(rc), time.monotonic()
         time.sleep(idle_s)
         x1, r1, t1 = _xacts(env, url), _redis_cmds(rc), time.monotonic()
