@@ -154,6 +154,45 @@ def test_heartbeat_keeps_the_lease_of_a_handler_slower_than_the_lease(rctx: Cont
     assert _task(rctx, tid)["status"] == "done"
 
 
+def test_a_heartbeat_stuck_on_the_network_does_not_starve_the_next_lease(
+        sqlite_url: str, redis_server_url: str, redis_prefix: str) -> None:
+    """The first task's heartbeat hangs (a cut-off host) past the task's end: the worker
+    goes on, and the next task is heartbeated by a new thread, not queued behind it."""
+    ctx = Context.from_settings(make_settings(sqlite_url, redis_server_url, redis_prefix,
+                                              lease_ttl_s=30.0))
+    hung, release = threading.Event(), threading.Event()
+    beats: dict[int, int] = {}
+
+    class StuckOnce(LocalClient):
+        def heartbeat(self, task_id: int, lease_token: str) -> dict[str, Any]:
+            if not hung.is_set():
+                hung.set()
+                release.wait(60)  # on the network until the test ends
+            beats[task_id] = beats.get(task_id, 0) + 1
+            return super().heartbeat(task_id, lease_token)
+
+    try:
+        first = lanes.create(ctx, assignee="coder", title="first", priority=1)["task"]["id"]
+        second = lanes.create(ctx, assignee="coder", title="second")["task"]["id"]
+
+        def handler(task: dict[str, Any]) -> dict[str, Any]:
+            if task["id"] == first:
+                assert hung.wait(10)
+                return {"ok": 1}
+            _until(lambda: beats.get(second, 0) >= 2)
+            return {"ok": 2}
+
+        w = LaneWorker("coder", handler, worker_name="w1", client=StuckOnce(ctx),
+                       say=[].append, heartbeat_interval_s=0.05)
+        stats = w.run(max_tasks=2)
+        assert stats.succeeded == 2 and stats.lost == 0
+        assert beats.get(second, 0) >= 2 and beats.get(first, 0) == 0
+        assert _task(ctx, second)["status"] == "done"
+    finally:
+        release.set()
+        ctx.close()
+
+
 def test_a_paused_lane_is_said_once_waited_out_and_resumed(rctx: Context) -> None:
     tid = lanes.create(rctx, assignee="coder", title="t")["task"]["id"]
     lane_control.pause_lane(rctx, assignee="coder", reason="maintenance", actor="test")

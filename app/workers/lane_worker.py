@@ -271,13 +271,11 @@ class LaneWorker:
         try:
             outcome = self._call_handler(job)
         except BaseException:  # interrupted: give the lease back, then let it propagate
-            done.set()
-            idle.wait(5)
+            self._stop_beating(done, idle)
             self._release(job, "interrupted")
             raise
         finally:
-            done.set()
-            idle.wait(5)  # no heartbeat of this lease is in flight any more
+            self._stop_beating(done, idle)
         if job.lease_lost.is_set():
             self.stats.lost += 1
             self._log(f"task {job.task_id}: lease lost while working; outcome dropped",
@@ -318,9 +316,17 @@ class LaneWorker:
                              name=f"heartbeat-{self.name}", daemon=True).start()
         return self._beat_inbox
 
+    def _stop_beating(self, done: threading.Event, idle: threading.Event) -> None:
+        """End this lease's heartbeats. A heartbeat still stuck on the network after 5 s
+        (a cut-off host) is left to time out on its own: the next lease gets a new
+        heartbeat thread, and the stuck one ends once its call returns."""
+        done.set()
+        if not idle.wait(5):
+            self._beat_inbox = None
+
     def _beat_loop(self, inbox: queue.SimpleQueue[tuple[Job, threading.Event,
                                                          threading.Event]]) -> None:
-        while True:
+        while inbox is self._beat_inbox:
             job, done, idle = inbox.get()
             try:
                 self._heartbeat(job, done)
@@ -398,6 +404,11 @@ class LaneWorker:
             return
         if isinstance(answer.get("next"), dict):
             self._next = answer["next"]
+        if answer.get("guard") == "duplicate_complete_guard":  # an earlier try was recorded
+            self.stats.succeeded += 1
+            self._log(f"task {job.task_id}: done (an earlier complete was recorded; its "
+                      "answer did not reach this worker)", task_id=job.task_id)
+            return
         if outcome == "success":
             self.stats.succeeded += 1
             self._log(f"task {job.task_id}: done", task_id=job.task_id)

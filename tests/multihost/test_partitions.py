@@ -56,15 +56,16 @@ def double_grants(events: list[dict[str, Any]]) -> int:
     return doubles
 
 
-def _worker_word(log: str, task_id: int) -> str | None:
+def _worker_word(log: str, task_id: int, *, own: bool = False) -> str | None:
     """The cut-off worker's last word on ``task_id``: ``done`` (its complete was taken),
     ``complete/outcome refused (code)`` (sent and refused), or why it sent nothing
-    (``outcome kept ...``, ``lease lost ...``, ``gave up``)."""
+    (``outcome kept ...``, ``lease lost ...``, ``gave up``; with ``own``, only the words
+    that name the task)."""
     pat = re.compile(rf"task {task_id}: (done|(?:complete|outcome) refused \(\w+\)|"
                      rf"outcome kept.*|lease lost.*|failed.*)")
     found = [m.group(1) for m in pat.finditer(log)]
-    if found:
-        return found[-1]
+    if found or own:
+        return found[-1] if found else None
     return "gave up" if "giving up after" in log else None
 
 
@@ -87,12 +88,6 @@ def _late_complete(fleet: Fleet, host: str, task_id: int, token: str) -> dict[st
     assert out.returncode == 0, out.stderr
     answer: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return answer
-
-
-def _threads(pid: int) -> int:
-    """How many threads the process runs now."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"^Threads:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
 
 
 def _create(fleet: Fleet, title: str, **payload: Any) -> int:
@@ -122,7 +117,6 @@ def _cut_worker_mid_lease(fleet: Fleet, *, cut: str, other: str, how: str,
         held = _create(fleet, f"held on {cut}", holdOn=cut, gate=str(gate))
         fleet.wait_for(f"{cut} to start the held task",
                        lambda: Path(f"{gate}.started").exists(), 60, [wcut])
-    busy_threads = _threads(pid_before)  # with the held task's heartbeat thread
     first = fleet.task(held)
     assert first["status"] == "in_progress" and first["claimed_by"] == cut
     background = [_create(fleet, f"background {i}") for i in range(BACKGROUND_TASKS)]
@@ -136,10 +130,11 @@ def _cut_worker_mid_lease(fleet: Fleet, *, cut: str, other: str, how: str,
         gate.touch()  # the cut-off command finishes now; its answer cannot get through
         fleet.wait_for(f"the command on {cut} to finish",
                        lambda: Path(f"{gate}.finished").exists(), 60, [wcut])
-        # its heartbeat thread ends once a heartbeat fails: from then on the worker is
-        # trying to complete (and failing) -- heal only then, so the complete is late
-        fleet.wait_for(f"{cut} to stop heartbeating and try to complete",
-                       lambda: _threads(pid_before) < busy_threads, 60, [wcut])
+        # the worker has tried to complete (and failed: it is cut off) and said what it
+        # did about it -- heal only then, so any complete it still sends is late
+        fleet.wait_for(f"{cut} to try to complete task {held}",
+                       lambda: _worker_word(fleet.procs[wcut].output(), held, own=True),
+                       60, [wcut])
     finally:
         net.heal(net.hosts[cut])
     t_heal = time.time()
