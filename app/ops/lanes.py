@@ -23,7 +23,7 @@ from app.errors import AutonomyError, LanePaused, NotInProgress, StaleLease, Tas
 from app.ops import breaker
 from app.storage import leases, pickup, store
 from app.storage.context import Context
-from app.storage.db import autocommit, is_postgres, transaction
+from app.storage.db import is_postgres, transaction
 from app.storage.models import Outcome, TaskKind, TaskStatus
 
 log = logging.getLogger(__name__)
@@ -42,13 +42,12 @@ def create(ctx: Context, *, assignee: str, title: str, priority: int | None = No
     actor = validate.actor(actor, s)
     now = ctx.clock()
     if is_postgres(ctx.engine):  # one statement, one round trip
-        with autocommit(ctx.engine) as conn:
-            row = store.create_pg(conn, values=values, now=now, actor=actor,
-                                  max_in_flight=s.default_max_in_flight)
-        if row is not None:
-            if not row["lane_paused"]:
+        made = store.create_pg(ctx.engine, values=values, now=now, actor=actor,
+                               max_in_flight=s.default_max_in_flight)
+        if made is not None:
+            if not made["lane_paused"]:
                 made_claimable(ctx, assignee=a)
-            return {"ok": True, "task": wire.task(row)}
+            return {"ok": True, "task": wire.task(made)}
     with transaction(ctx.engine) as conn:
         store.ensure_lane(conn, assignee=a, now=now, max_in_flight=s.default_max_in_flight)
         lane = store.get_lane(conn, assignee=a)

@@ -144,14 +144,15 @@ def run_once_more_if_dead(engine: Engine, fn: Any) -> Any:
         raise
 
 
-def hot(engine: Engine, sql: str, params: dict[str, Any]) -> list[Any]:
+def hot(engine: Engine, sql: str, params: dict[str, Any], *, repeatable: bool = True
+        ) -> list[Any]:
     """PostgreSQL: one statement that commits on its own, straight on a pooled
     connection's psycopg connection (prepared, rows as tuples) -- the hot path without
     SQLAlchemy's statement and result machinery, which cost as much CPU as the round trip
-    itself. Run once more on a fresh connection when the pooled one turned out dead (only
-    for statements safe to repeat, as ``run_once_more_if_dead``); errors are translated
-    as in ``transaction``."""
-    for attempt in (1, 2):
+    itself. Run once more on a fresh connection when the pooled one turned out dead, if
+    ``repeatable`` (a statement safe to repeat, as ``run_once_more_if_dead``: a create is
+    not); errors are translated as in ``transaction``."""
+    for attempt in (1, 2) if repeatable else (2,):
         dbapi_error = engine.dialect.loaded_dbapi.Error
         try:
             raw = engine.raw_connection()

@@ -26,10 +26,19 @@ from typing import Any
 
 import redis
 
+from app.errors import RedisUnavailable
 from app.storage.context import Context
+from app.storage.redis_scripts import Script, run_script
 
 log = logging.getLogger(__name__)
 
+# KEYS[1] the lane's wake list; ARGV[1] wakes to push, ARGV[2] cap, ARGV[3] TTL ms
+_WAKE = Script("""
+for i = 1, tonumber(ARGV[1]) do redis.call('LPUSH', KEYS[1], '1') end
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+""")
 WAKE_CAP = 1024  # wakes kept for waiters to come: more than any lane's waiting fleet
 CHANNEL = "autonomy_lane"  # PostgreSQL NOTIFY channel; the payload is the lane's name
 
@@ -39,15 +48,11 @@ def wake(ctx: Context, *, assignee: str, n: int = 1) -> None:
     wake costs at most one safety poll of latency)."""
     if n <= 0 or not ctx.redis_health.usable():
         return
-    key = ctx.keys.lane_wake(assignee)
     ttl_ms = max(ctx.settings.pickup_safety_poll_ms * 2, 10_000)
     try:
-        pipe = ctx.fast_redis.pipeline(transaction=False)
-        pipe.lpush(key, *(["1"] * min(n, WAKE_CAP)))
-        pipe.ltrim(key, 0, WAKE_CAP - 1)
-        pipe.pexpire(key, ttl_ms)
-        pipe.execute()
-    except (redis.ConnectionError, redis.TimeoutError) as e:
+        run_script(ctx, _WAKE, 1, ctx.keys.lane_wake(assignee), min(n, WAKE_CAP), WAKE_CAP,
+                   ttl_ms, fast=True)
+    except RedisUnavailable as e:
         ctx.redis_health.failed(e)
         log.debug("redis: could not push a wake for lane %s: %s", assignee, e)
 

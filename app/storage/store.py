@@ -424,19 +424,21 @@ _CREATE_PG = (
     " SELECT %(now)s, 'task_created', t.assignee, t.id, %(actor)s, '{}'::json FROM t"
     "), woke AS ("
     " SELECT pg_notify('autonomy_lane', t.assignee) FROM t WHERE NOT t.lane_paused"
-    ") SELECT t.*, (SELECT count(*) FROM woke) AS notified FROM t")
+    ") SELECT to_json(t), (SELECT count(*) FROM woke) FROM t")
 
 
-def create_pg(conn: Connection, *, values: dict[str, Any], now: datetime, max_in_flight: int,
-              actor: str | None) -> RowMapping | None:
+def create_pg(engine: Engine, *, values: dict[str, Any], now: datetime, max_in_flight: int,
+              actor: str | None) -> dict[str, Any] | None:
     """PostgreSQL: ``create`` in one statement -- the lane row on first use, the task with
     the lane's pause stamped on it, its ``task_created`` event and the lane's NOTIFY (when
-    not paused). Run it in ``db.autocommit``. None when the lane row was being created by
-    another statement at the same moment (the caller's transaction path then runs)."""
-    return conn.exec_driver_sql(_CREATE_PG, {
+    not paused) -- one round trip, its own transaction (``db.hot``; never repeated: a
+    create is not idempotent). None when the lane row was being created by another
+    statement at the same moment (the caller's transaction path then runs)."""
+    rows = hot(engine, _CREATE_PG, {
         "assignee": values["assignee"], "max_in_flight": max_in_flight, "now": now,
         "title": values["title"], "kind": values["kind"], "priority": values["priority"],
-        "payload": json.dumps(values["payload"]), "actor": actor}).mappings().first()
+        "payload": json.dumps(values["payload"]), "actor": actor}, repeatable=False)
+    return _json_row(rows[0][0]) if rows else None
 
 
 def notify_lane(conn: Connection, *, assignee: str) -> None:

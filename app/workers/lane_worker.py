@@ -29,12 +29,12 @@ complete refused because the lease was superseded is logged "outcome refused".
 from __future__ import annotations
 
 import logging
-import queue
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -85,6 +85,17 @@ def _storable(text: str) -> str:
     return text.replace("\x00", "\\0").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+@dataclass(eq=False)
+class _Beat:
+    """A running lease as the heartbeat thread sees it."""
+
+    job: Job
+    due: float  # monotonic time of its next heartbeat
+    done: bool = False
+    complained: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)  # held while one is sent
+
+
 class LaneWorker:
     """Claims tasks from ``lane`` one at a time and hands each to ``handler``.
 
@@ -122,8 +133,10 @@ class LaneWorker:
         # worker's cycle is then one request; ``_want_next`` says whether to ask for it
         self._next: dict[str, Any] | None = None
         self._want_next = False
-        self._beat_inbox: queue.SimpleQueue[tuple[Job, threading.Event,
-                                                  threading.Event]] | None = None
+        self._beater: object | None = None  # the live heartbeat thread's identity
+        self._beating: _Beat | None = None  # the lease it keeps
+        self._beat_wake = threading.Event()
+        self._beat_next = 0.0  # when the heartbeat thread wakes next (monotonic)
 
     def close(self) -> None:
         """Close the client if this worker built it."""
@@ -266,16 +279,15 @@ class LaneWorker:
         if job.stopping.is_set():  # a stop arrived while the claim was on its way
             self._release(job, "stopping before the task started")
             return
-        done, idle = threading.Event(), threading.Event()
-        self._beats().put((job, done, idle))
+        beat = self._start_beating(job)
         try:
             outcome = self._call_handler(job)
         except BaseException:  # interrupted: give the lease back, then let it propagate
-            self._stop_beating(done, idle)
+            self._stop_beating(beat)
             self._release(job, "interrupted")
             raise
         finally:
-            self._stop_beating(done, idle)
+            self._stop_beating(beat)
         if job.lease_lost.is_set():
             self.stats.lost += 1
             self._log(f"task {job.task_id}: lease lost while working; outcome dropped",
@@ -307,50 +319,67 @@ class LaneWorker:
             result = {"value": result}
         return "success", None, result
 
-    def _beats(self) -> queue.SimpleQueue[tuple[Job, threading.Event, threading.Event]]:
-        """The worker's heartbeat thread's inbox (one thread for the worker's life, not
-        one per task: starting a thread costs more CPU than a whole claim)."""
-        if self._beat_inbox is None:
-            self._beat_inbox = queue.SimpleQueue()
-            threading.Thread(target=self._beat_loop, args=(self._beat_inbox,),
-                             name=f"heartbeat-{self.name}", daemon=True).start()
-        return self._beat_inbox
+    # --- heartbeats: one thread for the worker's life ---------------------------------
+    # It sleeps until the running lease is due a beat (a third of the lease after the last
+    # one), so a task shorter than that costs it nothing: no wake-up, no hand-over between
+    # threads on the task's path.
 
-    def _stop_beating(self, done: threading.Event, idle: threading.Event) -> None:
-        """End this lease's heartbeats. A heartbeat still stuck on the network after 5 s
-        (a cut-off host) is left to time out on its own: the next lease gets a new
-        heartbeat thread, and the stuck one ends once its call returns."""
-        done.set()
-        if not idle.wait(5):
-            self._beat_inbox = None
+    def _start_beating(self, job: Job) -> _Beat:
+        beat = _Beat(job, due=time.monotonic() + self._beat_interval(job))
+        self._beating = beat
+        if self._beater is None:
+            self._beater = me = object()
+            threading.Thread(target=self._beat_loop, args=(me,), name=f"heartbeat-{self.name}",
+                             daemon=True).start()
+        elif beat.due < self._beat_next:  # the thread sleeps past this lease's first beat
+            self._beat_wake.set()
+        return beat
 
-    def _beat_loop(self, inbox: queue.SimpleQueue[tuple[Job, threading.Event,
-                                                         threading.Event]]) -> None:
-        while inbox is self._beat_inbox:
-            job, done, idle = inbox.get()
-            try:
-                self._heartbeat(job, done)
-            finally:
-                idle.set()
+    def _stop_beating(self, beat: _Beat) -> None:
+        """End this lease's heartbeats; answers once none is in flight. A heartbeat stuck
+        on the network for 5 s (a cut-off host) is left to time out on its own: the next
+        lease gets a new heartbeat thread, and the stuck one ends once its call returns."""
+        beat.done = True
+        if self._beating is beat:
+            self._beating = None
+        if beat.lock.acquire(timeout=5):
+            beat.lock.release()
+        else:
+            self._beater = None
 
-    def _heartbeat(self, job: Job, done: threading.Event) -> None:
-        complained = False
-        while not done.wait(self._beat_interval(job)):
-            try:
-                answer = self.client.heartbeat(job.task_id, job.lease_token)
-            except _LOST as e:
-                job.lease_lost.set()
-                self._log(f"task {job.task_id}: heartbeat refused ({e.code}); lease lost",
-                          task_id=job.task_id, level=logging.WARNING)
-                return
-            except Exception as e:  # transient: keep beating, the lease has slack
-                if not complained:
-                    self._log(f"task {job.task_id}: heartbeat failed ({e}); retrying",
-                              task_id=job.task_id, level=logging.WARNING)
-                    complained = True
+    def _beat_loop(self, me: object) -> None:
+        while self._beater is me:
+            beat = self._beating
+            now = time.monotonic()
+            if beat is None or beat.done or beat.due > now:
+                self._beat_next = beat.due if beat is not None and not beat.done \
+                    else now + self.heartbeat_interval_s
+                self._beat_wake.wait(max(0.0, self._beat_next - now))
+                self._beat_wake.clear()
                 continue
-            job.heartbeats += 1
-            job.lease_expires_at = answer.get("lease", {}).get("expiresAt")
+            with beat.lock:
+                if not beat.done:
+                    self._heartbeat(beat)
+            beat.due = time.monotonic() + self._beat_interval(beat.job)
+
+    def _heartbeat(self, beat: _Beat) -> None:
+        job = beat.job
+        try:
+            answer = self.client.heartbeat(job.task_id, job.lease_token)
+        except _LOST as e:
+            job.lease_lost.set()
+            beat.done = True
+            self._log(f"task {job.task_id}: heartbeat refused ({e.code}); lease lost",
+                      task_id=job.task_id, level=logging.WARNING)
+            return
+        except Exception as e:  # transient: keep beating, the lease has slack
+            if not beat.complained:
+                self._log(f"task {job.task_id}: heartbeat failed ({e}); retrying",
+                          task_id=job.task_id, level=logging.WARNING)
+                beat.complained = True
+            return
+        job.heartbeats += 1
+        job.lease_expires_at = answer.get("lease", {}).get("expiresAt")
 
     def _beat_interval(self, job: Job) -> float:
         """A third of the lease: of our settings' TTL, or of what the lease answer says is
