@@ -17,6 +17,7 @@ command's children included, which a parent-death signal alone would leave behin
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import json
@@ -212,6 +213,7 @@ class _Watchdog:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._pid = 0
+        self._closer = False  # close() registered with atexit
 
     def _send(self, line: str) -> None:
         with self._lock:
@@ -222,6 +224,9 @@ class _Watchdog:
                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL, start_new_session=True)
                     self._pid = os.getpid()
+                    if not self._closer:
+                        atexit.register(self.close)
+                        self._closer = True
                 except OSError:
                     self._proc = None
                     return  # the parent-death signal still covers the command itself
@@ -231,6 +236,18 @@ class _Watchdog:
                 self._proc.stdin.flush()
             except OSError:
                 self._proc = None
+
+    def close(self) -> None:
+        """At this process's normal exit: end the watchdog (EOF: it kills any group still
+        listed, then exits) and reap it, instead of leaving it to the pipe's teardown."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+            if proc is None or self._pid != os.getpid() or proc.stdin is None:
+                return
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=2)
 
     def watch(self, pgid: int) -> None:
         self._send(f"+{pgid}\n")
