@@ -352,11 +352,16 @@ def complete(ctx: Context, *, task_id: Any, lease_token: Any, outcome: Any,
     actor = validate.actor(actor, s)
     nxt = validate.claim_next(claim_next, s)
     now = ctx.clock()
-    if out is Outcome.success:
-        fast = _complete_fast(ctx, tid=tid, token=token, res=res, now=now, actor=actor,
-                              nxt=nxt)
+    if out is Outcome.success and nxt is not None and is_postgres(ctx.engine):
+        both = _complete_and_claim_on_pg(ctx, tid=tid, token=token, res=res, now=now,
+                                         actor=actor, assignee=nxt[0], worker=nxt[1])
+        if both is not None:
+            answer, claimed = both
+            return answer if claimed else _with_next(ctx, answer, nxt)
+    elif out is Outcome.success:
+        fast = _complete_fast(ctx, tid=tid, token=token, res=res, now=now, actor=actor)
         if fast is not None:
-            return fast if "next" in fast or nxt is None else _with_next(ctx, fast, nxt)
+            return fast if nxt is None else _with_next(ctx, fast, nxt)
     answer = _complete_full(ctx, tid=tid, token=token, out=out, reason=reason, res=res,
                             now=now, actor=actor)
     return answer if nxt is None else _with_next(ctx, answer, nxt)
@@ -413,14 +418,10 @@ def _complete_full(ctx: Context, *, tid: int, token: str, out: Outcome, reason: 
 
 
 def _complete_fast(ctx: Context, *, tid: int, token: str, res: dict[str, Any] | None,
-                   now: datetime, actor: str | None, nxt: tuple[str, str] | None = None
-                   ) -> dict[str, Any] | None:
+                   now: datetime, actor: str | None) -> dict[str, Any] | None:
     """The common case in one conditional UPDATE: the lease is live and the token is the
     task's. None when it matched nothing -- then the full path reads the row and answers
     the guard or the refusal."""
-    if nxt is not None and is_postgres(ctx.engine):
-        return _complete_and_claim_on_pg(ctx, tid=tid, token=token, res=res, now=now,
-                                         actor=actor, assignee=nxt[0], worker=nxt[1])
     done: Mapping[Any, Any] | None
     if is_postgres(ctx.engine):  # one statement, one round trip
         done = store.complete_pg(ctx.engine, task_id=tid, token=token, now=now, result=res,
@@ -442,12 +443,15 @@ def _complete_fast(ctx: Context, *, tid: int, token: str, res: dict[str, Any] | 
 
 def _complete_and_claim_on_pg(ctx: Context, *, tid: int, token: str,
                               res: dict[str, Any] | None, now: datetime, actor: str | None,
-                              assignee: str, worker: str) -> dict[str, Any] | None:
+                              assignee: str, worker: str
+                              ) -> tuple[dict[str, Any], bool] | None:
     """A worker's cycle in two Redis round trips and one PostgreSQL one: Redis drops the
     lease being completed and checks (and reserves the slot for) the worker's next claim;
     ``autonomy_complete`` completes the task and, when Redis said go (or is degraded),
-    claims the next one; Redis records the new lease. The answer carries ``next`` only
-    when that claim was made here."""
+    claims the next one; Redis records the new lease. Answers the complete's answer
+    (with ``next`` when a lease or the guard came of that claim) and whether the claim
+    was answered here -- granted, guarded or refused (a paused lane); None when the
+    complete matched nothing (the full path answers)."""
     fast = leases.handoff(ctx, assignee=assignee, worker=worker, task_id=tid, token=token,
                           now_ms=to_ms(now))
     reserved = fast is not None and fast.code == leases.PROCEED
@@ -466,14 +470,14 @@ def _complete_and_claim_on_pg(ctx: Context, *, tid: int, token: str,
                         task_id=tid, token=token)
         answer: dict[str, Any] = {"ok": True, "task": wire.task(done)}
         if got is None:
-            return answer
+            return answer, False
         try:
             answer["next"] = nxt = _claim_answer(ctx, got, assignee=assignee, worker=worker,
                                                  now=now, expires=expires)
         except LanePaused:
-            return answer
+            return answer, True
         granted = nxt.get("lease") is not None and nxt.get("guard") is None
-        return answer
+        return answer, True
     finally:
         if reserved and not granted:
             leases.unreserve(ctx, assignee=assignee, worker=worker)

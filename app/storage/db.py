@@ -119,39 +119,16 @@ def transaction(engine: Engine, *, write: bool = True) -> Iterator[Connection]:
         raise err from e
 
 
-@contextmanager
-def autocommit(engine: Engine) -> Iterator[Connection]:
-    """A connection whose statements each commit on their own (PostgreSQL: no ``BEGIN``
-    nor ``COMMIT`` round trip). For the hot path's single statements, which are atomic by
-    themselves. Errors are translated as in ``transaction``."""
-    try:
-        with engine.connect() as raw:
-            yield raw.execution_options(isolation_level="AUTOCOMMIT")
-    except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.ProgrammingError) as e:
-        raise _translate(engine, e) from e
-
-
-def run_once_more_if_dead(engine: Engine, fn: Any) -> Any:
-    """``fn()``; run again once when its pooled connection turned out dead (the server
-    restarted since it was last used). Only for statements safe to repeat: a claim or
-    complete whose first try may have landed is answered by its guard the second time."""
-    try:
-        return fn()
-    except (DatabaseUnavailable, DatabaseNotMigrated, DatabaseBusy) as e:
-        cause = e.__cause__
-        if isinstance(cause, sa.exc.DBAPIError) and cause.connection_invalidated:
-            return fn()
-        raise
-
-
 def hot(engine: Engine, sql: str, params: dict[str, Any], *, repeatable: bool = True
         ) -> list[Any]:
     """PostgreSQL: one statement that commits on its own, straight on a pooled
     connection's psycopg connection (prepared, rows as tuples) -- the hot path without
     SQLAlchemy's statement and result machinery, which cost as much CPU as the round trip
-    itself. Run once more on a fresh connection when the pooled one turned out dead, if
-    ``repeatable`` (a statement safe to repeat, as ``run_once_more_if_dead``: a create is
-    not); errors are translated as in ``transaction``."""
+    itself. No ``BEGIN``/``COMMIT`` round trips: the statement commits on its own. Run
+    once more on a fresh connection when the pooled one turned out dead (the server
+    restarted since it was last used), if ``repeatable``: a claim or complete whose first
+    try may have landed is answered by its guard the second time; a create is not safe to
+    repeat. Errors are translated as in ``transaction``."""
     for attempt in (1, 2) if repeatable else (2,):
         dbapi_error = engine.dialect.loaded_dbapi.Error
         try:

@@ -186,14 +186,18 @@ class LaneWorker:
     def _release_handed_over(self) -> None:
         """A lease the last complete handed over that will not be worked: give it back."""
         nxt, self._next = self._next, None
-        task = (nxt or {}).get("task")
-        lease = (nxt or {}).get("lease")
-        if isinstance(task, dict) and isinstance(task.get("id"), int) \
-                and isinstance(lease, dict) and isinstance(lease.get("token"), str):
-            job = Job(task=task, lease_token=lease["token"],
-                      lease_expires_at=lease.get("expiresAt"), lane=self.lane,
-                      worker=self.name, stopping=threading.Event())
+        job = self._job(nxt or {}, threading.Event())
+        if job is not None:
             self._release(job, "the worker is stopping")
+
+    def _job(self, answer: dict[str, Any], stopping: threading.Event) -> Job | None:
+        """The job a claim's answer grants; None when it has no usable task and lease."""
+        task, lease = answer.get("task"), answer.get("lease")
+        if not isinstance(task, dict) or not isinstance(task.get("id"), int) \
+                or not isinstance(lease, dict) or not isinstance(lease.get("token"), str):
+            return None
+        return Job(task=task, lease_token=lease["token"], lease_expires_at=lease.get("expiresAt"),
+                   lane=self.lane, worker=self.name, stopping=stopping)
 
     def claim_one(self, stop: threading.Event) -> Job | None:
         """Try one claim; waits out pauses, outages and an empty lane before answering
@@ -235,18 +239,17 @@ class LaneWorker:
         if task is None or lease is None:  # full with others' leases
             stop.wait(self.idle.step())
             return None
-        if not isinstance(task, dict) or not isinstance(task.get("id"), int) \
-                or not isinstance(lease, dict) or not isinstance(lease.get("token"), str):
+        job = self._job(answer, stop)
+        if job is None:
             self._unusable_claim(task, lease)
             stop.wait(self.pause.step())
             return None
         self.idle.reset()
         self._lane_empty = False
         self.stats.claimed += 1
-        self._log(f"task {task['id']}: claimed (attempt {int(task.get('attempts') or 0) + 1})",
-                  task_id=task["id"])
-        return Job(task=task, lease_token=lease["token"], lease_expires_at=lease.get("expiresAt"),
-                   lane=self.lane, worker=self.name, stopping=stop)
+        self._log(f"task {job.task_id}: claimed (attempt "
+                  f"{int(job.task.get('attempts') or 0) + 1})", task_id=job.task_id)
+        return job
 
     def _unusable_claim(self, task: Any, lease: Any) -> None:
         """A claim answer without a usable task: fail the task when it can be named."""
