@@ -260,6 +260,32 @@ def test_self_heal_releases_a_dead_holders_lock_and_leaves_a_slow_live_one(
     assert jobs.run_job(ctx, "readiness")["ok"] is True  # the next run proceeds
 
 
+def test_self_heal_breaks_its_own_dead_holders_lock_and_runs(ctx: Context, clock: FrozenClock
+                                                           ) -> None:
+    locks.acquire(ctx, "self_heal", budget_ms=60_000, holder="killed:1:self_heal")
+    clock.advance(seconds=15)
+    ctx.redis.delete(ctx.keys.lock_beat("self_heal"))  # the self-heal run was killed
+    r = jobs.run_job(ctx, "self_heal")
+    assert "skipped" not in r and r["ok"] is True  # not held off until the lock's TTL
+    with transaction(ctx.engine, write=False) as conn:
+        [ev] = store.list_events(conn, kind="run_lock_broken")
+        assert store.list_events(conn, kind="run_lock_skipped") == []
+    assert ev["data"] == {"job": "self_heal", "holder": "killed:1:self_heal",
+                          "elapsedMs": 15_000, "budgetMs": 60_000}
+    assert locks.collect_run_locks(ctx) == []  # released after the run
+
+
+def test_self_heal_whose_own_holder_still_beats_is_skipped_and_left_alone(
+        ctx: Context, clock: FrozenClock) -> None:
+    token = locks.acquire(ctx, "self_heal", budget_ms=60_000, holder="slow:2:self_heal")
+    clock.advance(seconds=90)  # over budget, but beating
+    r = jobs.run_job(ctx, "self_heal")
+    assert r["skipped"] == "already_running" and r["holder"] == "slow:2:self_heal"
+    assert token is not None and locks.holds(ctx, "self_heal", token)
+    with transaction(ctx.engine, write=False) as conn:
+        assert store.list_events(conn, kind="run_lock_broken") == []
+
+
 # --- corrupt state -------------------------------------------------------------------------------
 
 CORRUPT = [

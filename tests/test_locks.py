@@ -18,6 +18,7 @@ import pytest
 
 from app.clock import FrozenClock
 from app.errors import RedisUnavailable
+from app.ops.checks import jobs
 from app.storage import locks
 from app.storage.context import Context
 from tests.conftest import make_settings
@@ -367,6 +368,27 @@ def test_a_holder_killed_with_sigkill_shows_dead_and_its_lock_is_broken(
         broken = locks.break_dead_locks(real_lctx)
         assert [b["holder"] for b in broken] == ["child:self_heal"]
         assert locks.acquire(real_lctx, "self_heal", budget_ms=1000)  # the next run proceeds
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+        assert p.stdout is not None
+        p.stdout.close()
+
+
+@pytest.mark.slow
+def test_a_self_heal_killed_mid_run_does_not_hold_the_next_one_off(
+        real_lctx: Context, sqlite_url: str, redis_server_url: str, redis_prefix: str) -> None:
+    p = _holder(sqlite_url, redis_server_url, redis_prefix, "self_heal", 60_000)
+    try:
+        assert jobs.run_job(real_lctx, "self_heal")["skipped"] == "already_running"  # alive
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(10)
+        _until(lambda: not locks.collect_run_locks(real_lctx)[0]["holderAlive"], 10,
+               "the killed holder's heartbeat to lapse")
+        r = jobs.run_job(real_lctx, "self_heal")  # well inside the dead lock's 90 s TTL
+        assert "skipped" not in r and r["ok"] is True
+        assert locks.collect_run_locks(real_lctx) == []
     finally:
         if p.poll() is None:
             p.kill()

@@ -154,6 +154,19 @@ return pieces
 """)
 
 
+# KEYS[1] lock, KEYS[2] registry; ARGV[1] job
+# -> the entry of the lock this call broke (its holder stopped beating), or false when the
+#    lock is free or its holder still beats (nothing done)
+_BREAK_IF_DEAD = Script("""
+if redis.call('EXISTS', KEYS[1] .. ':beat') == 1 then return false end
+local entry = redis.call('HGET', KEYS[1], 'entry')
+if not entry then return false end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return string.sub(entry, 1, -6) .. 'false}'
+""")
+
+
 class RunLockLost(AutonomyError):
     """Raised when a run's write is fenced: its run-lock was broken, expired or taken over
     (SPEC 4.7), so what it was about to write is refused."""
@@ -324,6 +337,14 @@ def break_dead_locks(ctx: Context) -> list[dict[str, Any]]:
     holder beats again, is left alone.
     """
     return _walk(ctx, breaking=True)
+
+
+def break_if_dead(ctx: Context, job: str) -> dict[str, Any] | None:
+    """Release ``job``'s lock only if its holder stopped beating; answers the lock released
+    (as ``collect_run_locks`` lists it), or None when it is free or its holder is alive.
+    The check and the delete are one Lua step."""
+    got = run_script(ctx, _BREAK_IF_DEAD, 2, _lock_key(ctx, job), _registry(ctx), job)
+    return None if got is None else _as_read([json.loads(got)], to_ms(ctx.clock()))[0]
 
 
 @dataclass

@@ -6,7 +6,8 @@ the lock's heartbeat beats, and records the run (``job:{name}`` state: when it s
 finished, whether it raised; ``job_stats:{name}``: counts and a duration histogram for
 ``/metrics``) -- the handoff check's ``cron`` criterion reads those records.
 A run that finds the lock held does nothing but answer ``skipped: "already_running"`` with
-the holder and elapsed time (and leave an event saying so).
+the holder and elapsed time (and leave an event saying so) -- except self-heal finding its
+own lock held by a dead holder: it breaks that lock, as it would any dead holder's, and runs.
 """
 
 from __future__ import annotations
@@ -42,13 +43,19 @@ def run_job(ctx: Context, job: str, *, holder: str | None = None) -> dict[str, A
     """
     if job not in CHECKS:
         raise InvalidInput(f"unknown job {job!r}: one of {', '.join(JOB_NAMES)}", field="job")
-    try:
-        with locks.held(ctx, job, budget_ms=runs.budget_ms(job), holder=holder) as h:
-            return _run(ctx, job, h)
-    except locks.AlreadyRunning as e:
-        _record_skip(ctx, job, e)
-        return {"ok": True, "job": job, "skipped": "already_running", "holder": e.holder,
-                "elapsedMs": e.elapsed_ms}
+    for attempt in (1, 2):
+        try:
+            with locks.held(ctx, job, budget_ms=runs.budget_ms(job), holder=holder) as h:
+                return _run(ctx, job, h)
+        except locks.AlreadyRunning as e:
+            # self-heal is what breaks a dead holder's lock: its own too, or a self-heal
+            # killed mid-run would hold every next run off until its lock's TTL
+            if attempt == 1 and job == "self_heal" and selfheal.break_own_dead_lock(ctx):
+                continue
+            _record_skip(ctx, job, e)
+            return {"ok": True, "job": job, "skipped": "already_running", "holder": e.holder,
+                    "elapsedMs": e.elapsed_ms}
+    raise AssertionError("unreachable")
 
 
 def _run(ctx: Context, job: str, h: locks.Held) -> dict[str, Any]:

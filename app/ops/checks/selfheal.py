@@ -17,6 +17,7 @@ from app.storage.context import Context
 from app.storage.db import transaction
 
 ACTOR = "self_heal"
+SELF_HEAL_JOB = "self_heal"  # its run-lock's job name
 
 
 def run_self_heal(ctx: Context, fence: state.Fence | None = None) -> dict[str, Any]:
@@ -40,8 +41,7 @@ def run_self_heal(ctx: Context, fence: state.Fence | None = None) -> dict[str, A
     broken = locks.break_dead_locks(ctx)
     running = locks.collect_run_locks(ctx)
     summary = {"requeued": [r["id"] for r in rows],
-               "locksReleased": [{k: b[k] for k in ("job", "holder", "elapsedMs", "budgetMs")}
-                                 for b in broken],
+               "locksReleased": [_released(b) for b in broken],
                "runningLocks": running}
     with transaction(ctx.engine) as conn:
         if fence is not None:
@@ -52,6 +52,25 @@ def run_self_heal(ctx: Context, fence: state.Fence | None = None) -> dict[str, A
             {"kind": "run_lock_broken", "at": now, "actor": ACTOR,
              "reason": "holder stopped beating", "data": b} for b in summary["locksReleased"]])
     return {"ok": True, "lastRunAt": iso(now), **summary}
+
+
+def break_own_dead_lock(ctx: Context) -> bool:
+    """Self-heal's own run-lock, held by a holder that stopped beating (a self-heal killed
+    mid-run), is broken like any dead holder's and the break is an event; True when broken
+    (the caller takes the lock and runs). A holder that still beats is left alone."""
+    broken = locks.break_if_dead(ctx, SELF_HEAL_JOB)
+    if broken is None:
+        return False
+    with transaction(ctx.engine) as conn:
+        store.insert_event(conn, kind="run_lock_broken", at=ctx.clock(), actor=ACTOR,
+                           reason="holder stopped beating",
+                           data=_released(broken))
+    return True
+
+
+def _released(lock: dict[str, Any]) -> dict[str, Any]:
+    """A broken lock as the summary and its ``run_lock_broken`` event tell it."""
+    return {k: lock[k] for k in ("job", "holder", "elapsedMs", "budgetMs")}
 
 
 def selfheal_view(states: state.States) -> dict[str, Any]:
