@@ -193,6 +193,29 @@ def test_a_heartbeat_stuck_on_the_network_does_not_starve_the_next_lease(
         ctx.close()
 
 
+def test_the_heartbeat_thread_runs_while_the_worker_waits_and_ends_with_it(rctx: Context
+                                                                          ) -> None:
+    """Started with ``run``, not on the first task's way to its handler (push pickup's
+    latency), and gone when ``run`` returns (no thread left behind per worker)."""
+    def beaters() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "heartbeat-w1"]
+
+    w = _worker(rctx, lambda task: {"ok": 1}, [])
+    stop = threading.Event()
+    t = _in_thread(lambda: w.run(stop_event=stop))
+    _until(lambda: w._lane_empty)  # waiting on the empty lane, no task yet
+    [beater] = beaters()
+    tid = lanes.create(rctx, assignee="coder", title="t")["task"]["id"]
+    _until(lambda: w.stats.succeeded == 1)
+    assert beaters() == [beater]  # the task used the thread that was waiting
+    stop.set()
+    t.join(10)
+    assert not t.is_alive()
+    beater.join(10)
+    assert not beater.is_alive() and beaters() == []
+    assert _task(rctx, tid)["status"] == "done"
+
+
 def test_a_paused_lane_is_said_once_waited_out_and_resumed(rctx: Context) -> None:
     tid = lanes.create(rctx, assignee="coder", title="t")["task"]["id"]
     lane_control.pause_lane(rctx, assignee="coder", reason="maintenance", actor="test")

@@ -52,6 +52,9 @@ def make_engine(url: str, *, connect_timeout_s: float = 5.0, busy_timeout_s: flo
     engine = sa.create_engine(
         url,
         pool_size=pool_size,
+        # the connection returned last is handed out first: the hot path keeps to a warm
+        # backend (prepared statements, caches) while the rest of the pool sits idle
+        pool_use_lifo=True,
         connect_args={"connect_timeout": max(1, int(connect_timeout_s))},
     )
     _ping_when_idle(engine)

@@ -166,6 +166,8 @@ class LaneWorker:
         if handle_signals is None:
             handle_signals = stop_event is None
         with _stop_on_signals(stop, self._log) if handle_signals else _nothing():
+            # the heartbeat thread starts now, not on the first task's path (pickup)
+            self._ensure_beater()
             try:
                 while not stop.is_set():
                     if max_tasks is not None and self.stats.finished >= max_tasks:
@@ -181,6 +183,8 @@ class LaneWorker:
                             self.work(job)
             finally:
                 self._release_handed_over()
+                self._beater = None  # the heartbeat thread ends
+                self._beat_wake.set()
         return self.stats
 
     def _release_handed_over(self) -> None:
@@ -330,13 +334,18 @@ class LaneWorker:
     def _start_beating(self, job: Job) -> _Beat:
         beat = _Beat(job, due=time.monotonic() + self._beat_interval(job))
         self._beating = beat
-        if self._beater is None:
-            self._beater = me = object()
-            threading.Thread(target=self._beat_loop, args=(me,), name=f"heartbeat-{self.name}",
-                             daemon=True).start()
-        elif beat.due < self._beat_next:  # the thread sleeps past this lease's first beat
-            self._beat_wake.set()
+        if not self._ensure_beater() and beat.due < self._beat_next:
+            self._beat_wake.set()  # the thread sleeps past this lease's first beat
         return beat
+
+    def _ensure_beater(self) -> bool:
+        """Start the heartbeat thread unless one runs; True when it was started."""
+        if self._beater is not None:
+            return False
+        self._beater = me = object()
+        threading.Thread(target=self._beat_loop, args=(me,), name=f"heartbeat-{self.name}",
+                         daemon=True).start()
+        return True
 
     def _stop_beating(self, beat: _Beat) -> None:
         """End this lease's heartbeats; answers once none is in flight. A heartbeat stuck
