@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     # between calls): in-process, and over HTTP (a long poll)
     worker_wait_ms: int = Field(default=2_000, gt=0)
     worker_http_wait_ms: int = Field(default=10_000, gt=0)
+    # claims waiting at once in one API process (each holds a thread of their own pool and
+    # a Redis connection, never one the other requests are answered on); past it a claim
+    # answers at once, and an HTTP worker polls
+    api_long_poll_max: int = Field(default=512, ge=1)
     breaker_threshold: int = 3
     breaker_window_h: float = 24.0
     remediation_lane: str = "ops"

@@ -14,7 +14,9 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from anyio import CapacityLimiter
+from anyio.to_thread import run_sync
+from fastapi import APIRouter, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
@@ -22,6 +24,7 @@ from app import ops, validate
 from app.api import metrics, schemas
 from app.api.deps import (
     Authorization,
+    Body,
     Ctx,
     JsonBody,
     SafeJSONResponse,
@@ -29,6 +32,7 @@ from app.api.deps import (
     check_token,
 )
 from app.ops import history, probes
+from app.storage.context import Context
 
 router = APIRouter()
 
@@ -52,14 +56,36 @@ def _json(answer: dict[str, Any]) -> JSONResponse:
                 "actions need the bearer token when the server has one. Every answer has "
                 "`ok`; a refusal has `error` (a stable code) and `message`.",
 )
-def act(ctx: Ctx, body: JsonBody, authorization: Authorization) -> Response:
-    """Authorise (mutations), check the shape, dispatch."""
+async def act(ctx: Ctx, body: JsonBody, authorization: Authorization, request: Request
+              ) -> Response:
+    """Authorise (mutations), check the shape, dispatch -- in a worker thread: a claim
+    that waits (``waitMs``, a long poll) in a pool of its own, so waiting workers never
+    hold the threads every other request is answered on."""
+    v = body.value
+    if isinstance(v, dict) and v.get("action") == "claim" and v.get("waitMs"):
+        limiter = long_polls(request.app.state, ctx.settings.api_long_poll_max)
+        if limiter.available_tokens >= 1:
+            return await run_sync(_act, ctx, body, authorization, limiter=limiter)
+        # every slot waits already: answer now (an HTTP worker then polls)
+        body = Body({**v, "waitMs": None})
+    return await run_sync(_act, ctx, body, authorization)
+
+
+def _act(ctx: Context, body: Body, authorization: str | None) -> Response:
     request = body_object(body, ctx.settings)
     action = request.get("action")
     if isinstance(action, str) and action in ops.MUTATING:
         check_token(ctx.settings, authorization)
     schemas.check_shape(request, ctx.settings)
     return _json(ops.dispatch(ctx, request))
+
+
+def long_polls(state: Any, capacity: int) -> CapacityLimiter:
+    """The app's pool for waiting claims (``api_long_poll_max`` at once)."""
+    limiter: CapacityLimiter | None = getattr(state, "long_polls", None)
+    if limiter is None:
+        limiter = state.long_polls = CapacityLimiter(capacity)
+    return limiter
 
 
 @router.get("/api/autonomy/status", response_model=schemas.StatusAnswer,
