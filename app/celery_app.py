@@ -22,6 +22,9 @@ use (``worker_context``) and rebuilds it after a fork.
   alone): worker and beat lines have the API's format, ``AUTONOMY_LOG_FORMAT=json`` for
   JSON lines; each line logged while a task runs carries its ``task_id``, ``worker`` (the
   Celery node name), ``task_name`` and ``lane`` (null: check jobs belong to no lane).
+- A worker whose consumer takes nothing while messages wait (the kombu bug after a Redis
+  restart) stops with exit code 70 for its supervisor to restart (``app.celery_watchdog``,
+  ``celery_watchdog_s``).
 """
 
 from __future__ import annotations
@@ -43,11 +46,14 @@ from celery.signals import (
     setup_logging,
     task_postrun,
     task_prerun,
+    task_received,
+    task_revoked,
     worker_process_shutdown,
 )
 from celery.worker.control import inspect_command
 
 import beat_schedule
+from app.celery_watchdog import ConsumerWatchdog, Watch, stop_celery_worker
 from app.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -274,3 +280,55 @@ class RunLocksInStats(bootsteps.StartStopStep):
 
 
 app.steps["worker"].add(RunLocksInStats)
+
+
+# --- the consumer watchdog ------------------------------------------------------------
+
+_watch: Watch | None = None
+
+
+@task_received.connect
+@task_revoked.connect
+def _taken(**_: Any) -> None:
+    if _watch is not None:
+        _watch.taken()
+
+
+class ConsumerWatchdogStep(bootsteps.StartStopStep):
+    """Runs ``app.celery_watchdog`` in the worker's main process: a worker that takes no
+    message while messages wait and its pool has room stops with exit code 70, for its
+    supervisor to restart (``celery_watchdog_s``; 0: off)."""
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.watchdog: ConsumerWatchdog | None = None
+
+    def start(self, worker: Any) -> None:
+        global _watch
+        s = get_settings()
+        if not s.celery_watchdog_s:
+            return
+        from celery.worker import state
+
+        queue = s.celery_queue
+        _watch = Watch(stuck_after_s=s.celery_watchdog_s)
+
+        def waiting() -> int | None:
+            try:  # (a passive declare is NOT_FOUND on Redis while the queue is empty)
+                with worker.app.connection_for_read() as conn:
+                    return int(conn.default_channel.queue_declare(queue=queue).message_count)
+            except Exception:  # the broker cannot say (down, stalled)
+                return None
+
+        self.watchdog = ConsumerWatchdog(
+            watch=_watch, queue=queue, waiting=waiting,
+            pool_full=lambda: len(state.active_requests) >= (worker.concurrency or 1),
+            stop_worker=stop_celery_worker, interval_s=max(0.5, s.celery_watchdog_s / 4))
+        self.watchdog.start()
+
+    def stop(self, worker: Any) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
+
+
+app.steps["worker"].add(ConsumerWatchdogStep)

@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     flower_port: int = 5555
     flower_basic_auth: str | None = None
     celery_queue: str = "autonomy"
+    # a Celery worker that takes no message for this long while messages wait in its queue
+    # and its pool has room stops (exit 70) for its supervisor to restart; 0: never
+    celery_watchdog_s: float = Field(default=120.0, ge=0)
     # /readyz: answer 503 while Redis is down (False: 200 with "redis": "degraded", for
     # deployments that keep serving from the database alone)
     readyz_redis_required: bool = True

@@ -123,6 +123,7 @@ class Stack:
             "AUTONOMY_REDIS_SOCKET_TIMEOUT_S": "2",
             "AUTONOMY_DB_CONNECT_TIMEOUT_S": "2",
             "AUTONOMY_JOB_MIN_RUNTIME_MS": '{"handoff_health": 1500}',
+            "AUTONOMY_CELERY_WATCHDOG_S": "8",
             "AUTONOMY_FAULT_TAG": self.tag, "PYTHONUNBUFFERED": "1",
         }
 
