@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -352,49 +353,52 @@ def real_lctx(sqlite_url: str, redis_server_url: str, redis_prefix: str) -> Iter
     c.close()
 
 
-@pytest.mark.slow
-def test_a_holder_killed_with_sigkill_shows_dead_and_its_lock_is_broken(
-        real_lctx: Context, sqlite_url: str, redis_server_url: str, redis_prefix: str) -> None:
-    p = _holder(sqlite_url, redis_server_url, redis_prefix, "self_heal", 60_000)
-    try:
-        [lk] = locks.collect_run_locks(real_lctx)
-        assert lk["holderAlive"] is True and lk["holder"] == "child:self_heal"
-        assert locks.break_dead_locks(real_lctx) == []  # alive: left alone
+@contextmanager
+def _self_heal_holder(ctx: Context, sqlite_url: str, redis_url: str, prefix: str
+                      ) -> Iterator[Callable[[], None]]:
+    """A process holding self_heal's lock; the block gets ``kill()``: SIGKILL it and wait
+    for its heartbeat to lapse."""
+    p = _holder(sqlite_url, redis_url, prefix, "self_heal", 60_000)
+
+    def kill() -> None:
         os.kill(p.pid, signal.SIGKILL)
         p.wait(10)
-        _until(lambda: not locks.collect_run_locks(real_lctx)[0]["holderAlive"], 10,
+        _until(lambda: not locks.collect_run_locks(ctx)[0]["holderAlive"], 10,
                "the killed holder's heartbeat to lapse")
-        assert locks.acquire(real_lctx, "self_heal", budget_ms=1000) is None  # still held
-        broken = locks.break_dead_locks(real_lctx)
-        assert [b["holder"] for b in broken] == ["child:self_heal"]
-        assert locks.acquire(real_lctx, "self_heal", budget_ms=1000)  # the next run proceeds
+
+    try:
+        yield kill
     finally:
         if p.poll() is None:
             p.kill()
             p.wait(10)
         assert p.stdout is not None
         p.stdout.close()
+
+
+@pytest.mark.slow
+def test_a_holder_killed_with_sigkill_shows_dead_and_its_lock_is_broken(
+        real_lctx: Context, sqlite_url: str, redis_server_url: str, redis_prefix: str) -> None:
+    with _self_heal_holder(real_lctx, sqlite_url, redis_server_url, redis_prefix) as kill:
+        [lk] = locks.collect_run_locks(real_lctx)
+        assert lk["holderAlive"] is True and lk["holder"] == "child:self_heal"
+        assert locks.break_dead_locks(real_lctx) == []  # alive: left alone
+        kill()
+        assert locks.acquire(real_lctx, "self_heal", budget_ms=1000) is None  # still held
+        broken = locks.break_dead_locks(real_lctx)
+        assert [b["holder"] for b in broken] == ["child:self_heal"]
+        assert locks.acquire(real_lctx, "self_heal", budget_ms=1000)  # the next run proceeds
 
 
 @pytest.mark.slow
 def test_a_self_heal_killed_mid_run_does_not_hold_the_next_one_off(
         real_lctx: Context, sqlite_url: str, redis_server_url: str, redis_prefix: str) -> None:
-    p = _holder(sqlite_url, redis_server_url, redis_prefix, "self_heal", 60_000)
-    try:
+    with _self_heal_holder(real_lctx, sqlite_url, redis_server_url, redis_prefix) as kill:
         assert jobs.run_job(real_lctx, "self_heal")["skipped"] == "already_running"  # alive
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait(10)
-        _until(lambda: not locks.collect_run_locks(real_lctx)[0]["holderAlive"], 10,
-               "the killed holder's heartbeat to lapse")
+        kill()
         r = jobs.run_job(real_lctx, "self_heal")  # well inside the dead lock's 90 s TTL
         assert "skipped" not in r and r["ok"] is True
         assert locks.collect_run_locks(real_lctx) == []
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
-        assert p.stdout is not None
-        p.stdout.close()
 
 
 @pytest.mark.slow
