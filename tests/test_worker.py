@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -197,10 +198,13 @@ def test_the_heartbeat_thread_runs_while_the_worker_waits_and_ends_with_it(rctx:
                                                                           ) -> None:
     """Started with ``run``, not on the first task's way to its handler (push pickup's
     latency), and gone when ``run`` returns (no thread left behind per worker)."""
-    def beaters() -> list[threading.Thread]:
-        return [t for t in threading.enumerate() if t.name == "heartbeat-w1"]
+    name = f"w-{uuid.uuid4().hex[:8]}"  # no other test's thread has its name
 
-    w = _worker(rctx, lambda task: {"ok": 1}, [])
+    def beaters() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == f"heartbeat-{name}"]
+
+    w = LaneWorker("coder", lambda task: {"ok": 1}, worker_name=name,
+                   client=LocalClient(rctx), say=[].append, idle_backoff_s=(0.01, 0.05))
     stop = threading.Event()
     t = _in_thread(lambda: w.run(stop_event=stop))
     _until(lambda: w._lane_empty)  # waiting on the empty lane, no task yet
