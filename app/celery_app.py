@@ -53,6 +53,7 @@ from celery.signals import (
 from celery.worker.control import inspect_command
 
 import beat_schedule
+from app import celery_broker
 from app.celery_watchdog import ConsumerWatchdog, Watch, stop_celery_worker
 from app.settings import Settings, get_settings
 
@@ -86,6 +87,9 @@ def configure(celery: Celery, settings: Settings) -> None:
     prefix = {"global_keyprefix": celery_key_prefix(settings)}
     celery.conf.update(
         broker_url=settings.effective_redis_url,
+        # kombu's Redis transport with a crash on a lost broker fixed (app.celery_broker)
+        broker_transport=(celery_broker.TRANSPORT
+                          if settings.effective_redis_url.startswith("redis://") else None),
         result_backend=settings.effective_redis_url,
         # a socket deadline and a health check on the broker connection: after a Redis
         # restart the worker's consumer notices and reconnects instead of waiting on a
