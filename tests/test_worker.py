@@ -220,6 +220,25 @@ def test_the_heartbeat_thread_runs_while_the_worker_waits_and_ends_with_it(rctx:
     assert _task(rctx, tid)["status"] == "done"
 
 
+def test_work_called_outside_run_leaves_no_heartbeat_thread(rctx: Context) -> None:
+    name = f"w-{uuid.uuid4().hex[:8]}"
+    seen: list[list[str]] = []
+
+    def handler(task: dict[str, Any]) -> dict[str, Any]:
+        seen.append([t.name for t in threading.enumerate()])
+        return {"ok": 1}
+
+    w = LaneWorker("coder", handler, worker_name=name, client=LocalClient(rctx),
+                   say=[].append)
+    tid = lanes.create(rctx, assignee="coder", title="t")["task"]["id"]
+    job = w.claim_one(threading.Event())
+    assert job is not None
+    w.work(job)
+    assert f"heartbeat-{name}" in seen[0]  # the task ran under heartbeats
+    _until(lambda: not any(t.name == f"heartbeat-{name}" for t in threading.enumerate()))
+    assert _task(rctx, tid)["status"] == "done"
+
+
 def test_a_paused_lane_is_said_once_waited_out_and_resumed(rctx: Context) -> None:
     tid = lanes.create(rctx, assignee="coder", title="t")["task"]["id"]
     lane_control.pause_lane(rctx, assignee="coder", reason="maintenance", actor="test")

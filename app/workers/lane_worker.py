@@ -286,6 +286,7 @@ class LaneWorker:
         if job.stopping.is_set():  # a stop arrived while the claim was on its way
             self._release(job, "stopping before the task started")
             return
+        alone = self._beater is None  # called outside ``run``: its thread ends here
         beat = self._start_beating(job)
         try:
             outcome = self._call_handler(job)
@@ -295,6 +296,9 @@ class LaneWorker:
             raise
         finally:
             self._stop_beating(beat)
+            if alone:
+                self._beater = None
+                self._beat_wake.set()
         if job.lease_lost.is_set():
             self.stats.lost += 1
             self._log(f"task {job.task_id}: lease lost while working; outcome dropped",
