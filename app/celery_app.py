@@ -84,12 +84,11 @@ def build_beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
 
 def configure(celery: Celery, settings: Settings) -> None:
     """Apply ``settings`` to a Celery app (broker, backend, queue, events, schedule)."""
+    # kombu's Redis transport with a crash on a lost broker fixed (app.celery_broker)
+    celery_broker.install()
     prefix = {"global_keyprefix": celery_key_prefix(settings)}
     celery.conf.update(
         broker_url=settings.effective_redis_url,
-        # kombu's Redis transport with a crash on a lost broker fixed (app.celery_broker)
-        broker_transport=(celery_broker.TRANSPORT
-                          if settings.effective_redis_url.startswith("redis://") else None),
         result_backend=settings.effective_redis_url,
         # a socket deadline and a health check on the broker connection: after a Redis
         # restart the worker's consumer notices and reconnects instead of waiting on a

@@ -18,13 +18,16 @@ connection loss. The messages it could not restore were in the Redis that went a
 stay in its unacked set, where kombu's visibility timeout brings them back); a check job
 expires with its period and the next period sends it again.
 
-``app.celery_app.configure`` uses this transport for ``redis://`` broker URLs.
+``install()`` (called by ``app.celery_app``) makes it the transport of the ``redis`` and
+``rediss`` URL schemes in the process, so broker URLs keep their scheme (Flower picks its
+broker view by it) and every kombu connection of the worker, beat and Flower uses it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import kombu.transport
 import redis
 from kombu.transport import redis as kombu_redis
 
@@ -43,3 +46,11 @@ class Transport(kombu_redis.Transport):
 
 
 TRANSPORT = f"{__name__}:Transport"
+SCHEMES = ("redis", "rediss")
+
+
+def install() -> None:
+    """Resolve the ``redis``/``rediss`` schemes to this transport (idempotent)."""
+    for scheme in SCHEMES:
+        kombu.transport.TRANSPORT_ALIASES[scheme] = TRANSPORT
+        kombu.transport._transport_cache.pop(scheme, None)  # resolved before: again

@@ -54,14 +54,16 @@ def test_the_stock_transport_crashes_closing_a_lost_connection(
         server: ThrowawayRedis) -> None:
     # the break this module works around; when kombu fixes it, app.celery_broker can go
     with pytest.raises(AttributeError, match="hostname"):
-        _close_after_broker_loss(server.url, server, None)
+        _close_after_broker_loss(server.url, server, "kombu.transport.redis:Transport")
 
 
 def test_our_transport_closes_a_lost_connection_and_reconnects(
         server: ThrowawayRedis) -> None:
-    _close_after_broker_loss(server.url, server, celery_broker.TRANSPORT)
+    celery_broker.install()  # a redis:// URL resolves to it
+    _close_after_broker_loss(server.url, server, None)
     server.restart()
-    conn = Connection(server.url, transport=celery_broker.TRANSPORT)
+    conn = Connection(server.url)
+    assert type(conn.transport) is celery_broker.Transport
     try:
         with conn.SimpleQueue("again") as q:
             q.put({"ok": 1})
@@ -72,7 +74,9 @@ def test_our_transport_closes_a_lost_connection_and_reconnects(
         conn.release()
 
 
-def test_the_celery_app_uses_it_for_a_redis_broker() -> None:
+def test_the_celery_app_uses_it_and_its_broker_url_keeps_its_scheme() -> None:
     with celery_app.connection_for_read() as conn:
         assert type(conn.transport) is celery_broker.Transport
         assert conn.transport.Channel is celery_broker.Channel
+        # Flower picks its broker view by the scheme of this URI
+        assert conn.as_uri().startswith("redis://"), conn.as_uri()
