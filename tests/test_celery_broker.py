@@ -29,11 +29,11 @@ def server() -> Iterator[ThrowawayRedis]:
     s.stop()
 
 
-def _close_after_broker_loss(url: str, server: ThrowawayRedis, transport: Any) -> None:
+def _close_after_broker_loss(server: ThrowawayRedis, transport: Any) -> None:
     """Take a message without acking it, kill Redis, then what the consumer does:
     the transport loses its client with the channel still open, and the connection is
     closed with connection errors ignored."""
-    conn = Connection(url, transport=transport)
+    conn = Connection(server.url, transport=transport)
     queue = Queue("q", Exchange("q"), "q")
     with conn.Producer() as producer:
         for i in range(3):
@@ -54,13 +54,13 @@ def test_the_stock_transport_crashes_closing_a_lost_connection(
         server: ThrowawayRedis) -> None:
     # the break this module works around; when kombu fixes it, app.celery_broker can go
     with pytest.raises(AttributeError, match="hostname"):
-        _close_after_broker_loss(server.url, server, "kombu.transport.redis:Transport")
+        _close_after_broker_loss(server, "kombu.transport.redis:Transport")
 
 
 def test_our_transport_closes_a_lost_connection_and_reconnects(
         server: ThrowawayRedis) -> None:
     celery_broker.install()  # a redis:// URL resolves to it
-    _close_after_broker_loss(server.url, server, None)
+    _close_after_broker_loss(server, None)
     server.restart()
     conn = Connection(server.url)
     assert type(conn.transport) is celery_broker.Transport

@@ -183,8 +183,7 @@ class LaneWorker:
                             self.work(job)
             finally:
                 self._release_handed_over()
-                self._beater = None  # the heartbeat thread ends
-                self._beat_wake.set()
+                self._end_beater()
         return self.stats
 
     def _release_handed_over(self) -> None:
@@ -297,8 +296,7 @@ class LaneWorker:
         finally:
             self._stop_beating(beat)
             if alone:
-                self._beater = None
-                self._beat_wake.set()
+                self._end_beater()
         if job.lease_lost.is_set():
             self.stats.lost += 1
             self._log(f"task {job.task_id}: lease lost while working; outcome dropped",
@@ -350,6 +348,11 @@ class LaneWorker:
         threading.Thread(target=self._beat_loop, args=(me,), name=f"heartbeat-{self.name}",
                          daemon=True).start()
         return True
+
+    def _end_beater(self) -> None:
+        """The heartbeat thread ends (it sees it is no longer the live one)."""
+        self._beater = None
+        self._beat_wake.set()
 
     def _stop_beating(self, beat: _Beat) -> None:
         """End this lease's heartbeats; answers once none is in flight. A heartbeat stuck
