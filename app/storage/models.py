@@ -80,6 +80,9 @@ class Task(SQLModel, table=True):
     created_at: datetime = _ts(nullable=False)
     updated_at: datetime = _ts(nullable=False)
     completed_at: datetime | None = _ts()
+    # PostgreSQL: the lane slot a live lease holds, below the lane's max_in_flight
+    # (migration 0005); SQLite writes none
+    lease_slot: int | None = Field(default=None)
 
 
 class Lane(SQLModel, table=True):
