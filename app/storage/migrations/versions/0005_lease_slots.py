@@ -24,10 +24,11 @@ wait on each other.
 - Leases outside the slots -- granted before this migration (no slot), or above a
   ``max_in_flight`` lowered since -- are counted the old way: while the lane has one, a
   claim takes the lane's claim lock *exclusively*, waits for the slot claims in flight,
-  counts every live lease and grants into free slots. When such a lease shows up only
-  after the shared lock (a ``max_in_flight`` lowered at that moment), the claim grants
-  nothing and answers the lane's soonest lease, as a full lane does; the next claim takes
-  the exclusive path.
+  counts every live lease and grants into free slots. A ``max_in_flight`` lowered while a
+  claim runs applies from the next claim, as before (configure never took the claim
+  lock): that claim sees the leases above the new limit and takes the exclusive path.
+- A claim that finds every slot it could take granted by another claim meanwhile
+  answers the lane's soonest lease, as a full lane does (the worker backs off a step).
 - Everything else is 0004's: the pause check, expired leases requeued (``SKIP LOCKED``),
   the events, the rows answered.
 
