@@ -64,11 +64,12 @@ def _live(dsn: str) -> list[tuple[int, str, int | None]]:
             " status = 'in_progress' AND lease_expires_at > %s ORDER BY id", (LANE, NOW))]
 
 
-def _waits_on_a_lock(dsn: str, pid: int) -> None:
-    """Block until backend ``pid`` waits on an advisory lock."""
+def _waits_on_a_lock(dsn: str, pid: int, claiming: threading.Thread) -> None:
+    """Block until backend ``pid`` waits on an advisory lock, or its claim has ended."""
     with psycopg.connect(dsn, autocommit=True) as c:
-        while c.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s",
-                        (pid,)).fetchone() != ("advisory",):
+        while claiming.is_alive() and c.execute(
+                "SELECT wait_event FROM pg_stat_activity WHERE pid = %s",
+                (pid,)).fetchone() != ("advisory",):
             c.execute("SELECT pg_sleep(0.01)")
 
 
@@ -108,7 +109,7 @@ def test_a_claim_waits_for_a_slot_being_claimed_then_answers_the_full_lane(dsn: 
         b_pid = b.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
         t = threading.Thread(target=lambda: answer.update(_claim(b, "wb")))
         t.start()
-        _waits_on_a_lock(dsn, b_pid)
+        _waits_on_a_lock(dsn, b_pid, t)
         assert t.is_alive() and answer == {}
         a.commit()
         t.join(60)

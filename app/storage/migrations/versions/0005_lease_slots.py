@@ -57,6 +57,11 @@ LANE_LOCK = _v3.CLAIM_LOCK_CLASS  # 'auto': the lane's claim lock (shared / excl
 SLOT_LOCK = 1635087475  # 'aut3': a slot of a lane (key: hashtext(lane) # slot)
 WORKER_LOCK = 1635087479  # 'aut7': a worker's claims in a lane
 
+# 0004's requeue of the lane's expired leases (only when one exists, SKIP LOCKED), as is
+_REQUEUE = _v4.CLAIM_FUNCTION[
+    _v4.CLAIM_FUNCTION.index("    IF EXISTS (SELECT 1 FROM task t WHERE t.assignee"):
+    _v4.CLAIM_FUNCTION.index("    END IF;\n\n    SELECT count(*)") + len("    END IF;\n")]
+
 _LIVE = """t.assignee = p_assignee AND t.status = 'in_progress'
           AND t.lease_expires_at > p_now"""
 
@@ -94,33 +99,7 @@ BEGIN
     v_max := v_lane.max_in_flight;
     v_key := hashtext(p_assignee);
 
-    IF EXISTS (SELECT 1 FROM task t WHERE t.assignee = p_assignee
-               AND t.status = 'in_progress' AND t.lease_expires_at <= p_now) THEN
-    RETURN QUERY
-    WITH old AS (
-        SELECT t.id, t.claimed_by, t.lease_token, t.lease_expires_at FROM task t
-        WHERE t.assignee = p_assignee AND t.status = 'in_progress'
-          AND t.lease_expires_at <= p_now
-        FOR UPDATE SKIP LOCKED
-    ), back AS (
-        UPDATE task t SET status = 'todo', claimed_by = NULL, lease_token = NULL,
-            lease_expires_at = NULL, updated_at = p_now
-        FROM old WHERE t.id = old.id AND t.status = 'in_progress'
-        RETURNING t.id, old.claimed_by, old.lease_token, old.lease_expires_at
-    ), ev AS (
-        INSERT INTO event (at, kind, assignee, task_id, actor, reason, data)
-        SELECT p_now, 'lease_requeued', p_assignee, back.id, 'claim:' || p_worker,
-               'lease expired',
-               json_build_object('claimedBy', back.claimed_by,
-                                 'leaseExpiresAt', {_v3.ISO.format('back.lease_expires_at')})
-        FROM back
-    )
-    SELECT 'requeued'::text, json_build_object('id', back.id, 'assignee', p_assignee,
-                                               'claimed_by', back.claimed_by,
-                                               'lease_token', back.lease_token)
-    FROM back;
-    END IF;
-
+{_REQUEUE}
     SELECT count(*), count(*) FILTER (WHERE t.claimed_by = p_worker),
            coalesce(bool_or(t.lease_slot IS NULL OR t.lease_slot >= v_max), false),
            coalesce(array_agg(t.lease_slot) FILTER (WHERE t.lease_slot IS NOT NULL), '{{}}')
@@ -132,7 +111,6 @@ BEGIN
         RETURN;
     END IF;
     IF v_live < v_max THEN
-        v_room := least(v_max - v_live, cardinality(p_tokens));
         IF v_outside THEN
             -- leases outside the slots: count them all with every slot claim excluded
             PERFORM pg_advisory_xact_lock({LANE_LOCK}, v_key);
@@ -147,6 +125,7 @@ BEGIN
             END IF;
         ELSE
             PERFORM pg_advisory_xact_lock_shared({LANE_LOCK}, v_key);
+            v_room := least(v_max - v_live, cardinality(p_tokens));
             v_start := coalesce(p_prefer, abs(hashtext(p_worker)::bigint));
             FOR i IN 0 .. v_max - 1 LOOP
                 EXIT WHEN cardinality(v_got) >= v_room;
