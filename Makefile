@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # `make run` needs only what running needs; the dev and bench extras are for test/bench
 RUN_STAMP := $(VENV)/.installed-run
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-repeat lint bench clean
 
 $(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	scripts/ensure-chromium
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# a test that turned out flaky, run N times in a row (each run counted in pytest's summary):
+#   make test-repeat TESTS="tests/test_race.py::test_x tests/test_y.py" N=30
+N ?= 30
+test-repeat: $(STAMP)
+	@test -n "$(TESTS)" || { echo 'usage: make test-repeat TESTS="tests/...::test_name ..." [N=30]'; exit 2; }
+	$(BIN)/pytest -p no:cacheprovider --count $(N) --repeat-scope function $(PYTEST_ARGS) $(TESTS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)

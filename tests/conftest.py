@@ -3,13 +3,16 @@ a migrated database per test, and a ``ctx`` parametrised over SQLite and Postgre
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 import sqlalchemy as sa
@@ -19,7 +22,79 @@ from app.settings import Settings
 from app.storage import db
 from app.storage.context import Context
 from app.storage.redis_conn import make_redis
-from tests.servers import ThrowawayPostgres, ThrowawayRedis, unique_name, with_database
+from tests.servers import (
+    OWNED_BY_BROADER_SCOPE,
+    ThrowawayPostgres,
+    ThrowawayRedis,
+    unique_name,
+    with_database,
+)
+
+# --- no test leaves a process behind -------------------------------------------------
+
+CHILD_EXIT_GRACE_S = 10.0
+# multiprocessing's resource tracker lives as long as the session, by design
+LONG_LIVED_HELPERS = ("multiprocessing.resource_tracker",)
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _describe(p: psutil.Process) -> str:
+    try:
+        return f"pid {p.pid}: {' '.join(p.cmdline())[:300]}"
+    except psutil.Error:
+        return f"pid {p.pid}"
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves a child process of its own running after its teardown.
+
+    Fixtures of a broader scope are set up before this one and torn down after it, so
+    what they started (and what those processes start) is in ``before`` and left alone;
+    so is a process a module's fixture owns (``tests.servers.owned_by_broader_scope``).
+    A child still exiting gets ``CHILD_EXIT_GRACE_S``; one still running after that is
+    killed (the next tests must not inherit it) and the test fails naming it."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+
+    def left() -> list[psutil.Process]:
+        out = []
+        for child in me.children(recursive=False):
+            if child.pid in before or child.pid in OWNED_BY_BROADER_SCOPE:
+                continue
+            tree = [child, *child.children(recursive=True)]
+            for p in tree:
+                if not _running(p):
+                    continue
+                with contextlib.suppress(psutil.Error):
+                    if any(h in " ".join(p.cmdline()) for h in LONG_LIVED_HELPERS):
+                        before.add(p.pid)
+                        continue
+                out.append(p)
+        return out
+
+    deadline = time.monotonic() + CHILD_EXIT_GRACE_S
+    alive = left()
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = left()
+    if not alive:
+        return
+    names = [_describe(p) for p in alive]
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+    pytest.fail(f"{request.node.nodeid} left {len(names)} process(es) running after its "
+                "teardown:\n" + "\n".join(names), pytrace=False)
+
 
 # --- servers (session) --------------------------------------------------------------
 

