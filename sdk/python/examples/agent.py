@@ -7,6 +7,7 @@ Create work with ``autonomy create reviewer "Review the retry" --payload '{"test
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -25,13 +26,14 @@ def review(task: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     url = os.environ.get("AUTONOMY_URL", "http://127.0.0.1:8000")
     lane = os.environ.get("AUTONOMY_LANE", "reviewer")
     max_tasks = int(os.environ["AUTONOMY_MAX_TASKS"]) if "AUTONOMY_MAX_TASKS" in os.environ \
         else None
     with Client(url, os.environ.get("AUTONOMY_API_TOKEN")) as client:
         stats = LaneWorker(lane, review, client=client).run(max_tasks=max_tasks)
-    print(stats.as_dict())
+    print(json.dumps(stats.as_dict()))
     return 0
 
 
