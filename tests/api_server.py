@@ -18,11 +18,12 @@ from tests.servers import free_port
 
 
 class ServerThread:
-    """uvicorn in a daemon thread; ``stop()`` asks it to exit and joins it."""
+    """uvicorn in a daemon thread; ``stop()`` asks it to exit and joins it. ``port``: a
+    given one (a server started again where the last one listened), else a free one."""
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, port: int | None = None) -> None:
         self.app = app
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                 access_log=False, ws="none", http="h11", lifespan="on")

