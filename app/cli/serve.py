@@ -68,6 +68,10 @@ def up(
                                     help="API port (default AUTONOMY_API_PORT)."),
     flower_port: int | None = typer.Option(None, min=0, max=65535,
                                            help="Flower port (default AUTONOMY_FLOWER_PORT)."),
+    redis_port: int | None = typer.Option(None, min=1, max=65535,
+                                          help="The embedded Redis's port (default: the one "
+                                          "the last start from this data directory used, "
+                                          "while free). Not with REDIS_URL."),
 ) -> None:
     """Migrate, then run the API, a Celery worker, beat and Flower until Ctrl-C."""
     from app.local.up import Supervisor
@@ -80,5 +84,6 @@ def up(
         raise typer.Exit(2)
     sup = Supervisor(settings, host=h, port=port if port is not None else settings.api_port,
                      flower_port=flower_port if flower_port is not None
-                     else settings.flower_port, flower=not no_flower, demo=demo)
+                     else settings.flower_port, flower=not no_flower, demo=demo,
+                     redis_port=redis_port)
     raise typer.Exit(sup.run())
