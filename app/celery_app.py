@@ -220,11 +220,32 @@ class LeaderScheduler(PersistentScheduler):
         super().apply_entry(entry, producer=producer)
 
 
+def belongs_here(role: str) -> None:
+    """Start only on a database of this deployment (SPEC 4.12): a worker or beat pointed
+    at another deployment's database logs why and exits 1 (it cannot recover in place)."""
+    from app.errors import DeploymentMismatch
+    from app.ops import deployment
+
+    try:
+        deployment.check_at_start(get_settings(), role)
+    except DeploymentMismatch as e:
+        logging.getLogger("app.deployment").critical("%s: %s", e.code, e.message)
+        # SystemExit, not an exception: Celery logs and ignores a signal handler's errors
+        raise SystemExit(1) from e
+
+
+@celeryd_init.connect
+def _worker_belongs_here(**_: Any) -> None:
+    belongs_here("celery worker")
+
+
 @beat_init.connect
 def _lead_beat(**_: Any) -> None:
-    """Before beat sends anything: lead, or stand by until the leader's lock is free."""
+    """Before beat sends anything: check the database is this deployment's, then lead, or
+    stand by until the leader's lock is free."""
     from app.ops.run_locks import lead_beat
 
+    belongs_here("beat")
     lead_beat(worker_context())
 
 

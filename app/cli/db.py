@@ -8,10 +8,11 @@ would be lost -- to go to ``base`` or to run while leases are live, unless ``--f
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import typer
 
-from app.cli.output import fail, want_json
+from app.cli.output import fail, run, want_json
 from app.errors import AutonomyError, InvalidInput
 
 
@@ -21,6 +22,8 @@ def register(app: typer.Typer) -> None:
                          help="Database migrations and the deployment it belongs to.")
     db_app.command("upgrade")(upgrade)
     db_app.command("downgrade")(downgrade)
+    db_app.command("deployment")(show_deployment)
+    db_app.command("bind-deployment")(bind_deployment)
     app.add_typer(db_app, name="db")
 
 
@@ -70,3 +73,41 @@ def downgrade(
         return f"database downgraded to {revision} (reverted {', '.join(done.reverted)}){lost}"
 
     _guarded(go)
+
+
+def _binding_lines(a: dict[str, Any]) -> str:
+    bound = a.get("boundTo")
+    lines = ["bound to: " + (f"Redis {bound['redis']}, prefix {bound['prefix']!r} (since "
+                             f"{bound['boundAt']}, by {bound['boundBy']})" if bound
+                             else "nothing yet (the first process to start binds it)")]
+    if "this" in a:
+        lines.append(f"this environment: Redis {a['this']['redis']}, prefix "
+                     f"{a['this']['prefix']!r} ({'matches' if a['matches'] else 'DIFFERS'})")
+    if a.get("changed") and a.get("previous"):
+        prev = a["previous"]
+        lines.append(f"was bound to: Redis {prev['redis']}, prefix {prev['prefix']!r}")
+    return "\n".join(lines)
+
+
+def show_deployment(as_json: bool | None = typer.Option(None, "--json", help="Print JSON.")
+                    ) -> None:
+    """Which deployment (Redis and key prefix) the database belongs to, and whether this
+    environment's REDIS_URL and AUTONOMY_REDIS_PREFIX are it."""
+    from app.ops import deployment
+    from app.settings import get_settings
+
+    run(lambda: deployment.show(get_settings()), want_json(as_json), _binding_lines)
+
+
+def bind_deployment(
+    force: bool = typer.Option(False, "--force", help="Re-bind a database that belongs to "
+                               "another deployment (stop that deployment's processes first)."),
+    as_json: bool | None = typer.Option(None, "--json", help="Print JSON."),
+) -> None:
+    """Bind the database to this environment's Redis (REDIS_URL) and key prefix
+    (AUTONOMY_REDIS_PREFIX). Processes of any other deployment are then refused at start."""
+    from app.ops import deployment
+    from app.settings import get_settings
+
+    run(lambda: deployment.bind(get_settings(), force=force), want_json(as_json),
+        _binding_lines)

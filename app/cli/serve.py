@@ -51,12 +51,26 @@ def serve(
     # the bind address is one of the Host names the server answers to (SPEC 4.8)
     settings = settings.model_copy(update={"api_host": h})
     logs.configure(settings, process="api")
+    belongs_here(settings, "api")
     if not access_log:
         logging.getLogger("app.api.access").setLevel(logging.WARNING)
     # log_config=None: uvicorn keeps its hands off logging (app.logs routes its lines);
     # its access log is off because app.api.request_log writes one with the request id
     uvicorn.run(create_app(settings), host=h, port=p, access_log=False, log_config=None,
                 ws="none", lifespan="on")
+
+
+def belongs_here(settings: Settings, role: str) -> None:
+    """Start only on a database of this deployment (SPEC 4.12): exit 1 with
+    ``deployment_mismatch`` naming both deployments otherwise."""
+    from app.cli.output import fail
+    from app.errors import DeploymentMismatch
+    from app.ops import deployment
+
+    try:
+        deployment.check_at_start(settings, role)
+    except DeploymentMismatch as e:
+        fail(e, False)
 
 
 def up(

@@ -40,7 +40,7 @@ from typing import IO, Any
 
 from app.errors import AutonomyError, PortInUse
 from app.local.embedded_redis import RedisChoice, choose, safe_url, start_embedded
-from app.ops import schema
+from app.ops import deployment, schema
 from app.settings import Settings
 
 POLL_S = 0.2
@@ -159,11 +159,14 @@ class Supervisor:
         if choice.ignored is not None:
             self.say(f"redis    not using the Redis listening at {safe_url(choice.ignored)} "
                      f"(set REDIS_URL={safe_url(choice.ignored)} to use it)")
+        effective = s.model_copy(update={"redis_url": choice.url})
+        # before anything starts: a database that belongs to another deployment (another
+        # up's Redis, another prefix) is refused, naming both (SPEC 4.12)
+        deployment.check(effective, "autonomy up")
         if choice.argv is not None:
             self._start_redis(choice)
         self.say(f"redis    {safe_url(choice.url)} ({choice.how})")
         self.redis_url = choice.url
-        effective = s.model_copy(update={"redis_url": choice.url})
         env = self._env(choice.url)
         if self.demo:
             self._seed_demo(effective)
