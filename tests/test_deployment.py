@@ -201,3 +201,28 @@ def test_up_twice_in_a_row_works_and_a_second_up_with_its_own_redis_is_refused(
     assert_all_gone(children)
     assert not [c for c in psutil.Process().children(recursive=True)
                 if "redis-server" in " ".join(c.cmdline())]
+
+
+def test_a_process_starting_before_the_migrations_waits_for_them_then_binds(
+        tmp_path: Path, redis_server_url: str, redis_prefix: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A Kubernetes pod may start while the migrate Job still runs: the check says why it
+    cannot tell yet and tries again with backoff (never silent, never a crash)."""
+    from app.ops import deployment
+    from app.storage import db
+
+    url = f"sqlite:///{tmp_path / 'late.db'}"
+    settings = Settings(database_url=url, redis_url=redis_server_url, redis_prefix=redis_prefix)
+    waits: list[float] = []
+
+    def sleep(s: float) -> None:
+        waits.append(s)
+        if len(waits) == 2:  # the migrate job finishes during the second wait
+            db.upgrade(url)
+
+    with caplog.at_level("WARNING", logger="app.ops.deployment"):
+        found = deployment.check_at_start(settings, "beat", sleep=sleep)
+    assert waits == [0.5, 1.0]
+    assert found.redis_prefix == redis_prefix and found.bound_by.startswith("beat@")
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and all("database_not_migrated" in m for m in said), said
