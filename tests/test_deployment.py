@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,3 +227,62 @@ def test_a_process_starting_before_the_migrations_waits_for_them_then_binds(
     assert found.redis_prefix == redis_prefix and found.bound_by.startswith("beat@")
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 2 and all("database_not_migrated" in m for m in said), said
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_an_api_started_while_the_database_is_away_serves_then_stops_on_a_mismatch(
+        pg_server_url: str, pg_template: str, redis_server_url: str, redis_prefix: str,
+        tmp_path: Path) -> None:
+    """Its database does not exist yet: the API serves (/livez 200, /readyz 503 naming the
+    database) and checks again in the background. The database then appears -- bound to
+    another prefix (made aside, then renamed into place in one step) -- and the API stops,
+    exit 1, naming both deployments."""
+    import httpx
+    import sqlalchemy as sa
+
+    from tests.servers import unique_name, with_database
+
+    target, aside = unique_name("autonomy_late"), unique_name("autonomy_aside")
+    admin = sa.create_engine(pg_server_url, isolation_level="AUTOCOMMIT",
+                             poolclass=sa.pool.NullPool)
+    settings = Settings(database_url=with_database(pg_server_url, target),
+                        redis_url=redis_server_url, redis_prefix=redis_prefix)
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+                                env=_env(settings, redis_server_url, redis_prefix),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert httpx.get(f"{base}/livez", timeout=5).status_code == 200
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, \
+                    log.read_text()
+        ready = httpx.get(f"{base}/readyz", timeout=10)
+        assert ready.status_code == 503 and ready.json()["failed"] == ["database"]
+        with admin.connect() as c:
+            c.exec_driver_sql(f'CREATE DATABASE "{aside}" TEMPLATE "{pg_template}"')
+        other = Settings(database_url=with_database(pg_server_url, aside),
+                         redis_url=redis_server_url, redis_prefix=redis_prefix + "other:")
+        assert _bind(_env(other, redis_server_url, other.redis_prefix)).returncode == 0
+        with admin.connect() as c:
+            c.exec_driver_sql(f'ALTER DATABASE "{aside}" RENAME TO "{target}"')
+        assert proc.wait(timeout=90) == 1, log.read_text()
+        text = log.read_text()
+        assert "deployment_mismatch" in text and f"{redis_prefix + 'other:'!r}" in text, text
+        assert f"this api is pointed at Redis {redis_identity(redis_server_url)} with key " \
+               f"prefix {redis_prefix!r}" in text, text
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        with admin.connect() as c:
+            for name in (target, aside):
+                c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()

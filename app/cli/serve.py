@@ -4,12 +4,16 @@ use: API, Celery worker, beat, Flower, and an embedded Redis when none is around
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 
 import typer
 
 from app import logs
 from app.netaddr import is_loopback
 from app.settings import Settings, get_settings
+
+log = logging.getLogger("app.api")
 
 
 def register(app: typer.Typer) -> None:
@@ -51,13 +55,17 @@ def serve(
     # the bind address is one of the Host names the server answers to (SPEC 4.8)
     settings = settings.model_copy(update={"api_host": h})
     logs.configure(settings, process="api")
-    belongs_here(settings, "api")
     if not access_log:
         logging.getLogger("app.api.access").setLevel(logging.WARNING)
     # log_config=None: uvicorn keeps its hands off logging (app.logs routes its lines);
     # its access log is off because app.api.request_log writes one with the request id
-    uvicorn.run(create_app(settings), host=h, port=p, access_log=False, log_config=None,
-                ws="none", lifespan="on")
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(settings), host=h, port=p, access_log=False, log_config=None, ws="none",
+        lifespan="on"))
+    refused = _belongs_here_or_later(settings, stop=lambda: setattr(server, "should_exit", True))
+    server.run()
+    if refused.is_set():
+        raise typer.Exit(1)
 
 
 def belongs_here(settings: Settings, role: str) -> None:
@@ -71,6 +79,38 @@ def belongs_here(settings: Settings, role: str) -> None:
         deployment.check_at_start(settings, role)
     except DeploymentMismatch as e:
         fail(e, False)
+
+
+def _belongs_here_or_later(settings: Settings, stop: Callable[[], None]) -> threading.Event:
+    """The API's deployment check (SPEC 4.12). A mismatch found at start: exit 1 before
+    serving. A database that cannot tell yet (down, not migrated): serve anyway -- /livez
+    answers, /readyz says 503 naming the database -- while a thread keeps checking
+    (``check_at_start``); a mismatch found then stops the server (``stop``), and ``serve``
+    exits 1 (the returned event is set)."""
+    from app.cli.output import fail
+    from app.errors import DeploymentMismatch, Unavailable
+    from app.ops import deployment
+
+    refused = threading.Event()
+    try:
+        deployment.check(settings, "api")
+        return refused
+    except DeploymentMismatch as e:
+        fail(e, False)
+    except Unavailable as e:
+        log.warning("api: cannot check which deployment the database belongs to yet (%s: "
+                    "%s); serving, and checking again in the background", e.code, e.message)
+
+    def later() -> None:
+        try:
+            deployment.check_at_start(settings, "api")
+        except DeploymentMismatch as e:
+            log.critical("%s: %s; stopping", e.code, e.message)
+            refused.set()
+            stop()
+
+    threading.Thread(target=later, name="deployment-check", daemon=True).start()
+    return refused
 
 
 def up(
