@@ -95,7 +95,7 @@ def test_a_child_killed_after_ready_is_restarted_and_said_in_one_line(
     assert sup.run() == 0
     t.join(30)
     lines = [ln for ln in sup.text.splitlines() if "beat exited" in ln]
-    assert lines == ["autonomy up: beat exited with code -9; restarting it in 0.2s "
+    assert lines == ["autonomy up: beat exited (signal 9); restarting it in 0.2s "
                      "(restart 1)"], sup.text
     assert "stopping everything" not in sup.text
     assert "second" in seen
@@ -119,8 +119,8 @@ def test_a_child_that_keeps_dying_at_startup_stops_the_stack(
     assert sup.run() == 1
     t.join(30)
     text = sup.text
-    assert text.count("crasher exited with code 3; restarting it in") == 2, text
-    assert ("error: crasher keeps dying at startup (exit code 3, 3 times in a row within "
+    assert text.count("crasher exited (code 3); restarting it in") == 2, text
+    assert ("error: crasher keeps dying at startup (code 3, 3 times in a row within "
             "30s of starting); stopping everything") in text, text
 
 

@@ -373,8 +373,8 @@ class Supervisor:
             if dead is not None:
                 assert dead.proc is not None
                 self._show_held()  # what it said before it died, then why we stop
-                self.say(f"error: {dead.name} exited with code {dead.proc.returncode} "
-                         "before it was ready")
+                self.say(f"error: {dead.name} exited "
+                         f"({exit_description(dead.proc.returncode)}) before it was ready")
                 return False
             for name, (h, p) in list(waiting.items()):
                 if self._answers(name, f"http://{_url_host(h)}:{p}"):
@@ -433,20 +433,20 @@ class Supervisor:
         ``up_child_min_uptime_s`` of its start)."""
         s = self.settings
         assert child.proc is not None
-        code = child.proc.returncode
+        how = exit_description(child.proc.returncode)
         if time.monotonic() - child.started_at < s.up_child_min_uptime_s:
             child.quick_deaths += 1
         else:
             child.quick_deaths = 0
         if child.quick_deaths >= s.up_child_max_quick_deaths:
-            self.say(f"error: {child.name} keeps dying at startup (exit code {code}, "
+            self.say(f"error: {child.name} keeps dying at startup ({how}, "
                      f"{child.quick_deaths} times in a row within "
                      f"{s.up_child_min_uptime_s:g}s of starting); stopping everything")
             return False
         delay = min(s.up_restart_backoff_max_s,
                     s.up_restart_backoff_first_s * 2 ** max(0, child.quick_deaths - 1))
         child.restart_at = time.monotonic() + delay
-        self.say(f"{child.name} exited with code {code}; restarting it in {delay:g}s "
+        self.say(f"{child.name} exited ({how}); restarting it in {delay:g}s "
                  f"(restart {child.restarts + 1})")
         return True
 
