@@ -14,6 +14,7 @@ import typer
 
 from app.cli.output import fail, run, want_json
 from app.errors import AutonomyError, InvalidInput
+from app.settings import Settings, get_settings
 
 
 def register(app: typer.Typer) -> None:
@@ -40,7 +41,6 @@ def upgrade(revision: str = typer.Argument("head", help="Target (default: the ne
             ) -> None:
     """Apply migrations (default: to the newest)."""
     from app.ops import schema
-    from app.settings import get_settings
 
     def go() -> str:
         schema.upgrade(get_settings().database_url, revision)
@@ -59,7 +59,6 @@ def downgrade(
     """Revert migrations to REVISION. Refuses to go to base, or while leases are live,
     without --force."""
     from app.ops import schema
-    from app.settings import get_settings
 
     def go() -> str:
         if not revision:
@@ -94,7 +93,6 @@ def show_deployment(as_json: bool | None = typer.Option(None, "--json", help="Pr
     """Which deployment (Redis and key prefix) the database belongs to, and whether this
     environment's REDIS_URL and AUTONOMY_REDIS_PREFIX are it."""
     from app.ops import deployment
-    from app.settings import get_settings
 
     run(lambda: deployment.show(get_settings()), want_json(as_json), _binding_lines)
 
@@ -107,7 +105,18 @@ def bind_deployment(
     """Bind the database to this environment's Redis (REDIS_URL) and key prefix
     (AUTONOMY_REDIS_PREFIX). Processes of any other deployment are then refused at start."""
     from app.ops import deployment
-    from app.settings import get_settings
 
     run(lambda: deployment.bind(get_settings(), force=force), want_json(as_json),
         _binding_lines)
+
+
+def belongs_here(settings: Settings, role: str) -> None:
+    """Start only on a database of this deployment (SPEC 4.12): exit 1 with
+    ``deployment_mismatch`` naming both deployments otherwise (``autonomy worker``)."""
+    from app.errors import DeploymentMismatch
+    from app.ops import deployment
+
+    try:
+        deployment.check_at_start(settings, role)
+    except DeploymentMismatch as e:
+        fail(e, False)

@@ -68,19 +68,6 @@ def serve(
         raise typer.Exit(1)
 
 
-def belongs_here(settings: Settings, role: str) -> None:
-    """Start only on a database of this deployment (SPEC 4.12): exit 1 with
-    ``deployment_mismatch`` naming both deployments otherwise."""
-    from app.cli.output import fail
-    from app.errors import DeploymentMismatch
-    from app.ops import deployment
-
-    try:
-        deployment.check_at_start(settings, role)
-    except DeploymentMismatch as e:
-        fail(e, False)
-
-
 def _belongs_here_or_later(settings: Settings, stop: Callable[[], None]) -> threading.Event:
     """The API's deployment check (SPEC 4.12). A mismatch found at start: exit 1 before
     serving. A database that cannot tell yet (down, not migrated): serve anyway -- /livez

@@ -66,7 +66,7 @@ def worker(
         secret = token or (settings.api_token.get_secret_value() if settings.api_token else None)
         client = HttpClient(url, secret, settings=settings)
     else:
-        from app.cli.serve import belongs_here
+        from app.cli.db import belongs_here
 
         belongs_here(settings, "autonomy worker")  # the local database: this deployment's?
         client = LocalClient(settings=settings)
