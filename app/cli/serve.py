@@ -3,6 +3,7 @@ use: API, Celery worker, beat, Flower, and an embedded Redis when none is around
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -63,9 +64,12 @@ def serve(
         create_app(settings), host=h, port=p, access_log=False, log_config=None, ws="none",
         lifespan="on"))
     refused = _belongs_here_or_later(settings, stop=lambda: setattr(server, "should_exit", True))
-    server.run()
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it handled
+        server.run()
     if refused.is_set():
         raise typer.Exit(1)
+    if not server.started:  # as uvicorn.run: the socket could not be bound, or the app
+        raise typer.Exit(3)  # failed its start-up
 
 
 def _belongs_here_or_later(settings: Settings, stop: Callable[[], None]) -> threading.Event:
