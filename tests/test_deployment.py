@@ -200,6 +200,19 @@ def test_up_twice_in_a_row_works_and_a_second_up_with_its_own_redis_is_refused(
     children = [c.pid for c in again.descendants()]
     assert again.stop(signal.SIGINT) == 0
     assert_all_gone(children)
+    # the port of the last start is taken by something else: up says so, not only "mismatch"
+    port = int(host_port.rsplit(":", 1)[1])
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        moved = _up(procs, tmp_path, "data", free_port())
+        assert moved.proc.wait(timeout=90) == 1, moved.output
+        moved.stop()
+    error = next(ln for ln in moved.lines if "error" in ln)
+    assert "deployment_mismatch" in error
+    assert (f"the embedded Redis's port of the last start, {port}, is taken by another "
+            "process") in error and f"--redis-port {port}" in error, error
     assert not [c for c in psutil.Process().children(recursive=True)
                 if "redis-server" in " ".join(c.cmdline())]
 

