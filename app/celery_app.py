@@ -99,6 +99,9 @@ def configure(celery: Celery, settings: Settings) -> None:
                                   "health_check_interval": 10},
         result_backend_transport_options=dict(prefix),
         broker_connection_retry_on_startup=True,
+        # no task here acks late, so this cancels nothing; said explicitly, a lost broker
+        # connection costs one warning line instead of Celery's 10-line deprecation notice
+        worker_cancel_long_running_tasks_on_connection_loss=True,
         task_default_queue=settings.celery_queue,
         task_serializer="json",
         result_serializer="json",
@@ -217,11 +220,32 @@ class LeaderScheduler(PersistentScheduler):
         super().apply_entry(entry, producer=producer)
 
 
+def belongs_here(role: str) -> None:
+    """Start only on a database of this deployment (SPEC 4.12): a worker or beat pointed
+    at another deployment's database logs why and exits 1 (it cannot recover in place)."""
+    from app.errors import DeploymentMismatch
+    from app.ops import deployment
+
+    try:
+        deployment.check_at_start(get_settings(), role)
+    except DeploymentMismatch as e:
+        logging.getLogger("app.deployment").critical("%s: %s", e.code, e.message)
+        # SystemExit, not an exception: Celery logs and ignores a signal handler's errors
+        raise SystemExit(1) from e
+
+
+@celeryd_init.connect
+def _worker_belongs_here(**_: Any) -> None:
+    belongs_here("celery worker")
+
+
 @beat_init.connect
 def _lead_beat(**_: Any) -> None:
-    """Before beat sends anything: lead, or stand by until the leader's lock is free."""
+    """Before beat sends anything: check the database is this deployment's, then lead, or
+    stand by until the leader's lock is free."""
     from app.ops.run_locks import lead_beat
 
+    belongs_here("beat")
     lead_beat(worker_context())
 
 

@@ -18,7 +18,9 @@
     ├── Conflict                       conflict              409
     │   ├── LanePaused                 lane_paused
     │   ├── NotInProgress              not_in_progress
-    │   └── StaleLease                 stale_lease
+    │   ├── StaleLease                 stale_lease
+    │   ├── DowngradeRefused           downgrade_refused
+    │   └── DeploymentMismatch         deployment_mismatch
     ├── AuthError                      unauthorized          401
     │   └── Forbidden                  forbidden             403
     └── Unavailable                    unavailable           503
@@ -150,6 +152,20 @@ class StaleLease(Conflict):
     """Raised when a lease token is no longer the task's (fencing)."""
 
     code = "stale_lease"
+
+
+class DowngradeRefused(Conflict):
+    """Raised when ``autonomy db downgrade`` would lose live work (live leases) or every
+    table (to ``base``) and was not given ``--force``; the message names what is at stake."""
+
+    code = "downgrade_refused"
+
+
+class DeploymentMismatch(Conflict):
+    """Raised when a process is pointed at a database that belongs to another deployment
+    (another Redis, or another key prefix); the message names both."""
+
+    code = "deployment_mismatch"
 
 
 class AuthError(AutonomyError):

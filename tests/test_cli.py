@@ -74,7 +74,7 @@ def test_cli_bad_input_exits_2_with_the_code_on_stderr(cli_env: dict[str, str]) 
 
 def test_cli_db_downgrade_then_upgrade(cli_env: dict[str, str]) -> None:
     assert cli(cli_env, "db", "upgrade").returncode == 0
-    assert cli(cli_env, "db", "downgrade").returncode == 0
+    assert cli(cli_env, "db", "downgrade", "base", "--force").returncode == 0
     proc = cli(cli_env, "create", "coder", "t")
     assert proc.returncode == 3 and "database_not_migrated" in proc.stderr, proc.stderr
     assert cli(cli_env, "db", "upgrade").returncode == 0

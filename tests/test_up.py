@@ -267,7 +267,7 @@ def test_up_on_a_busy_port_exits_2_saying_port_in_use_and_starts_nothing(
     errors = [line for line in p.lines if "error" in line]
     assert len(errors) == 1 and "port in use" in errors[0] and "port_in_use" in errors[0]
     assert f":{port if which == 'api' else flower_port}" in errors[0]
-    assert READY not in p.output and "exited with code" not in p.output
+    assert READY not in p.output and " exited (" not in p.output
     assert not (tmp_path / "data" / "redis").exists()  # nothing was started
 
 
@@ -359,3 +359,58 @@ def test_up_says_in_one_line_that_it_uses_a_redis_it_did_not_start(
                      "up did not start)"]
     assert "redis-server" not in " ".join(" ".join(c.cmdline()) for c in p.descendants())
     assert p.stop(signal.SIGINT) == 0
+
+
+# --- the embedded Redis is supervised too (issue 19) -----------------------------------------
+
+
+@pytest.mark.slow
+def test_up_restarts_its_embedded_redis_killed_after_ready_on_the_same_port_in_one_line(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    """Before: "redis exited with code 0; stopping everything", hundreds of traceback lines
+    from the other children, exit 1. Now: one line with the real signal, the same port
+    (``--redis-port``, so the pasted REDIS_URL stays true) and data directory (a key saved
+    before the kill is there after), and the stack goes on: the worker runs beat's jobs on
+    the new Redis."""
+    port, redis_port = free_port(), free_port()
+    env = base_env(tmp_path, AUTONOMY_LOCAL_REDIS_PROBE_URL=f"redis://127.0.0.1:{free_port()}/0",
+                   AUTONOMY_BEAT_EVERY_S="1")
+    p = run_cli(procs, env, tmp_path, "up", "--no-flower", "--port", str(port),
+                "--redis-port", str(redis_port))
+    p.wait_for(READY)
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    assert f"REDIS_URL={url}" in p.wait_for("second terminal:")
+    client = redis_lib.Redis.from_url(url)
+    client.set("kept-across-the-restart", "1")
+    client.save()
+    embedded = [c for c in p.descendants() if "redis-server" in " ".join(c.cmdline())]
+    assert len(embedded) == 1
+    children = [c.pid for c in p.descendants()]
+    before = len(p.lines)
+    embedded[0].kill()
+    line = p.wait_for("redis exited")
+    assert line == (f"autonomy up: redis exited (signal 9); restarting it on {url} with its "
+                    f"data in {tmp_path / 'data' / 'redis'} (restart 1)"), p.output
+    deadline = time.monotonic() + 60
+    while True:  # the new server answers on the same port, with the saved data
+        try:
+            if client.get("kept-across-the-restart") == b"1":
+                break
+        except redis_lib.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, p.output
+        time.sleep(0.1)
+    client.close()
+    base = f"http://127.0.0.1:{port}"
+    ran = _status(base)["workflowHealth"]["jobs"]["status"]["lastRunAt"]
+    _until_status(base, p, lambda s: s["workflowHealth"]["jobs"]["status"]["lastRunAt"] != ran,
+                  60, "a status job run by the worker after the Redis restart")
+    assert httpx.get(f"{base}/readyz", timeout=10).json()["ok"] is True
+    after = p.lines[before:]
+    assert p.proc.poll() is None, p.output
+    assert [ln for ln in after if "redis exited" in ln] == [line]
+    assert not [ln for ln in after if "Traceback" in ln or "stopping everything" in ln], \
+        "\n".join(after)
+    children += [c.pid for c in p.descendants()]
+    assert p.stop(signal.SIGINT) == 0
+    assert_all_gone(children)

@@ -95,7 +95,7 @@ def test_a_child_killed_after_ready_is_restarted_and_said_in_one_line(
     assert sup.run() == 0
     t.join(30)
     lines = [ln for ln in sup.text.splitlines() if "beat exited" in ln]
-    assert lines == ["autonomy up: beat exited with code -9; restarting it in 0.2s "
+    assert lines == ["autonomy up: beat exited (signal 9); restarting it in 0.2s "
                      "(restart 1)"], sup.text
     assert "stopping everything" not in sup.text
     assert "second" in seen
@@ -119,8 +119,8 @@ def test_a_child_that_keeps_dying_at_startup_stops_the_stack(
     assert sup.run() == 1
     t.join(30)
     text = sup.text
-    assert text.count("crasher exited with code 3; restarting it in") == 2, text
-    assert ("error: crasher keeps dying at startup (exit code 3, 3 times in a row within "
+    assert text.count("crasher exited (code 3); restarting it in") == 2, text
+    assert ("error: crasher keeps dying at startup (code 3, 3 times in a row within "
             "30s of starting); stopping everything") in text, text
 
 
@@ -130,3 +130,31 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ")[1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_an_embedded_redis_that_keeps_dying_at_startup_stops_the_stack_in_one_line(
+        tmp_path: Path) -> None:
+    """The embedded Redis counts its quick deaths as a child does: here one death within
+    ``up_child_min_uptime_s`` of its start is one too many, so ``up`` says so, with the
+    real signal, and stops everything (exit 1) instead of restarting it for ever."""
+    s = Settings(database_url=f"sqlite:///{tmp_path / 'up.db'}", redis_url=None,
+                 local_redis_probe_url=f"redis://127.0.0.1:{free_port()}/0",
+                 data_dir=str(tmp_path / "data"), up_child_min_uptime_s=600.0,
+                 up_child_max_quick_deaths=1, up_stop_grace_s=5.0)
+    sup = StandIn(s, free_port(), [])
+    seen: dict[str, int] = {}
+
+    def fault() -> None:
+        _until(lambda: "autonomy up: ready\n" in sup.text)
+        assert sup.redis_child is not None and sup.redis_child.proc is not None
+        seen["redis"] = sup.redis_child.proc.pid
+        os.kill(seen["redis"], signal.SIGKILL)
+
+    t = threading.Thread(target=fault, daemon=True)
+    t.start()
+    assert sup.run() == 1
+    t.join(30)
+    lines = [ln for ln in sup.text.splitlines() if "redis exited" in ln]
+    assert lines == ["autonomy up: error: redis exited (signal 9) and keeps dying at startup "
+                     "(1 times in a row within 600s of starting); stopping everything"], sup.text
+    _until(lambda: not _alive(seen["redis"]))

@@ -27,13 +27,12 @@ from app.storage.context import Context
 
 app = typer.Typer(add_completion=True, no_args_is_help=True,
                   help="Run fleets of autonomous workers safely.")
-db_app = typer.Typer(no_args_is_help=True, help="Database migrations.")
-app.add_typer(db_app, name="db")
 
 JsonOpt = typer.Option(None, "--json", help="Print JSON (the default when piped).")
 
 EXTENSIONS = [
     "app.cli.checks:register",
+    "app.cli.db:register",
     "app.cli.flower:register",
     "app.cli.serve:register",
     "app.cli.worker:register",
@@ -181,32 +180,6 @@ def history(task_id: int | None = typer.Option(None, "--task"),
     """A task's or a lane's events: why was this refused, why is this lane paused."""
     call({"action": "history", "taskId": task_id, "assignee": assignee}, as_json,
          lambda a: table(a["events"], ["at", "kind", "taskId", "actor", "reason"]))
-
-
-@db_app.command("upgrade")
-def db_upgrade(revision: str = typer.Argument("head")) -> None:
-    """Apply migrations (default: to the newest)."""
-    from app.ops import schema
-    from app.settings import get_settings
-
-    _db_command(lambda: schema.upgrade(get_settings().database_url, revision), "upgraded")
-
-
-@db_app.command("downgrade")
-def db_downgrade(revision: str = typer.Argument("base")) -> None:
-    """Revert migrations (default: all of them)."""
-    from app.ops import schema
-    from app.settings import get_settings
-
-    _db_command(lambda: schema.downgrade(get_settings().database_url, revision), "downgraded")
-
-
-def _db_command(fn: Any, verb: str) -> None:
-    try:
-        fn()
-    except AutonomyError as e:
-        fail(e, want_json(None))
-    typer.echo(f"database {verb}", err=True)
 
 
 def _load_extensions() -> None:

@@ -3,13 +3,18 @@ use: API, Celery worker, beat, Flower, and an embedded Redis when none is around
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+from collections.abc import Callable
 
 import typer
 
 from app import logs
 from app.netaddr import is_loopback
 from app.settings import Settings, get_settings
+
+log = logging.getLogger("app.api")
 
 
 def register(app: typer.Typer) -> None:
@@ -55,8 +60,48 @@ def serve(
         logging.getLogger("app.api.access").setLevel(logging.WARNING)
     # log_config=None: uvicorn keeps its hands off logging (app.logs routes its lines);
     # its access log is off because app.api.request_log writes one with the request id
-    uvicorn.run(create_app(settings), host=h, port=p, access_log=False, log_config=None,
-                ws="none", lifespan="on")
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(settings), host=h, port=p, access_log=False, log_config=None, ws="none",
+        lifespan="on"))
+    refused = _belongs_here_or_later(settings, stop=lambda: setattr(server, "should_exit", True))
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it handled
+        server.run()
+    if refused.is_set():
+        raise typer.Exit(1)
+    if not server.started:  # as uvicorn.run: the socket could not be bound, or the app
+        raise typer.Exit(3)  # failed its start-up
+
+
+def _belongs_here_or_later(settings: Settings, stop: Callable[[], None]) -> threading.Event:
+    """The API's deployment check (SPEC 4.12). A mismatch found at start: exit 1 before
+    serving. A database that cannot tell yet (down, not migrated): serve anyway -- /livez
+    answers, /readyz says 503 naming the database -- while a thread keeps checking
+    (``check_at_start``); a mismatch found then stops the server (``stop``), and ``serve``
+    exits 1 (the returned event is set)."""
+    from app.cli.output import fail
+    from app.errors import DeploymentMismatch, Unavailable
+    from app.ops import deployment
+
+    refused = threading.Event()
+    try:
+        deployment.check(settings, "api")
+        return refused
+    except DeploymentMismatch as e:
+        fail(e, False)
+    except Unavailable as e:
+        log.warning("api: cannot check which deployment the database belongs to yet (%s: "
+                    "%s); serving, and checking again in the background", e.code, e.message)
+
+    def later() -> None:
+        try:
+            deployment.check_at_start(settings, "api")
+        except DeploymentMismatch as e:
+            log.critical("%s: %s; stopping", e.code, e.message)
+            refused.set()
+            stop()
+
+    threading.Thread(target=later, name="deployment-check", daemon=True).start()
+    return refused
 
 
 def up(
@@ -68,6 +113,10 @@ def up(
                                     help="API port (default AUTONOMY_API_PORT)."),
     flower_port: int | None = typer.Option(None, min=0, max=65535,
                                            help="Flower port (default AUTONOMY_FLOWER_PORT)."),
+    redis_port: int | None = typer.Option(None, min=1, max=65535,
+                                          help="The embedded Redis's port (default: the one "
+                                          "the last start from this data directory used, "
+                                          "while free). Not with REDIS_URL."),
 ) -> None:
     """Migrate, then run the API, a Celery worker, beat and Flower until Ctrl-C."""
     from app.local.up import Supervisor
@@ -80,5 +129,6 @@ def up(
         raise typer.Exit(2)
     sup = Supervisor(settings, host=h, port=port if port is not None else settings.api_port,
                      flower_port=flower_port if flower_port is not None
-                     else settings.flower_port, flower=not no_flower, demo=demo)
+                     else settings.flower_port, flower=not no_flower, demo=demo,
+                     redis_port=redis_port)
     raise typer.Exit(sup.run())

