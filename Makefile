@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed
 # `make run` needs only what running needs; the dev and bench extras are for test/bench
 RUN_STAMP := $(VENV)/.installed-run
 
-.PHONY: run test lint bench clean
+# the quick loop: everything but the slow, fault, browser and multihost tests
+FAST := not slow and not fault and not browser and not multihost
+
+.PHONY: run test test-fast lint bench clean
 
 $(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +34,10 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	scripts/ensure-chromium
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# under 2 minutes: no browser, no real stack, no fault injection; still imports every module
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "$(FAST)" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)

@@ -120,6 +120,7 @@ def test_tables_show_durations_and_times_and_name_columns_in_words() -> None:
                                 "3", "min", "30", "s", "yes"]
 
 
+@pytest.mark.slow
 def test_locks_on_a_terminal_are_readable_and_json_is_unchanged(cli_env: dict[str, str]
                                                                 ) -> None:
     assert cli(cli_env, "db", "upgrade").returncode == 0
