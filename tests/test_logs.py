@@ -64,6 +64,7 @@ def captured() -> Iterator[io.StringIO]:
     buf = io.StringIO()
     logs.configure(Settings(log_format="json"), process="test", stream=buf)
     yield buf
+    sys.excepthook = sys.__excepthook__
     logging.captureWarnings(False)
     logging.getLogger("multiprocessing").handlers.clear()
     for h in list(root.handlers):
@@ -293,6 +294,7 @@ def test_a_line_with_a_lone_surrogate_is_written_escaped_not_dropped() -> None:
             logs.configure(Settings(log_format=fmt), process="test", stream=stream)
             logging.getLogger("app.test").warning("bad \udc80 reason", extra={"lane": "x\udcff"})
     finally:
+        sys.excepthook = sys.__excepthook__
         logging.captureWarnings(False)
         logging.getLogger("multiprocessing").handlers.clear()
         for h in list(root.handlers):

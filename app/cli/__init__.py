@@ -35,6 +35,7 @@ JsonOpt = typer.Option(None, "--json", help="Print JSON (the default when piped)
 EXTENSIONS = [
     "app.cli.checks:register",
     "app.cli.flower:register",
+    "app.cli.migrations:register",
     "app.cli.serve:register",
     "app.cli.worker:register",
 ]
