@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed
 # `make run` needs only what running needs; the dev and bench extras are for test/bench
 RUN_STAMP := $(VENV)/.installed-run
 
-# the quick loop: everything but the slow, fault, browser and multihost tests
-FAST := not slow and not fault and not browser and not multihost
+# the quick loop: everything but the slow, fault, browser and multihost tests, and the
+# PostgreSQL twin of a test that runs on both databases (PostgreSQL-only tests still run)
+FAST := not slow and not fault and not browser and not multihost and not postgres_twin
 
 .PHONY: run test test-fast lint bench clean
 

@@ -69,6 +69,7 @@ def test_show_completion_prints_the_bash_script() -> None:
     assert "complete -o default -F _autonomy_completion autonomy" in proc.stdout
 
 
+@pytest.mark.slow
 def test_completion_completes_commands_and_subcommands() -> None:
     env = {**os.environ, "_AUTONOMY_COMPLETE": "complete_bash"}
     for words, cword, expected in (("autonomy ch", "1", {"check"}),

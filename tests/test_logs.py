@@ -378,3 +378,16 @@ def test_up_passes_raw_lines_through_or_prefixes_them_with_the_childs_name() -> 
             assert json.loads(own)["message"] == "hello"
         else:
             assert own == "autonomy up: hello"
+
+
+@pytest.mark.parametrize(("argv", "role"), [
+    (["/venv/bin/celery", "-A", "app.celery_app", "worker", "-E"], "celery-worker"),
+    (["/venv/lib/celery/__main__.py", "-A", "app.celery_app", "--quiet", "beat"], "celery-beat"),
+    (["/venv/bin/celery", "-A", "app.celery_app", "flower", "--port=5555"], "flower"),
+    (["/venv/bin/celery", "-A", "app.celery_app", "inspect", "run_locks"], None),
+    (["/venv/bin/pytest", "-k", "worker"], None),
+])
+def test_each_celery_command_names_its_role(argv: list[str], role: str | None) -> None:
+    from app.celery_app import celery_role
+
+    assert celery_role(argv) == role
