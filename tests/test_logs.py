@@ -373,11 +373,13 @@ def test_up_passes_raw_lines_through_or_prefixes_them_with_the_childs_name() -> 
         sup._pump("api", io.StringIO('{"a": 1}'))
         assert out.getvalue() == want if want.endswith("\n") else want in out.getvalue()
         sup.say("hello")
-        own = out.getvalue().splitlines()[-1]
+        sup.say("error: it broke")
+        hello, broke = out.getvalue().splitlines()[-2:]
         if fmt == "json":
-            assert json.loads(own)["message"] == "hello"
+            assert (json.loads(hello)["message"], json.loads(hello)["level"]) == ("hello", "info")
+            assert json.loads(broke)["level"] == "error"
         else:
-            assert own == "autonomy up: hello"
+            assert (hello, broke) == ("autonomy up: hello", "autonomy up: error: it broke")
 
 
 @pytest.mark.parametrize(("argv", "role"), [

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import shlex
 import signal
@@ -98,7 +99,8 @@ class Supervisor:
 
     def _own(self, line: str) -> str:
         if self.json_logs:
-            return logs.json_line(line, logger="app.local.up") + "\n"
+            level = logging.ERROR if line.startswith("error:") else logging.INFO
+            return logs.json_line(line, logger="app.local.up", level=level) + "\n"
         return f"autonomy up: {line}\n"
 
     def _pump(self, name: str, stream: IO[str]) -> None:
