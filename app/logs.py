@@ -216,7 +216,10 @@ def capture_stdout(logger: str = "stdout") -> None:
         return
     with contextlib.suppress(Exception):
         sys.stdout.flush()
-    saved = os.dup(1)
+    try:
+        saved = os.dup(1)
+    except OSError:  # no standard output at all: nothing can be printed there
+        return
     read_end, write_end = os.pipe()
     os.dup2(write_end, 1)
     os.close(write_end)

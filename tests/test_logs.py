@@ -393,3 +393,21 @@ def test_each_celery_command_names_its_role(argv: list[str], role: str | None) -
     from app.celery_app import celery_role
 
     assert celery_role(argv) == role
+
+
+def test_printed_lines_become_json_lines_of_the_stdout_logger() -> None:
+    """What a library prints past ``logging`` -- with ``print`` or straight to file
+    descriptor 1, as Celery's shutdown notice does -- leaves as JSON on stderr, even at
+    exit."""
+    code = ("import logging, os; from app import logs; from app.settings import Settings; "
+            "logs.configure(Settings(log_format='json'), process='celery-worker'); "
+            "logs.capture_stdout(); print('banner line'); print(); "
+            "os.write(1, b'\\nworker: Warm shutdown (MainProcess)\\n')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    lines = json_lines(proc.stderr)
+    assert [(ln["logger"], ln["message"]) for ln in lines] == [
+        ("stdout", "banner line"), ("stdout", "worker: Warm shutdown (MainProcess)")]
+    assert {ln["process"] for ln in lines} == {"celery-worker"}
