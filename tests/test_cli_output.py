@@ -29,7 +29,9 @@ AUTONOMY = str(Path(sys.executable).with_name("autonomy"))  # the installed cons
 def _script(env: dict[str, str] | None, *args: str, shell: str = "bash"
             ) -> subprocess.CompletedProcess[str]:
     """Run the console script from a shell (completion detects the shell it runs in)."""
-    line = " ".join([AUTONOMY, *args])
+    # "; exit $?": bash -c would exec a lone command in its own place, and completion
+    # would find whatever started the tests instead (sh, under make: "not supported")
+    line = " ".join([AUTONOMY, *args]) + "; exit $?"
     return subprocess.run([shell, "-c", line], env=env, capture_output=True, text=True,
                           timeout=60)
 
