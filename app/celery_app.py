@@ -157,18 +157,49 @@ def _close_context(**_: Any) -> None:
 # --- one log format ------------------------------------------------------------------
 
 
+# the process name on the log lines of each `celery` command
+ROLES = {"worker": "celery-worker", "beat": "celery-beat", "flower": "flower"}
+
+
+def celery_role(argv: list[str]) -> str | None:
+    """``celery-worker``, ``celery-beat`` or ``flower`` when ``argv`` runs that ``celery``
+    command (``celery ...`` or ``python -m celery ...``), else None."""
+    # the program is .../bin/celery or .../celery/__main__.py (never, say, pytest -k worker)
+    if not argv or "celery" not in os.path.normpath(argv[0]).split(os.sep)[-2:]:
+        return None
+    return next((ROLES[a] for a in argv[1:] if a in ROLES), None)
+
+
 @setup_logging.connect
 def _one_log_format(loglevel: Any = None, **_: Any) -> None:
     from app import logs
 
-    role = next((a for a in sys.argv[1:] if a in ("worker", "beat", "flower")), "celery")
-    logs.configure(get_settings(), process=role, level=loglevel or None)
+    logs.configure(get_settings(), process=celery_role(sys.argv) or "celery",
+                   level=loglevel or None)
 
 
 @celeryd_init.connect
-def _log_format_from_the_start(**_: Any) -> None:
+def _log_format_from_the_start(instance: Any = None, **_: Any) -> None:
     # sent before the worker checks its privileges (a warning) and sets logging up
     _one_log_format()
+    if instance is not None and get_settings().log_format == "json":
+        instance.quiet = True  # no banner: JSON mode writes JSON lines only
+
+
+def _log_format_before_the_command() -> None:
+    """Configure logging as this module is imported by ``celery worker|beat|flower``:
+    Flower never sends ``setup_logging`` (without a handler on the root logger, Tornado
+    installs its own text one), and beat prints its banner before it does. In JSON mode,
+    whatever Celery prints past ``logging`` becomes JSON lines too (``capture_stdout``)."""
+    from app import logs
+
+    role = celery_role(sys.argv)
+    if role is None:
+        return
+    settings = get_settings()
+    logs.configure(settings, process=role)
+    if settings.log_format == "json":
+        logs.capture_stdout()
 
 
 @celeryd_after_setup.connect
@@ -177,6 +208,8 @@ def _name_the_worker(sender: Any = None, **_: Any) -> None:
 
     logs.set_process_fields(worker=str(sender))
 
+
+_log_format_before_the_command()
 
 _task_log_tokens: dict[str, Any] = {}
 

@@ -1,14 +1,19 @@
-"""One log format for every process: the API, the Celery worker and beat, and
-``autonomy worker``.
+"""One log format for every process: the API, the Celery worker and beat, Flower,
+``autonomy worker`` and ``autonomy up``.
 
 ``configure(settings, process=...)`` puts one handler on the root logger, writing to
 stderr: a readable line by default (``AUTONOMY_LOG_FORMAT=text``), one JSON object per
 line with ``AUTONOMY_LOG_FORMAT=json``::
 
-    2026-11-30T00:01:02.345Z INFO  worker app.workers.lane_worker: task 7: done  task_id=7 ...
-    {"ts": "2026-11-30T00:01:02.345Z", "level": "info", "process": "worker", "pid": 4242,
-     "logger": "app.workers.lane_worker", "msg": "task 7: done", "task_id": 7, "lane": "coder",
-     "worker": "w1"}
+    2026-11-30T00:01:02.345Z INFO  lane-worker app.workers.lane_worker: task 7: done  task_id=7 ...
+    {"timestamp": "2026-11-30T00:01:02.345Z", "level": "info", "logger":
+     "app.workers.lane_worker", "message": "task 7: done", "process": "lane-worker",
+     "pid": 4242, "task_id": 7, "lane": "coder", "worker": "w1"}
+
+The field names are the usual ones (``timestamp``, ``level``, ``logger``, ``message``, and
+``exception`` for a traceback), so a log shipper needs no renaming. ``process`` names the
+role (``PROCESSES``): ``api``, ``celery-worker``, ``celery-beat``, ``flower``,
+``lane-worker``, ``up``, ``cli``.
 
 Context fields (``request_id``, ``task_id``, ``lane``, ``worker``, ``task_name``) come from
 ``bound(...)`` / ``bind(...)`` (context variables, so each request, thread or task sees its
@@ -26,10 +31,14 @@ handler in any case; with structlog we would still need this handler (its
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import contextvars
 import json
 import logging
+import os
 import sys
+import threading
 import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -38,6 +47,8 @@ from typing import IO, Any
 
 from app.settings import Settings, get_settings
 
+# the roles a line's "process" names
+PROCESSES = ("api", "celery-worker", "celery-beat", "flower", "lane-worker", "up", "cli")
 CONTEXT_FIELDS = ("request_id", "task_id", "lane", "worker", "task_name")
 TASK_FIELDS = ("task_id", "lane", "worker")
 
@@ -106,16 +117,24 @@ def _ts(record: logging.LogRecord) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, process, pid, logger, msg, fields, exc."""
+    """One JSON object per line: timestamp, level, logger, message, process, pid, the
+    context fields, exception."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {"ts": _ts(record), "level": record.levelname.lower(),
-                               "process": _process["name"], "pid": record.process,
-                               "logger": record.name, "msg": record.getMessage()}
+        out: dict[str, Any] = {"timestamp": _ts(record), "level": record.levelname.lower(),
+                               "logger": record.name, "message": record.getMessage(),
+                               "process": _process["name"], "pid": record.process}
         out.update(fields_of(record))
         if record.exc_info:
-            out["exc"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            out["exception"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
         return _encodable(json.dumps(out, default=str, ensure_ascii=False))
+
+
+def json_line(message: str, *, logger: str, level: int = logging.INFO) -> str:
+    """``message`` as one JSON log line of this process (for output written without a
+    logger, such as ``autonomy up``'s own lines)."""
+    record = logging.LogRecord(logger, level, "", 0, message, None, None)
+    return JsonFormatter().format(record)
 
 
 class TextFormatter(logging.Formatter):
@@ -132,6 +151,14 @@ class TextFormatter(logging.Formatter):
             tb = "".join(traceback.format_exception(*record.exc_info)).rstrip()
             line += "\n" + "\n".join("    " + ln for ln in tb.splitlines())
         return _encodable(line)
+
+
+def _log_uncaught(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, tb)
+        return
+    logging.getLogger("uncaught").critical("uncaught %s: %s", kind.__name__, value,
+                                           exc_info=(kind, value, tb))
 
 
 def _encodable(text: str) -> str:
@@ -160,6 +187,8 @@ def configure(settings: Settings | None = None, *, process: str,
     root.addHandler(handler)
     root.setLevel(level if level is not None else s.log_level.upper())
     logging.captureWarnings(True)  # Python warnings too ("py.warnings"), not bare stderr
+    if s.log_format == "json":  # a traceback that ends the process: one JSON line too
+        sys.excepthook = _log_uncaught
     # libraries that install their own handlers: let their lines reach ours instead
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "celery", "alembic"):
         lg = logging.getLogger(name)
@@ -170,3 +199,48 @@ def configure(settings: Settings | None = None, *, process: str,
     mp.handlers.clear()
     mp.addHandler(handler)
     mp.propagate = False
+
+
+_stdout: dict[str, Any] = {}
+
+
+def capture_stdout(logger: str = "stdout") -> None:
+    """Make each line this process -- and the processes it forks -- writes on its standard
+    output a log line of ``logger`` (blank lines dropped).
+
+    For JSON mode in processes whose libraries print past ``logging`` (Celery's banners and
+    its "Warm shutdown" notice go straight to file descriptor 1): the descriptor becomes a
+    pipe that a thread reads. At exit the descriptor is restored and the thread drains what
+    is left (up to 2 s, while forked children still hold the pipe)."""
+    if _stdout:
+        return
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no standard output at all: nothing can be printed there
+        return
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 1)
+    os.close(write_end)
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    log = logging.getLogger(logger)
+
+    def pump() -> None:
+        with open(read_end, encoding="utf-8", errors="replace") as pipe:
+            for line in pipe:
+                if line.strip():
+                    log.info(line.rstrip())
+
+    reader = threading.Thread(target=pump, name="stdout-to-log", daemon=True)
+    reader.start()
+    _stdout.update(saved=saved, reader=reader)
+    atexit.register(_release_stdout)
+
+
+def _release_stdout() -> None:
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    os.dup2(_stdout["saved"], 1)  # our copy of the pipe's write end closes: EOF for the reader
+    _stdout["reader"].join(timeout=2)

@@ -211,7 +211,10 @@ def make_settings(database_url: str, redis_url: str, prefix: str, **overrides: o
                     **overrides)  # type: ignore[arg-type]
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+# the PostgreSQL run of a test that runs on both is its "twin": `make test-fast` runs the
+# SQLite one only (PostgreSQL-only tests still run there)
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=[pytest.mark.postgres,
+                                                                  pytest.mark.postgres_twin])])
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 

@@ -72,6 +72,7 @@ def lctx(sqlite_url: str, redis_server_url: str, redis_prefix: str) -> Iterator[
     c.close()
 
 
+@pytest.mark.slow
 def test_fifty_waiting_workers_do_not_starve_the_rest_of_the_api(
         lctx: Context, redis_server_url: str) -> None:
     """More long polls than the server's default thread pool (40): a create, the probes and

@@ -91,6 +91,7 @@ def test_a_lone_leader_retakes_its_vanished_key_after_a_redis_restart(
         assert b.leads and not b.lost.is_set()
 
 
+@pytest.mark.slow
 def test_two_beats_exactly_one_leads_after_restarts_and_a_stall(
         beats: Callable[[str], Beat], own_redis: ThrowawayRedis,
         caplog: pytest.LogCaptureFixture) -> None:

@@ -33,6 +33,7 @@ def ok(env: dict[str, str], *args: str) -> dict[str, Any]:
     return answer
 
 
+@pytest.mark.slow
 def test_a_lane_scenario_through_the_cli(cli_env: dict[str, str]) -> None:
     assert cli(cli_env, "db", "upgrade").returncode == 0
     task = ok(cli_env, "create", "coder", "write the parser", "--priority", "2",
@@ -61,6 +62,7 @@ def test_a_lane_scenario_through_the_cli(cli_env: dict[str, str]) -> None:
     assert count["count"] == 0 and count["threshold"] == 3
 
 
+@pytest.mark.slow
 def test_cli_bad_input_exits_2_with_the_code_on_stderr(cli_env: dict[str, str]) -> None:
     assert cli(cli_env, "db", "upgrade").returncode == 0
     proc = cli(cli_env, "create", "coder", "t", "--payload", "{oops")
@@ -72,6 +74,7 @@ def test_cli_bad_input_exits_2_with_the_code_on_stderr(cli_env: dict[str, str]) 
     assert proc.returncode == 1 and "task_not_found" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_db_downgrade_then_upgrade(cli_env: dict[str, str]) -> None:
     assert cli(cli_env, "db", "upgrade").returncode == 0
     assert cli(cli_env, "db", "downgrade", "base", "--force").returncode == 0
@@ -81,6 +84,7 @@ def test_cli_db_downgrade_then_upgrade(cli_env: dict[str, str]) -> None:
     ok(cli_env, "create", "coder", "t")
 
 
+@pytest.mark.slow
 def test_cli_unreachable_redis_exits_3_only_where_redis_is_the_answer(
         cli_env: dict[str, str]) -> None:
     """Run-locks live in Redis alone: ``locks`` cannot answer without it (exit 3); a claim

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from app.settings import Settings
 from app.storage import locks
 from app.storage.context import Context
@@ -12,6 +14,7 @@ from tests.test_cli import cli, cli_env, ok
 __all__ = ["cli_env"]  # the fixture, shared with test_cli
 
 
+@pytest.mark.slow
 def test_each_check_runs_inline_under_its_run_lock(cli_env: dict[str, str]) -> None:
     assert cli(cli_env, "db", "upgrade").returncode == 0
     handoff = ok(cli_env, "check", "handoff")
@@ -27,6 +30,7 @@ def test_each_check_runs_inline_under_its_run_lock(cli_env: dict[str, str]) -> N
     assert all(jobs[j]["ok"] is True for j in ("handoff_health", "readiness", "self_heal"))
 
 
+@pytest.mark.slow
 def test_a_check_whose_lock_is_held_is_skipped(cli_env: dict[str, str]) -> None:
     assert cli(cli_env, "db", "upgrade").returncode == 0
     ctx = Context.from_settings(Settings(database_url=cli_env["DATABASE_URL"],
@@ -44,6 +48,7 @@ def test_a_check_whose_lock_is_held_is_skipped(cli_env: dict[str, str]) -> None:
         ctx.close()
 
 
+@pytest.mark.slow
 def test_incident_set_writes_the_state_and_refuses_an_unknown_status(
         cli_env: dict[str, str]) -> None:
     assert cli(cli_env, "db", "upgrade").returncode == 0
@@ -62,6 +67,7 @@ def test_an_unknown_check_is_bad_input(cli_env: dict[str, str]) -> None:
     assert bad.returncode == 2 and "error: invalid_input" in bad.stderr
 
 
+@pytest.mark.slow
 def test_locks_shows_the_beat_leader_lease_apart_with_its_ttl(cli_env: dict[str, str]) -> None:
     from app.cli.checks import beat_line
     from app.storage import leader

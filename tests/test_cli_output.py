@@ -29,7 +29,9 @@ AUTONOMY = str(Path(sys.executable).with_name("autonomy"))  # the installed cons
 def _script(env: dict[str, str] | None, *args: str, shell: str = "bash"
             ) -> subprocess.CompletedProcess[str]:
     """Run the console script from a shell (completion detects the shell it runs in)."""
-    line = " ".join([AUTONOMY, *args])
+    # "; exit $?": bash -c would exec a lone command in its own place, and completion
+    # would find whatever started the tests instead (sh, under make: "not supported")
+    line = " ".join([AUTONOMY, *args]) + "; exit $?"
     return subprocess.run([shell, "-c", line], env=env, capture_output=True, text=True,
                           timeout=60)
 
@@ -69,6 +71,7 @@ def test_show_completion_prints_the_bash_script() -> None:
     assert "complete -o default -F _autonomy_completion autonomy" in proc.stdout
 
 
+@pytest.mark.slow
 def test_completion_completes_commands_and_subcommands() -> None:
     env = {**os.environ, "_AUTONOMY_COMPLETE": "complete_bash"}
     for words, cword, expected in (("autonomy ch", "1", {"check"}),
@@ -120,6 +123,7 @@ def test_tables_show_durations_and_times_and_name_columns_in_words() -> None:
                                 "3", "min", "30", "s", "yes"]
 
 
+@pytest.mark.slow
 def test_locks_on_a_terminal_are_readable_and_json_is_unchanged(cli_env: dict[str, str]
                                                                 ) -> None:
     assert cli(cli_env, "db", "upgrade").returncode == 0

@@ -27,7 +27,7 @@ from tests.servers import free_port
 from tests.test_panel_browser import CHROMIUM, CHROMIUM_ARGS, OUTPUT
 from tests.test_up import READY, Proc, assert_all_gone, base_env, run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 WAIT_S = 60.0
 

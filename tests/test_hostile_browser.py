@@ -25,7 +25,7 @@ from tests.conftest import make_settings
 from tests.servers import free_port
 from tests.test_panel_browser import WAIT_MS, browser  # noqa: F401  (the fixture)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 ATTACK = """<!doctype html><html><head><title>cute cats</title></head><body>
 <form id="form" method="POST" action="{api}/api/autonomy" enctype="text/plain">

@@ -34,7 +34,7 @@ AMBER_BG = "rgb(254, 243, 199)"  # --amber-bg in panel.css
 RED_BG = "rgb(254, 226, 226)"    # --nogo-bg
 WAIT_MS = 15_000
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from app.clock import FrozenClock
 from app.ops.probes import this_host
 from app.storage import leader
@@ -111,6 +113,7 @@ def _probe(args: list[str], env: dict[str, str]) -> tuple[int, dict[str, object]
     return out.returncode, json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_beat_probe_passes_for_a_leader_and_a_standby_of_this_host_and_fails_otherwise(
         sqlite_url: str, redis_server_url: str, redis_prefix: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTONOMY_")}

@@ -94,6 +94,7 @@ def test_claims_heartbeats_and_completes_answer_from_the_database_while_redis_is
     assert getattr(err.value, "code", None) == "lane_paused"
 
 
+@pytest.mark.slow
 def test_claims_answer_while_redis_is_stalled(dctx: Context, own_redis: ThrowawayRedis) -> None:
     """SIGSTOP: Redis accepts connections and never answers. Before the fast path had its
     own deadline every claim waited for the 5 s socket timeout and then failed with

@@ -131,6 +131,7 @@ def test_serve_and_up_refuse_a_public_host_without_a_token(tmp_path: Path, procs
     assert "AUTONOMY_API_TOKEN" in p.output
 
 
+@pytest.mark.slow
 def test_serve_answers_on_loopback_and_stops_on_sigint(tmp_path: Path, procs: list[Proc],
                                                       redis_server_url: str) -> None:
     port = free_port()
@@ -148,6 +149,7 @@ def test_serve_answers_on_loopback_and_stops_on_sigint(tmp_path: Path, procs: li
 # --- up -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_up_with_an_unreachable_redis_url_says_so_in_one_line_and_exits(
         tmp_path: Path, procs: list[Proc]) -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"

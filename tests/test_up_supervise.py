@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from app.local.up import Child, Supervisor
 from app.settings import Settings
 from tests.servers import free_port
@@ -103,6 +105,7 @@ def test_a_child_killed_after_ready_is_restarted_and_said_in_one_line(
         _until(lambda pid=pid: not _alive(pid))
 
 
+@pytest.mark.slow
 def test_a_child_that_keeps_dying_at_startup_stops_the_stack(
         tmp_path: Path, redis_server_url: str) -> None:
     """Each start of "crasher" exits at once, once the stack is ready (a marker file)."""

@@ -132,6 +132,7 @@ def test_unserialisable_result_fails_the_task_instead_of_stranding_it(rctx: Cont
     assert row["last_validation_reason"].startswith("invalid result:")
 
 
+@pytest.mark.slow
 def test_heartbeat_keeps_the_lease_of_a_handler_slower_than_the_lease(rctx: Context) -> None:
     """Lease TTL 1 s, handler 2.2 s: only the heartbeat keeps the task from expiring."""
     tid = lanes.create(rctx, assignee="coder", title="slow")["task"]["id"]
@@ -155,6 +156,7 @@ def test_heartbeat_keeps_the_lease_of_a_handler_slower_than_the_lease(rctx: Cont
     assert _task(rctx, tid)["status"] == "done"
 
 
+@pytest.mark.slow
 def test_a_heartbeat_stuck_on_the_network_does_not_starve_the_next_lease(
         sqlite_url: str, redis_server_url: str, redis_prefix: str) -> None:
     """The first task's heartbeat hangs (a cut-off host) past the task's end: the worker
@@ -194,6 +196,7 @@ def test_a_heartbeat_stuck_on_the_network_does_not_starve_the_next_lease(
         ctx.close()
 
 
+@pytest.mark.slow
 def test_the_heartbeat_thread_runs_while_the_worker_waits_and_ends_with_it(rctx: Context
                                                                           ) -> None:
     """Started with ``run``, not on the first task's way to its handler (push pickup's
@@ -239,6 +242,7 @@ def test_work_called_outside_run_leaves_no_heartbeat_thread(rctx: Context) -> No
     assert _task(rctx, tid)["status"] == "done"
 
 
+@pytest.mark.slow
 def test_a_paused_lane_is_said_once_waited_out_and_resumed(rctx: Context) -> None:
     tid = lanes.create(rctx, assignee="coder", title="t")["task"]["id"]
     lane_control.pause_lane(rctx, assignee="coder", reason="maintenance", actor="test")
@@ -259,6 +263,7 @@ def test_a_paused_lane_is_said_once_waited_out_and_resumed(rctx: Context) -> Non
     assert any("claiming again" in ln for ln in lines)
 
 
+@pytest.mark.slow
 def test_an_empty_lane_is_polled_until_the_stop(rctx: Context) -> None:
     w = _worker(rctx, lambda task: None, [])
     stop = threading.Event()
@@ -485,6 +490,7 @@ def test_demo_seed_fills_both_lanes_and_tops_up_on_a_second_run(rctx: Context) -
                                   for c in cmds)
 
 
+@pytest.mark.slow
 def test_signal_stops_a_lane_worker_run_in_the_main_thread(rctx: Context) -> None:
     """``run()`` without a stop event turns SIGTERM into a clean stop."""
     w = _worker(rctx, lambda t: None, [])

@@ -24,6 +24,9 @@ from app.workers.client import Client, LocalClient
 from app.workers.lane_worker import LaneWorker
 from tests.conftest import make_settings
 
+# faults injected into a real worker (its database or Redis taken away mid-task)
+pytestmark = pytest.mark.fault
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -26,7 +26,9 @@ from app.errors import AutonomyError, InvalidInput
 from app.storage.context import Context
 
 app = typer.Typer(add_completion=True, no_args_is_help=True,
-                  help="Run fleets of autonomous workers safely.")
+                  help="Run fleets of autonomous workers safely.",
+                  # -h too, on every command (sub-commands inherit it)
+                  context_settings={"help_option_names": ["-h", "--help"]})
 
 JsonOpt = typer.Option(None, "--json", help="Print JSON (the default when piped).")
 
@@ -34,6 +36,7 @@ EXTENSIONS = [
     "app.cli.checks:register",
     "app.cli.db:register",
     "app.cli.flower:register",
+    "app.cli.migrations:register",
     "app.cli.serve:register",
     "app.cli.worker:register",
 ]
@@ -166,7 +169,9 @@ def lane_cmd(assignee: str, max_in_flight: int = typer.Option(..., "--max-in-fli
 @app.command()
 def fingerprints(fingerprint: str, window_hours: float | None = typer.Option(None),
                  as_json: bool | None = JsonOpt) -> None:
-    """Count one failure fingerprint's hits in a window (default 24 h)."""
+    """Count one failure fingerprint's hits in a window (default 24 h). FINGERPRINT is
+    LANE:REASON, the reason as a worker wrote it or as the breaker keeps it: it is
+    normalised as the breaker does (case, numbers, ids, hashes) before it is counted."""
     call({"action": "fingerprint_count", "fingerprint": fingerprint,
           "windowHours": window_hours}, as_json,
          lambda a: f"{a['fingerprint']}: {a['count']} in {a['windowHours']} h "

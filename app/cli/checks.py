@@ -11,7 +11,7 @@ from typing import Any
 import typer
 
 from app import ops
-from app.cli.output import emit, human_duration, run, table, want_json
+from app.cli.output import emit, human_duration, human_time, run, table, want_json
 from app.errors import AutonomyError, InvalidInput
 from app.ops import probes, run_locks
 from app.ops.checks import jobs
@@ -48,6 +48,39 @@ def beat_line(beat: dict[str, Any]) -> str:
         return (f"beat leader: none (lease TTL {beat['ttlMs']} ms); standbys: {standbys}")
     return (f"beat leader: {beat['leader']} since {beat['since']}, lease renewed "
             f"{beat['renewedAt']} (TTL {beat['ttlMs']} ms); standbys: {standbys}")
+
+
+def _state(part: dict[str, Any], key: str = "state") -> str:
+    value = part.get(key) or part.get("error") or "unknown"
+    return f"{value} (stale)" if part.get("stale") else str(value)
+
+
+def status_lines(a: dict[str, Any]) -> str:
+    """The status payload for a terminal: the verdicts first, then run-locks, jobs, lanes
+    and fingerprints as tables (``--json`` or a pipe gives the payload itself)."""
+    incident = a.get("opsIncident") or {}
+    lines = [f"status at {human_time(a.get('generatedAt'))} · redis {a.get('redis')}",
+             f"handoff    {_state(a.get('handoff') or {})}",
+             f"readiness  {_state(a.get('readiness') or {})}",
+             f"incident   {_state(incident, 'status')}"
+             + (f": {incident['reason']}" if incident.get("reason") else ""),
+             beat_line(a["beat"]) if a.get("beat") else "beat leader: unknown", "",
+             "run-locks:", _locks_table(a.get("workflowHealth", {}).get("runLocks") or []), ""]
+    jobs = [{"job": name, **job} for name, job in
+            (a.get("workflowHealth", {}).get("jobs") or {}).items()]
+    if jobs:
+        lines += ["jobs:", table(jobs, ["job", "schedule", "lastRunAt", "durationMs", "ok",
+                                        "skipped", "missed", "failures"]), ""]
+    lanes = [{**lane, **{k: (lane.get("counts") or {}).get(k, 0)
+                         for k in ("todo", "in_progress")}}
+             for lane in a.get("lanes") or []]
+    lines += ["lanes:", table(lanes, ["assignee", "paused", "pausedReason", "maxInFlight",
+                                      "todo", "in_progress"])
+              if lanes else "no lane has tasks yet"]
+    if a.get("fingerprints"):
+        lines += ["", "recent failure fingerprints:",
+                  table(a["fingerprints"], ["fingerprint", "count", "threshold", "lastAt"])]
+    return "\n".join(lines)
 
 
 def _check_line(a: dict[str, Any]) -> str:
@@ -112,7 +145,7 @@ def register(app: typer.Typer) -> None:
     def status(as_json: bool | None = JsonOpt) -> None:
         """The status payload (what the API, the panel and Flower show)."""
         run(_with_ctx(lambda ctx: ops.dispatch(ctx, {"action": "status"})),
-            want_json(as_json), None)
+            want_json(as_json), status_lines)
 
     @incident_app.command("set")
     def incident_set(status: str = typer.Argument(..., help="critical | warning | ok"),

@@ -117,11 +117,17 @@ def up(
                                           help="The embedded Redis's port (default: the one "
                                           "the last start from this data directory used, "
                                           "while free). Not with REDIS_URL."),
+    raw_logs: bool | None = typer.Option(None, "--raw-logs/--prefixed-logs",
+                                         help="Pass the children's lines through untouched "
+                                         "(default with AUTONOMY_LOG_FORMAT=json, where "
+                                         "up's own lines are JSON too), or prefix each "
+                                         "with its child's name (the text default)."),
 ) -> None:
     """Migrate, then run the API, a Celery worker, beat and Flower until Ctrl-C."""
     from app.local.up import Supervisor
 
     settings = get_settings()
+    logs.configure(settings, process="up", level=logging.WARNING)
     h = host if host is not None else settings.api_host
     why = refuse_open_bind(settings, h)
     if why is not None:
@@ -130,5 +136,5 @@ def up(
     sup = Supervisor(settings, host=h, port=port if port is not None else settings.api_port,
                      flower_port=flower_port if flower_port is not None
                      else settings.flower_port, flower=not no_flower, demo=demo,
-                     redis_port=redis_port)
+                     redis_port=redis_port, raw_logs=raw_logs)
     raise typer.Exit(sup.run())

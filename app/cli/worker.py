@@ -59,7 +59,7 @@ def worker(
     stderr line as the validation reason), heartbeating the lease while it runs."""
     j = want_json(as_json)
     settings = get_settings()
-    logs.configure(settings, process="worker")
+    logs.configure(settings, process="lane-worker")
     stop, hurry = threading.Event(), threading.Event()
     client: Client
     if url:

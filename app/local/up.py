@@ -5,7 +5,9 @@ on a Redis (``app.local.embedded_redis``: ``REDIS_URL`` when set, else an embedd
 ``redis-server`` it starts), runs every periodic check once (so nothing reads "missing"
 until beat's first period), then runs the API, a Celery worker, beat and Flower (and, with
 ``--demo``, the demo's lane workers) as child processes with the effective ``REDIS_URL`` /
-``DATABASE_URL`` in their environment. Their output is prefixed with their name. A child
+``DATABASE_URL`` in their environment. Their output is prefixed with their name, or passed
+through untouched with ``raw_logs`` (the default with ``AUTONOMY_LOG_FORMAT=json``, where
+``up``'s own lines are JSON too: the whole output is one JSON object a line). A child
 that exits once the stack is ready is started again after a backoff (1 s doubling, said in
 one line); only a child that keeps dying at startup stops the stack. The embedded Redis is
 supervised too: when it dies it is started again at once on the same port and data
@@ -24,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import shlex
 import signal
@@ -38,6 +41,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import IO, Any
 
+from app import logs
 from app.errors import AutonomyError, DeploymentMismatch, PortInUse
 from app.local.embedded_redis import RedisChoice, choose, safe_url, start_embedded
 from app.ops import deployment, schema
@@ -70,8 +74,10 @@ class Supervisor:
 
     def __init__(self, settings: Settings, *, host: str, port: int, flower_port: int,
                  flower: bool = True, demo: bool = False, out: IO[str] | None = None,
-                 redis_port: int | None = None) -> None:
+                 redis_port: int | None = None, raw_logs: bool | None = None) -> None:
         self.settings = settings
+        self.json_logs = settings.log_format == "json"
+        self.raw_logs = self.json_logs if raw_logs is None else raw_logs
         self.host, self.port, self.flower_port = host, port, flower_port
         self.flower, self.demo = flower, demo
         self.out = out or sys.stdout
@@ -93,13 +99,20 @@ class Supervisor:
     def say(self, line: str) -> None:
         """One line of ``up``'s own."""
         with self._lock:
-            self.out.write(f"autonomy up: {line}\n")
+            self.out.write(self._own(line))
             self.out.flush()
+
+    def _own(self, line: str) -> str:
+        if self.json_logs:
+            level = logging.ERROR if line.startswith("error:") else logging.INFO
+            return logs.json_line(line, logger="app.local.up", level=level) + "\n"
+        return f"autonomy up: {line}\n"
 
     def _pump(self, name: str, stream: IO[str]) -> None:
         with stream:  # closed at EOF: a restarted child gets a new pipe
             for line in stream:
-                text = f"{name:>14} | {line.rstrip()}\n"
+                text = (line.rstrip("\n") + "\n" if self.raw_logs
+                        else f"{name:>14} | {line.rstrip()}\n")
                 with self._lock:
                     if self._ready:
                         self.out.write(text)
@@ -122,7 +135,7 @@ class Supervisor:
                 f.writelines(self._held)
             n, self._held, self._ready = len(self._held), [], True
             for line in [*lines, f"start-up output of the children ({n} lines): {path}"]:
-                self.out.write(f"autonomy up: {line}\n")
+                self.out.write(self._own(line))
             self.out.flush()
 
     # --- the run ------------------------------------------------------------------------

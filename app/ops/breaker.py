@@ -43,6 +43,14 @@ def fingerprint(assignee: str, reason: str) -> str:
     return f"{assignee}:{normalise_reason(reason)}"
 
 
+def normalise_fingerprint(fp: str) -> str:
+    """A fingerprint as a query may give it -- ``lane:reason as written`` -- in the form the
+    breaker records (``fingerprint``); already normalised, it is unchanged. Lane names
+    hold no colon, so the first one ends the lane."""
+    assignee, colon, reason = fp.partition(":")
+    return fingerprint(assignee, reason) if colon else fp
+
+
 def window_start(*, now: datetime, window_h: float, resumed_at: datetime | None) -> datetime:
     """Start of the counting window: ``now - window``, or the lane's last resume if later."""
     start = now - timedelta(hours=window_h)

@@ -20,7 +20,7 @@ MUTATING = frozenset({"create", "claim", "heartbeat", "complete", "release", "pa
 
 
 def _fingerprint_count(ctx: Context, f: Mapping[str, Any]) -> dict[str, Any]:
-    fp = validate.fingerprint(f.get("fingerprint"))
+    fp = breaker.normalise_fingerprint(validate.fingerprint(f.get("fingerprint")))
     hours = f.get("windowHours")
     if hours is not None:
         hours = validate.window_hours(hours)

@@ -1,6 +1,7 @@
 """The database schema as an operation: apply or revert the Alembic migrations.
 
-``autonomy db upgrade|downgrade``, ``autonomy up`` and the demo go through these.
+``autonomy db upgrade|downgrade|current|history|stamp``, ``autonomy up`` and the demo go
+through these.
 
 A downgrade is the one command that destroys data (SPEC 4.12): it needs an explicit
 revision, and it refuses -- naming what would be lost -- to go to ``base`` (every table
@@ -10,6 +11,7 @@ dropped) or to run while leases are live, unless ``force`` is given.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from app.clock import utcnow
 from app.errors import DowngradeRefused
@@ -58,3 +60,25 @@ def downgrade(database_url: str, revision: str, *, force: bool = False) -> Downg
     if plan:
         db.downgrade(database_url, revision)
     return Downgrade(plan, to_base, held)
+
+
+def current(database_url: str) -> dict[str, Any]:
+    """The database's revision beside the code's head (``atHead`` when they match)."""
+    engine = db.make_engine(database_url)
+    try:
+        revision, head = db.schema_state(engine)
+    finally:
+        engine.dispose()
+    return {"ok": True, "current": revision, "head": head, "atHead": revision == head}
+
+
+def history() -> dict[str, Any]:
+    """Every migration the code ships, newest first."""
+    return {"ok": True, "revisions": db.revisions()}
+
+
+def stamp(database_url: str, revision: str) -> dict[str, Any]:
+    """Record ``revision`` as the database's without running any migration (a database
+    whose schema was made another way, e.g. from ``alembic upgrade head --sql``)."""
+    db.stamp(database_url, revision)
+    return current(database_url)

@@ -265,6 +265,32 @@ def downgrade_plan(engine: Engine, revision: str) -> tuple[list[str], bool]:
     return plan, bool(plan) and len(plan) == len(chain)
 
 
+def stamp(url: str, revision: str) -> None:
+    """Record ``revision`` as the database's, running no migration."""
+    from alembic import command
+    from alembic.util import CommandError
+
+    try:
+        command.stamp(alembic_config(url), revision)
+    except CommandError as e:  # no such revision
+        raise InvalidInput(str(e)) from e
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as e:
+        raise DatabaseUnavailable(f"the database cannot be reached: {_first_line(e)}") from e
+
+
+def revisions() -> list[dict[str, Any]]:
+    """The migrations this code ships, newest first: revision, the one it follows, whether
+    it is the head, and its first docstring line."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    heads = set(script.get_heads())
+    return [{"revision": rev.revision, "downRevision": rev.down_revision,
+             "head": rev.revision in heads, "doc": (rev.doc or "").strip().splitlines()[0]
+             if rev.doc else ""}
+            for rev in script.walk_revisions()]
+
+
 def current_revision(engine: Engine) -> str | None:
     """The revision the database is at, or None before the first migration."""
     from alembic.runtime.migration import MigrationContext

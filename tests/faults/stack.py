@@ -302,7 +302,7 @@ class Stack:
     def beat_sends_since(self, since: datetime) -> int:
         """'Sending due task' lines both beats logged at or after ``since``."""
         n = 0
-        # app.logs' format ("2026-11-30T00:57:22.860Z INFO  beat celery.beat: ...") or
+        # app.logs' format ("2026-11-30T00:57:22.860Z INFO  celery-beat celery.beat: ...") or
         # Celery's own ("[2026-11-30 00:57:22,860: INFO/MainProcess] ...")
         pat = re.compile(r"^\[?(\d{4}-\d\d-\d\d)[T ](\d\d:\d\d:\d\d)\S* .*"
                          r"Scheduler: Sending due task")

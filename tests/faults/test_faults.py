@@ -40,7 +40,7 @@ from tests.faults.stack import (
     until,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
 TASKS = int(os.environ.get("FAULT_TASKS", "200"))
 LEASE_S = 6.0

@@ -34,7 +34,7 @@ from tests.multihost import fleet as fl
 from tests.multihost.conftest import add_row
 from tests.multihost.fleet import LANE, Fleet
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multihost]
 
 BACKGROUND_TASKS = 8
 GRANT_ENDS = ("lease_requeued", "lease_released", "fingerprint_recorded")
