@@ -99,6 +99,12 @@ class Settings(BaseSettings):
 
     # --- interfaces ---------------------------------------------------------------
     api_token: SecretStr | None = None
+    # credentials (SPEC 4.10, app/ops/credentials.py): how long an API process trusts a
+    # credential it resolved (and "is any configured") before asking the database again;
+    # a revocation holds everywhere within it (capped at 1 s)
+    credential_cache_ms: int = Field(default=500, ge=0, le=1000)
+    # /metrics carries no task text; True makes it need a `read` credential like the rest
+    metrics_require_read: bool = False
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     flower_port: int = 5555

@@ -276,7 +276,10 @@ class EventWire(BaseModel):
     kind: str
     assignee: str | None
     taskId: int | None
-    actor: str | None
+    actor: str | None = Field(description="Who did it: under credentials, the credential's "
+                              "name.")
+    actorNote: str | None = Field(default=None, description="The actor the request itself "
+                                  "named, when it differs (a note, never trusted).")
     reason: str | None
     data: dict[str, Any]
 
