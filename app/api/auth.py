@@ -41,7 +41,7 @@ def presented(headers: dict[str, str]) -> str | None:
     if auth is not None:
         scheme, _, given = auth.strip().partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
-            return ""  # present but malformed: refused, never read as "none"
+            return None  # another scheme, or none: no credential (401), never the cookie
         return given.strip()
     for part in headers.get("cookie", "").split(";"):
         name, _, value = part.strip().partition("=")

@@ -379,15 +379,30 @@ def complete(ctx: Context, *, task_id: Any, lease_token: Any, outcome: Any,
 
 def _check_owner(ctx: Context, tid: int, token: str, *, action: str) -> None:
     """A lease's heartbeat, complete and release are for the credential it was granted
-    to (SPEC 4.10); another's is refused ``forbidden_scope``, recorded as an event."""
+    to (SPEC 4.10). A token not granted to this one is answered as any other would be
+    when it is not the task's live token (``not_in_progress``, ``stale_lease``: it
+    learns nothing new); when it is, the call is refused ``forbidden_scope``, an event."""
     p = principal.current()
     if p is None or principal.owns_lease(token):
         return
+    now = ctx.clock()
+    with transaction(ctx.engine) as conn:
+        row = store.get_task(conn, task_id=tid)
+        if row is not None and row["status"] == TaskStatus.done.value \
+                and action == "complete":
+            refusal = _done_refusal(row, tid, token)
+        else:
+            refusal = _refusal(row, tid, token, action=action)
+        if refusal is not None:
+            _refusal_event(conn, refusal, row, now=now, action=action)
+    if refusal is not None:
+        raise refusal
     from app.ops import credentials
 
     raise credentials.refuse(ctx, p, action=action, task_id=tid,
-                             message=f"this lease token was not granted to credential "
-                                     f"{p.name!r}; cannot {action} task {tid}")
+                             assignee=row["assignee"] if row is not None else None,
+                             message=f"this lease was not granted to credential {p.name!r}; "
+                                     f"cannot {action} task {tid}")
 
 
 def _redacted(reason: str | None, res: dict[str, Any] | None
