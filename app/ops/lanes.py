@@ -261,8 +261,14 @@ def _guard(ctx: Context, held: Mapping[Any, Any], *, worker: str, layer: str) ->
     leases.log_guard(ctx, assignee=held["assignee"], metric="guard:duplicate_claim_guard",
                      entry={"kind": "claim_guard", "at": iso(ctx.clock()), "worker": worker,
                             "taskId": held["id"], "leaseHolder": held["claimed_by"],
-                            "layer": layer})
+                            "layer": layer, **_by()})
     return answer
+
+
+def _by() -> dict[str, str]:
+    """The credential asking, for what the audit trail keeps off the database."""
+    p = principal.current()
+    return {"by": p.name} if p is not None else {}
 
 
 def _paused_error(lane: Mapping[Any, Any]) -> LanePaused:
