@@ -89,6 +89,18 @@ def bootstrap_principal(token: str) -> Principal:
                      lease_key=hmac.new(token.encode(), b"lease", hashlib.sha256).digest())
 
 
+def is_bootstrap(ctx: Context, secret: str) -> Principal | None:
+    """The bootstrap operator, when ``secret`` is ``AUTONOMY_API_TOKEN``: both are
+    HMAC'd under a per-process key and the digests compared in constant time, so neither
+    the token's length nor a guess's right prefix shows in the time taken."""
+    boot = bootstrap_token(ctx)
+    given = _digest(_PROCESS_KEY, secret)
+    expected = _digest(_PROCESS_KEY, boot if boot is not None else "")
+    if hmac.compare_digest(given, expected) and boot is not None:
+        return bootstrap_principal(boot)
+    return None
+
+
 def auth_enabled(ctx: Context) -> bool:
     """Is any credential configured (the bootstrap token, or a live minted one)? Then
     every read that shows tasks needs ``read`` and every action a credential."""
@@ -108,11 +120,9 @@ def auth_enabled(ctx: Context) -> bool:
 def resolve(ctx: Context, secret: str) -> Principal | None:
     """The credential ``secret`` is, or None. Takes the same time for any wrong secret
     (see the module docstring)."""
-    boot = bootstrap_token(ctx)
-    given = _digest(_PROCESS_KEY, secret)
-    expected = _digest(_PROCESS_KEY, boot) if boot is not None else _digest(_PROCESS_KEY, "")
-    if hmac.compare_digest(given, expected) and boot is not None:
-        return bootstrap_principal(boot)
+    boot = is_bootstrap(ctx, secret)
+    if boot is not None:
+        return boot
     h = _digest(_key(ctx), secret)
     c = _cache(ctx)
     now = time.monotonic()
