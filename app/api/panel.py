@@ -51,7 +51,8 @@ def view(ctx: Context, signed_in: bool = False) -> dict[str, Any]:
 def page(request: Request, ctx: Ctx) -> Response:
     """The whole page (first paint); the login page while no credential is given."""
     if getattr(request.state, "login", None) is not None:
-        return templates.TemplateResponse(request, "login.html", {}, status_code=401,
+        # 200: a page to sign in on, not an error (it shows nothing of the fleet)
+        return templates.TemplateResponse(request, "login.html", {},
                                           headers={"Cache-Control": "no-store"})
     v = view(ctx, signed_in=getattr(request.state, "principal", None) is not None)
     return templates.TemplateResponse(request, "panel.html", v,
