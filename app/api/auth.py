@@ -68,6 +68,14 @@ def authenticate(ctx: Context, secret: str | None) -> Principal:
     return p
 
 
+def identify(ctx: Context, secret: str | None) -> Principal | None:
+    """None while no credential is configured (nothing is asked then); else the
+    credential ``secret`` is, or ``unauthorized``/``forbidden``."""
+    if not credentials.auth_enabled(ctx):
+        return None
+    return authenticate(ctx, secret)
+
+
 def authorize(ctx: Context, p: Principal | None, request: dict[str, Any]) -> None:
     """May ``p`` run this (shape-checked) action? Raises ``forbidden_scope`` (an event)."""
     if p is None or p.scope == "operator":

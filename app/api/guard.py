@@ -172,10 +172,12 @@ class Guard:
             return None
         headers = _headers(scope)
         secret = auth.presented(headers)
-        try:
-            if not await run_sync(credentials.auth_enabled, ctx):
+        try:  # the bootstrap token needs no I/O; anything else may ask the database
+            principal = credentials.is_bootstrap(ctx, secret) if secret else None
+            if principal is None:
+                principal = await run_sync(auth.identify, ctx, secret)
+            if principal is None:  # no credential configured: nothing is asked
                 return None
-            principal = await run_sync(auth.authenticate, ctx, secret)
         except AuthError as e:
             if method == "GET" and path == "/":
                 state["login"] = e.message  # the panel answers its login page

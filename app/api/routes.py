@@ -96,15 +96,21 @@ def long_polls(state: Any, capacity: int) -> CapacityLimiter:
     return limiter
 
 
+_READ_REFUSALS: dict[int | str, dict[str, Any]] = {
+    k: schemas.ERROR_RESPONSES[k] for k in (401, 403)}
+
+
 @router.get("/api/autonomy/status", response_model=schemas.StatusAnswer,
-            responses={503: schemas.ERROR_RESPONSES[503]}, summary="The status payload")
+            responses={503: schemas.ERROR_RESPONSES[503], **_READ_REFUSALS},
+            summary="The status payload")
 def status(ctx: Ctx) -> Response:
     """The same answer as the ``status`` action."""
     return _json(ops.dispatch(ctx, {"action": "status"}))
 
 
 @router.get("/api/autonomy/tasks", response_model=schemas.TasksAnswer,
-            responses={400: schemas.ERROR_RESPONSES[400], 503: schemas.ERROR_RESPONSES[503]},
+            responses={400: schemas.ERROR_RESPONSES[400], 503: schemas.ERROR_RESPONSES[503],
+                       **_READ_REFUSALS},
             summary="Recent tasks, newest first")
 def tasks(
     ctx: Ctx,
@@ -123,7 +129,7 @@ def tasks(
 @router.get("/metrics", response_class=PlainTextResponse,
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                              "description": "Prometheus text format."},
-                       503: schemas.ERROR_RESPONSES[503]},
+                       503: schemas.ERROR_RESPONSES[503], **_READ_REFUSALS},
             summary="Prometheus metrics")
 def prometheus(ctx: Ctx) -> Response:
     """Run-locks, periodic jobs, lanes, the breaker, GO/NO_GO/unknown, counters, Redis and
