@@ -36,6 +36,15 @@ def cctx(sqlite_url: str, redis_server_url: str, redis_prefix: str) -> Iterator[
     ctx.close()
 
 
+@pytest.fixture
+def bctx(database_url: str, redis_server_url: str, redis_prefix: str) -> Iterator[Context]:
+    """``cctx`` on each backend (PostgreSQL writes some events in its own functions)."""
+    ctx = Context.from_settings(make_settings(database_url, redis_server_url, redis_prefix,
+                                              api_token=BOOT))
+    yield ctx
+    ctx.close()
+
+
 def mint(ctx: Context, name: str, scope: str, **kw: Any) -> str:
     secret: str = credentials.create(ctx, name=name, scope=scope, created_by="test", **kw)[
         "secret"]
@@ -160,17 +169,17 @@ def test_each_scope_may_do_what_it_should_in_its_lane_and_nothing_else(cctx: Con
 # --- lease tokens ------------------------------------------------------------------------
 
 
-def test_a_claim_naming_another_worker_never_learns_its_lease_token(cctx: Context) -> None:
+def test_a_claim_naming_another_worker_never_learns_its_lease_token(bctx: Context) -> None:
     """Issue 20's theft: a claim naming w-victim answered w-victim's live token, and a
     complete with it finished w-victim's task with a forged result. Now: a worker
     credential may not claim as another name (403, an event); a credential that may
     (an operator, a shared prefix) gets the guard without the token; a token learnt
     anyway is refused to any credential but its holder's."""
-    victim = mint(cctx, "w-victim", "worker", lanes=["coder"])
-    thief = mint(cctx, "w-thief", "worker", lanes=["coder"])
-    prefix = mint(cctx, "pool", "worker", lanes=["coder"], worker_prefix="w-")
-    op = mint(cctx, "ops-alice", "operator")
-    with serve(cctx) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+    victim = mint(bctx, "w-victim", "worker", lanes=["coder"])
+    thief = mint(bctx, "w-thief", "worker", lanes=["coder"])
+    prefix = mint(bctx, "pool", "worker", lanes=["coder"], worker_prefix="w-")
+    op = mint(bctx, "ops-alice", "operator")
+    with serve(bctx) as server, httpx.Client(base_url=server.url, timeout=30) as http:
         tid = ok(post(http, op, "create", assignee="coder", title="victim's task"))["task"]["id"]
         mine = ok(post(http, victim, "claim", assignee="coder", worker="w-victim"))
         token = mine["lease"]["token"]
@@ -205,18 +214,23 @@ def test_a_claim_naming_another_worker_never_learns_its_lease_token(cctx: Contex
 
 
 def test_the_recorded_actor_is_the_credential_and_a_claimed_actor_only_a_note(
-        cctx: Context, tmp_path: Path) -> None:
-    worker = mint(cctx, "agent-7", "worker", lanes=["coder"])
-    op = mint(cctx, "ops-alice", "operator")
-    with serve(cctx) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        bctx: Context, tmp_path: Path) -> None:
+    worker = mint(bctx, "agent-7", "worker", lanes=["coder"])
+    op = mint(bctx, "ops-alice", "operator")
+    with serve(bctx) as server, httpx.Client(base_url=server.url, timeout=30) as http:
         tid = ok(post(http, op, "create", assignee="coder", title="t", actor="root"))[
             "task"]["id"]
         lease = ok(post(http, worker, "claim", assignee="coder", worker="agent-7"))["lease"]
         ok(post(http, worker, "complete", taskId=tid, leaseToken=lease["token"],
                 outcome="success", actor="security-team"))
+        ok(post(http, op, "create", assignee="coder", title="for the operator"))
+        ok(post(http, op, "claim", assignee="coder", worker="w-op"))
         ok(post(http, op, "pause_lane", assignee="coder", reason="r", actor="admin"))
         ok(post(http, op, "resume_lane", assignee="coder"))
-        evs = {e["kind"]: e for e in events(http, assignee="coder")}
+        every = events(http, assignee="coder")
+    evs = {e["kind"]: e for e in reversed(every)}  # the newest of each kind
+    evs["task_created"] = next(e for e in every if e["kind"] == "task_created"
+                               and e["taskId"] == tid)
     print("\n" + "\n".join(f"{k:<16} actor={e['actor']!r:<14} note={e['actorNote']!r}"
                            for k, e in evs.items()))
     assert (evs["task_created"]["actor"], evs["task_created"]["actorNote"]) == \
@@ -227,10 +241,12 @@ def test_the_recorded_actor_is_the_credential_and_a_claimed_actor_only_a_note(
         ("ops-alice", "admin")
     assert (evs["lane_resumed"]["actor"], evs["lane_resumed"]["actorNote"]) == \
         ("ops-alice", None)
+    assert (evs["lease_granted"]["actor"], evs["lease_granted"]["actorNote"]) == \
+        ("ops-alice", "w-op")
     # the CLI shows both, and acting on the database itself records the OS user
-    env = {**os.environ, "AUTONOMY_DATABASE_URL": cctx.settings.database_url,
-           "AUTONOMY_REDIS_URL": cctx.settings.effective_redis_url,
-           "AUTONOMY_REDIS_PREFIX": cctx.settings.redis_prefix}
+    env = {**os.environ, "AUTONOMY_DATABASE_URL": bctx.settings.database_url,
+           "AUTONOMY_REDIS_URL": bctx.settings.effective_redis_url,
+           "AUTONOMY_REDIS_PREFIX": bctx.settings.redis_prefix}
     subprocess.run([sys.executable, "-m", "app.cli", "pause", "coder", "--actor", "admin",
                     "--json"], env=env, cwd=REPO, check=True, capture_output=True)
     out = subprocess.run([sys.executable, "-m", "app.cli", "history", "--lane", "coder",

@@ -233,6 +233,10 @@ def _claim_answer(ctx: Context, got: store.ClaimRows, *, assignee: str, worker: 
     if not got.granted or got.lane is None:
         return {"ok": True, "task": None}
     row = got.granted[0]
+    p = principal.current()
+    if p is not None and p.name != worker:  # the function wrote the worker as the actor
+        store.restamp_grants_pg(ctx.engine, task_ids=[r["id"] for r in got.granted], now=now,
+                                worker=worker, actor=p.name)
     leases.record(ctx, assignee=assignee, worker=worker, task_id=row["id"],
                   token=row["lease_token"], expires_ms=to_ms(expires), now_ms=to_ms(now),
                   max_in_flight=got.lane["max_in_flight"], metric="claims")

@@ -344,6 +344,22 @@ def complete_claim_pg(engine: Engine, *, task_id: int, token: str, now: datetime
     return done, (_claim_rows(rows[1:]) if len(rows) > 1 else None)
 
 
+_RESTAMP_PG = (
+    "UPDATE event SET actor = %(actor)s,"
+    " data = (coalesce(data::jsonb, '{}'::jsonb) || jsonb_build_object('actorNote', actor))::json"
+    " WHERE kind = 'lease_granted' AND task_id = ANY(%(ids)s) AND at = %(now)s"
+    " AND actor = %(worker)s RETURNING id")
+
+
+def restamp_grants_pg(engine: Engine, *, task_ids: Sequence[int], now: datetime, worker: str,
+                      actor: str) -> None:
+    """PostgreSQL: the ``lease_granted`` events ``autonomy_claim`` wrote (naming the
+    worker) re-stamped with the credential as actor, the worker as its note. Only under
+    a credential whose name is not the worker's: one more statement then."""
+    hot(engine, _RESTAMP_PG, {"actor": actor, "ids": list(task_ids), "now": now,
+                              "worker": worker})
+
+
 def extend_lease(conn: Connection, *, task_id: int, token: str, expires_at: datetime,
                  now: datetime) -> bool:
     res = conn.execute(
