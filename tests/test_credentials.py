@@ -353,3 +353,23 @@ def test_a_revoked_credential_is_refused_by_every_api_process_within_a_second(
         for proc, _ in procs:
             proc.terminate()
             proc.wait(20)
+
+
+def test_minted_credentials_close_a_tokenless_server_and_revoking_the_last_keeps_it_closed(
+        sqlite_url: str, redis_server_url: str, redis_prefix: str) -> None:
+    ctx = Context.from_settings(make_settings(sqlite_url, redis_server_url, redis_prefix,
+                                              credential_cache_ms=0))
+    try:
+        with serve(ctx) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+            assert http.get("/api/autonomy/status").status_code == 200  # none configured
+            reader = mint(ctx, "dash", "read")
+            assert http.get("/api/autonomy/status").status_code == 401
+            assert http.get("/api/autonomy/status", headers={
+                "Authorization": f"Bearer {reader}"}).status_code == 200
+            credentials.revoke(ctx, name="dash", by="test")
+            assert http.get("/api/autonomy/status", headers={
+                "Authorization": f"Bearer {reader}"}).status_code == 403
+            assert http.get("/api/autonomy/status").status_code == 401
+            assert post(http, None, "create", assignee="coder", title="t").status_code == 401
+    finally:
+        ctx.close()

@@ -21,6 +21,7 @@ import hmac
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,15 +54,16 @@ class _Cache:
         self.by_hash: dict[str, tuple[float, Principal | None]] = {}
 
 
-_caches: dict[int, _Cache] = {}
+# one cache per database engine (weakly: a closed context's goes with its engine)
+_caches: weakref.WeakKeyDictionary[Any, _Cache] = weakref.WeakKeyDictionary()
 _caches_lock = threading.Lock()
 
 
 def _cache(ctx: Context) -> _Cache:
     with _caches_lock:
-        c = _caches.get(id(ctx.engine))
+        c = _caches.get(ctx.engine)
         if c is None:
-            c = _caches[id(ctx.engine)] = _Cache()
+            c = _caches[ctx.engine] = _Cache()
         return c
 
 
@@ -109,8 +111,9 @@ def is_bootstrap(ctx: Context, secret: str) -> Principal | None:
 
 
 def auth_enabled(ctx: Context) -> bool:
-    """Is any credential configured (the bootstrap token, or a live minted one)? Then
-    every read that shows tasks needs ``read`` and every action a credential."""
+    """Is any credential configured (the bootstrap token, or one ever minted -- revoking
+    the last one does not open the server)? Then every read that shows tasks needs
+    ``read`` and every action a credential."""
     if bootstrap_token(ctx) is not None:
         return True
     c = _cache(ctx)
@@ -119,7 +122,7 @@ def auth_enabled(ctx: Context) -> bool:
     if cached is not None and now - cached[0] < _ttl_s(ctx):
         return cached[1]
     with transaction(ctx.engine, write=False) as conn:
-        live = cstore.any_active(conn)
+        live = cstore.any_minted(conn)
     c.any = (now, live)
     return live
 

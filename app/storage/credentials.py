@@ -73,10 +73,10 @@ def active_by_name(conn: Connection, *, name: str) -> RowMapping | None:
                         ).mappings().first()
 
 
-def any_active(conn: Connection) -> bool:
-    """Is any credential live?"""
-    return conn.execute(sa.select(C.c.id).where(C.c.revoked_at.is_(None)).limit(1)
-                        ).first() is not None
+def any_minted(conn: Connection) -> bool:
+    """Was any credential ever minted (revoked ones count: revoking the last credential
+    must not open the server)?"""
+    return conn.execute(sa.select(C.c.id).limit(1)).first() is not None
 
 
 def list_all(conn: Connection, *, include_revoked: bool) -> Sequence[RowMapping]:
