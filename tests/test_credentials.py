@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.clock import FrozenClock
 from app.ops import credentials, lanes
 from app.storage.context import Context
 from tests.api_server import serve
@@ -373,3 +374,26 @@ def test_minted_credentials_close_a_tokenless_server_and_revoking_the_last_keeps
             assert post(http, None, "create", assignee="coder", title="t").status_code == 401
     finally:
         ctx.close()
+
+
+def test_a_requeue_and_a_grant_made_by_a_claim_record_the_credential(
+        database_url: str, redis_server_url: str, redis_prefix: str,
+        clock: FrozenClock) -> None:
+    """On PostgreSQL ``autonomy_claim`` writes these events itself: they are re-stamped."""
+    ctx = Context.from_settings(make_settings(database_url, redis_server_url, redis_prefix,
+                                              api_token=BOOT), clock=clock)
+    try:
+        op = mint(ctx, "ops-alice", "operator")
+        with serve(ctx) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+            tid = ok(post(http, op, "create", assignee="coder", title="t"))["task"]["id"]
+            ok(post(http, op, "claim", assignee="coder", worker="w1"))
+            clock.advance(seconds=ctx.settings.lease_ttl_s + 1)
+            again = ok(post(http, op, "claim", assignee="coder", worker="w2"))
+            assert again["task"]["id"] == tid and again["lease"]
+            evs = [(e["kind"], e["actor"], e["actorNote"]) for e in events(http, taskId=tid)]
+    finally:
+        ctx.close()
+    print("\n", evs)
+    assert ("lease_requeued", "ops-alice", "claim:w2") in evs
+    assert ("lease_granted", "ops-alice", "w2") in evs
+    assert ("lease_granted", "ops-alice", "w1") in evs

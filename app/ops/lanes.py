@@ -222,6 +222,12 @@ def _claim_on_pg(ctx: Context, *, assignee: str, worker: str, now: datetime
 def _claim_answer(ctx: Context, got: store.ClaimRows, *, assignee: str, worker: str,
                   now: datetime, expires: datetime) -> dict[str, Any]:
     """A claim's answer from ``autonomy_claim``'s rows, Redis told what changed."""
+    p = principal.current()
+    granted = [r["id"] for r in got.granted] if p is not None and p.name != worker else []
+    requeued = [r["id"] for r in got.requeued] if p is not None else []
+    if p is not None and (granted or requeued):  # the function wrote the worker as actor
+        store.restamp_claim_pg(ctx.engine, granted=granted, requeued=requeued, now=now,
+                               worker=worker, actor=p.name)
     for r in got.requeued:
         leases.drop(ctx, assignee=assignee, worker=r["claimed_by"], task_id=r["id"],
                     token=r["lease_token"])
@@ -233,10 +239,6 @@ def _claim_answer(ctx: Context, got: store.ClaimRows, *, assignee: str, worker: 
     if not got.granted or got.lane is None:
         return {"ok": True, "task": None}
     row = got.granted[0]
-    p = principal.current()
-    if p is not None and p.name != worker:  # the function wrote the worker as the actor
-        store.restamp_grants_pg(ctx.engine, task_ids=[r["id"] for r in got.granted], now=now,
-                                worker=worker, actor=p.name)
     leases.record(ctx, assignee=assignee, worker=worker, task_id=row["id"],
                   token=row["lease_token"], expires_ms=to_ms(expires), now_ms=to_ms(now),
                   max_in_flight=got.lane["max_in_flight"], metric="claims")

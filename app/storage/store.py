@@ -347,17 +347,20 @@ def complete_claim_pg(engine: Engine, *, task_id: int, token: str, now: datetime
 _RESTAMP_PG = (
     "UPDATE event SET actor = %(actor)s,"
     " data = (coalesce(data::jsonb, '{}'::jsonb) || jsonb_build_object('actorNote', actor))::json"
-    " WHERE kind = 'lease_granted' AND task_id = ANY(%(ids)s) AND at = %(now)s"
-    " AND actor = %(worker)s RETURNING id")
+    " WHERE at = %(now)s AND ("
+    " (kind = 'lease_granted' AND task_id = ANY(%(granted)s) AND actor = %(worker)s) OR"
+    " (kind = 'lease_requeued' AND task_id = ANY(%(requeued)s)"
+    " AND actor = 'claim:' || %(worker)s)) RETURNING id")
 
 
-def restamp_grants_pg(engine: Engine, *, task_ids: Sequence[int], now: datetime, worker: str,
-                      actor: str) -> None:
-    """PostgreSQL: the ``lease_granted`` events ``autonomy_claim`` wrote (naming the
-    worker) re-stamped with the credential as actor, the worker as its note. Only under
-    a credential whose name is not the worker's: one more statement then."""
-    hot(engine, _RESTAMP_PG, {"actor": actor, "ids": list(task_ids), "now": now,
-                              "worker": worker})
+def restamp_claim_pg(engine: Engine, *, granted: Sequence[int], requeued: Sequence[int],
+                     now: datetime, worker: str, actor: str) -> None:
+    """PostgreSQL: the events ``autonomy_claim`` wrote naming the worker (``lease_granted``,
+    and ``lease_requeued`` as ``claim:<worker>``) re-stamped with the credential as actor,
+    what they named as its note. Under a credential only, and only when they differ: one
+    more statement then."""
+    hot(engine, _RESTAMP_PG, {"actor": actor, "granted": list(granted),
+                              "requeued": list(requeued), "now": now, "worker": worker})
 
 
 def extend_lease(conn: Connection, *, task_id: int, token: str, expires_at: datetime,
