@@ -397,3 +397,21 @@ def test_a_requeue_and_a_grant_made_by_a_claim_record_the_credential(
     assert ("lease_requeued", "ops-alice", "claim:w2") in evs
     assert ("lease_granted", "ops-alice", "w2") in evs
     assert ("lease_granted", "ops-alice", "w1") in evs
+
+
+def test_metrics_are_open_unless_configured_to_need_read(
+        sqlite_url: str, redis_server_url: str, redis_prefix: str) -> None:
+    ctx = Context.from_settings(make_settings(sqlite_url, redis_server_url, redis_prefix,
+                                              api_token=BOOT, metrics_require_read=True))
+    try:
+        reader = mint(ctx, "scraper", "read")
+        worker = mint(ctx, "agent-7", "worker", lanes=["coder"])
+        with serve(ctx) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+            assert http.get("/metrics").status_code == 401
+            assert http.get("/metrics", headers={
+                "Authorization": f"Bearer {worker}"}).status_code == 403
+            got = http.get("/metrics", headers={"Authorization": f"Bearer {reader}"})
+            assert got.status_code == 200 and "autonomy_secrets_redacted" in got.text
+            assert http.get("/livez").status_code == 200  # the probes stay open
+    finally:
+        ctx.close()
