@@ -131,7 +131,8 @@ def test_pause_shows_the_amber_badge_and_resume_clears_it_in_the_db(
     expect(badge).to_have_text("paused", ignore_case=True)
     expect(badge).to_have_attribute("title", "Paused: flaky deploy pipeline — since "
                                     + _since(panel_ctx, "coder"))
-    assert badge.evaluate("e => getComputedStyle(e).backgroundColor") == AMBER_BG
+    # retried: the refresh may swap the section between finding the node and reading it
+    expect(badge).to_have_css("background-color", AMBER_BG)
     coder_tasks = page.locator("#tasks tr[data-lane='coder']")
     expect(coder_tasks).to_have_count(3)
     expect(coder_tasks.locator(".badge.paused")).to_have_count(3)
@@ -149,8 +150,7 @@ def test_pause_shows_the_amber_badge_and_resume_clears_it_in_the_db(
         over_row = page.locator("#locks tr[data-job='self_heal']")
         expect(over_row).to_have_class("over", timeout=WAIT_MS)
         expect(over_row).to_contain_text("over budget", ignore_case=True)
-        assert over_row.locator("td").first.evaluate(
-            "e => getComputedStyle(e).backgroundColor") == RED_BG
+        expect(over_row.locator("td").first).to_have_css("background-color", RED_BG)
         OUTPUT.mkdir(exist_ok=True)
         page.screenshot(path=str(OUTPUT / "panel.png"), full_page=True)
     finally:
