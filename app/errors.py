@@ -23,6 +23,7 @@
     │   └── DeploymentMismatch         deployment_mismatch
     ├── AuthError                      unauthorized          401
     │   └── Forbidden                  forbidden             403
+    │       └── ForbiddenScope         forbidden_scope
     └── Unavailable                    unavailable           503
         ├── DatabaseUnavailable        database_unavailable
         ├── DatabaseNotMigrated        database_not_migrated
@@ -180,6 +181,14 @@ class Forbidden(AuthError):
 
     code = "forbidden"
     http_status = 403
+
+
+class ForbiddenScope(Forbidden):
+    """Raised when a valid credential asks for something outside its scope: another
+    lane, another worker name, another credential's lease, or an action its scope has
+    not (SPEC 4.10)."""
+
+    code = "forbidden_scope"
 
 
 class Unavailable(AutonomyError):

@@ -159,8 +159,16 @@ class Settings(BaseSettings):
 
     # --- interfaces ---------------------------------------------------------------
     api_token: SecretStr | None = None
-    """Bearer token for every POST and for `GET /api/autonomy/tasks` (status, `/metrics` and
-    the panel stay open); unset = loopback only."""
+    """The bootstrap operator credential (SPEC 4.10, `docs/security.md`): a bearer token for
+    every action; with it or any minted credential configured, every read but `/livez`,
+    `/readyz` and `/metrics` needs a credential too. Unset (and none minted) = loopback only."""
+    credential_cache_ms: int = Field(default=500, ge=0, le=1000)
+    """How long an API process trusts a credential it resolved (and whether any is
+    configured) before asking the database again: a revocation holds on every API process
+    within it (at most 1 s)."""
+    metrics_require_read: bool = False
+    """Make `/metrics` need a `read` credential like every other read (it never carries task
+    text either way)."""
     api_host: str = "127.0.0.1"
     """Address `autonomy serve` and `up` bind; beyond loopback needs `api_token`."""
     api_port: int = 8000

@@ -50,6 +50,9 @@ def lane(row: Mapping[Any, Any], counts: Mapping[str, int] | None = None) -> dic
 
 
 def event(row: Mapping[Any, Any]) -> dict[str, Any]:
+    """An event as answered: ``actor`` is who did it (under credentials: the
+    credential's name), ``actorNote`` the actor the request itself named, if another."""
+    data = row["data"] or {}
     return {
         "id": row["id"],
         "at": iso(row["at"]),
@@ -57,6 +60,7 @@ def event(row: Mapping[Any, Any]) -> dict[str, Any]:
         "assignee": row["assignee"],
         "taskId": row["task_id"],
         "actor": row["actor"],
+        "actorNote": data.get("actorNote") if isinstance(data, dict) else None,
         "reason": row["reason"],
-        "data": row["data"] or {},
+        "data": data,
     }

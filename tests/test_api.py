@@ -270,18 +270,20 @@ def test_a_mutating_action_needs_the_bearer_token(api_ctx: Context, action: str)
     assert set(MUTATING_SAMPLES) == set(ops.MUTATING)
 
 
-def test_with_a_token_reads_of_tasks_and_history_need_it_status_and_metrics_do_not(
+def test_with_a_token_reads_of_tasks_history_and_status_need_it_metrics_does_not(
         api_ctx: Context) -> None:
-    # SPEC 4.8: reads that return payloads or results need the token; every POST is
-    # authorised before its body is read, so the read actions need it too
+    # SPEC 4.8, 4.10: reads that show tasks need a credential (status too); every POST
+    # is authorised before its body is read, so the read actions need it too; /metrics
+    # carries no task text and stays open by default
     with client(api_ctx) as http:
         assert call(http, "history", 401, assignee="coder")["error"] == "unauthorized"
         assert call(http, "fingerprint_count", 401, fingerprint="coder:x")
         resp = http.get("/api/autonomy/tasks")
         assert resp.status_code == 401 and resp.json()["error"] == "unauthorized"
-        assert http.get("/api/autonomy/status").status_code == 200
+        assert http.get("/api/autonomy/status").status_code == 401
         assert http.get("/metrics").status_code == 200
     with client(api_ctx, TOKEN) as http:
+        assert http.get("/api/autonomy/status").status_code == 200
         assert call(http, "history", assignee="coder")["events"] == []
         assert http.get("/api/autonomy/tasks").json() == {"ok": True, "tasks": []}
 

@@ -67,9 +67,9 @@ def post_raw(http: httpx.Client, body: Any, **headers: str) -> httpx.Response:
 def readable_in_full(http: httpx.Client, ctx: Context) -> None:
     h = auth(ctx)
     assert http.get("/api/autonomy/tasks", params={"limit": 500}, headers=h).status_code == 200
-    assert http.get("/api/autonomy/status").status_code == 200
+    assert http.get("/api/autonomy/status", headers=h).status_code == 200
     assert post_raw(http, {"action": "history", "assignee": "coder"}, **h).status_code == 200
-    assert http.get("/").status_code == 200
+    assert http.get("/", headers=h).status_code == 200
 
 
 # --- Host, Origin, Content-Type ---------------------------------------------------------
@@ -87,8 +87,8 @@ def test_a_forged_host_is_refused_and_nothing_is_written(hctx: Context) -> None:
             assert http.get("/api/autonomy/status", headers={"Host": host}).status_code == 421
         for host in ("localhost", f"localhost:{http.base_url.port}", "127.0.0.1", "[::1]:8",
                      "127.0.0.2"):
-            assert http.get("/api/autonomy/status", headers={"Host": host}).status_code \
-                == 200, host
+            assert http.get("/api/autonomy/status",
+                            headers={"Host": host, **auth(hctx)}).status_code == 200, host
     assert snapshot(hctx) == before
 
 
@@ -221,7 +221,8 @@ def test_deep_nesting_given_as_an_object_or_a_string_is_a_400(hctx: Context) -> 
         resp = http.post("/api/autonomy", content=raw,
                          headers={"Content-Type": "application/json", **auth(hctx)})
         assert resp.status_code == 400 and resp.json()["error"] == "invalid_input"
-        assert http.get("/api/autonomy/status").status_code == 200  # same keep-alive client
+        # the same keep-alive client
+        assert http.get("/api/autonomy/status", headers=auth(hctx)).status_code == 200
     assert snapshot(hctx) == before
 
 
@@ -309,8 +310,9 @@ def test_400_mb_bodies_leave_the_server_within_a_few_mb_of_idle(
         deadline = time.monotonic() + 60
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/autonomy/status",
-                             timeout=5).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}/api/autonomy/status", timeout=5,
+                             headers={"Authorization": f"Bearer {token}"} if token else {}
+                             ).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass

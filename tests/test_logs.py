@@ -26,7 +26,7 @@ from app import logs
 from app.settings import Settings
 from tests.api_server import client as api_client
 from tests.servers import free_port
-from tests.test_api import api_ctx
+from tests.test_api import TOKEN, api_ctx
 from tests.test_celery_e2e import REPO, e2e
 from tests.test_cli import cli, cli_env, ok
 from tests.test_up import Proc, assert_all_gone, base_env, procs, run_cli
@@ -252,7 +252,7 @@ def test_an_unexpected_api_error_is_logged_with_its_request_id(
         raise RuntimeError("boom")
 
     monkeypatch.setattr(routes.ops, "dispatch", boom)
-    with api_client(api_ctx) as http:
+    with api_client(api_ctx, TOKEN) as http:  # status needs a credential (SPEC 4.10)
         resp = http.get("/api/autonomy/status", headers={"X-Request-ID": "err-1"})
     assert resp.status_code == 500 and resp.json()["error"] == "internal_error"
     lines = [ln for ln in json_lines(captured.getvalue()) if ln.get("request_id") == "err-1"]

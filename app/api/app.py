@@ -54,7 +54,9 @@ a failure breaker and visible run-locks.
 
 Every answer has `ok`. A refusal also has `error` (a stable code) and a human `message`,
 with a 4xx status (503 when the database or Redis cannot be reached). Mutating actions
-need `Authorization: Bearer <AUTONOMY_API_TOKEN>` when the server has a token."""
+need a credential, `Authorization: Bearer <token>`, once the server has any
+(`AUTONOMY_API_TOKEN`, or one minted by `autonomy token create`); then reads that show
+tasks need one of scope `read` too. See docs/security.md."""
 
 
 def create_app(settings: Settings | None = None, ctx: Context | None = None) -> FastAPI:
@@ -85,7 +87,7 @@ def create_app(settings: Settings | None = None, ctx: Context | None = None) -> 
     _add_error_handlers(app)
     app.add_middleware(RequestLog)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    app.add_middleware(Guard, settings=context.settings,
+    app.add_middleware(Guard, settings=context.settings, ctx=context,
                        csp_for=lambda path: docs_csp if path == "/docs" else None)
     return app
 

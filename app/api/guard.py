@@ -9,8 +9,10 @@
 3. A mutating request (any method but GET/HEAD/OPTIONS) must be ``Content-Type:
    application/json``, else ``415 unsupported_media_type`` -- an HTML form or a no-cors
    ``fetch`` cannot produce one.
-4. With a token configured, a POST must carry it (checked before the body is read), as
-   must ``GET /api/autonomy/tasks`` (it returns payloads and results).
+4. With any credential configured, a POST must carry one and every read but the open
+   paths one of scope ``read`` (``app.api.auth``) -- checked before the body is read;
+   the credential found is ``request.state.principal``. ``/`` without one is the login
+   page (``app.api.panel``).
 5. A body over ``request_max_bytes`` is refused ``413 body_too_large``: at once from its
    ``Content-Length``, else while it is read (chunked), never buffered beyond the cap.
 
@@ -26,9 +28,14 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from anyio.to_thread import run_sync
+
+from app.api import auth
 from app.api.deps import check_token, configured_token
-from app.errors import AuthError
+from app.errors import AuthError, AutonomyError
+from app.ops import credentials
 from app.settings import Settings
+from app.storage.context import Context
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -84,10 +91,12 @@ class Guard:
     own CSP (the API docs page)."""
 
     def __init__(self, app: ASGIApp, settings: Settings,
-                 csp_for: Callable[[str], str | None] | None = None) -> None:
+                 csp_for: Callable[[str], str | None] | None = None,
+                 ctx: Context | None = None) -> None:
         self.app = app
         self.settings = settings
         self.csp_for = csp_for or (lambda _: None)
+        self.ctx = ctx
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -106,6 +115,10 @@ class Guard:
             await send(message)
 
         refusal = self._refusal(scope)
+        if refusal is None and self.ctx is not None:
+            refusal = await self._authenticate(scope, self.ctx)
+        if refusal is None:
+            refusal = self._length(scope)
         if refusal is not None:
             await _answer(send_secured, *refusal)
             return
@@ -138,14 +151,51 @@ class Guard:
             if ctype != "application/json":
                 return (415, "unsupported_media_type", "a request that changes something "
                         "must be 'Content-Type: application/json'", {})
-        if configured_token(s) is not None and (method not in SAFE_METHODS
-                                                or path in TOKEN_READS):
-            try:
+        if self.ctx is None and configured_token(s) is not None and (
+                method not in SAFE_METHODS or path in TOKEN_READS):
+            try:  # a Guard without a context: the bootstrap token only
                 check_token(s, headers.get("authorization"))
             except AuthError as e:
                 extra = {"www-authenticate": "Bearer"} if e.http_status == 401 else {}
                 return (e.http_status, e.code, e.message, extra)
-        if method not in SAFE_METHODS:
+        return None
+
+    async def _authenticate(self, scope: Scope, ctx: Context
+                            ) -> tuple[int, str, str, dict[str, str]] | None:
+        """Find the request's credential (``request.state.principal``) and refuse what
+        it may not reach; None to go on."""
+        path = scope.get("path", "")
+        method = scope.get("method", "GET")
+        state = scope.setdefault("state", {})
+        state["principal"] = None
+        if auth.is_open(ctx, path):
+            return None
+        headers = _headers(scope)
+        secret = auth.presented(headers)
+        try:  # the bootstrap token needs no I/O; anything else may ask the database
+            principal = credentials.is_bootstrap(ctx, secret) if secret else None
+            if principal is None:
+                principal = await run_sync(auth.identify, ctx, secret)
+            if principal is None:  # no credential configured: nothing is asked
+                return None
+        except AuthError as e:
+            if method == "GET" and path == "/":
+                state["login"] = e.message  # the panel answers its login page
+                return None
+            extra = {"www-authenticate": "Bearer"} if e.http_status == 401 else {}
+            return (e.http_status, e.code, e.message, extra)
+        except AutonomyError as e:
+            return (e.http_status, e.code, e.message, {})
+        if method in SAFE_METHODS and not principal.may_read():
+            return (403, "forbidden_scope", f"credential {principal.name!r} "
+                    f"({principal.scope}) may not read {path}", {})
+        state["principal"] = principal
+        return None
+
+    def _length(self, scope: Scope) -> tuple[int, str, str, dict[str, str]] | None:
+        s = self.settings
+        headers = _headers(scope)
+        if scope.get("method", "GET") not in SAFE_METHODS:
             length = headers.get("content-length")
             if length is not None:
                 if not length.strip().isdigit():

@@ -252,7 +252,11 @@ def _counters(metrics: Mapping[str, Any]) -> list[Metric]:
     names = set(KNOWN_GUARDS) | {k[6:] for k in metrics if k.startswith("guard:")}
     for g in sorted(names):
         guards.add_metric([g], _num(metrics.get(f"guard:{g}")))
-    return [claims, guards]
+    redacted = CounterMetricFamily("autonomy_secrets_redacted",
+                                   "Secrets taken out of failure reasons and results before "
+                                   "they were stored.")
+    redacted.add_metric([], _num(metrics.get("secrets_redacted")))
+    return [claims, guards, redacted]
 
 
 def _infrastructure(s: Mapping[str, Any]) -> list[Metric]:

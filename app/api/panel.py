@@ -15,9 +15,10 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from app import ops
-from app.api.deps import Ctx, configured_token
-from app.errors import Unavailable
-from app.ops import history
+from app.api import auth
+from app.api.deps import Ctx, JsonBody, SafeJSONResponse, body_object
+from app.errors import Forbidden, InvalidInput, Unavailable
+from app.ops import credentials, history
 from app.storage.context import Context
 
 HERE = Path(__file__).parent
@@ -27,12 +28,13 @@ router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 
 
-def view(ctx: Context) -> dict[str, Any]:
-    """What the page shows; an unreachable service is shown, not raised."""
+def view(ctx: Context, signed_in: bool = False) -> dict[str, Any]:
+    """What the page shows; an unreachable service is shown, not raised. ``signed_in``:
+    the page was asked for with a credential (its cookie also carries the changes)."""
     s = ctx.settings
     out: dict[str, Any] = {
         "now": ctx.clock(), "status": None, "tasks": [], "error": None,
-        "auth_required": configured_token(s) is not None,
+        "auth_required": not signed_in and credentials.bootstrap_token(ctx) is not None,
         "refresh_ms": s.panel_refresh_ms,
         "thresholds": {"breaker": s.breaker_threshold, "handoffFail": s.handoff_fail_threshold,
                        "recovery": s.recovery_threshold, "opsIssue": s.ops_issue_threshold},
@@ -47,8 +49,12 @@ def view(ctx: Context) -> dict[str, Any]:
 
 @router.get("/", response_class=HTMLResponse)
 def page(request: Request, ctx: Ctx) -> Response:
-    """The whole page (first paint)."""
-    v = view(ctx)
+    """The whole page (first paint); the login page while no credential is given."""
+    if getattr(request.state, "login", None) is not None:
+        # 200: a page to sign in on, not an error (it shows nothing of the fleet)
+        return templates.TemplateResponse(request, "login.html", {},
+                                          headers={"Cache-Control": "no-store"})
+    v = view(ctx, signed_in=getattr(request.state, "principal", None) is not None)
     return templates.TemplateResponse(request, "panel.html", v,
                                       status_code=503 if v["error"] else 200)
 
@@ -56,10 +62,34 @@ def page(request: Request, ctx: Ctx) -> Response:
 @router.get("/panel/sections", response_class=HTMLResponse)
 def sections(request: Request, ctx: Ctx) -> Response:
     """Only the sections, for the page's refresh."""
-    v = view(ctx)
+    v = view(ctx, signed_in=getattr(request.state, "principal", None) is not None)
     return templates.TemplateResponse(request, "_sections.html", v,
                                       status_code=503 if v["error"] else 200,
                                       headers={"Cache-Control": "no-store"})
+
+
+@router.post("/login")
+def login(request: Request, ctx: Ctx, body: JsonBody) -> Response:
+    """``{"token": secret}`` -> a session cookie for the panel (HttpOnly, SameSite=Strict,
+    Secure over https), when the secret is a live credential that may read."""
+    token = body_object(body, ctx.settings).get("token")
+    if not isinstance(token, str) or not token.strip():
+        raise InvalidInput("give the credential as 'token'", field="token")
+    p = auth.authenticate(ctx, token.strip())
+    if not p.may_read():
+        raise Forbidden(f"credential {p.name!r} ({p.scope}) may not read the panel")
+    resp = SafeJSONResponse({"ok": True, "name": p.name, "scope": p.scope})
+    resp.set_cookie(auth.COOKIE, token.strip(), httponly=True, samesite="strict",
+                    secure=request.url.scheme == "https", path="/")
+    return resp
+
+
+@router.post("/logout")
+def logout() -> Response:
+    """Forget the panel's session cookie."""
+    resp = SafeJSONResponse({"ok": True})
+    resp.delete_cookie(auth.COOKIE, path="/", httponly=True, samesite="strict")
+    return resp
 
 
 # --- template filters ------------------------------------------------------------------

@@ -3,9 +3,10 @@
 ``GET /livez`` (no I/O) and ``GET /readyz`` (database, schema and Redis; 503 naming what
 failed).
 
-With a token configured every POST needs ``Authorization: Bearer <token>`` (checked before
-the body is read, by ``app.api.guard``), and so does ``GET /api/autonomy/tasks`` (it
-returns payloads and results); status and ``/metrics`` stay open.
+With any credential configured every POST needs one (checked before the body is read, by
+``app.api.guard``) and each action the scope for it (``app.api.auth``); status and tasks
+need ``read``; ``/metrics`` stays open unless ``metrics_require_read``; the probes stay
+open.
 Refusals are raised as ``AutonomyError`` and answered by the handlers in ``app.api.app``.
 """
 
@@ -20,8 +21,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from app import ops, validate
-from app.api import metrics, schemas
+from app import ops, principal, validate
+from app.api import auth, metrics, schemas
 from app.api.deps import (
     Authorization,
     Body,
@@ -31,7 +32,8 @@ from app.api.deps import (
     body_object,
     check_token,
 )
-from app.ops import history, probes
+from app.errors import AuthError
+from app.ops import credentials, history, probes
 from app.storage.context import Context
 
 router = APIRouter()
@@ -62,22 +64,28 @@ async def act(ctx: Ctx, body: JsonBody, authorization: Authorization, request: R
     that waits (``waitMs``, a long poll) in a pool of its own, so waiting workers never
     hold the threads every other request is answered on."""
     v = body.value
+    who = getattr(request.state, "principal", None)
     if isinstance(v, dict) and v.get("action") == "claim" and v.get("waitMs"):
         limiter = long_polls(request.app.state, ctx.settings.api_long_poll_max)
         if limiter.available_tokens >= 1:
-            return await run_sync(_act, ctx, body, authorization, limiter=limiter)
+            return await run_sync(_act, ctx, body, authorization, who, limiter=limiter)
         # every slot waits already: answer now (an HTTP worker then polls)
         body = Body({**v, "waitMs": None})
-    return await run_sync(_act, ctx, body, authorization)
+    return await run_sync(_act, ctx, body, authorization, who)
 
 
-def _act(ctx: Context, body: Body, authorization: str | None) -> Response:
+def _act(ctx: Context, body: Body, authorization: str | None,
+         who: principal.Principal | None = None) -> Response:
     request = body_object(body, ctx.settings)
     action = request.get("action")
-    if isinstance(action, str) and action in ops.MUTATING:
+    if who is None and credentials.auth_enabled(ctx):  # the guard let none through
+        raise AuthError("this action needs a credential")
+    if who is None and isinstance(action, str) and action in ops.MUTATING:
         check_token(ctx.settings, authorization)
     schemas.check_shape(request, ctx.settings)
-    return _json(ops.dispatch(ctx, request))
+    with principal.acting(who):
+        auth.authorize(ctx, who, request)
+        return _json(ops.dispatch(ctx, request))
 
 
 def long_polls(state: Any, capacity: int) -> CapacityLimiter:
@@ -88,15 +96,21 @@ def long_polls(state: Any, capacity: int) -> CapacityLimiter:
     return limiter
 
 
+_READ_REFUSALS: dict[int | str, dict[str, Any]] = {
+    k: schemas.ERROR_RESPONSES[k] for k in (401, 403)}
+
+
 @router.get("/api/autonomy/status", response_model=schemas.StatusAnswer,
-            responses={503: schemas.ERROR_RESPONSES[503]}, summary="The status payload")
+            responses={503: schemas.ERROR_RESPONSES[503], **_READ_REFUSALS},
+            summary="The status payload")
 def status(ctx: Ctx) -> Response:
     """The same answer as the ``status`` action."""
     return _json(ops.dispatch(ctx, {"action": "status"}))
 
 
 @router.get("/api/autonomy/tasks", response_model=schemas.TasksAnswer,
-            responses={400: schemas.ERROR_RESPONSES[400], 503: schemas.ERROR_RESPONSES[503]},
+            responses={400: schemas.ERROR_RESPONSES[400], 503: schemas.ERROR_RESPONSES[503],
+                       **_READ_REFUSALS},
             summary="Recent tasks, newest first")
 def tasks(
     ctx: Ctx,
@@ -115,7 +129,7 @@ def tasks(
 @router.get("/metrics", response_class=PlainTextResponse,
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                              "description": "Prometheus text format."},
-                       503: schemas.ERROR_RESPONSES[503]},
+                       503: schemas.ERROR_RESPONSES[503], **_READ_REFUSALS},
             summary="Prometheus metrics")
 def prometheus(ctx: Ctx) -> Response:
     """Run-locks, periodic jobs, lanes, the breaker, GO/NO_GO/unknown, counters, Redis and

@@ -276,7 +276,10 @@ class EventWire(BaseModel):
     kind: str
     assignee: str | None
     taskId: int | None
-    actor: str | None
+    actor: str | None = Field(description="Who did it: under credentials, the credential's "
+                              "name.")
+    actorNote: str | None = Field(default=None, description="The actor the request itself "
+                                  "named, when it differs (a note, never trusted).")
     reason: str | None
     data: dict[str, Any]
 
@@ -340,8 +343,10 @@ ActionAnswer = (TaskAnswer | LeaseAnswer | ReleaseAnswer | LaneAnswer | Fingerpr
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorAnswer, "description": "Bad input (`invalid_*`)."},
-    401: {"model": ErrorAnswer, "description": "No bearer token (`unauthorized`)."},
-    403: {"model": ErrorAnswer, "description": "Wrong bearer token (`forbidden`)."},
+    401: {"model": ErrorAnswer, "description": "No credential (`unauthorized`)."},
+    403: {"model": ErrorAnswer, "description": "Not a live credential (`forbidden`), or "
+          "one whose scope does not allow this (`forbidden_scope`: another lane, another "
+          "worker name, another credential's lease, an action of another scope)."},
     404: {"model": ErrorAnswer, "description": "Not found (`task_not_found`)."},
     409: {"model": ErrorAnswer,
           "description": "Refused by state (`lane_paused`, `not_in_progress`, `stale_lease`)."},

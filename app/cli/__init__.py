@@ -20,7 +20,7 @@ from typing import Any
 
 import typer
 
-from app import __version__, logs, ops
+from app import __version__, logs, ops, principal
 from app.cli.output import fail, human_time, run, table, want_json
 from app.errors import AutonomyError, InvalidInput
 from app.storage.context import Context
@@ -31,6 +31,7 @@ app = typer.Typer(add_completion=True, no_args_is_help=True,
                   context_settings={"help_option_names": ["-h", "--help"]})
 
 JsonOpt = typer.Option(None, "--json", help="Print JSON (the default when piped).")
+ActorOpt = typer.Option(None, help="A note kept beside the recorded actor (the OS user).")
 
 EXTENSIONS = [
     "app.cli.checks:register",
@@ -38,6 +39,7 @@ EXTENSIONS = [
     "app.cli.flower:register",
     "app.cli.migrations:register",
     "app.cli.serve:register",
+    "app.cli.token:register",
     "app.cli.worker:register",
 ]
 
@@ -66,8 +68,9 @@ def call(request: dict[str, Any], as_json: bool | None, human: Any = None) -> di
 
     def go() -> dict[str, Any]:
         ctx = context()
-        try:
-            return ops.dispatch(ctx, request)
+        try:  # on the database directly: an operator, recorded as the OS user
+            with principal.acting(principal.local_operator()):
+                return ops.dispatch(ctx, request)
         finally:
             ctx.close()
 
@@ -144,14 +147,14 @@ def _lane_line(a: dict[str, Any]) -> str:
 
 @app.command()
 def pause(assignee: str, reason: str | None = typer.Option(None),
-          actor: str = typer.Option("cli"), as_json: bool | None = JsonOpt) -> None:
+          actor: str | None = ActorOpt, as_json: bool | None = JsonOpt) -> None:
     """Pause a lane (idempotent)."""
     call({"action": "pause_lane", "assignee": assignee, "reason": reason, "actor": actor},
          as_json, _lane_line)
 
 
 @app.command()
-def resume(assignee: str, actor: str = typer.Option("cli"),
+def resume(assignee: str, actor: str | None = ActorOpt,
            reason: str | None = typer.Option(None), as_json: bool | None = JsonOpt) -> None:
     """Resume a lane (idempotent)."""
     call({"action": "resume_lane", "assignee": assignee, "actor": actor, "reason": reason},
@@ -160,7 +163,7 @@ def resume(assignee: str, actor: str = typer.Option("cli"),
 
 @app.command("lane")
 def lane_cmd(assignee: str, max_in_flight: int = typer.Option(..., "--max-in-flight"),
-             actor: str = typer.Option("cli"), as_json: bool | None = JsonOpt) -> None:
+             actor: str | None = ActorOpt, as_json: bool | None = JsonOpt) -> None:
     """Set how many live leases a lane allows at once."""
     call({"action": "configure_lane", "assignee": assignee, "maxInFlight": max_in_flight,
           "actor": actor}, as_json, _lane_line)
@@ -184,7 +187,8 @@ def history(task_id: int | None = typer.Option(None, "--task"),
             as_json: bool | None = JsonOpt) -> None:
     """A task's or a lane's events: why was this refused, why is this lane paused."""
     call({"action": "history", "taskId": task_id, "assignee": assignee}, as_json,
-         lambda a: table(a["events"], ["at", "kind", "taskId", "actor", "reason"]))
+         lambda a: table(a["events"], ["at", "kind", "taskId", "actor", "actorNote",
+                                        "reason"]))
 
 
 def _load_extensions() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from app import ops
+from app import ops, principal
 from app.cli.output import emit, human_duration, human_time, run, table, want_json
 from app.errors import AutonomyError, InvalidInput
 from app.ops import probes, run_locks
@@ -150,12 +150,19 @@ def register(app: typer.Typer) -> None:
     @incident_app.command("set")
     def incident_set(status: str = typer.Argument(..., help="critical | warning | ok"),
                      reason: str | None = typer.Option(None, help="Why (shown to operators)."),
-                     actor: str = typer.Option("cli", help="Who says so."),
+                     actor: str | None = typer.Option(
+                         None, help="A note beside the recorded actor (the OS user)."),
                      as_json: bool | None = JsonOpt) -> None:
-        """Write the ops incident state, with the time it was written."""
+        """Write the ops incident state, with the time it was written (recorded as the OS
+        user: the CLI acts on the database directly, as operator)."""
         request = {"action": "ops_incident", "status": status, "reason": reason,
                    "actor": actor}
-        run(_with_ctx(lambda ctx: ops.dispatch(ctx, request)),
+
+        def go(ctx: Context) -> dict[str, Any]:
+            with principal.acting(principal.local_operator()):
+                return ops.dispatch(ctx, request)
+
+        run(_with_ctx(go),
             want_json(as_json),
             lambda a: f"ops incident: {a['opsIncident']['status']} "
                       f"({a['opsIncident']['reason'] or 'no reason'})")

@@ -36,8 +36,11 @@ def history(ctx: Context, *, task_id: Any = None, assignee: Any = None,
         guards = []
     if tid is not None:
         guards = [g for g in guards if g.get("taskId") == tid]
+    # under credentials the actor is the credential ("by"), the worker named a note
     events.extend({"id": None, "at": g.get("at"), "kind": "claim_guard",
-                   "assignee": lane_name, "taskId": g.get("taskId"), "actor": g.get("worker"),
+                   "assignee": lane_name, "taskId": g.get("taskId"),
+                   "actor": g.get("by") or g.get("worker"),
+                   "actorNote": g.get("worker") if g.get("by") else None,
                    "reason": "duplicate_claim_guard", "data": g} for g in guards)
     events.sort(key=lambda e: (e["at"] or "", e["id"] or 0), reverse=True)
     return {"ok": True, "events": events[:limit]}

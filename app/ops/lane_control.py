@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app import validate, wire
+from app import principal, validate, wire
 from app.clock import iso
 from app.storage import leases, pickup, store
 from app.storage.context import Context
@@ -82,5 +82,6 @@ def configure_lane(ctx: Context, *, assignee: str, max_in_flight: Any,
     return {"ok": True, "lane": wire.lane(lane)}
 
 
-def _actor(actor: Any, s: Any) -> str:
-    return validate.actor(actor, s) or "unknown"
+def _actor(actor: Any, s: Any) -> str | None:
+    # under a credential, no actor given is no note: the credential is the actor
+    return validate.actor(actor, s) or ("unknown" if principal.current() is None else None)

@@ -9,7 +9,6 @@ either alone prevents a double claim.
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections.abc import Mapping
 from datetime import datetime, timedelta
@@ -17,7 +16,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection, RowMapping
 
-from app import validate, wire
+from app import principal, redact, validate, wire
 from app.clock import iso, to_ms
 from app.errors import AutonomyError, LanePaused, NotInProgress, StaleLease, TaskNotFound
 from app.ops import breaker
@@ -169,7 +168,7 @@ def _claim_in_db(ctx: Context, *, assignee: str, worker: str, now: datetime) -> 
         return _claim_on_pg(ctx, assignee=assignee, worker=worker, now=now)
     s = ctx.settings
     expires = now + timedelta(seconds=s.lease_ttl_s)
-    token = secrets.token_hex(16)
+    token = principal.new_lease_token()
     with transaction(ctx.engine) as conn:
         lane = store.get_lane(conn, assignee=assignee, for_update=True)
         if lane is None:
@@ -212,7 +211,7 @@ def _claim_on_pg(ctx: Context, *, assignee: str, worker: str, now: datetime
     """PostgreSQL: the same steps as ``_claim_in_db`` in one call of ``autonomy_claim``
     (one round trip, its own transaction; ``store.claim_pg``)."""
     expires = now + timedelta(seconds=ctx.settings.lease_ttl_s)
-    token = secrets.token_hex(16)
+    token = principal.new_lease_token()
 
     got = store.claim_pg(ctx.engine, assignee=assignee, worker=worker, tokens=[token],
                          now=now, expires_at=expires, expires_iso=iso(expires) or "")
@@ -223,6 +222,12 @@ def _claim_on_pg(ctx: Context, *, assignee: str, worker: str, now: datetime
 def _claim_answer(ctx: Context, got: store.ClaimRows, *, assignee: str, worker: str,
                   now: datetime, expires: datetime) -> dict[str, Any]:
     """A claim's answer from ``autonomy_claim``'s rows, Redis told what changed."""
+    p = principal.current()
+    granted = [r["id"] for r in got.granted] if p is not None and p.name != worker else []
+    requeued = [r["id"] for r in got.requeued] if p is not None else []
+    if p is not None and (granted or requeued):  # the function wrote the worker as actor
+        store.restamp_claim_pg(ctx.engine, granted=granted, requeued=requeued, now=now,
+                               worker=worker, actor=p.name)
     for r in got.requeued:
         leases.drop(ctx, assignee=assignee, worker=r["claimed_by"], task_id=r["id"],
                     token=r["lease_token"])
@@ -254,14 +259,22 @@ def _guard(ctx: Context, held: Mapping[Any, Any], *, worker: str, layer: str) ->
         "ok": True, "guard": "duplicate_claim_guard", "task": wire.task(held),
         "leaseHolder": held["claimed_by"], "leaseExpiresAt": iso(held["lease_expires_at"]),
     }
-    if held["claimed_by"] == worker:  # a retried claim gets its own lease back
+    # a retried claim gets its own lease back -- only under the credential that was
+    # granted it: a claim naming another's worker never learns that worker's token
+    if held["claimed_by"] == worker and principal.owns_lease(held["lease_token"]):
         answer["lease"] = {"token": held["lease_token"],
                            "expiresAt": iso(held["lease_expires_at"])}
     leases.log_guard(ctx, assignee=held["assignee"], metric="guard:duplicate_claim_guard",
                      entry={"kind": "claim_guard", "at": iso(ctx.clock()), "worker": worker,
                             "taskId": held["id"], "leaseHolder": held["claimed_by"],
-                            "layer": layer})
+                            "layer": layer, **_by()})
     return answer
+
+
+def _by() -> dict[str, str]:
+    """The credential asking, for what the audit trail keeps off the database."""
+    p = principal.current()
+    return {"by": p.name} if p is not None else {}
 
 
 def _paused_error(lane: Mapping[Any, Any]) -> LanePaused:
@@ -283,6 +296,7 @@ def requeue_events(conn: Connection, rows: Any, *, now: datetime, actor: str) ->
 def heartbeat(ctx: Context, *, task_id: Any, lease_token: Any) -> dict[str, Any]:
     """Extend a live lease; fenced by its token."""
     tid, token = validate.task_id(task_id), validate.lease_token(lease_token)
+    _check_owner(ctx, tid, token, action="heartbeat")
     now = ctx.clock()
     expires = now + timedelta(seconds=ctx.settings.lease_ttl_s)
     with transaction(ctx.engine) as conn:
@@ -351,8 +365,16 @@ def complete(ctx: Context, *, task_id: Any, lease_token: Any, outcome: Any,
     res = validate.json_object(result, s, field="result")
     actor = validate.actor(actor, s)
     nxt = validate.claim_next(claim_next, s)
+    _check_owner(ctx, tid, token, action="complete")
+    reason, res, redacted = _redacted(reason, res)
+    if redacted:
+        _record_redaction(ctx, tid, redacted)
     now = ctx.clock()
-    if out is Outcome.success and nxt is not None and is_postgres(ctx.engine):
+    # the combined PostgreSQL path records the credential but has no room for a note of
+    # the caller's own actor: such a call takes the two-step path
+    noted = actor is not None and principal.audit(actor)[1].get("actorNote") is not None
+    if out is Outcome.success and nxt is not None and is_postgres(ctx.engine) \
+            and not noted:
         both = _complete_and_claim_on_pg(ctx, tid=tid, token=token, res=res, now=now,
                                          actor=actor, assignee=nxt[0], worker=nxt[1])
         if both is not None:
@@ -365,6 +387,61 @@ def complete(ctx: Context, *, task_id: Any, lease_token: Any, outcome: Any,
     answer = _complete_full(ctx, tid=tid, token=token, out=out, reason=reason, res=res,
                             now=now, actor=actor)
     return answer if nxt is None else _with_next(ctx, answer, nxt)
+
+
+def _check_owner(ctx: Context, tid: int, token: str, *, action: str) -> None:
+    """A lease's heartbeat, complete and release are for the credential it was granted
+    to (SPEC 4.10). A token not granted to this one is answered as any other would be
+    when it is not the task's live token (``not_in_progress``, ``stale_lease``: it
+    learns nothing new); when it is, the call is refused ``forbidden_scope``, an event."""
+    p = principal.current()
+    if p is None or principal.owns_lease(token):
+        return
+    now = ctx.clock()
+    with transaction(ctx.engine) as conn:
+        row = store.get_task(conn, task_id=tid)
+        if row is not None and row["status"] == TaskStatus.done.value \
+                and action == "complete":
+            refusal = _done_refusal(row, tid, token)
+        else:
+            refusal = _refusal(row, tid, token, action=action)
+        if refusal is not None:
+            _refusal_event(conn, refusal, row, now=now, action=action)
+    if refusal is not None:
+        raise refusal
+    from app.ops import credentials
+
+    raise credentials.refuse(ctx, p, action=action, task_id=tid,
+                             assignee=row["assignee"] if row is not None else None,
+                             message=f"this lease was not granted to credential {p.name!r}; "
+                                     f"cannot {action} task {tid}")
+
+
+def _redacted(reason: str | None, res: dict[str, Any] | None
+              ) -> tuple[str | None, dict[str, Any] | None, dict[str, int]]:
+    """The reason and result with secrets taken out (SPEC 4.10), and how many per field."""
+    counts: dict[str, int] = {}
+    if reason is not None:
+        reason, n = redact.redact(reason)
+        if n:
+            counts["validationReason"] = n
+    if res is not None:
+        red, n = redact.redact_json(res)
+        if n:
+            res, counts["result"] = red, n
+    return reason, res, counts
+
+
+def _record_redaction(ctx: Context, tid: int, counts: dict[str, int]) -> None:
+    """Count a redaction: the ``secrets_redacted`` counter and a task event."""
+    leases.bump(ctx, "secrets_redacted", sum(counts.values()))
+    with transaction(ctx.engine) as conn:
+        row = store.get_task(conn, task_id=tid)
+        if row is not None:
+            store.insert_event(conn, kind="secrets_redacted", at=ctx.clock(),
+                               assignee=row["assignee"], task_id=tid, actor=None,
+                               reason=f"{sum(counts.values())} secret(s) redacted",
+                               data={"fields": counts, "count": sum(counts.values())})
 
 
 def _with_next(ctx: Context, answer: dict[str, Any], nxt: tuple[str, str]
@@ -462,7 +539,8 @@ def _complete_and_claim_on_pg(ctx: Context, *, tid: int, token: str,
         done, got = store.complete_claim_pg(
             ctx.engine, task_id=tid, token=token, now=now, result=res, actor=actor,
             assignee=assignee, worker=worker if claim else None,
-            tokens=[secrets.token_hex(16)], expires_at=expires, expires_iso=iso(expires) or "")
+            tokens=[principal.new_lease_token()], expires_at=expires,
+            expires_iso=iso(expires) or "")
         if done is None:
             return None
         if done["assignee"] != assignee or done["claimed_by"] != worker:
@@ -509,6 +587,7 @@ def release(ctx: Context, *, task_id: Any, lease_token: Any, actor: str | None =
     again at once instead of waiting for its lease to expire."""
     tid, token = validate.task_id(task_id), validate.lease_token(lease_token)
     actor = validate.actor(actor, ctx.settings)
+    _check_owner(ctx, tid, token, action="release")
     now = ctx.clock()
     with transaction(ctx.engine) as conn:
         row = store.get_task(conn, task_id=tid, for_update=True)

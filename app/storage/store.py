@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, RowMapping
 
+from app import principal
 from app.storage.db import hot
 from app.storage.models import (
     TaskKind,
@@ -300,7 +301,7 @@ _COMPLETE_PG = (
     "), ev AS ("
     " INSERT INTO event (at, kind, assignee, task_id, actor, data)"
     " SELECT %(now)s, 'task_completed', done.assignee, done.id,"
-    " coalesce(%(actor)s, done.claimed_by), '{}'::json FROM done"
+    " coalesce(%(actor)s, done.claimed_by), %(data)s::json FROM done"
     ") SELECT to_json(done) FROM done")
 
 
@@ -310,9 +311,10 @@ def complete_pg(engine: Engine, *, task_id: int, token: str, now: datetime,
     round trip, its own transaction (``db.hot``). None when the lease is not live under
     this token -- the caller's full path then reads the row and answers the guard or
     refusal."""
+    actor, data = principal.audit(actor)
     rows = hot(engine, _COMPLETE_PG, {
         "now": now, "result": None if result is None else json.dumps(result), "id": task_id,
-        "token": token, "actor": actor})
+        "token": token, "actor": actor, "data": json.dumps(data)})
     return _json_row(rows[0][0]) if rows else None
 
 
@@ -330,6 +332,7 @@ def complete_claim_pg(engine: Engine, *, task_id: int, token: str, now: datetime
     ``assignee``, ``claim_pg`` for that worker -- one call of ``autonomy_complete``
     (migration 0004), one round trip, one transaction (``db.hot``).
     Answers (the done row or None, the claim's rows or None when no claim was made)."""
+    actor, _ = principal.audit(actor)  # the caller's own actor: lanes.complete's note
     rows = hot(engine, _COMPLETE_CLAIM_PG, {
         "id": task_id, "token": token, "now": now,
         "result": None if result is None else json.dumps(result), "actor": actor,
@@ -339,6 +342,25 @@ def complete_claim_pg(engine: Engine, *, task_id: int, token: str, now: datetime
         return None, None
     done = _json_row(rows[0][1])
     return done, (_claim_rows(rows[1:]) if len(rows) > 1 else None)
+
+
+_RESTAMP_PG = (
+    "UPDATE event SET actor = %(actor)s,"
+    " data = (coalesce(data::jsonb, '{}'::jsonb) || jsonb_build_object('actorNote', actor))::json"
+    " WHERE at = %(now)s AND ("
+    " (kind = 'lease_granted' AND task_id = ANY(%(granted)s) AND actor = %(worker)s) OR"
+    " (kind = 'lease_requeued' AND task_id = ANY(%(requeued)s)"
+    " AND actor = 'claim:' || %(worker)s)) RETURNING id")
+
+
+def restamp_claim_pg(engine: Engine, *, granted: Sequence[int], requeued: Sequence[int],
+                     now: datetime, worker: str, actor: str) -> None:
+    """PostgreSQL: the events ``autonomy_claim`` wrote naming the worker (``lease_granted``,
+    and ``lease_requeued`` as ``claim:<worker>``) re-stamped with the credential as actor,
+    what they named as its note. Under a credential only, and only when they differ: one
+    more statement then."""
+    hot(engine, _RESTAMP_PG, {"actor": actor, "granted": list(granted),
+                              "requeued": list(requeued), "now": now, "worker": worker})
 
 
 def extend_lease(conn: Connection, *, task_id: int, token: str, expires_at: datetime,
@@ -421,7 +443,7 @@ _CREATE_PG = (
     " RETURNING *"
     "), ev AS ("
     " INSERT INTO event (at, kind, assignee, task_id, actor, data)"
-    " SELECT %(now)s, 'task_created', t.assignee, t.id, %(actor)s, '{}'::json FROM t"
+    " SELECT %(now)s, 'task_created', t.assignee, t.id, %(actor)s, %(data)s::json FROM t"
     "), woke AS ("
     " SELECT pg_notify('autonomy_lane', t.assignee) FROM t WHERE NOT t.lane_paused"
     ") SELECT to_json(t), (SELECT count(*) FROM woke) FROM t")
@@ -434,10 +456,12 @@ def create_pg(engine: Engine, *, values: dict[str, Any], now: datetime, max_in_f
     not paused) -- one round trip, its own transaction (``db.hot``; never repeated: a
     create is not idempotent). None when the lane row was being created by another
     statement at the same moment (the caller's transaction path then runs)."""
+    actor, data = principal.audit(actor)
     rows = hot(engine, _CREATE_PG, {
         "assignee": values["assignee"], "max_in_flight": max_in_flight, "now": now,
         "title": values["title"], "kind": values["kind"], "priority": values["priority"],
-        "payload": json.dumps(values["payload"]), "actor": actor}, repeatable=False)
+        "payload": json.dumps(values["payload"]), "actor": actor, "data": json.dumps(data)},
+        repeatable=False)
     return _json_row(rows[0][0]) if rows else None
 
 
@@ -499,15 +523,23 @@ def recent_fingerprints(conn: Connection, *, since: datetime, limit: int = 20
 def insert_event(conn: Connection, *, kind: str, at: datetime, assignee: str | None = None,
                  task_id: int | None = None, actor: str | None = None,
                  reason: str | None = None, data: dict[str, Any] | None = None) -> None:
+    """One event; under a principal its actor is the credential (``principal.audit``)."""
+    actor, data = principal.audit(actor, data)
     conn.execute(sa.insert(E).values(kind=kind, at=at, assignee=assignee, task_id=task_id,
-                                     actor=actor, reason=reason, data=data or {}))
+                                     actor=actor, reason=reason, data=data))
 
 
 def insert_events(conn: Connection, *, rows: list[dict[str, Any]]) -> None:
+    """Events in one statement; actors as ``insert_event`` records them."""
     if rows:
         base: dict[str, Any] = {"assignee": None, "task_id": None, "actor": None,
                                 "reason": None, "data": {}}
-        conn.execute(sa.insert(E), [{**base, **r} for r in rows])
+        out = []
+        for r in rows:
+            row = {**base, **r}
+            row["actor"], row["data"] = principal.audit(row["actor"], row["data"])
+            out.append(row)
+        conn.execute(sa.insert(E), out)
 
 
 def list_events(conn: Connection, *, task_id: int | None = None, assignee: str | None = None,

@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from app import validate
+from app import principal, validate
 from app.clock import iso
 from app.errors import RedisUnavailable
 from app.storage import locks, store
@@ -181,12 +181,15 @@ def set_ops_incident(ctx: Context, *, status: Any, reason: Any = None, actor: An
     st = validate.incident_status(status).value
     s = ctx.settings
     why = validate.reason(reason, s, required=False, field="reason")
-    who = validate.worker(actor, s, field="actor") if actor is not None else "operator"
+    given = validate.worker(actor, s, field="actor") if actor is not None else None
+    # under a credential the state names the credential (the caller's actor: a note)
+    who, note = principal.audit(given or ("operator" if principal.current() is None
+                                          else None))
     now = ctx.clock()
-    data = {"status": st, "reason": why, "actor": who}
+    data = {"status": st, "reason": why, "actor": who, **note}
     with transaction(ctx.engine) as conn:
         write(conn, name=OPS_INCIDENT, data=data, now=now)
-        store.insert_event(conn, kind="ops_incident_set", at=now, actor=who, reason=why,
+        store.insert_event(conn, kind="ops_incident_set", at=now, actor=given, reason=why,
                            data={"status": st})
     return {"ok": True, "opsIncident": {**data, "writtenAt": iso(now), "stale": False,
                                         "error": None}}

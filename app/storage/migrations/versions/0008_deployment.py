@@ -7,12 +7,11 @@ an unbound database; a process pointed at the database with another Redis or pre
 refused at start, so two stacks never run two beat leaders and two sets of run-locks over
 one fleet. ``autonomy db bind-deployment --force`` re-binds it.
 
-Self-contained on purpose: it creates and drops only its own table and reads nothing of
-the migrations before it, so it can sit anywhere in the chain. It was written beside
-0006/0007 (another change); the integrator re-chains ``down_revision`` after them.
+Self-contained: it creates and drops only its own table and reads nothing of the
+migrations before it (it was written beside 0006 and 0007, then chained after them).
 
 Revision ID: 0008
-Revises: 0005 (to be re-chained after 0007)
+Revises: 0007
 Create Date: 2026-12-07
 """
 
@@ -20,8 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0008"
-# re-chained by the integrator to the newest revision before it (0007)
-down_revision = "0005"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
