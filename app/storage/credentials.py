@@ -32,6 +32,11 @@ credential_table = sa.Table(
     sa.Column("created_by", sa.String(128), nullable=True),
     sa.Column("revoked_at", UTCDateTime(), nullable=True),
     sa.Column("revoked_by", sa.String(128), nullable=True),
+    # as migration 0007 makes them (so `alembic check` compares like with like)
+    sa.Index("ix_credential_secret_hash", "secret_hash", unique=True),
+    sa.Index("ix_credential_active_name", "name", unique=True,
+             postgresql_where=sa.text("revoked_at IS NULL"),
+             sqlite_where=sa.text("revoked_at IS NULL")),
 )
 credential_key_table = sa.Table(
     "credential_key", _meta,

@@ -19,11 +19,15 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import context
 
+from app.storage.credentials import credential_table
 from app.storage.db import normalise_url
+from app.storage.deployment import deployment_table
 from app.storage.models import SQLModel
 
 config = context.config
-target_metadata = SQLModel.metadata
+# the SQLModel entities, and the tables kept on metadata of their own beside the modules
+# that alone use them (credentials: 0007, the deployment: 0008)
+target_metadata = [SQLModel.metadata, credential_table.metadata, deployment_table.metadata]
 
 
 def database_url() -> str:
@@ -59,7 +63,7 @@ def include_object(obj: Any, name: str | None, type_: str, reflected: bool,
 
 
 def _expression_indexes() -> set[str]:
-    return {str(ix.name) for table in target_metadata.tables.values()
+    return {str(ix.name) for meta in target_metadata for table in meta.tables.values()
             for ix in table.indexes if _has_expression(ix)}
 
 
