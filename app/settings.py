@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     redis_fast_path_timeout_ms: int = Field(default=250, gt=0)
     redis_reprobe_first_ms: int = Field(default=500, gt=0)
     redis_reprobe_max_ms: int = Field(default=5_000, gt=0)
+    # fast-path deadlines missed in a row before Redis counts as degraded: one late
+    # answer from a busy Redis is not an outage; a stalled one misses them all (issue 22)
+    redis_degraded_after_misses: int = Field(default=2, ge=1)
     data_dir: str = ".autonomy"
 
     # --- lanes, leases, breaker ---------------------------------------------------
