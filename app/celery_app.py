@@ -34,6 +34,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +100,11 @@ def configure(celery: Celery, settings: Settings) -> None:
                                   "health_check_interval": 10},
         result_backend_transport_options=dict(prefix),
         broker_connection_retry_on_startup=True,
+        # a Redis that answers with an error (OOM when full, READONLY after a failover,
+        # NOAUTH, DENIED, MISCONF...) is a channel error to kombu, which Celery does not
+        # retry by default: the worker logged "Unrecoverable error: OutOfMemoryError" and
+        # exited. Retried like a lost connection, the worker waits for Redis (SPEC 4.7)
+        broker_channel_error_retry=True,
         task_default_queue=settings.celery_queue,
         task_serializer="json",
         result_serializer="json",
@@ -219,10 +225,25 @@ class LeaderScheduler(PersistentScheduler):
 
 @beat_init.connect
 def _lead_beat(**_: Any) -> None:
-    """Before beat sends anything: lead, or stand by until the leader's lock is free."""
+    """Before beat sends anything: lead, or stand by until the leader's lock is free.
+
+    Nothing here may end the leader logic: Celery logs an exception a ``beat_init``
+    handler raises and carries on without it, and that beat then said "not sending ...:
+    leader lease is not confirmed" forever (a Redis answering DENIED at start). So any
+    error is retried with backoff until this beat leads (SPEC 4.7)."""
     from app.ops.run_locks import lead_beat
 
-    lead_beat(worker_context())
+    failures = 0
+    while True:
+        try:
+            lead_beat(worker_context())
+            return
+        except Exception as e:  # the leader logic must not die
+            failures += 1
+            wait_s = min(2.0 ** failures, 30.0)
+            _beat_log.warning("beat cannot lead yet (%s: %s); retrying in %gs",
+                              type(e).__name__, e, wait_s)
+            time.sleep(wait_s)
 
 
 # --- remote control -------------------------------------------------------------------
