@@ -200,6 +200,8 @@ def _gauge(payload: dict[str, Any], name: str) -> list[str]:
     "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to",
     "BUSY Redis is busy running a script. You can only call SCRIPT KILL",
     "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+    "UNBLOCKED force unblock from blocking operation, instance state changed (master -> "
+    "replica?)",
     "ERR Error running script (call to f_3c6e): @user_script:1: @user_script: 1: "
     "-READONLY You can't write against a read only replica.",
     "ERR Error running script (call to f_3c6e): @user_script:2: -OOM command not allowed",

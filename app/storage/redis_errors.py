@@ -14,7 +14,8 @@ an unexpected ``internal_error``. Unavailable is:
   failover), ``NOAUTH``/``WRONGPASS``/``NOPERM`` (credentials, ACL), ``DENIED``
   (protected mode), ``LOADING`` (reading its dataset at start), ``MISCONF`` (it cannot
   persist and refuses writes), ``BUSY`` (a script runs long), ``MASTERDOWN``,
-  ``NOREPLICAS``, ``CLUSTERDOWN``, ``TRYAGAIN``. Inside a Lua script Redis 6 wraps such a
+  ``NOREPLICAS``, ``CLUSTERDOWN``, ``TRYAGAIN``, ``UNBLOCKED`` (a blocked ``BRPOP`` let go
+  because the server turned replica). Inside a Lua script Redis 6 wraps such a
   reply in ``ERR Error running script ... -OOM ...``; that is read through.
 
 Any other error reply (``WRONGTYPE``, a script's own error, ...) is a bug or foreign data,
@@ -39,7 +40,7 @@ from app.errors import RedisUnavailable
 
 UNAVAILABLE_REPLIES = frozenset({
     "OOM", "READONLY", "NOAUTH", "WRONGPASS", "NOPERM", "DENIED", "LOADING", "MISCONF",
-    "BUSY", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN", "TRYAGAIN",
+    "BUSY", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN", "TRYAGAIN", "UNBLOCKED",
 })
 # an error reply relayed from inside a Lua script (Redis 6: "ERR Error running script
 # (call to f_...): @user_script:2: -OOM command not allowed ...")
