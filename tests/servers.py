@@ -86,6 +86,7 @@ class ThrowawayRedis:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -74,7 +74,7 @@ def test_a_worker_started_against_a_full_redis_waits_and_runs_the_task_once_it_h
                           "--without-mingle", "--without-gossip")
         deadline = time.monotonic() + DEADLINE_S
         _wait_for("the worker to meet the OOM reply",
-                  lambda: "OOM" in worker.output() or "OutOfMemory" in worker.output(),
+                  lambda: "maxmemory" in worker.output() or "OutOfMemory" in worker.output(),
                   [worker], deadline)
         assert worker.popen.poll() is None, worker.output()
         r.config_set("maxmemory", "0")  # room again

@@ -3,7 +3,8 @@
 Each test starts its own redis-server made to refuse in one real way -- full under
 ``noeviction`` (``OOM``), a replica of a master that is gone (``READONLY``), a password
 required (``NOAUTH``) or a wrong one given (``WRONGPASS``), protected mode seen from a
-non-loopback address (``DENIED``), a failed save (``MISCONF``) -- and shows that claims,
+non-loopback address (``DENIED``), a failed save (``MISCONF``), a script that never
+ends (``BUSY``) -- and shows that claims,
 heartbeats and completes answer from the database alone with the same answers and
 guards, that nothing answers 5xx or ``internal_error`` (after a commit above all), that
 ``/readyz`` answers 503 naming Redis, and that a beat leads once Redis is fixed. Never the
@@ -159,10 +160,40 @@ def _start(kind: str) -> Refusing:
             raise
         return Refusing(kind, srv, srv.url, lambda: _admin(srv).config_set(
             "stop-writes-on-bgsave-error", "no"))
+    if kind == "busy":
+        srv = ThrowawayRedis("--lua-time-limit", "10")
+        _run_forever(srv)
+        return Refusing(kind, srv, srv.url, lambda: _admin(srv).script_kill())
     raise AssertionError(kind)
 
 
-KINDS = ["oom", "readonly", "noauth", "wrongpass", "denied", "misconf"]
+def _run_forever(server: ThrowawayRedis) -> None:
+    """A script that never ends: past ``lua-time-limit`` Redis answers every other
+    command ``BUSY`` until ``SCRIPT KILL``."""
+    runner = redis.Redis.from_url(server.url)
+
+    def spin() -> None:
+        with contextlib.suppress(redis.RedisError):  # killed: "Script killed by user"
+            runner.eval("while true do end", 0)
+        runner.close()
+
+    threading.Thread(target=spin, name="busy-script", daemon=True).start()
+    probe = redis.Redis.from_url(server.url)
+
+    def busy() -> bool:
+        try:
+            probe.ping()
+            return False
+        except redis.ResponseError as e:
+            return str(e).startswith("BUSY") or getattr(e, "status_code", None) == "BUSY"
+
+    try:
+        _until(busy, "Redis to answer BUSY")
+    finally:
+        probe.close()
+
+
+KINDS = ["oom", "readonly", "noauth", "wrongpass", "denied", "misconf", "busy"]
 
 
 @pytest.fixture(params=KINDS)
@@ -171,6 +202,9 @@ def refusing(request: pytest.FixtureRequest) -> Iterator[Refusing]:
     yield r
     if r.kind == "misconf":  # else its shutdown save fails and it will not exit
         _admin(r.server).config_set("save", "")
+    if r.kind == "busy":  # a Redis running a script does not stop on SIGTERM
+        with contextlib.suppress(redis.RedisError):
+            _admin(r.server).script_kill()
     r.server.stop()
 
 
