@@ -34,6 +34,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +103,11 @@ def configure(celery: Celery, settings: Settings) -> None:
         # no task here acks late, so this cancels nothing; said explicitly, a lost broker
         # connection costs one warning line instead of Celery's 10-line deprecation notice
         worker_cancel_long_running_tasks_on_connection_loss=True,
+        # a Redis that answers with an error (OOM when full, READONLY after a failover,
+        # NOAUTH, DENIED, MISCONF...) is a channel error to kombu, which Celery does not
+        # retry by default: the worker logged "Unrecoverable error: OutOfMemoryError" and
+        # exited. Retried like a lost connection, the worker waits for Redis (SPEC 4.7)
+        broker_channel_error_retry=True,
         task_default_queue=settings.celery_queue,
         task_serializer="json",
         result_serializer="json",
@@ -275,11 +281,27 @@ def _worker_belongs_here(**_: Any) -> None:
 @beat_init.connect
 def _lead_beat(**_: Any) -> None:
     """Before beat sends anything: check the database is this deployment's, then lead, or
-    stand by until the leader's lock is free."""
+    stand by until the leader's lock is free.
+
+    Nothing here may end the leader logic: Celery logs an exception a ``beat_init``
+    handler raises and carries on without it, and that beat then said "not sending ...:
+    leader lease is not confirmed" forever (a Redis answering DENIED at start). So any
+    error is retried with backoff until this beat leads (SPEC 4.7). Another deployment's
+    database is the one exception: that exits 1 (``belongs_here``)."""
     from app.ops.run_locks import lead_beat
 
     belongs_here("beat")
-    lead_beat(worker_context())
+    failures = 0
+    while True:
+        try:
+            lead_beat(worker_context())
+            return
+        except Exception as e:  # the leader logic must not die
+            failures += 1
+            wait_s = min(2.0 ** failures, 30.0)
+            _beat_log.warning("beat cannot lead yet (%s: %s); retrying in %gs",
+                              type(e).__name__, e, wait_s)
+            time.sleep(wait_s)
 
 
 # --- remote control -------------------------------------------------------------------

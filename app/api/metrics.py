@@ -264,6 +264,13 @@ def _infrastructure(s: Mapping[str, Any]) -> list[Metric]:
                    "1 when Redis is degraded (the database carries on alone).")
     if s.get("redis") in ("ok", "degraded"):
         redis.add_metric([], 1.0 if s["redis"] == "degraded" else 0.0)
+    evicts = _gauge("autonomy_redis_evicts_fleet_keys",
+                    "1 when Redis's maxmemory-policy may evict run-locks and leases "
+                    "(allkeys-*): a misconfiguration.", ["policy"])
+    memory = s.get("redisMemory")
+    if isinstance(memory, Mapping) and memory.get("maxmemoryPolicy"):
+        evicts.add_metric([str(memory["maxmemoryPolicy"])],
+                          1.0 if memory.get("evictsFleetKeys") else 0.0)
     beat = s.get("beat")
     present = _gauge("autonomy_beat_leader_present", "1 when a beat leads (holds the lease).")
     standbys = _gauge("autonomy_beat_standbys", "Beats standing by to take over.")
@@ -271,4 +278,4 @@ def _infrastructure(s: Mapping[str, Any]) -> list[Metric]:
         present.add_metric([], 1.0 if beat.get("leader") else 0.0)
         if isinstance(beat.get("standbys"), list):
             standbys.add_metric([], len(beat["standbys"]))
-    return [redis, present, standbys]
+    return [redis, evicts, present, standbys]

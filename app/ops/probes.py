@@ -16,9 +16,9 @@ import socket
 from typing import Any
 
 from app.errors import AutonomyError
-from app.storage import db, leader
+from app.storage import db, leader, leases, redis_policy
 from app.storage.context import Context
-from app.storage.redis_conn import redis_errors
+from app.storage.redis_errors import ANY_REDIS_ERROR, describe, is_unavailable, unavailable
 
 
 def ready(ctx: Context) -> dict[str, Any]:
@@ -41,15 +41,16 @@ def ready(ctx: Context) -> dict[str, Any]:
         out["database"] = "unreachable"
         problems.append(f"database unreachable: {e.message}")
         failed.append("database")
-    try:
-        # the fast path's client: its short deadline and no retries, so a stalled Redis
-        # answers the probe in well under a second, as it does for claims
-        with redis_errors(ctx.fast_redis):
-            ctx.fast_redis.ping()
+    err = ping(ctx)
+    if err is None:
         out["redis"] = "ok"
-    except AutonomyError as e:
+        pol = redis_policy.policy(ctx)
+        if pol is not None and pol.warning():  # detail, not a failure (SPEC 4.7)
+            out["redisMaxmemoryPolicy"] = pol.name
+            out["warnings"] = [pol.warning()]
+    else:
         out["redis"] = "degraded"
-        problems.append(f"redis degraded: {e.message}")
+        problems.append(f"redis degraded: {err}")
         if ctx.settings.readyz_redis_required:
             failed.append("redis")
     out["failed"] = failed
@@ -58,6 +59,33 @@ def ready(ctx: Context) -> dict[str, Any]:
     if failed:
         out.update(ok=False, error="not_ready")
     return out
+
+
+def ping(ctx: Context) -> str | None:
+    """Ask Redis for one small write on the fast path's client (its short deadline and no
+    retries, so a stalled Redis answers the probe in well under a second, as it does for
+    claims; a write, because a full or read-only Redis answers PING): None when it
+    answers, else why not. Any Redis error counts (an error reply -- OOM, READONLY,
+    NOAUTH, DENIED, LOADING ... -- as much as no answer): the probe answers 503 naming
+    Redis, never 500. One missed deadline is asked again while Redis is not yet degraded
+    (``redis_degraded_after_misses``): a busy Redis is not a down one."""
+    why = "no answer"
+    for _ in range(ctx.settings.redis_degraded_after_misses):
+        try:
+            leases.write_probe(ctx)
+        except ANY_REDIS_ERROR as e:
+            if is_unavailable(e):
+                ctx.redis_health.failed(e)
+                why = (e if isinstance(e, AutonomyError)
+                       else unavailable(e, ctx.fast_redis)).message
+            else:
+                return f"Redis answers the probe with an error: {describe(e)}"
+            if ctx.redis_health.degraded:
+                return why
+            continue
+        ctx.redis_health.ok()
+        return None
+    return why
 
 
 def this_host() -> str:

@@ -31,11 +31,12 @@ import threading
 import time
 from collections.abc import Callable
 
-from app.errors import AutonomyError
 from app.storage import leader, locks
 from app.storage.context import Context
 
 log = logging.getLogger(__name__)
+
+BACKOFF_MAX_POLLS = 8  # a beat that cannot reach Redis asks again at least this often
 
 # monotonic time this process last confirmed its lease (taken or renewed); None: not leading
 _confirmed_at: float | None = None
@@ -57,15 +58,22 @@ def lead(ctx: Context, *, holder: str | None = None, stop: threading.Event | Non
     poll_s = ctx.settings.beat_standby_poll_s
     announced = False
     seen_leader = False  # a standby that saw a leader confirms a free lease before taking it
+    failures = 0
     while not stop.is_set():
         try:
             token, current = _try_lead(ctx, who, stop, confirm=seen_leader)
             if token is None:
                 leader.stand_by(ctx, who)
-        except AutonomyError as e:
-            log.warning("beat lease: %s; retrying in %gs", e.message, poll_s)
-            stop.wait(poll_s)
+        except Exception as e:  # the leader logic must not die (SPEC 4.7)
+            # Redis down, refusing (OOM, READONLY, NOAUTH, DENIED, LOADING...) or anything
+            # else: this beat cannot lead now; it says so and tries again, backing off
+            failures += 1
+            wait_s = _backoff_s(poll_s, failures)
+            log.warning("beat lease: this beat cannot lead now (%s); retrying in %gs",
+                        getattr(e, "message", None) or f"{type(e).__name__}: {e}", wait_s)
+            stop.wait(wait_s)
             continue
+        failures = 0
         if token is not None:
             _confirm()
             log.warning("beat lease taken by %s: this beat leads", who)
@@ -81,6 +89,12 @@ def lead(ctx: Context, *, holder: str | None = None, stop: threading.Event | Non
             announced = True
         stop.wait(poll_s)
     return None
+
+
+def _backoff_s(poll_s: float, failures: int) -> float:
+    """The wait after ``failures`` failed rounds in a row: the poll period, doubling up
+    to ``BACKOFF_MAX_POLLS`` of them."""
+    return poll_s * min(2 ** max(0, failures - 1), BACKOFF_MAX_POLLS)
 
 
 def _try_lead(ctx: Context, who: str, stop: threading.Event, *, confirm: bool
@@ -127,7 +141,7 @@ def _keep(ctx: Context, token: str, who: str, stop: threading.Event,
         else:
             _forget()
             holder = None
-            with contextlib.suppress(AutonomyError):
+            with contextlib.suppress(Exception):  # only for the log line
                 holder = leader.view(ctx)["leader"]
             log.error("beat lease taken by another beat (%s): stopping this beat",
                       holder or "unknown")
@@ -162,5 +176,5 @@ def _stop_self() -> None:
 
 
 def _release_quietly(ctx: Context, token: str) -> None:
-    with contextlib.suppress(AutonomyError):  # else it lapses within its TTL
+    with contextlib.suppress(Exception):  # else it lapses within its TTL
         leader.release(ctx, token)

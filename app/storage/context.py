@@ -40,7 +40,8 @@ class Context:
     def redis_health(self) -> RedisHealth:
         """Whether the fast path may ask Redis now (degraded while it is away)."""
         s = self.settings
-        return RedisHealth(first_ms=s.redis_reprobe_first_ms, max_ms=s.redis_reprobe_max_ms)
+        return RedisHealth(first_ms=s.redis_reprobe_first_ms, max_ms=s.redis_reprobe_max_ms,
+                           misses=s.redis_degraded_after_misses)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, *, clock: Clock = utcnow) -> Context:

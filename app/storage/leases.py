@@ -18,9 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from app.errors import RedisUnavailable
 from app.storage.context import Context
-from app.storage.redis_conn import redis_errors
+from app.storage.redis_errors import ANY_REDIS_ERROR, describe, is_unavailable
 from app.storage.redis_scripts import Script, run_script
 
 log = logging.getLogger(__name__)
@@ -134,16 +133,24 @@ _SKIPPED = object()
 
 def _fast(ctx: Context, what: str, fn: Callable[[], Any]) -> Any:
     """``fn()`` on the fast path, or ``_SKIPPED`` when Redis is degraded or fails now (the
-    failure marks it degraded; the caller goes on with the database alone)."""
+    caller goes on with the database alone). A failure that means Redis is unavailable
+    (``app.storage.redis_errors``: down, stalled, ``OOM``, ``READONLY``, ``NOAUTH``, ...)
+    marks it degraded; any other Redis error is logged and skipped all the same -- the
+    database is the decision, so nothing Redis says here can turn an answer into an
+    error, before the commit or after it (SPEC 4.7)."""
     health = ctx.redis_health
     if not health.usable():
         return _SKIPPED
     try:
-        with redis_errors(ctx.fast_redis):
-            out = fn()
-    except RedisUnavailable as e:
-        health.failed(e)
-        log.debug("redis: could not %s (the database stays authoritative): %s", what, e)
+        out = fn()
+    except ANY_REDIS_ERROR as e:
+        if is_unavailable(e):
+            health.failed(e)
+            log.debug("redis: could not %s (the database stays authoritative): %s", what,
+                      describe(e))
+        else:
+            log.warning("redis: could not %s (the database stays authoritative): %r %s",
+                        what, type(e).__name__, describe(e))
         return _SKIPPED
     health.ok()
     return out
@@ -293,7 +300,25 @@ def _best_effort(what: str, fn: Any, ctx: Context) -> None:
     _fast(ctx, what, fn)
 
 
+PROBE_TTL_MS = 60_000
+
+
+def write_probe(ctx: Context) -> None:
+    """One small write on the fast path's client, raising what Redis raised: a Redis
+    that answers PING but refuses writes (full under ``noeviction``, a read-only
+    replica, ``MISCONF``) cannot serve the fleet either."""
+    ctx.fast_redis.set(ctx.keys.probe(), "1", px=PROBE_TTL_MS)
+
+
 def probe(ctx: Context) -> bool:
-    """Is Redis usable now, as the fast path sees it (a PING within its deadline, unless
-    a re-probe is not due yet)? For the status payload's ``redis`` field."""
-    return _fast(ctx, "ping", ctx.fast_redis.ping) is not _SKIPPED
+    """Is Redis usable now, as the fast path sees it (a write within its deadline, unless
+    a re-probe is not due yet)? For the status payload's ``redis`` field. A probe that
+    misses its deadline is asked again while Redis is not yet degraded (one late answer
+    from a busy Redis is not an outage; a stalled one is degraded after
+    ``redis_degraded_after_misses`` deadlines)."""
+    for _ in range(ctx.settings.redis_degraded_after_misses):
+        if _fast(ctx, "probe", lambda: write_probe(ctx)) is not _SKIPPED:
+            return True
+        if ctx.redis_health.degraded:
+            return False
+    return False

@@ -24,10 +24,8 @@ import logging
 import time
 from typing import Any
 
-import redis
-
-from app.errors import RedisUnavailable
 from app.storage.context import Context
+from app.storage.redis_errors import ANY_REDIS_ERROR, CANDIDATES, describe, is_unavailable
 from app.storage.redis_scripts import Script, run_script
 
 log = logging.getLogger(__name__)
@@ -52,9 +50,11 @@ def wake(ctx: Context, *, assignee: str, n: int = 1) -> None:
     try:
         run_script(ctx, _WAKE, 1, ctx.keys.lane_wake(assignee), min(n, WAKE_CAP), WAKE_CAP,
                    ttl_ms, fast=True)
-    except RedisUnavailable as e:
-        ctx.redis_health.failed(e)
-        log.debug("redis: could not push a wake for lane %s: %s", assignee, e)
+    except ANY_REDIS_ERROR as e:
+        # after the commit that made the task claimable: never an error (SPEC 4.7)
+        if is_unavailable(e):
+            ctx.redis_health.failed(e)
+        log.debug("redis: could not push a wake for lane %s: %s", assignee, describe(e))
 
 
 def wait(ctx: Context, *, assignee: str, timeout_s: float) -> str:
@@ -65,9 +65,12 @@ def wait(ctx: Context, *, assignee: str, timeout_s: float) -> str:
     if ctx.redis_health.usable():
         try:
             return _wait_redis(ctx, assignee=assignee, timeout_s=timeout_s)
-        except (redis.ConnectionError, redis.TimeoutError) as e:
+        except CANDIDATES as e:
+            if not is_unavailable(e):
+                raise
             ctx.redis_health.failed(e)
-            log.debug("redis: wait for lane %s failed, falling back: %s", assignee, e)
+            log.debug("redis: wait for lane %s failed, falling back: %s", assignee,
+                      describe(e))
     if ctx.engine.dialect.name == "postgresql":
         return _wait_notify(ctx, assignee=assignee, timeout_s=timeout_s)
     time.sleep(min(timeout_s, ctx.settings.pickup_safety_poll_ms / 1000))
@@ -138,7 +141,9 @@ def take_turn(ctx: Context, *, assignee: str) -> bool:
             return True
         return bool(ctx.fast_redis.set(k.lane_poll(assignee), "1", nx=True,
                                        px=ctx.settings.pickup_safety_poll_ms))
-    except (redis.ConnectionError, redis.TimeoutError) as e:
+    except CANDIDATES as e:
+        if not is_unavailable(e):
+            raise
         ctx.redis_health.failed(e)
         return True
 

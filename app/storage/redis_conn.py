@@ -1,20 +1,21 @@
-"""Redis clients, the translation of redis-py errors at the boundary, and the health of the
-fast path (``RedisHealth``: degraded while Redis is down or stalled)."""
+"""Redis clients and the health of the fast path (``RedisHealth``: degraded while Redis is
+down, stalled or refusing). Which redis-py errors mean "unavailable", and their
+translation at the boundary (``redis_errors``), live in ``app.storage.redis_errors``."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import redis
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
-from app.errors import RedisUnavailable
+from app.storage.redis_errors import is_timeout, redis_errors
+
+__all__ = ["RedisHealth", "make_fast_redis", "make_redis", "redis_errors"]
 
 log = logging.getLogger(__name__)
 
@@ -28,24 +29,6 @@ def make_redis(url: str, *, socket_timeout_s: float = 5.0) -> redis.Redis:
         socket_connect_timeout=socket_timeout_s,
         health_check_interval=30,
     )
-
-
-def _safe(url: str) -> str:
-    if "@" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
-
-
-@contextmanager
-def redis_errors(client: redis.Redis) -> Iterator[None]:
-    """Turn connection-level redis-py errors into ``RedisUnavailable``."""
-    try:
-        yield
-    except (redis.ConnectionError, redis.TimeoutError) as e:
-        kw = client.connection_pool.connection_kwargs
-        where = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}"
-        raise RedisUnavailable(f"Redis cannot be reached at {_safe(str(where))}: {e}") from e
 
 
 def make_fast_redis(url: str, *, timeout_s: float) -> redis.Redis:
@@ -69,15 +52,24 @@ class RedisHealth:
     alone) until a re-probe is due, ``first_ms`` after the first failure, doubling up to
     ``max_ms`` while Redis stays away, so a fleet in an outage does not hammer it with
     reconnects. The first success clears it. Thread-safe; one per context.
+
+    A refusal (connection refused, an error reply such as ``OOM``) degrades at once. A
+    missed deadline degrades only after ``misses`` of them in a row with no answer in
+    between: a busy but healthy Redis that answers one call late (a machine under load)
+    costs that call its fast path, not the fleet's (issue 22). A stalled Redis misses
+    every call, so it is degraded after ``misses`` deadlines (well under a second at the
+    default 250 ms x 2).
     """
 
-    def __init__(self, *, first_ms: int, max_ms: int) -> None:
+    def __init__(self, *, first_ms: int, max_ms: int, misses: int = 1) -> None:
         self.first_s, self.max_s = first_ms / 1000, max(first_ms, max_ms) / 1000
+        self.misses_to_degrade = max(1, misses)
         self._lock = threading.Lock()
         self.degraded = False
         self.since: float | None = None  # time.time() of the first failure of this episode
         self._delay_s = 0.0
         self._probe_at = 0.0
+        self._misses = 0  # deadlines missed in a row while not degraded
 
     def usable(self) -> bool:
         """True when the fast path may try Redis: healthy, or a re-probe is due (only one
@@ -92,12 +84,20 @@ class RedisHealth:
         return False
 
     def failed(self, err: Exception) -> None:
-        """Redis erred or timed out: degraded, the next probe after a longer wait."""
+        """Redis erred or timed out: degraded (a timeout only after ``misses`` in a row),
+        the next probe after a longer wait."""
         with self._lock:
+            if not self.degraded and is_timeout(err):
+                self._misses += 1
+                if self._misses < self.misses_to_degrade:
+                    log.info("redis missed a deadline (%d of %d before degraded): %s",
+                             self._misses, self.misses_to_degrade, err)
+                    return
             first = not self.degraded
             self._delay_s = self.first_s if first else min(self.max_s, self._delay_s * 2)
             self._probe_at = time.monotonic() + self._delay_s
             self.degraded = True
+            self._misses = 0
             if first:
                 self.since = time.time()
         if first:
@@ -106,6 +106,8 @@ class RedisHealth:
 
     def ok(self) -> None:
         """Redis answered: healthy again."""
+        if self._misses:
+            self._misses = 0
         if not self.degraded:
             return
         with self._lock:

@@ -28,6 +28,11 @@ key                                type    TTL                                  
                                            ``SET NX``: whose turn it is to claim
                                            on the lane's safety poll (one waiter
                                            per period, whatever the fleet's size)
+``probe``                          string  60 s                                   leases.py
+                                           written by the status and ``/readyz``
+                                           probes: a Redis that answers PING but
+                                           refuses writes (OOM, READONLY, MISCONF)
+                                           is degraded too
 ``metrics``                        hash    none                                   metrics.py
                                            counters: claims, guard hits, ...
 ``lock:{job}``                     hash    budget + grace (set again on extend)   locks.py
@@ -88,6 +93,10 @@ class Keys:
 
     def lane_poll(self, assignee: str) -> str:
         return f"{self.prefix}lane:{assignee}:poll"
+
+    # --- the health probe (leases.py) ----------------------------------------------
+    def probe(self) -> str:
+        return f"{self.prefix}probe"
 
     # --- metrics (metrics.py) -----------------------------------------------------
     def metrics(self) -> str:

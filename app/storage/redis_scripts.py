@@ -2,7 +2,8 @@
 
 ``run_script(ctx, script, numkeys, *keys_and_args)`` sends ``EVALSHA`` (``EVAL`` once after
 a Redis restart forgot the script) through the context's client, with its pool and retry
-policy, and translates connection errors into ``RedisUnavailable``.
+policy, and translates the errors that mean Redis is unavailable (``app.storage.
+redis_errors``: down, stalled, ``OOM``, ``READONLY``, ...) into ``RedisUnavailable``.
 
 Why the public API: an earlier runner kept one pool connection and drove redis-py's
 connection internals to save ~25 us a call; a claim+complete cycle costs milliseconds, so
@@ -19,11 +20,10 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-import redis
 from redis.exceptions import NoScriptError
 
 from app.storage.context import Context
-from app.storage.redis_conn import redis_errors
+from app.storage.redis_errors import CANDIDATES, is_unavailable, unavailable
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,9 @@ def run_script(ctx: Context, lua: Script, numkeys: int, *keys_and_args: Any,
             return r.evalsha(lua.sha, numkeys, *keys_and_args)
         except NoScriptError:  # a restarted Redis forgot it; EVAL caches it again
             return r.eval(lua.body, numkeys, *keys_and_args)
-    except (redis.ConnectionError, redis.TimeoutError):
-        # redis_errors translates it; entered only on failure (a context manager on the
-        # success path costs a few microseconds a call for nothing)
-        with redis_errors(r):
-            raise
+    except CANDIDATES as e:
+        # translated here, off the success path (a context manager there costs a few
+        # microseconds a call for nothing); an error that is no outage is raised as it is
+        if is_unavailable(e):
+            raise unavailable(e, r) from e
+        raise

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import redis
 
 from app.celery_watchdog import EXIT_STUCK
 from app.storage import db
@@ -39,6 +40,7 @@ from tests.faults.stack import (
     table,
     until,
 )
+from tests.servers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
@@ -152,6 +154,66 @@ def redis_sigstop(stack: Stack) -> tuple[tuple[datetime, datetime], datetime, st
     until("a beat to lead", lambda: stack.beat_leader() is not None, 60)
     stuck = celery_consumes_again(stack)
     return (t0, t1), t1, f"stalled {stall_s:g} s{stuck}"
+
+
+REFUSAL_S = 8.0
+REFUSAL_PASSWORD = "fault-suite-password"
+
+
+def _admin(stack: Stack) -> redis.Redis:
+    """A connection of the suite's own to its Redis, opened before any refusal (so it
+    stays authenticated when a password is required)."""
+    return redis.Redis(host="127.0.0.1", port=stack.redis.port)
+
+
+def _refusing(stack: Stack, what: str, refuse: Callable[[redis.Redis], None],
+              fix: Callable[[redis.Redis], None]
+              ) -> tuple[tuple[datetime, datetime], datetime, str]:
+    a = _admin(stack)
+    a.ping()
+    t0 = _now()
+    refuse(a)
+    try:
+        time.sleep(REFUSAL_S)  # the fault itself
+    finally:
+        fix(a)
+        a.close()
+    t1 = _now()
+    took = until("a beat to lead", lambda: stack.beat_leader() is not None, 60)
+    stuck = celery_consumes_again(stack)
+    return (t0, t1), t1, (f"{what} {REFUSAL_S:g} s; a beat leads {took:.1f}s after Redis "
+                          f"is fixed{stuck}")
+
+
+def redis_full(stack: Stack) -> tuple[tuple[datetime, datetime], datetime, str]:
+    """Under ``noeviction``, ``maxmemory`` set below what Redis holds (as a Redis filled
+    by another app): every write answers OOM; then room again."""
+    def refuse(a: redis.Redis) -> None:
+        a.config_set("maxmemory-policy", "noeviction")
+        a.config_set("maxmemory", str(max(1, int(a.info("memory")["used_memory"]) // 2)))
+
+    return _refusing(stack, "OOM on every write", refuse,
+                     lambda a: a.config_set("maxmemory", "0"))
+
+
+def redis_read_only(stack: Stack) -> tuple[tuple[datetime, datetime], datetime, str]:
+    """Redis turned into a replica of a master that is gone (a failover the fleet's URL
+    did not follow): every write answers READONLY; then promoted again."""
+    return _refusing(
+        stack, "READONLY replica", lambda a: a.execute_command(
+            "REPLICAOF", "127.0.0.1", str(free_port())),
+        lambda a: a.execute_command("REPLICAOF", "NO", "ONE"))
+
+
+def redis_password(stack: Stack) -> tuple[tuple[datetime, datetime], datetime, str]:
+    """A password required and every connection dropped: each reconnect answers NOAUTH;
+    then the requirement lifted (fixed)."""
+    def refuse(a: redis.Redis) -> None:
+        a.config_set("requirepass", REFUSAL_PASSWORD)
+        a.client_kill_filter(_type="normal", skipme=True)
+
+    return _refusing(stack, "NOAUTH (password required)", refuse,
+                     lambda a: a.config_set("requirepass", ""))
 
 
 def kill_workers(stack: Stack) -> tuple[None, datetime, str]:
@@ -293,6 +355,34 @@ def test_the_fleet_survives_each_fault(backend: str) -> None:
                          kill_beat_and_celery_child))
         rows.append(_run(stack, "SIGSTOP run-lock holder past dead-after",
                          sigstop_lock_holder))
+        stack.stop_all()
+        left = stack.left_behind()
+        assert left == [], f"processes left behind: {left}"
+    finally:
+        _write_table()
+        print("\n" + table(ROWS))
+        stack.close()
+    bad = _check(rows)
+    assert not bad, "\n".join(bad) + f"\n(logs in {tmp_path})"
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_the_fleet_survives_redis_answering_with_errors(backend: str) -> None:
+    """SPEC 4.7: a full Redis (OOM), a read-only replica, a password required then fixed:
+    tasks are done while Redis refuses, none lost, no double grant, beat leads again."""
+    tmp_path = Path(tempfile.mkdtemp(prefix=f"autonomy-faults-refusals-{backend}-"))
+    pg = Postgres() if backend == "postgres" else None
+    url = db.normalise_url(pg.url) if pg else f"sqlite:///{tmp_path / 'faults.db'}"
+    db.upgrade(url)
+    stack = Stack(backend=backend, tmp=tmp_path, database_url=url, lease_ttl_s=LEASE_S, pg=pg)
+    rows: list[Row] = []
+    try:
+        stack.start_celery()
+        stack.start_workers()
+        rows.append(_run(stack, "redis full (OOM, noeviction)", redis_full))
+        rows.append(_run(stack, "redis read-only replica", redis_read_only))
+        rows.append(_run(stack, "redis password required then fixed", redis_password))
         stack.stop_all()
         left = stack.left_behind()
         assert left == [], f"processes left behind: {left}"

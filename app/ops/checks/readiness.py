@@ -6,7 +6,9 @@
   completion is.
 - ``sustained_ops_failure``: the ops incident state (through its stale rule) was
   ``warning``/``critical`` (or unreadable) on ``ops_issue_threshold`` consecutive runs.
-- the handoff snapshot, read through its stale rule, says ``NO_GO``.
+- the handoff snapshot, read through its stale rule, says ``NO_GO`` -- or cannot be read
+  (corrupt, wrong shape, written in the future): never GO on a snapshot nobody can read;
+  ``handoffError`` says why (``missing`` before the first handoff run decides nothing).
 
 Any of the three makes readiness ``NO_GO``. The stall clock and the counter live in the
 ``readiness`` state; a missing or unreadable state starts them again and is reported.
@@ -62,13 +64,18 @@ def run_readiness(ctx: Context, fence: state.Fence | None = None) -> dict[str, A
         sustained_ops = ops_consecutive >= s.ops_issue_threshold
 
         ho = handoff.snapshot_view(conn, ctx, states)
-        verdict = NO_GO if (sustained_stall or sustained_ops or ho["state"] == NO_GO) else GO
+        # a snapshot that exists but cannot be read (corrupt JSON, wrong shape, a time in
+        # the future) is never read as GO: NO_GO, the error shown (SPEC 4.4, 4.7). A
+        # missing one (handoff has not run yet) is reported, and decides nothing.
+        ho_error = ho["error"] if ho["error"] not in (None, "missing") else None
+        verdict = NO_GO if (sustained_stall or sustained_ops or ho["state"] == NO_GO
+                            or ho_error) else GO
         data = {"ranAt": now_ms, "state": verdict, "backlogSince": since,
                 "prevBacklogSince": prev_since, "stalled": stalled,
                 "sustainedBacklogStall": sustained_stall,
                 "opsIssue": ops_issue, "opsIssueConsecutive": ops_consecutive,
                 "sustainedOpsFailure": sustained_ops, "handoffState": ho["state"],
-                "handoffStale": ho["stale"]}
+                "handoffStale": ho["stale"], "handoffError": ho["error"]}
         if fence is not None:
             fence.check("the readiness state")
         state.write(conn, name=state.READINESS, data=data, now=now)
@@ -86,7 +93,8 @@ def _wire(d: dict[str, Any], *, now: datetime) -> dict[str, Any]:
             "prevBacklogSince": iso_ms(d.get("prevBacklogSince") or None),
             "stalled": d.get("stalled") is True,
             "opsIssueConsecutive": d.get("opsIssueConsecutive") or 0,
-            "handoffState": d.get("handoffState")}
+            "handoffState": d.get("handoffState"),
+            "handoffError": d.get("handoffError")}
 
 
 def readiness_view(states: state.States, ctx: Context) -> dict[str, Any]:

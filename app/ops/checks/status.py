@@ -5,6 +5,8 @@ Every part carries its own ``error`` when its signal is missing or unreadable, s
 payload always answers; only an unreachable database raises (``Unavailable``). While
 Redis is down or stalled the payload says ``redis: "degraded"`` and ``workflowHealth``
 carries ``error: "redis_unavailable"`` (its run-locks and counters live in Redis).
+``redisMemory`` is Redis's ``maxmemory-policy`` (``evictsFleetKeys`` and a ``warning``
+for an ``allkeys-*`` one, which can drop run-locks and leases); null while unknown.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from app import wire
 from app.clock import iso
 from app.errors import RedisUnavailable
 from app.ops.checks import handoff, readiness, runs, selfheal, state
-from app.storage import leader, leases, locks, store
+from app.storage import leader, leases, locks, redis_policy, store
 from app.storage.context import Context
 from app.storage.db import transaction
-from app.storage.redis_conn import redis_errors
+from app.storage.redis_errors import redis_errors
 
 
 def build_status(ctx: Context) -> dict[str, Any]:
@@ -55,6 +57,12 @@ def build_status(ctx: Context) -> dict[str, Any]:
         except RedisUnavailable as e:
             ctx.redis_health.failed(e)
             redis_ok = False
+    memory = None
+    if redis_ok:
+        pol = redis_policy.policy(ctx)
+        if pol is not None:
+            memory = {"maxmemoryPolicy": pol.name, "maxmemoryBytes": pol.maxmemory,
+                      "evictsFleetKeys": pol.evicts_fleet_keys, "warning": pol.warning()}
     health: dict[str, Any] = {"runLocks": run_locks, "runLocksCount": len(run_locks),
                               "jobs": jobs}
     if not redis_ok:  # the run-locks and counters live in Redis: unknown, not "none"
@@ -63,6 +71,7 @@ def build_status(ctx: Context) -> dict[str, Any]:
         "ok": True,
         "generatedAt": iso(now),
         "redis": "ok" if redis_ok else "degraded",
+        "redisMemory": memory,
         "workflowHealth": health,
         "beat": beat,
         "lanes": lanes,
