@@ -18,7 +18,10 @@
     ├── Conflict                       conflict              409
     │   ├── LanePaused                 lane_paused
     │   ├── NotInProgress              not_in_progress
-    │   └── StaleLease                 stale_lease
+    │   ├── StaleLease                 stale_lease
+    │   ├── TaskCancelled              task_cancelled
+    │   ├── TaskFinished               task_finished
+    │   └── NotDead                    not_dead
     ├── AuthError                      unauthorized          401
     │   └── Forbidden                  forbidden             403
     └── Unavailable                    unavailable           503
@@ -150,6 +153,25 @@ class StaleLease(Conflict):
     """Raised when a lease token is no longer the task's (fencing)."""
 
     code = "stale_lease"
+
+
+class TaskCancelled(Conflict):
+    """Raised when the holder of a cancelled task's lease heartbeats, completes or releases
+    it: the task was cancelled and its outcome is not recorded."""
+
+    code = "task_cancelled"
+
+
+class TaskFinished(Conflict):
+    """Raised when a task that already finished (``done``, ``dead``) is cancelled."""
+
+    code = "task_finished"
+
+
+class NotDead(Conflict):
+    """Raised when ``requeue`` names a task that is not ``dead``."""
+
+    code = "not_dead"
 
 
 class AuthError(AutonomyError):

@@ -74,6 +74,16 @@ class Settings(BaseSettings):
     json_max_depth: int = Field(default=32, ge=1, le=200)
     guard_log_max: int = 200
 
+    # --- task lifecycle (SPEC 4.11; a lane's own values, when set, win) ---------------
+    # a task that fails this many times ends ``dead`` instead of going back to ``todo``
+    default_max_attempts: int = Field(default=10, ge=1)
+    # a failed task is claimable again after min(cap, base * 2^attempts) s, +- jitter
+    backoff_base_s: float = Field(default=1.0, ge=0)
+    backoff_cap_s: float = Field(default=300.0, ge=0)
+    backoff_jitter: float = Field(default=0.1, ge=0, le=1)
+    # the longest a create may delay its task (``delayS``, ``notBefore``)
+    create_delay_max_s: float = Field(default=366 * 86400.0, gt=0)
+
     # --- stale rules and checks ---------------------------------------------------
     handoff_stale_after_s: float = 1800.0
     incident_stale_after_s: float = 2700.0

@@ -26,7 +26,7 @@ def test_migrations_upgrade_downgrade_upgrade(database_url: str) -> None:
     assert _tables(database_url) == TABLES
     engine = db.make_engine(database_url)
     try:
-        assert db.current_revision(engine) == "0005"
+        assert db.current_revision(engine) == "0006"
         if db.is_postgres(engine):  # the claim in one call (0003), complete+claim (0004)
             with engine.connect() as c:
                 assert c.exec_driver_sql(
