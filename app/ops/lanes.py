@@ -140,14 +140,24 @@ def _claim_waiting(ctx: Context, *, assignee: str, worker: str, wait_ms: int
     a task created wakes one waiter within a round trip or two."""
     deadline = time.monotonic() + wait_ms / 1000
     turn = pickup.take_turn(ctx, assignee=assignee)
+    due: datetime | None = None  # when the lane's next delayed task falls due
     while True:
         if turn:
             answer = _claim_now(ctx, assignee=assignee, worker=worker)
             if answer.get("task") is not None:
                 return answer
+            due = lifecycle.next_due(ctx, assignee=assignee)
         left = deadline - time.monotonic()
         if left <= 0:
             return {"ok": True, "task": None}
+        if due is not None and (until_due := (due - ctx.clock()).total_seconds()) <= left:
+            # a task falls due within this wait: wait for a wake until then, then one
+            # waiter per due instant claims it
+            got = pickup.wait(ctx, assignee=assignee, timeout_s=max(0.0, until_due))
+            turn = got != "timeout" or pickup.take_due_turn(ctx, assignee=assignee,
+                                                            due_ms=to_ms(due))
+            due = None
+            continue
         turn = pickup.wait(ctx, assignee=assignee, timeout_s=left) != "timeout"
 
 

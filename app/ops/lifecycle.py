@@ -53,6 +53,13 @@ def after_failure(task: Mapping[Any, Any], lane: Mapping[Any, Any], s: Settings,
     return TaskStatus.todo.value, (now + timedelta(seconds=delay) if delay > 0 else None)
 
 
+def next_due(ctx: Context, *, assignee: str) -> datetime | None:
+    """When the lane's soonest ``todo`` task that is not yet due falls due (push pickup
+    bounds a waiting claim's wait by it), or None."""
+    with transaction(ctx.engine, write=False) as conn:
+        return store.next_due(conn, assignee=assignee, now=ctx.clock())
+
+
 def create_not_before(ctx: Context, *, not_before: Any, delay_s: Any,
                       now: datetime) -> datetime | None:
     """A create's due time from ``notBefore`` (a time) or ``delayS`` (seconds from now,
