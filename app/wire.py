@@ -51,7 +51,8 @@ def lane(row: Mapping[Any, Any], counts: Mapping[str, int] | None = None) -> dic
     if counts is not None:
         # the live work only: see store.lane_status_counts
         out["counts"] = {"todo": int(counts.get("todo", 0)),
-                         "in_progress": int(counts.get("in_progress", 0))}
+                         "in_progress": int(counts.get("in_progress", 0)),
+                         "dead": int(counts.get("dead", 0))}
     return out
 
 

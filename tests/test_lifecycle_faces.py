@@ -111,3 +111,28 @@ def test_the_lifecycle_through_the_cli(database_url: str, redis_server_url: str,
     assert [t["id"] for t in rest["tasks"]] == [made["id"]]
     assert cli("tasks", "--kind", "ops_remediation")["tasks"] == []
     assert cli("requeue", str(delayed["id"]), code=1)["error"] == "not_dead"
+
+
+def test_dead_tasks_show_in_status_metrics_and_the_panel_with_a_requeue_button(
+        ctx: Context) -> None:
+    from app.ops import lane_control, lanes
+
+    lane_control.configure_lane(ctx, assignee="coder", max_attempts=1)
+    dead_id = lanes.create(ctx, assignee="coder", title="doomed")["task"]["id"]
+    live_id = lanes.create(ctx, assignee="coder", title="alive")["task"]["id"]
+    c = lanes.claim(ctx, assignee="coder", worker="w1")
+    lanes.complete(ctx, task_id=dead_id, lease_token=c["lease"]["token"], outcome="failure",
+                   validation_reason="boom")
+    with client(ctx) as http:
+        status = http.get("/api/autonomy/status").json()
+        lane = next(ln for ln in status["lanes"] if ln["assignee"] == "coder")
+        assert lane["counts"] == {"todo": 1, "in_progress": 0, "dead": 1}
+        assert lane["maxAttempts"] == 1
+        assert 'autonomy_lane_dead_tasks{lane="coder"} 1.0' in http.get("/metrics").text
+        every = http.get("/").text
+        assert f'data-task="{dead_id}"' in every and f'data-task="{live_id}"' in every
+        only_dead = http.get("/panel/sections", params={"status": "dead"}).text
+        assert f'<button type="button" class="requeue" data-task="{dead_id}">' in only_dead
+        assert f'data-task="{live_id}"' not in only_dead
+        # a filter that is not one is ignored, never an error
+        assert http.get("/", params={"status": "<script>"}).status_code == 200

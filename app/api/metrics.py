@@ -175,13 +175,16 @@ def _lanes(lanes: list[Mapping[str, Any]]) -> list[Metric]:
     total.add_metric([], sum(1 for ln in lanes if ln.get("paused")))
     paused = _gauge("autonomy_lane_paused", "1 when the lane is paused.", ["lane"])
     tasks = _gauge("autonomy_lane_tasks", "Live tasks per lane and status.", ["lane", "status"])
+    dead = _gauge("autonomy_lane_dead_tasks", "Tasks that failed their lane's max attempts "
+                  "and wait for a requeue.", ["lane"])
     for ln in lanes:
         a = str(ln.get("assignee"))
         paused.add_metric([a], 1.0 if ln.get("paused") else 0.0)
         counts = _dict(ln.get("counts"))
         for st in LIVE_STATUSES:
             tasks.add_metric([a, st], _num(counts.get(st)))
-    return [total, paused, tasks]
+        dead.add_metric([a], _num(counts.get("dead")))
+    return [total, paused, tasks, dead]
 
 
 def _breaker(lanes: list[Mapping[str, Any]], fps: list[Mapping[str, Any]]) -> list[Metric]:

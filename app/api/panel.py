@@ -6,6 +6,7 @@ rendering path, no JavaScript build step.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,9 @@ from fastapi.templating import Jinja2Templates
 from app import ops
 from app.api.deps import Ctx, configured_token
 from app.errors import Unavailable
-from app.ops import history
+from app.ops import history, lifecycle
 from app.storage.context import Context
+from app.validate import NAME_PATTERN, TASK_KINDS, TASK_STATUSES
 
 HERE = Path(__file__).parent
 TASKS_SHOWN = 50
@@ -27,11 +29,13 @@ router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 
 
-def view(ctx: Context) -> dict[str, Any]:
-    """What the page shows; an unreachable service is shown, not raised."""
+def view(ctx: Context, filters: dict[str, str] | None = None) -> dict[str, Any]:
+    """What the page shows; an unreachable service is shown, not raised. ``filters``
+    (``status``, ``assignee``, ``kind`` from the page's query) narrow the task list."""
     s = ctx.settings
     out: dict[str, Any] = {
         "now": ctx.clock(), "status": None, "tasks": [], "error": None,
+        "filters": filters or {}, "statuses": TASK_STATUSES,
         "auth_required": configured_token(s) is not None,
         "refresh_ms": s.panel_refresh_ms,
         "thresholds": {"breaker": s.breaker_threshold, "handoffFail": s.handoff_fail_threshold,
@@ -39,16 +43,34 @@ def view(ctx: Context) -> dict[str, Any]:
     }
     try:
         out["status"] = ops.dispatch(ctx, {"action": "status"})
-        out["tasks"] = history.recent_tasks(ctx, limit=TASKS_SHOWN)
+        if filters:
+            out["tasks"] = lifecycle.list_tasks(ctx, limit=TASKS_SHOWN, **filters)["tasks"]
+        else:
+            out["tasks"] = history.recent_tasks(ctx, limit=TASKS_SHOWN)
     except Unavailable as e:
         out["error"] = e.to_wire()
+    return out
+
+
+def task_filters(request: Request) -> dict[str, str]:
+    """The task list's filters from the query (``?status=dead&assignee=coder``); a value
+    that is not a valid filter is left out (the list is then unfiltered by it)."""
+    q = request.query_params
+    out: dict[str, str] = {}
+    if q.get("status") in TASK_STATUSES:
+        out["status"] = q["status"]
+    if q.get("kind") in TASK_KINDS:
+        out["kind"] = q["kind"]
+    lane = q.get("assignee") or ""
+    if lane and re.fullmatch(NAME_PATTERN, lane) and len(lane) <= 64:
+        out["assignee"] = lane
     return out
 
 
 @router.get("/", response_class=HTMLResponse)
 def page(request: Request, ctx: Ctx) -> Response:
     """The whole page (first paint)."""
-    v = view(ctx)
+    v = view(ctx, task_filters(request))
     return templates.TemplateResponse(request, "panel.html", v,
                                       status_code=503 if v["error"] else 200)
 
@@ -56,7 +78,7 @@ def page(request: Request, ctx: Ctx) -> Response:
 @router.get("/panel/sections", response_class=HTMLResponse)
 def sections(request: Request, ctx: Ctx) -> Response:
     """Only the sections, for the page's refresh."""
-    v = view(ctx)
+    v = view(ctx, task_filters(request))
     return templates.TemplateResponse(request, "_sections.html", v,
                                       status_code=503 if v["error"] else 200,
                                       headers={"Cache-Control": "no-store"})

@@ -100,13 +100,15 @@ def list_lanes(conn: Connection) -> Sequence[RowMapping]:
 
 
 def lane_status_counts(conn: Connection) -> dict[str, dict[str, int]]:
-    """``{assignee: {"todo": n, "in_progress": n}}``: the live work, read through the
-    status index. Done and cancelled tasks are history: counting them would cost more as
-    the store grows (``history`` and the event log answer for them)."""
+    """``{assignee: {"todo": n, "in_progress": n, "dead": n}}``: the live work and the
+    dead tasks waiting for an operator (requeue), read through the status index. Done and
+    cancelled tasks are history: counting them would cost more as the store grows
+    (``history`` and the event log answer for them)."""
     out: dict[str, dict[str, int]] = {}
     live = conn.execute(
         sa.select(T.c.assignee, T.c.status, sa.func.count())
-        .where(T.c.status.in_([TaskStatus.todo.value, TaskStatus.in_progress.value]))
+        .where(T.c.status.in_([TaskStatus.todo.value, TaskStatus.in_progress.value,
+                               TaskStatus.dead.value]))
         .group_by(T.c.assignee, T.c.status)
     ).all()
     for assignee, status, n in live:
