@@ -83,6 +83,13 @@ class Settings(BaseSettings):
     backoff_jitter: float = Field(default=0.1, ge=0, le=1)
     # the longest a create may delay its task (``delayS``, ``notBefore``)
     create_delay_max_s: float = Field(default=366 * 86400.0, gt=0)
+    # retention (the ``retention`` job): finished tasks (done, cancelled, dead) with their
+    # events, and fingerprint rows, older than this are pruned, in batches of
+    # ``retention_batch`` rows (each its own short transaction), at most
+    # ``retention_max_batches`` batches per run; a dedupe key lives as long as its task
+    retention_finished_s: float = Field(default=7 * 86400.0, gt=0)
+    retention_batch: int = Field(default=500, ge=1, le=10_000)
+    retention_max_batches: int = Field(default=20, ge=1)
 
     # --- stale rules and checks ---------------------------------------------------
     handoff_stale_after_s: float = 1800.0
@@ -177,6 +184,13 @@ class Settings(BaseSettings):
     def _lease_renewed_inside_its_ttl(self) -> Settings:
         if self.beat_lease_renew_ms >= self.beat_lease_ttl_ms:
             raise ValueError("beat_lease_renew_ms must be below beat_lease_ttl_ms")
+        return self
+
+    @model_validator(mode="after")
+    def _retention_keeps_the_breaker_window(self) -> Settings:
+        # the breaker counts fingerprint rows of its window: retention must not prune them
+        if self.retention_finished_s < self.breaker_window_h * 3600:
+            raise ValueError("retention_finished_s must cover breaker_window_h")
         return self
 
     @property

@@ -41,7 +41,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LIVE_STATUSES = ("todo", "in_progress")
 INCIDENT_STATUSES = ("ok", "warning", "critical", "recovering")
 VERDICTS = ("GO", "NO_GO", "unknown")
-KNOWN_GUARDS = ("duplicate_claim_guard", "duplicate_complete_guard")
+KNOWN_GUARDS = ("duplicate_claim_guard", "duplicate_complete_guard", "duplicate_create_guard")
 
 
 class StatusCollector(Collector):
@@ -71,6 +71,7 @@ class StatusCollector(Collector):
             *_incident(_dict(s.get("opsIncident"))),
             *_counters(_dict(s.get("metrics"))),
             *_infrastructure(s),
+            *_retention(_dict(s.get("retention"))),
         ]
 
 
@@ -256,6 +257,17 @@ def _counters(metrics: Mapping[str, Any]) -> list[Metric]:
     for g in sorted(names):
         guards.add_metric([g], _num(metrics.get(f"guard:{g}")))
     return [claims, guards]
+
+
+def _retention(r: Mapping[str, Any]) -> list[Metric]:
+    """What the retention job pruned since the store began (SPEC 4.11)."""
+    pruned = CounterMetricFamily("autonomy_retention_pruned",
+                                 "Rows pruned by retention, per kind (tasks, events, "
+                                 "fingerprints).", labels=["kind"])
+    totals = _dict(r.get("prunedTotal"))
+    for kind in ("tasks", "events", "fingerprints"):
+        pruned.add_metric([kind], _num(totals.get(kind)))
+    return [pruned]
 
 
 def _infrastructure(s: Mapping[str, Any]) -> list[Metric]:

@@ -62,6 +62,10 @@ class Task(SQLModel, table=True):
         sa.Index("ux_task_dedupe", "assignee", "dedupe_key", unique=True,
                  sqlite_where=sa.text("dedupe_key IS NOT NULL"),
                  postgresql_where=sa.text("dedupe_key IS NOT NULL")),
+        # retention: finished tasks oldest first (migration 0006)
+        sa.Index("ix_task_finished", "updated_at",
+                 sqlite_where=sa.text("status IN ('done', 'cancelled', 'dead')"),
+                 postgresql_where=sa.text("status IN ('done', 'cancelled', 'dead')")),
     )
 
     id: int | None = Field(default=None, primary_key=True)

@@ -655,3 +655,37 @@ def set_lane_lifecycle(conn: Connection, *, assignee: str, values: dict[str, Any
     """Set a lane's ``max_attempts``, ``backoff_base_s``, ``backoff_cap_s`` (those given)."""
     if values:
         conn.execute(sa.update(L).where(L.c.assignee == assignee).values(**values))
+
+
+# --- retention (the ``retention`` job, SPEC 4.11) ---------------------------------------------
+
+FINISHED = (TaskStatus.done.value, TaskStatus.cancelled.value, TaskStatus.dead.value)
+
+
+def prune_finished_tasks(conn: Connection, *, before: datetime, limit: int
+                         ) -> tuple[int, int]:
+    """Delete up to ``limit`` finished tasks last updated before ``before`` (oldest
+    first, ``ix_task_finished``; rows locked by someone else are skipped on PostgreSQL)
+    with their events; answers (tasks, events) deleted."""
+    pick = (sa.select(T.c.id).where(T.c.status.in_(FINISHED), T.c.updated_at < before)
+            .order_by(T.c.updated_at).limit(limit))
+    if _pg(conn):
+        pick = pick.with_for_update(skip_locked=True)
+    ids = list(conn.execute(pick).scalars().all())
+    if not ids:
+        return 0, 0
+    events = conn.execute(sa.delete(E).where(E.c.task_id.in_(ids))).rowcount
+    tasks = conn.execute(sa.delete(T).where(T.c.id.in_(ids), T.c.status.in_(FINISHED))
+                         ).rowcount
+    return int(tasks), int(events)
+
+
+def prune_fingerprints(conn: Connection, *, before: datetime, limit: int) -> int:
+    """Delete up to ``limit`` fingerprint rows written before ``before`` (oldest first,
+    ``ix_ffl_created_at``); answers how many."""
+    pick = sa.select(F.c.id).where(F.c.created_at < before).order_by(F.c.created_at) \
+        .limit(limit)
+    ids = list(conn.execute(pick).scalars().all())
+    if not ids:
+        return 0
+    return int(conn.execute(sa.delete(F).where(F.c.id.in_(ids))).rowcount)

@@ -13,6 +13,8 @@ tasks, idempotent create, cancel.
   row, a create with its key answers it.
 - ``lane.max_attempts``, ``lane.backoff_base_s``, ``lane.backoff_cap_s`` (nullable: the
   settings ``default_max_attempts``, ``backoff_base_s``, ``backoff_cap_s`` apply).
+- ``ix_task_finished``: finished tasks by ``updated_at`` (a partial index), which the
+  retention job prunes in batches, oldest first.
 - the task status ``dead`` (``ck_task_status``): a task that failed ``max_attempts``
   times.
 
@@ -44,6 +46,9 @@ _HERE = Path(__file__).resolve().parent
 CLAIM_FUNCTION = (_HERE / "0006_task_lifecycle_claim.sql").read_text(encoding="utf-8")
 COMPLETE_FUNCTION = (_HERE / "0006_task_lifecycle_complete.sql").read_text(encoding="utf-8")
 
+# retention's batches read finished tasks oldest first: only finished rows are indexed,
+# so claims and completes of live tasks never maintain it
+_FINISHED = "status IN ('done', 'cancelled', 'dead')"
 _STATUSES_0005 = "status in ('todo','in_progress','done','cancelled')"
 _STATUSES_0006 = "status in ('todo','in_progress','done','cancelled','dead')"
 
@@ -57,6 +62,8 @@ def upgrade() -> None:
     op.create_index("ux_task_dedupe", "task", ["assignee", "dedupe_key"], unique=True,
                     sqlite_where=sa.text("dedupe_key IS NOT NULL"),
                     postgresql_where=sa.text("dedupe_key IS NOT NULL"))
+    op.create_index("ix_task_finished", "task", ["updated_at"],
+                    sqlite_where=sa.text(_FINISHED), postgresql_where=sa.text(_FINISHED))
     with op.batch_alter_table("lane") as batch:
         batch.add_column(sa.Column("max_attempts", sa.Integer(), nullable=True))
         batch.add_column(sa.Column("backoff_base_s", sa.Float(), nullable=True))
@@ -76,6 +83,7 @@ def downgrade() -> None:
         batch.drop_column("backoff_cap_s")
         batch.drop_column("backoff_base_s")
         batch.drop_column("max_attempts")
+    op.drop_index("ix_task_finished", table_name="task")
     op.drop_index("ux_task_dedupe", table_name="task")
     with op.batch_alter_table("task") as batch:
         batch.drop_constraint("ck_task_status", type_="check")
