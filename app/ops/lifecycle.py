@@ -120,6 +120,7 @@ def requeue(ctx: Context, *, task_id: Any, actor: Any = None) -> dict[str, Any]:
     tid = validate.task_id(task_id)
     who = validate.actor(actor, ctx.settings) or "unknown"
     now = ctx.clock()
+    err: NotDead | None = None
     with transaction(ctx.engine) as conn:
         row = store.get_task(conn, task_id=tid, for_update=True)
         if row is None:
@@ -138,8 +139,9 @@ def requeue(ctx: Context, *, task_id: Any, actor: Any = None) -> dict[str, Any]:
                                      "lastValidationReason": row["last_validation_reason"]})
             if not back["lane_paused"]:
                 store.notify_lane(conn, assignee=row["assignee"])
-    if back is None:
+    if err is not None:
         raise err
+    assert back is not None
     if not back["lane_paused"]:
         pickup.wake(ctx, assignee=back["assignee"])
     return {"ok": True, "task": wire.task(back)}
