@@ -84,7 +84,8 @@ def test_retention_prunes_only_what_finished_before_the_window_in_bounded_batche
     assert status["prunedTotal"]["tasks"] == 5 and status["lastRunAt"] is not None
     assert status["prunedTotal"]["fingerprints"] == 1
     text = render(build_status(rctx)).decode()
-    assert 'autonomy_retention_pruned_total{kind="tasks"} 5.0' in text
+    assert "autonomy_retention_pruned_tasks_total 5.0" in text
+    assert "autonomy_retention_pruned_fingerprints_total 1.0" in text
     # a pruned task's dedupe key makes a new task; a live one's still answers its task
     again = lanes.create(rctx, assignee="coder", title="t0 again", dedupe_key="k0")
     assert "guard" not in again and again["task"]["id"] not in ids.values()

@@ -261,13 +261,15 @@ def _counters(metrics: Mapping[str, Any]) -> list[Metric]:
 
 def _retention(r: Mapping[str, Any]) -> list[Metric]:
     """What the retention job pruned since the store began (SPEC 4.11)."""
-    pruned = CounterMetricFamily("autonomy_retention_pruned",
-                                 "Rows pruned by retention, per kind (tasks, events, "
-                                 "fingerprints).", labels=["kind"])
     totals = _dict(r.get("prunedTotal"))
-    for kind in ("tasks", "events", "fingerprints"):
-        pruned.add_metric([kind], _num(totals.get(kind)))
-    return [pruned]
+    out: list[Metric] = []
+    for kind, what in (("tasks", "Finished tasks"), ("events", "Events of pruned tasks"),
+                       ("fingerprints", "Failure fingerprint rows")):
+        pruned = CounterMetricFamily(f"autonomy_retention_pruned_{kind}",
+                                     f"{what} pruned by retention.")
+        pruned.add_metric([], _num(totals.get(kind)))
+        out.append(pruned)
+    return out
 
 
 def _infrastructure(s: Mapping[str, Any]) -> list[Metric]:

@@ -7,7 +7,7 @@ most ``retention_max_batches`` per run), so it never holds a lock a claim waits 
 claims and completes touch live tasks, retention only finished ones (``ix_task_finished``,
 rows locked by anyone skipped on PostgreSQL). Each batch's commit is fenced by the run's
 lock (``Fence``), and what it pruned is counted in the ``retention`` state -- shown in
-status (``retention``) and ``/metrics`` (``autonomy_retention_pruned_total``). A dedupe
+status (``retention``) and ``/metrics`` (``autonomy_retention_pruned_*_total``). A dedupe
 key lives as long as its task, so a key can be used again once retention pruned it.
 """
 
