@@ -12,4 +12,5 @@ JOBS: dict[str, dict[str, str | float | int]] = {
     "readiness": {"task": "tasks.checks.readiness", "every_s": 60.0, "budget_ms": 30_000},
     "self_heal": {"task": "tasks.checks.self_heal", "every_s": 30.0, "budget_ms": 60_000},
     "status": {"task": "tasks.checks.status", "every_s": 15.0, "budget_ms": 15_000},
+    "retention": {"task": "tasks.checks.retention", "every_s": 600.0, "budget_ms": 60_000},
 }

@@ -20,7 +20,10 @@
     │   ├── NotInProgress              not_in_progress
     │   ├── StaleLease                 stale_lease
     │   ├── DowngradeRefused           downgrade_refused
-    │   └── DeploymentMismatch         deployment_mismatch
+    │   ├── DeploymentMismatch         deployment_mismatch
+    │   ├── TaskCancelled              task_cancelled
+    │   ├── TaskFinished               task_finished
+    │   └── NotDead                    not_dead
     ├── AuthError                      unauthorized          401
     │   └── Forbidden                  forbidden             403
     │       └── ForbiddenScope         forbidden_scope
@@ -167,6 +170,25 @@ class DeploymentMismatch(Conflict):
     (another Redis, or another key prefix); the message names both."""
 
     code = "deployment_mismatch"
+
+
+class TaskCancelled(Conflict):
+    """Raised when the holder of a cancelled task's lease heartbeats, completes or releases
+    it: the task was cancelled and its outcome is not recorded."""
+
+    code = "task_cancelled"
+
+
+class TaskFinished(Conflict):
+    """Raised when a task that already finished (``done``, ``dead``) is cancelled."""
+
+    code = "task_finished"
+
+
+class NotDead(Conflict):
+    """Raised when ``requeue`` names a task that is not ``dead``."""
+
+    code = "not_dead"
 
 
 class AuthError(AutonomyError):

@@ -14,6 +14,7 @@ class TaskStatus(StrEnum):
     in_progress = "in_progress"
     done = "done"
     cancelled = "cancelled"
+    dead = "dead"
 
 
 class TaskKind(StrEnum):

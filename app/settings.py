@@ -119,6 +119,28 @@ class Settings(BaseSettings):
     """Refused duplicates (claims and completes) kept in each lane's capped guard log in
     Redis."""
 
+    # --- task lifecycle (SPEC 4.11; a lane's own values, when set, win) ---------------
+    default_max_attempts: int = Field(default=10, ge=1)
+    """Failures after which a task ends `dead` instead of going back to `todo` (a lane's
+    `max_attempts` wins)."""
+    backoff_base_s: float = Field(default=1.0, ge=0)
+    """A failed task is claimable again after min(cap, base * 2^attempts) s (a lane's own
+    base wins)."""
+    backoff_cap_s: float = Field(default=300.0, ge=0)
+    """The longest backoff of a failed task (a lane's own cap wins)."""
+    backoff_jitter: float = Field(default=0.1, ge=0, le=1)
+    """Each backoff is spread by +- this fraction, so failed tasks do not fall due at once."""
+    create_delay_max_s: float = Field(default=366 * 86400.0, gt=0)
+    """The longest a create may delay its task (`delayS`, `notBefore`)."""
+    retention_finished_s: float = Field(default=7 * 86400.0, gt=0)
+    """Finished tasks (done, cancelled, dead) with their events, and fingerprint rows,
+    older than this are pruned by the `retention` job; a dedupe key lives as long as its
+    task. At least the breaker's window."""
+    retention_batch: int = Field(default=500, ge=1, le=10_000)
+    """Rows the `retention` job prunes per batch (each batch its own short transaction)."""
+    retention_max_batches: int = Field(default=20, ge=1)
+    """Batches the `retention` job runs at most per run."""
+
     # --- stale rules and checks ---------------------------------------------------
     handoff_stale_after_s: float = 1800.0
     """A NO_GO handoff snapshot older than this is stale."""
@@ -268,6 +290,13 @@ class Settings(BaseSettings):
     def _lease_renewed_inside_its_ttl(self) -> Settings:
         if self.beat_lease_renew_ms >= self.beat_lease_ttl_ms:
             raise ValueError("beat_lease_renew_ms must be below beat_lease_ttl_ms")
+        return self
+
+    @model_validator(mode="after")
+    def _retention_keeps_the_breaker_window(self) -> Settings:
+        # the breaker counts fingerprint rows of its window: retention must not prune them
+        if self.retention_finished_s < self.breaker_window_h * 3600:
+            raise ValueError("retention_finished_s must cover breaker_window_h")
         return self
 
     @property

@@ -14,6 +14,7 @@ naming the field, at any depth of a payload or result (``storable``).
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Annotated, Any, NamedTuple, TypeVar
 
@@ -45,6 +46,14 @@ FINGERPRINT_MAX_LEN = 400
 WINDOW_HOURS_MAX = 24 * 366
 OUTCOMES = ("success", "failure")
 INCIDENT_STATUSES = ("ok", "warning", "critical")
+# the task lifecycle (SPEC 4.11)
+DEDUPE_KEY_MAX_LEN = 200
+DELAY_S_MAX = 366 * 86400.0
+MAX_ATTEMPTS_MAX = 10_000
+BACKOFF_S_MAX = 7 * 86400.0
+LIST_LIMIT_MAX = 500
+TASK_STATUSES = ("todo", "in_progress", "done", "cancelled", "dead")
+TASK_KINDS = ("work", "ops_remediation")
 # kept for callers that name it (the old constant)
 MAX_PRIORITY = PRIORITY_MAX
 
@@ -63,6 +72,11 @@ class Types(NamedTuple):
     max_in_flight: Any
     window_hours: Any
     wait_ms: Any
+    dedupe_key: Any = None
+    delay_s: Any = None
+    max_attempts: Any = None
+    backoff_s: Any = None
+    list_limit: Any = None
 
 
 @lru_cache(maxsize=32)
@@ -87,6 +101,12 @@ def _types(assignee_max: int, worker_max: int, title_max: int, reason_max: int,
         max_in_flight=Annotated[int, Ge(1), Le(MAX_IN_FLIGHT_MAX)],
         window_hours=Annotated[float, Gt(0), Le(WINDOW_HOURS_MAX)],
         wait_ms=Annotated[int, Ge(0), Le(wait_max)],
+        dedupe_key=Annotated[str, StringConstraints(min_length=1, max_length=DEDUPE_KEY_MAX_LEN,
+                                                    pattern=NOT_BLANK)],
+        delay_s=Annotated[float, Ge(0), Le(DELAY_S_MAX)],
+        max_attempts=Annotated[int, Ge(1), Le(MAX_ATTEMPTS_MAX)],
+        backoff_s=Annotated[float, Ge(0), Le(BACKOFF_S_MAX)],
+        list_limit=Annotated[int, Ge(1), Le(LIST_LIMIT_MAX)],
     )
 
 
@@ -242,11 +262,11 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def task_id(value: Any, s: Settings | None = None) -> int:
+def task_id(value: Any, s: Settings | None = None, *, field: str = "taskId") -> int:
     if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) < 20:
         value = int(value.strip())
-    out: int = _check(types(s or DEFAULT_LIMITS).task_id, value, InvalidInput, "taskId",
-                      f"taskId must be an integer from 1 to {TASK_ID_MAX}")
+    out: int = _check(types(s or DEFAULT_LIMITS).task_id, value, InvalidInput, field,
+                      f"{field} must be an integer from 1 to {TASK_ID_MAX}")
     return out
 
 
@@ -339,3 +359,90 @@ def positive_number(value: Any, field: str, *, maximum: float) -> float:
 # the limits that do not come from settings are the same under any settings
 DEFAULT_LIMITS = Settings.model_construct(assignee_max_len=64, worker_max_len=128,
                                      title_max_len=500, reason_max_len=2000)
+
+
+# --- the task lifecycle (SPEC 4.11) ---------------------------------------------------
+
+
+def dedupe_key(value: Any) -> str | None:
+    """``create``'s optional ``dedupeKey``: 1..200 characters, not blank."""
+    if value is None:
+        return None
+    out: str = _check(types(DEFAULT_LIMITS).dedupe_key, value, InvalidInput, "dedupeKey",
+                      f"dedupeKey must be a non-blank string of at most {DEDUPE_KEY_MAX_LEN} "
+                      "characters")
+    return out
+
+
+def delay_s(value: Any) -> float | None:
+    """``create``'s optional ``delayS``: seconds from now, 0..366 days."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(f"delayS must be a number of seconds from 0 to {DELAY_S_MAX:.0f}",
+                           field="delayS")
+    out: float = _check(types(DEFAULT_LIMITS).delay_s, float(value), InvalidInput, "delayS",
+                        f"delayS must be a number of seconds from 0 to {DELAY_S_MAX:.0f}")
+    return out
+
+
+def not_before(value: Any) -> datetime | None:
+    """``create``'s optional ``notBefore``: an ISO-8601 time with its zone (``Z`` or an
+    offset), answered as aware UTC."""
+    if value is None:
+        return None
+    msg = "notBefore must be an ISO-8601 time with a zone, e.g. 2026-12-07T03:00:00Z"
+    if not isinstance(value, str):
+        raise InvalidInput(msg, field="notBefore")
+    storable(value, "notBefore")
+    try:
+        t = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise InvalidInput(msg, field="notBefore") from None
+    if t.tzinfo is None:
+        raise InvalidInput(msg, field="notBefore")
+    return t.astimezone(UTC)
+
+
+def max_attempts(value: Any) -> int | None:
+    if value is None:
+        return None
+    out: int = _check(types(DEFAULT_LIMITS).max_attempts, value, InvalidInput, "maxAttempts",
+                      f"maxAttempts must be an integer from 1 to {MAX_ATTEMPTS_MAX}")
+    return out
+
+
+def backoff_s(value: Any, field: str) -> float | None:
+    """A lane's ``backoffBaseS`` or ``backoffCapS``: seconds, 0..7 days."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(f"{field} must be a number of seconds from 0 to {BACKOFF_S_MAX:.0f}",
+                           field=field)
+    out: float = _check(types(DEFAULT_LIMITS).backoff_s, float(value), InvalidInput, field,
+                        f"{field} must be a number of seconds from 0 to {BACKOFF_S_MAX:.0f}")
+    return out
+
+
+def task_status(value: Any) -> str | None:
+    if value is None:
+        return None
+    if value not in TASK_STATUSES:
+        raise InvalidInput(f"status must be one of {', '.join(TASK_STATUSES)}", field="status")
+    return str(value)
+
+
+def task_kind(value: Any) -> str | None:
+    if value is None:
+        return None
+    if value not in TASK_KINDS:
+        raise InvalidInput(f"kind must be one of {', '.join(TASK_KINDS)}", field="kind")
+    return str(value)
+
+
+def list_limit(value: Any) -> int:
+    if value is None:
+        return 50
+    out: int = _check(types(DEFAULT_LIMITS).list_limit, value, InvalidInput, "limit",
+                      f"limit must be an integer from 1 to {LIST_LIMIT_MAX}")
+    return out

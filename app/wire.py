@@ -30,6 +30,8 @@ def task(row: Mapping[Any, Any]) -> dict[str, Any]:
         "createdAt": iso(row["created_at"]),
         "updatedAt": iso(row["updated_at"]),
         "completedAt": iso(row["completed_at"]),
+        "notBefore": iso(row.get("not_before")),
+        "dedupeKey": row.get("dedupe_key"),
     }
 
 
@@ -41,11 +43,16 @@ def lane(row: Mapping[Any, Any], counts: Mapping[str, int] | None = None) -> dic
         "pausedAt": iso(row["paused_at"]),
         "resumedAt": iso(row["resumed_at"]),
         "maxInFlight": row["max_in_flight"],
+        # the task lifecycle (SPEC 4.11); null: the settings' default applies
+        "maxAttempts": row.get("max_attempts"),
+        "backoffBaseS": row.get("backoff_base_s"),
+        "backoffCapS": row.get("backoff_cap_s"),
     }
     if counts is not None:
         # the live work only: see store.lane_status_counts
         out["counts"] = {"todo": int(counts.get("todo", 0)),
-                         "in_progress": int(counts.get("in_progress", 0))}
+                         "in_progress": int(counts.get("in_progress", 0)),
+                         "dead": int(counts.get("dead", 0))}
     return out
 
 

@@ -33,6 +33,8 @@ MUTATING_SAMPLES: dict[str, dict[str, Any]] = {
     "resume_lane": {"assignee": "coder"},
     "configure_lane": {"assignee": "coder", "maxInFlight": 2},
     "ops_incident": {"status": "warning", "reason": "disk filling"},
+    "cancel": {"taskId": 1},
+    "requeue": {"taskId": 1},
 }
 
 

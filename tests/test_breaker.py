@@ -13,9 +13,18 @@ from app.clock import FrozenClock
 from app.errors import LanePaused
 from app.ops import breaker, lane_control, lanes
 from app.ops.history import history
+from app.settings import Settings
 from app.storage import store
 from app.storage.context import Context
 from app.storage.db import transaction
+from tests.conftest import make_settings
+
+
+@pytest.fixture
+def settings(database_url: str, redis_server_url: str, redis_prefix: str) -> Settings:
+    """The breaker counts failures, not time: here a failed task is claimable again at
+    once (no backoff; ``tests/test_lifecycle.py`` is about the backoff)."""
+    return make_settings(database_url, redis_server_url, redis_prefix, backoff_base_s=0)
 
 
 def fail_next(ctx: Context, reason: str, lane: str = "coder", worker: str = "w1"

@@ -37,7 +37,7 @@ from tests.conftest import make_settings
 from tests.servers import live_in_group
 
 REPO = Path(__file__).resolve().parent.parent
-JOBS = ("handoff_health", "readiness", "self_heal", "status")
+JOBS = ("handoff_health", "readiness", "self_heal", "status", "retention")
 READINESS_HOLD_MS = 12_000
 DEADLINE_S = 50.0
 

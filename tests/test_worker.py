@@ -87,7 +87,7 @@ def test_handler_result_completes_the_task_with_it(rctx: Context) -> None:
 
     stats = _worker(rctx, handler, lines).run(max_tasks=1)
     assert stats.as_dict() == {"claimed": 1, "succeeded": 1, "failed": 0, "released": 0,
-                               "lost": 0}
+                               "lost": 0, "cancelled": 0}
     assert seen[0]["id"] == tid and seen[0]["status"] == "in_progress"
     row = _task(rctx, tid)
     assert row["status"] == "done" and row["result"] == {"doubled": 4}

@@ -41,7 +41,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LIVE_STATUSES = ("todo", "in_progress")
 INCIDENT_STATUSES = ("ok", "warning", "critical", "recovering")
 VERDICTS = ("GO", "NO_GO", "unknown")
-KNOWN_GUARDS = ("duplicate_claim_guard", "duplicate_complete_guard")
+KNOWN_GUARDS = ("duplicate_claim_guard", "duplicate_complete_guard", "duplicate_create_guard")
 
 
 class StatusCollector(Collector):
@@ -71,6 +71,7 @@ class StatusCollector(Collector):
             *_incident(_dict(s.get("opsIncident"))),
             *_counters(_dict(s.get("metrics"))),
             *_infrastructure(s),
+            *_retention(_dict(s.get("retention"))),
         ]
 
 
@@ -175,13 +176,16 @@ def _lanes(lanes: list[Mapping[str, Any]]) -> list[Metric]:
     total.add_metric([], sum(1 for ln in lanes if ln.get("paused")))
     paused = _gauge("autonomy_lane_paused", "1 when the lane is paused.", ["lane"])
     tasks = _gauge("autonomy_lane_tasks", "Live tasks per lane and status.", ["lane", "status"])
+    dead = _gauge("autonomy_lane_dead_tasks", "Tasks that failed their lane's max attempts "
+                  "and wait for a requeue.", ["lane"])
     for ln in lanes:
         a = str(ln.get("assignee"))
         paused.add_metric([a], 1.0 if ln.get("paused") else 0.0)
         counts = _dict(ln.get("counts"))
         for st in LIVE_STATUSES:
             tasks.add_metric([a, st], _num(counts.get(st)))
-    return [total, paused, tasks]
+        dead.add_metric([a], _num(counts.get("dead")))
+    return [total, paused, tasks, dead]
 
 
 def _breaker(lanes: list[Mapping[str, Any]], fps: list[Mapping[str, Any]]) -> list[Metric]:
@@ -257,6 +261,19 @@ def _counters(metrics: Mapping[str, Any]) -> list[Metric]:
                                    "they were stored.")
     redacted.add_metric([], _num(metrics.get("secrets_redacted")))
     return [claims, guards, redacted]
+
+
+def _retention(r: Mapping[str, Any]) -> list[Metric]:
+    """What the retention job pruned since the store began (SPEC 4.11)."""
+    totals = _dict(r.get("prunedTotal"))
+    out: list[Metric] = []
+    for kind, what in (("tasks", "Finished tasks"), ("events", "Events of pruned tasks"),
+                       ("fingerprints", "Failure fingerprint rows")):
+        pruned = CounterMetricFamily(f"autonomy_retention_pruned_{kind}",
+                                     f"{what} pruned by retention.")
+        pruned.add_metric([], _num(totals.get(kind)))
+        out.append(pruned)
+    return out
 
 
 def _infrastructure(s: Mapping[str, Any]) -> list[Metric]:

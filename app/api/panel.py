@@ -6,6 +6,7 @@ rendering path, no JavaScript build step.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,9 @@ from app import ops
 from app.api import auth
 from app.api.deps import Ctx, JsonBody, SafeJSONResponse, body_object
 from app.errors import Forbidden, InvalidInput, Unavailable
-from app.ops import credentials, history
+from app.ops import credentials, history, lifecycle
 from app.storage.context import Context
+from app.validate import NAME_PATTERN, TASK_KINDS, TASK_STATUSES
 
 HERE = Path(__file__).parent
 TASKS_SHOWN = 50
@@ -28,12 +30,16 @@ router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 
 
-def view(ctx: Context, signed_in: bool = False) -> dict[str, Any]:
-    """What the page shows; an unreachable service is shown, not raised. ``signed_in``:
-    the page was asked for with a credential (its cookie also carries the changes)."""
+def view(ctx: Context, filters: dict[str, str] | None = None,
+         signed_in: bool = False) -> dict[str, Any]:
+    """What the page shows; an unreachable service is shown, not raised. ``filters``
+    (``status``, ``assignee``, ``kind`` from the page's query) narrow the task list;
+    ``signed_in``: the page was asked for with a credential (its cookie also carries the
+    changes)."""
     s = ctx.settings
     out: dict[str, Any] = {
         "now": ctx.clock(), "status": None, "tasks": [], "error": None,
+        "filters": filters or {}, "statuses": TASK_STATUSES,
         "auth_required": not signed_in and credentials.bootstrap_token(ctx) is not None,
         "refresh_ms": s.panel_refresh_ms,
         "thresholds": {"breaker": s.breaker_threshold, "handoffFail": s.handoff_fail_threshold,
@@ -41,9 +47,27 @@ def view(ctx: Context, signed_in: bool = False) -> dict[str, Any]:
     }
     try:
         out["status"] = ops.dispatch(ctx, {"action": "status"})
-        out["tasks"] = history.recent_tasks(ctx, limit=TASKS_SHOWN)
+        if filters:
+            out["tasks"] = lifecycle.list_tasks(ctx, limit=TASKS_SHOWN, **filters)["tasks"]
+        else:
+            out["tasks"] = history.recent_tasks(ctx, limit=TASKS_SHOWN)
     except Unavailable as e:
         out["error"] = e.to_wire()
+    return out
+
+
+def task_filters(request: Request) -> dict[str, str]:
+    """The task list's filters from the query (``?status=dead&assignee=coder``); a value
+    that is not a valid filter is left out (the list is then unfiltered by it)."""
+    q = request.query_params
+    out: dict[str, str] = {}
+    if q.get("status") in TASK_STATUSES:
+        out["status"] = q["status"]
+    if q.get("kind") in TASK_KINDS:
+        out["kind"] = q["kind"]
+    lane = q.get("assignee") or ""
+    if lane and re.fullmatch(NAME_PATTERN, lane) and len(lane) <= 64:
+        out["assignee"] = lane
     return out
 
 
@@ -54,7 +78,8 @@ def page(request: Request, ctx: Ctx) -> Response:
         # 200: a page to sign in on, not an error (it shows nothing of the fleet)
         return templates.TemplateResponse(request, "login.html", {},
                                           headers={"Cache-Control": "no-store"})
-    v = view(ctx, signed_in=getattr(request.state, "principal", None) is not None)
+    v = view(ctx, task_filters(request),
+             signed_in=getattr(request.state, "principal", None) is not None)
     return templates.TemplateResponse(request, "panel.html", v,
                                       status_code=503 if v["error"] else 200)
 
@@ -62,7 +87,8 @@ def page(request: Request, ctx: Ctx) -> Response:
 @router.get("/panel/sections", response_class=HTMLResponse)
 def sections(request: Request, ctx: Ctx) -> Response:
     """Only the sections, for the page's refresh."""
-    v = view(ctx, signed_in=getattr(request.state, "principal", None) is not None)
+    v = view(ctx, task_filters(request),
+             signed_in=getattr(request.state, "principal", None) is not None)
     return templates.TemplateResponse(request, "_sections.html", v,
                                       status_code=503 if v["error"] else 200,
                                       headers={"Cache-Control": "no-store"})

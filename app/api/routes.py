@@ -54,7 +54,8 @@ def _json(answer: dict[str, Any]) -> JSONResponse:
     summary="Run one action", openapi_extra={"requestBody": _REQUEST_BODY},
     description="Every action of the SPEC by its wire name (`create`, `claim`, `heartbeat`, "
                 "`complete`, `release`, `pause_lane`, `resume_lane`, `configure_lane`, "
-                "`fingerprint_count`, `status`, `history`, `ops_incident`). Mutating "
+                "`fingerprint_count`, `status`, `history`, `ops_incident`, `cancel`, "
+                "`requeue`, `tasks`). Mutating "
                 "actions need the bearer token when the server has one. Every answer has "
                 "`ok`; a refusal has `error` (a stable code) and `message`.",
 )
@@ -115,7 +116,7 @@ def status(ctx: Ctx) -> Response:
 def tasks(
     ctx: Ctx,
     assignee: Annotated[str | None, Query(description="Only this lane.", max_length=256)] = None,
-    status: Annotated[Literal["todo", "in_progress", "done", "cancelled"] | None,
+    status: Annotated[Literal["todo", "in_progress", "done", "cancelled", "dead"] | None,
                       Query(description="Only this status.")] = None,
     limit: Annotated[int, Query(ge=1, le=500, description="At most this many.")] = 50,
 ) -> Response:

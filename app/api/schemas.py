@@ -56,7 +56,15 @@ def _build(t: validate.Types) -> RequestSchema:
             "title": _req(t.title, "What to do." + _TEXT),
             "priority": _opt(t.priority, "Higher is claimed first (default 0)."),
             "payload": _opt(obj, "A JSON object (or a string holding one)." + _TEXT),
-            "actor": actor}),
+            "actor": actor,
+            "dedupeKey": _opt(t.dedupe_key, "Idempotent create: while the lane has a task "
+                              "with this key (kept until retention prunes the task), the "
+                              "create answers it with `guard: duplicate_create_guard`."
+                              + _TEXT),
+            "notBefore": _opt(str, "Not claimable before this ISO-8601 time (with a zone)."
+                              + _TEXT),
+            "delayS": _opt(t.delay_s, "Not claimable for this many seconds (not with "
+                           "`notBefore`).")}),
         ("ClaimRequest", "Claim the lane's next task under a lease.", "claim", {
             "assignee": _req(t.assignee, "The lane."),
             "worker": _req(t.worker, "Who claims."),
@@ -92,10 +100,14 @@ def _build(t: validate.Types) -> RequestSchema:
             "assignee": _req(t.assignee, "The lane."),
             "reason": _opt(t.reason, "Why." + _TEXT),
             "actor": _opt(t.worker, "Who resumes.")}),
-        ("ConfigureLaneRequest", "Set how many live leases a lane allows at once.",
-         "configure_lane", {
+        ("ConfigureLaneRequest", "Set how many live leases a lane allows at once, and its "
+         "task lifecycle (give at least one).", "configure_lane", {
             "assignee": _req(t.assignee, "The lane."),
-            "maxInFlight": _req(t.max_in_flight, "Live leases allowed at once."),
+            "maxInFlight": _opt(t.max_in_flight, "Live leases allowed at once."),
+            "maxAttempts": _opt(t.max_attempts, "Failures after which a task ends `dead`."),
+            "backoffBaseS": _opt(t.backoff_s, "A failed task waits min(cap, base * "
+                                 "2^attempts) s (+- jitter) before it is claimable again."),
+            "backoffCapS": _opt(t.backoff_s, "The longest backoff (s)."),
             "actor": _opt(t.worker, "Who configures.")}),
         ("FingerprintCountRequest", "Count one failure fingerprint's hits in a window.",
          "fingerprint_count", {
@@ -112,6 +124,22 @@ def _build(t: validate.Types) -> RequestSchema:
             "status": _req(Literal["ok", "warning", "critical"], "The state."),
             "reason": _opt(t.reason, "What is going on." + _TEXT),
             "actor": _opt(t.worker, "Who sets it.")}),
+        ("CancelRequest", "End a `todo` or `in_progress` task as `cancelled`; its lease "
+         "holder's heartbeat and complete then answer `task_cancelled`.", "cancel", {
+            "taskId": _req(t.task_id, "The task."),
+            "actor": _opt(t.worker, "Who cancels.")}),
+        ("RequeueRequest", "Bring a `dead` task back to `todo`, its attempts reset.",
+         "requeue", {
+            "taskId": _req(t.task_id, "The task."),
+            "actor": _opt(t.worker, "Who requeues.")}),
+        ("TasksRequest", "Tasks newest first, filtered; the next page with `after` = the "
+         "answer's `nextAfter`.", "tasks", {
+            "assignee": _opt(t.assignee, "Only this lane."),
+            "status": _opt(Literal["todo", "in_progress", "done", "cancelled", "dead"],
+                           "Only this status."),
+            "kind": _opt(Literal["work", "ops_remediation"], "Only this kind."),
+            "limit": _opt(t.list_limit, "At most this many (default 50)."),
+            "after": _opt(t.task_id, "The last id of the previous page.")}),
     ]
     models = tuple(
         create_model(name, __base__=_Request, __doc__=doc,
@@ -187,7 +215,7 @@ class TaskWire(BaseModel):
     title: str
     assignee: str
     kind: str
-    status: Literal["todo", "in_progress", "done", "cancelled"]
+    status: Literal["todo", "in_progress", "done", "cancelled", "dead"]
     priority: int
     payload: dict[str, Any]
     result: dict[str, Any] | None = None
@@ -202,6 +230,8 @@ class TaskWire(BaseModel):
     createdAt: str
     updatedAt: str
     completedAt: str | None
+    notBefore: str | None = None
+    dedupeKey: str | None = None
 
 
 class LaneWire(BaseModel):
@@ -215,6 +245,9 @@ class LaneWire(BaseModel):
     pausedAt: str | None
     resumedAt: str | None
     maxInFlight: int
+    maxAttempts: int | None = None
+    backoffBaseS: float | None = None
+    backoffCapS: float | None = None
 
 
 class Lease(BaseModel):
@@ -230,7 +263,8 @@ class TaskAnswer(_Answer):
 
     task: TaskWire | None
     lease: Lease | None = None
-    guard: Literal["duplicate_claim_guard", "duplicate_complete_guard"] | None = None
+    guard: Literal["duplicate_claim_guard", "duplicate_complete_guard",
+                   "duplicate_create_guard"] | None = None
     leaseHolder: str | None = None
     leaseExpiresAt: str | None = None
     failureFingerprint: str | None = None
@@ -323,9 +357,18 @@ class OpsIncidentAnswer(_Answer):
 
 
 class TasksAnswer(_Answer):
-    """``GET /api/autonomy/tasks``: recent tasks, newest first."""
+    """``GET /api/autonomy/tasks`` and the ``tasks`` action: tasks, newest first; with the
+    action, ``nextAfter`` asks for the next page (null on the last)."""
 
     tasks: list[TaskWire]
+    nextAfter: int | None = None
+
+
+class CancelAnswer(_Answer):
+    """``cancel``: the task as it is now; ``alreadyCancelled`` when it was."""
+
+    task: TaskWire
+    alreadyCancelled: bool
 
 
 class ErrorAnswer(BaseModel):
@@ -339,7 +382,7 @@ class ErrorAnswer(BaseModel):
 
 
 ActionAnswer = (TaskAnswer | LeaseAnswer | ReleaseAnswer | LaneAnswer | FingerprintCountAnswer
-                | HistoryAnswer | StatusAnswer | OpsIncidentAnswer)
+                | HistoryAnswer | StatusAnswer | OpsIncidentAnswer | CancelAnswer | TasksAnswer)
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorAnswer, "description": "Bad input (`invalid_*`)."},

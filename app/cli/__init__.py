@@ -39,6 +39,7 @@ EXTENSIONS = [
     "app.cli.flower:register",
     "app.cli.migrations:register",
     "app.cli.serve:register",
+    "app.cli.tasks:register",
     "app.cli.token:register",
     "app.cli.worker:register",
 ]
@@ -100,10 +101,17 @@ def _task_line(a: dict[str, Any]) -> str:
 def create(assignee: str, title: str,
            priority: int = typer.Option(0, help="Higher is claimed first."),
            payload: str | None = typer.Option(None, help="A JSON object."),
+           dedupe_key: str | None = typer.Option(
+               None, "--dedupe-key", help="Idempotent: a second create answers the first."),
+           delay_s: float | None = typer.Option(None, "--delay-s",
+                                                help="Not claimable for this many seconds."),
+           not_before: str | None = typer.Option(
+               None, "--not-before", help="Not claimable before this ISO time (with zone)."),
            as_json: bool | None = JsonOpt) -> None:
     """Queue a task in a lane."""
     call({"action": "create", "assignee": assignee, "title": title, "priority": priority,
-          "payload": payload}, as_json, _task_line)
+          "payload": payload, "dedupeKey": dedupe_key, "delayS": delay_s,
+          "notBefore": not_before}, as_json, _task_line)
 
 
 @app.command()
@@ -142,7 +150,8 @@ def release(task_id: int, lease_token: str, as_json: bool | None = JsonOpt) -> N
 def _lane_line(a: dict[str, Any]) -> str:
     lane = a.get("lane")
     return table([lane], ["assignee", "paused", "pausedReason", "pausedAt", "resumedAt",
-                          "maxInFlight"]) if lane else "lane has no tasks yet"
+                          "maxInFlight", "maxAttempts", "backoffBaseS", "backoffCapS"]
+                 ) if lane else "lane has no tasks yet"
 
 
 @app.command()
@@ -162,11 +171,18 @@ def resume(assignee: str, actor: str | None = ActorOpt,
 
 
 @app.command("lane")
-def lane_cmd(assignee: str, max_in_flight: int = typer.Option(..., "--max-in-flight"),
+def lane_cmd(assignee: str,
+             max_in_flight: int | None = typer.Option(None, "--max-in-flight"),
+             max_attempts: int | None = typer.Option(
+                 None, "--max-attempts", help="Failures after which a task ends dead."),
+             backoff_base_s: float | None = typer.Option(
+                 None, "--backoff-base-s", help="A failed task waits min(cap, base*2^n) s."),
+             backoff_cap_s: float | None = typer.Option(None, "--backoff-cap-s"),
              actor: str | None = ActorOpt, as_json: bool | None = JsonOpt) -> None:
-    """Set how many live leases a lane allows at once."""
+    """Set how many live leases a lane allows at once, and its task lifecycle."""
     call({"action": "configure_lane", "assignee": assignee, "maxInFlight": max_in_flight,
-          "actor": actor}, as_json, _lane_line)
+          "maxAttempts": max_attempts, "backoffBaseS": backoff_base_s,
+          "backoffCapS": backoff_cap_s, "actor": actor}, as_json, _lane_line)
 
 
 @app.command()

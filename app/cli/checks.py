@@ -19,7 +19,7 @@ from app.storage.context import Context
 
 # what people type -> the job's name in beat_schedule.JOBS
 CHECK_NAMES = {"handoff": "handoff_health", "readiness": "readiness", "self-heal": "self_heal",
-               "status": "status"}
+               "status": "status", "retention": "retention"}
 
 JsonOpt = typer.Option(None, "--json", help="Print JSON (the default when piped).")
 
@@ -127,7 +127,8 @@ def register(app: typer.Typer) -> None:
                f"beat: {answer['role']}" if answer["ok"] else f"beat: {answer['message']}")
 
     @app.command("check")
-    def check(name: str = typer.Argument(..., help="handoff | readiness | self-heal | status"),
+    def check(name: str = typer.Argument(
+            ..., help="handoff | readiness | self-heal | status | retention"),
               as_json: bool | None = JsonOpt) -> None:
         """Run one check now, under its run-lock, and print its result."""
         j = want_json(as_json)

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy.engine import Connection, RowMapping
 
 from app.clock import iso
+from app.ops import lifecycle
 from app.storage import store
 from app.storage.context import Context
 from app.storage.db import transaction
@@ -68,8 +69,11 @@ def record_failure(ctx: Context, conn: Connection, *, task: RowMapping, lane: Ro
     s = ctx.settings
     assignee = task["assignee"]
     fp = fingerprint(assignee, reason)
+    # the lifecycle (SPEC 4.11): back to todo after its backoff, or dead at max_attempts
+    status, not_before = lifecycle.after_failure(task, lane, s, now)
     store.return_failed(conn, task_id=task["id"], token=task["lease_token"], fingerprint=fp,
-                        reason=reason, now=now, result=result)
+                        reason=reason, now=now, result=result, status=status,
+                        not_before=not_before)
     store.insert_fingerprint(conn, fingerprint=fp, assignee=assignee, reason=reason,
                              task_id=task["id"], now=now)
     since = window_start(now=now, window_h=s.breaker_window_h, resumed_at=lane["resumed_at"])
@@ -79,6 +83,11 @@ def record_failure(ctx: Context, conn: Connection, *, task: RowMapping, lane: Ro
         "actor": actor, "reason": reason,
         "data": {"fingerprint": fp, "count": count, "threshold": s.breaker_threshold},
     }]
+    if status == TaskStatus.dead.value:
+        events.append({"kind": "task_dead", "at": now, "assignee": assignee,
+                       "task_id": task["id"], "actor": actor, "reason": reason,
+                       "data": {"attempts": int(task["attempts"]) + 1,
+                                "maxAttempts": lifecycle.lane_max_attempts(lane, s)}})
     answer: dict[str, Any] = {"failureFingerprint": fp, "fingerprintCount": count,
                               "lanePaused": bool(lane["paused"])}
     if count >= s.breaker_threshold:

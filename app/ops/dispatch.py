@@ -12,11 +12,11 @@ from typing import Any
 
 from app import validate
 from app.errors import InvalidAction, InvalidInput
-from app.ops import breaker, history, lane_control, lanes
+from app.ops import breaker, history, lane_control, lanes, lifecycle
 from app.storage.context import Context
 
 MUTATING = frozenset({"create", "claim", "heartbeat", "complete", "release", "pause_lane",
-                      "resume_lane", "configure_lane", "ops_incident"})
+                      "resume_lane", "configure_lane", "ops_incident", "cancel", "requeue"})
 
 
 def _fingerprint_count(ctx: Context, f: Mapping[str, Any]) -> dict[str, Any]:
@@ -46,7 +46,9 @@ def _ops_incident(ctx: Context, f: Mapping[str, Any]) -> dict[str, Any]:
 ACTIONS: dict[str, Callable[[Context, Mapping[str, Any]], dict[str, Any]]] = {
     "create": lambda ctx, f: lanes.create(
         ctx, assignee=f.get("assignee"), title=f.get("title"),  # type: ignore[arg-type]
-        priority=f.get("priority"), payload=f.get("payload"), actor=f.get("actor")),
+        priority=f.get("priority"), payload=f.get("payload"), actor=f.get("actor"),
+        dedupe_key=f.get("dedupeKey"), not_before=f.get("notBefore"),
+        delay_s=f.get("delayS")),
     "claim": lambda ctx, f: lanes.claim(
         ctx, assignee=f.get("assignee"), worker=f.get("worker"),  # type: ignore[arg-type]
         wait_ms=f.get("waitMs")),
@@ -66,12 +68,21 @@ ACTIONS: dict[str, Callable[[Context, Mapping[str, Any]], dict[str, Any]]] = {
         reason=f.get("reason")),
     "configure_lane": lambda ctx, f: lane_control.configure_lane(
         ctx, assignee=f.get("assignee"), max_in_flight=f.get("maxInFlight"),  # type: ignore[arg-type]
-        actor=f.get("actor")),
+        actor=f.get("actor"), max_attempts=f.get("maxAttempts"),
+        backoff_base_s=f.get("backoffBaseS"), backoff_cap_s=f.get("backoffCapS")),
     "fingerprint_count": _fingerprint_count,
     "history": lambda ctx, f: history.history(
         ctx, task_id=f.get("taskId"), assignee=f.get("assignee")),
     "status": _status,
     "ops_incident": _ops_incident,
+    # the task lifecycle (SPEC 4.11)
+    "cancel": lambda ctx, f: lifecycle.cancel(ctx, task_id=f.get("taskId"),
+                                              actor=f.get("actor")),
+    "requeue": lambda ctx, f: lifecycle.requeue(ctx, task_id=f.get("taskId"),
+                                                actor=f.get("actor")),
+    "tasks": lambda ctx, f: lifecycle.list_tasks(
+        ctx, assignee=f.get("assignee"), status=f.get("status"), kind=f.get("kind"),
+        limit=f.get("limit"), after=f.get("after")),
 }
 
 

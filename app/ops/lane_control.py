@@ -7,6 +7,8 @@ from typing import Any
 
 from app import principal, validate, wire
 from app.clock import iso
+from app.errors import InvalidInput
+from app.ops import lifecycle
 from app.storage import leases, pickup, store
 from app.storage.context import Context
 from app.storage.db import transaction
@@ -63,22 +65,37 @@ def resume_lane(ctx: Context, *, assignee: str, actor: str | None = None,
     return {"ok": True, "lane": wire.lane(lane), "alreadyRunning": not was_paused}
 
 
-def configure_lane(ctx: Context, *, assignee: str, max_in_flight: Any,
-                   actor: str | None = None) -> dict[str, Any]:
-    """Set how many live leases a lane allows at once."""
+def configure_lane(ctx: Context, *, assignee: str, max_in_flight: Any = None,
+                   actor: str | None = None, max_attempts: Any = None,
+                   backoff_base_s: Any = None, backoff_cap_s: Any = None) -> dict[str, Any]:
+    """Set how many live leases a lane allows at once, and its task lifecycle settings
+    (``max_attempts``, ``backoff_base_s``, ``backoff_cap_s``: SPEC 4.11); those given."""
     s = ctx.settings
     a = validate.assignee(assignee, s)
-    max_in_flight = validate.max_in_flight(max_in_flight)
+    mif = None if max_in_flight is None else validate.max_in_flight(max_in_flight)
+    more = lifecycle.lifecycle_values(max_attempts=max_attempts, backoff_base_s=backoff_base_s,
+                                      backoff_cap_s=backoff_cap_s)
+    who = _actor(actor, s)
+    if mif is None and not more:
+        raise InvalidInput("give maxInFlight, maxAttempts, backoffBaseS or backoffCapS",
+                           field="maxInFlight")
     now = ctx.clock()
     with transaction(ctx.engine) as conn:
-        store.ensure_lane(conn, assignee=a, now=now, max_in_flight=max_in_flight)
+        store.ensure_lane(conn, assignee=a, now=now,
+                          max_in_flight=mif if mif is not None else s.default_max_in_flight)
         store.get_lane(conn, assignee=a, for_update=True)
-        store.set_lane_max_in_flight(conn, assignee=a, max_in_flight=max_in_flight)
+        if mif is not None:
+            store.set_lane_max_in_flight(conn, assignee=a, max_in_flight=mif)
+        store.set_lane_lifecycle(conn, assignee=a, values=more)
+        data = {k: v for k, v in (("maxInFlight", mif), ("maxAttempts", more.get("max_attempts")),
+                                  ("backoffBaseS", more.get("backoff_base_s")),
+                                  ("backoffCapS", more.get("backoff_cap_s"))) if v is not None}
         store.insert_event(conn, kind="lane_configured", at=now, assignee=a,
-                           actor=_actor(actor, s), data={"maxInFlight": max_in_flight})
+                           actor=who, data=data)
         lane = store.get_lane(conn, assignee=a)
     assert lane is not None
-    leases.set_max_in_flight(ctx, assignee=a, max_in_flight=max_in_flight)
+    if mif is not None:
+        leases.set_max_in_flight(ctx, assignee=a, max_in_flight=mif)
     return {"ok": True, "lane": wire.lane(lane)}
 
 

@@ -18,8 +18,15 @@ from sqlalchemy.engine import Connection, RowMapping
 
 from app import principal, redact, validate, wire
 from app.clock import iso, to_ms
-from app.errors import AutonomyError, LanePaused, NotInProgress, StaleLease, TaskNotFound
-from app.ops import breaker
+from app.errors import (
+    AutonomyError,
+    LanePaused,
+    NotInProgress,
+    StaleLease,
+    TaskCancelled,
+    TaskNotFound,
+)
+from app.ops import breaker, lifecycle
 from app.storage import leases, pickup, store
 from app.storage.context import Context
 from app.storage.db import is_postgres, transaction
@@ -29,8 +36,14 @@ log = logging.getLogger(__name__)
 
 
 def create(ctx: Context, *, assignee: str, title: str, priority: int | None = None,
-           payload: Any = None, actor: str | None = None) -> dict[str, Any]:
-    """Queue a task in a lane (the lane row is created on first use)."""
+           payload: Any = None, actor: str | None = None, dedupe_key: Any = None,
+           not_before: Any = None, delay_s: Any = None) -> dict[str, Any]:
+    """Queue a task in a lane (the lane row is created on first use).
+
+    ``not_before`` (a time) or ``delay_s`` (seconds) delay it (SPEC 4.11). With
+    ``dedupe_key``, a create while the lane has a task with that key (or had one, until
+    retention prunes it) answers that task with ``guard: "duplicate_create_guard"`` and
+    writes nothing; racing creates with one key make one task (the unique index decides)."""
     s = ctx.settings
     a = validate.assignee(assignee, s)
     values = {
@@ -39,7 +52,13 @@ def create(ctx: Context, *, assignee: str, title: str, priority: int | None = No
         "payload": validate.json_object(payload, s) or {}, "attempts": 0,
     }
     actor = validate.actor(actor, s)
+    key = validate.dedupe_key(dedupe_key)
     now = ctx.clock()
+    due = lifecycle.create_not_before(ctx, not_before=not_before, delay_s=delay_s, now=now)
+    if due is not None:
+        values["not_before"] = due
+    if key is not None:
+        return _create_deduped(ctx, values={**values, "dedupe_key": key}, now=now, actor=actor)
     if is_postgres(ctx.engine):  # one statement, one round trip
         made = store.create_pg(ctx.engine, values=values, now=now, actor=actor,
                                max_in_flight=s.default_max_in_flight)
@@ -66,6 +85,40 @@ def create(ctx: Context, *, assignee: str, title: str, priority: int | None = No
     return {"ok": True, "task": wire.task(row)}
 
 
+def _create_deduped(ctx: Context, *, values: dict[str, Any], now: datetime,
+                    actor: str | None) -> dict[str, Any]:
+    """``create`` with a dedupe key: the insert does nothing when ``ux_task_dedupe``
+    already holds the key (on PostgreSQL a racing insert waits for the other's commit, on
+    SQLite the write lock orders them), and the task that holds it is answered."""
+    s = ctx.settings
+    a = values["assignee"]
+    with transaction(ctx.engine) as conn:
+        store.ensure_lane(conn, assignee=a, now=now, max_in_flight=s.default_max_in_flight)
+        lane = store.get_lane(conn, assignee=a)
+        assert lane is not None
+        row = store.insert_task_deduped(conn, values={
+            **values, "created_at": now, "updated_at": now,
+            "lane_paused": bool(lane["paused"]),
+            "lane_paused_reason": lane["paused_reason"] if lane["paused"] else None,
+            "lane_paused_at": lane["paused_at"] if lane["paused"] else None,
+        })
+        if row is None:
+            held = store.get_task_by_dedupe_key(conn, assignee=a, dedupe_key=values["dedupe_key"])
+        else:
+            store.insert_event(conn, kind="task_created", at=now, assignee=a,
+                               task_id=row["id"], actor=actor,
+                               data={"dedupeKey": values["dedupe_key"]})
+            if not lane["paused"]:
+                store.notify_lane(conn, assignee=a)
+    if row is None:
+        assert held is not None  # the index refused the key: its holder is committed
+        leases.bump(ctx, "guard:duplicate_create_guard")
+        return {"ok": True, "guard": "duplicate_create_guard", "task": wire.task(held)}
+    if not lane["paused"]:
+        made_claimable(ctx, assignee=a)
+    return {"ok": True, "task": wire.task(row)}
+
+
 def claim(ctx: Context, *, assignee: str, worker: str, wait_ms: Any = None
           ) -> dict[str, Any]:
     """Claim the lane's next task under a lease (SPEC 4.1). With ``wait_ms``, a claim
@@ -86,14 +139,24 @@ def _claim_waiting(ctx: Context, *, assignee: str, worker: str, wait_ms: int
     a task created wakes one waiter within a round trip or two."""
     deadline = time.monotonic() + wait_ms / 1000
     turn = pickup.take_turn(ctx, assignee=assignee)
+    due: datetime | None = None  # when the lane's next delayed task falls due
     while True:
         if turn:
             answer = _claim_now(ctx, assignee=assignee, worker=worker)
             if answer.get("task") is not None:
                 return answer
+            due = lifecycle.next_due(ctx, assignee=assignee)
         left = deadline - time.monotonic()
         if left <= 0:
             return {"ok": True, "task": None}
+        if due is not None and (until_due := (due - ctx.clock()).total_seconds()) <= left:
+            # a task falls due within this wait: wait for a wake until then, then one
+            # waiter per due instant claims it
+            got = pickup.wait(ctx, assignee=assignee, timeout_s=max(0.0, until_due))
+            turn = got != "timeout" or pickup.take_due_turn(ctx, assignee=assignee,
+                                                            due_ms=to_ms(due))
+            due = None
+            continue
         turn = pickup.wait(ctx, assignee=assignee, timeout_s=left) != "timeout"
 
 
@@ -320,6 +383,9 @@ def _refusal(row: RowMapping | None, tid: int, token: str, *, action: str
              ) -> AutonomyError | None:
     if row is None:
         return TaskNotFound(f"no task with id {tid}", taskId=tid)
+    if row["status"] == TaskStatus.cancelled.value:
+        return TaskCancelled(f"task {tid} was cancelled; cannot {action}", taskId=tid,
+                             status=row["status"])
     if row["status"] != TaskStatus.in_progress.value:
         return NotInProgress(f"task {tid} is {row['status']}, not in progress; cannot {action}",
                              taskId=tid, status=row["status"])

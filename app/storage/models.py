@@ -58,6 +58,14 @@ class Task(SQLModel, table=True):
         sa.Index("ix_task_failure_fingerprint", "failure_fingerprint"),
         sa.Index("ix_task_status_lease", "status", "lease_expires_at"),
         sa.Index("ix_task_completed_at", "completed_at"),
+        # idempotent create: one task per key in a lane (migration 0006)
+        sa.Index("ux_task_dedupe", "assignee", "dedupe_key", unique=True,
+                 sqlite_where=sa.text("dedupe_key IS NOT NULL"),
+                 postgresql_where=sa.text("dedupe_key IS NOT NULL")),
+        # retention: finished tasks oldest first (migration 0006)
+        sa.Index("ix_task_finished", "updated_at",
+                 sqlite_where=sa.text("status IN ('done', 'cancelled', 'dead')"),
+                 postgresql_where=sa.text("status IN ('done', 'cancelled', 'dead')")),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -83,6 +91,10 @@ class Task(SQLModel, table=True):
     # PostgreSQL: the lane slot a live lease holds, below the lane's max_in_flight
     # (migration 0005); SQLite writes none
     lease_slot: int | None = Field(default=None)
+    # not claimable before this time: a failure's backoff, a delayed create (migration 0006)
+    not_before: datetime | None = _ts()
+    # idempotent create: a second create with this key in this lane answers this task
+    dedupe_key: str | None = Field(default=None, sa_type=sa.String(200))
 
 
 class Lane(SQLModel, table=True):
@@ -97,6 +109,10 @@ class Lane(SQLModel, table=True):
     resumed_at: datetime | None = _ts()
     max_in_flight: int = Field(default=1)
     created_at: datetime = _ts(nullable=False)
+    # the task lifecycle (migration 0006); None: the settings' defaults apply
+    max_attempts: int | None = Field(default=None)
+    backoff_base_s: float | None = Field(default=None)
+    backoff_cap_s: float | None = Field(default=None)
 
 
 class FailureFingerprintLog(SQLModel, table=True):

@@ -13,6 +13,12 @@ at a time (``lane:{assignee}:poll``, ``SET NX PX``), so an idle fleet costs the 
 at most one claim per ``pickup_safety_poll_ms`` per lane whatever its size -- and still
 finds work that arrived without a wake (Redis flushed, a task written by hand).
 
+A task that is not yet due (a delayed create, a failure's backoff) cannot be claimed when
+its wake arrives: the waiter that claims and finds nothing reads when the lane's next task
+falls due, bounds its wait by it, and then one waiter per due instant claims
+(``take_due_turn``, ``lane:{assignee}:due:{ms}``, ``SET NX PX``); the safety poll still
+finds what a missed turn leaves.
+
 When Redis is degraded, PostgreSQL's LISTEN/NOTIFY carries the wakes instead: producers
 ``NOTIFY`` the lane in their own transaction (``store.notify_lane``) and a waiter listens
 on a connection of its own; on SQLite without Redis the waiter sleeps out a slice.
@@ -148,3 +154,17 @@ def take_turn(ctx: Context, *, assignee: str) -> bool:
         return True
 
 
+def take_due_turn(ctx: Context, *, assignee: str, due_ms: int) -> bool:
+    """Without blocking: may this waiter claim now that the lane's delayed task due at
+    ``due_ms`` fell due? Yes for one waiter per due instant, or for every one while Redis
+    cannot say (the database decides)."""
+    if not ctx.redis_health.usable():
+        return True
+    try:
+        return bool(ctx.fast_redis.set(ctx.keys.lane_due(assignee, due_ms), "1", nx=True,
+                                       px=max(ctx.settings.pickup_safety_poll_ms, 10_000)))
+    except CANDIDATES as e:
+        if not is_unavailable(e):
+            raise
+        ctx.redis_health.failed(e)
+        return True

@@ -94,6 +94,11 @@ class Keys:
     def lane_poll(self, assignee: str) -> str:
         return f"{self.prefix}lane:{assignee}:poll"
 
+    def lane_due(self, assignee: str, due_ms: int) -> str:
+        """One waiter's turn to claim when the lane's delayed task falls due at ``due_ms``
+        (``SET NX PX``, string; pickup.py)."""
+        return f"{self.prefix}lane:{assignee}:due:{due_ms}"
+
     # --- the health probe (leases.py) ----------------------------------------------
     def probe(self) -> str:
         return f"{self.prefix}probe"

@@ -101,13 +101,15 @@ def list_lanes(conn: Connection) -> Sequence[RowMapping]:
 
 
 def lane_status_counts(conn: Connection) -> dict[str, dict[str, int]]:
-    """``{assignee: {"todo": n, "in_progress": n}}``: the live work, read through the
-    status index. Done and cancelled tasks are history: counting them would cost more as
-    the store grows (``history`` and the event log answer for them)."""
+    """``{assignee: {"todo": n, "in_progress": n, "dead": n}}``: the live work and the
+    dead tasks waiting for an operator (requeue), read through the status index. Done and
+    cancelled tasks are history: counting them would cost more as the store grows
+    (``history`` and the event log answer for them)."""
     out: dict[str, dict[str, int]] = {}
     live = conn.execute(
         sa.select(T.c.assignee, T.c.status, sa.func.count())
-        .where(T.c.status.in_([TaskStatus.todo.value, TaskStatus.in_progress.value]))
+        .where(T.c.status.in_([TaskStatus.todo.value, TaskStatus.in_progress.value,
+                               TaskStatus.dead.value]))
         .group_by(T.c.assignee, T.c.status)
     ).all()
     for assignee, status, n in live:
@@ -206,15 +208,19 @@ def requeue_expired(conn: Connection, *, now: datetime, assignee: str | None = N
     return rows
 
 
-def claim_next_pick(*, assignee: str, pg: bool) -> sa.Select[Any]:
+def claim_next_pick(*, assignee: str, pg: bool, now: datetime | None = None
+                    ) -> sa.Select[Any]:
     """The lane's next ``todo`` task id in claim order, read from ``ix_task_lane_queue``
-    (row-locked, skipping locked rows, on PostgreSQL)."""
+    (row-locked, skipping locked rows, on PostgreSQL); with ``now``, only a task that is
+    due (``not_before`` unset or passed)."""
     pick = (
         sa.select(T.c.id)
         .where(T.c.assignee == assignee, T.c.status == TaskStatus.todo.value)
         .order_by(T.c.priority.desc(), T.c.created_at, T.c.id)
         .limit(1)
     )
+    if now is not None:
+        pick = pick.where(sa.or_(T.c.not_before.is_(None), T.c.not_before <= now))
     return pick.with_for_update(skip_locked=True) if pg else pick
 
 
@@ -223,7 +229,7 @@ def claim_next(conn: Connection, *, assignee: str, worker: str, token: str,
     """Lease the lane's next task -- highest priority, then oldest -- in one conditional
     UPDATE (its subquery row-locks the candidate, skipping locked rows, on PostgreSQL);
     answers the leased row, or None when the lane has nothing to claim."""
-    pick = claim_next_pick(assignee=assignee, pg=_pg(conn))
+    pick = claim_next_pick(assignee=assignee, pg=_pg(conn), now=now)
     return conn.execute(
         sa.update(T)
         .where(T.c.id == pick.scalar_subquery(), T.c.status == TaskStatus.todo.value)
@@ -249,7 +255,7 @@ _CLAIM_PG = ("SELECT outcome, row_json FROM autonomy_claim(%(assignee)s, %(worke
              "%(tokens)s::text[], %(now)s::timestamptz, %(expires)s::timestamptz, "
              "%(expires_iso)s)")
 _TIMES = ("lease_expires_at", "lane_paused_at", "created_at", "updated_at", "completed_at",
-          "paused_at", "resumed_at")
+          "paused_at", "resumed_at", "not_before")
 
 
 def claim_pg(engine: Engine, *, assignee: str, worker: str, tokens: Sequence[str],
@@ -390,16 +396,21 @@ def mark_done(conn: Connection, *, task_id: int, token: str, now: datetime,
 
 
 def return_failed(conn: Connection, *, task_id: int, token: str, fingerprint: str, reason: str,
-                  now: datetime, result: dict[str, Any] | None) -> RowMapping | None:
-    """Conditionally put a failed in-progress task back to ``todo`` with attempts + 1."""
+                  now: datetime, result: dict[str, Any] | None,
+                  status: str = TaskStatus.todo.value, not_before: datetime | None = None
+                  ) -> RowMapping | None:
+    """Conditionally end a failed in-progress task's lease with attempts + 1: back to
+    ``todo`` (claimable from ``not_before``, its backoff), or ``dead`` (``status``) at
+    its lane's ``max_attempts`` (a finished task's time is its ``updated_at``;
+    ``completed_at`` stays a success's)."""
     return conn.execute(
         sa.update(T)
         .where(T.c.id == task_id, T.c.status == TaskStatus.in_progress.value,
                T.c.lease_token == token)
-        .values(status=TaskStatus.todo.value, attempts=T.c.attempts + 1,
+        .values(status=status, attempts=T.c.attempts + 1,
                 failure_fingerprint=fingerprint, last_validation_reason=reason,
                 claimed_by=None, lease_token=None, lease_expires_at=None, updated_at=now,
-                result=result)
+                result=result, not_before=not_before)
         .returning(*T.c)
     ).mappings().first()
 
@@ -436,10 +447,11 @@ _CREATE_PG = (
     " SELECT paused, paused_reason, paused_at FROM lane WHERE assignee = %(assignee)s"
     "), t AS ("
     " INSERT INTO task (title, assignee, kind, status, priority, payload, attempts,"
-    " lane_paused, lane_paused_reason, lane_paused_at, created_at, updated_at)"
+    " lane_paused, lane_paused_reason, lane_paused_at, created_at, updated_at, not_before)"
     " SELECT %(title)s, %(assignee)s, %(kind)s, 'todo', %(priority)s, %(payload)s::json, 0,"
     " l.paused, CASE WHEN l.paused THEN l.paused_reason END,"
-    " CASE WHEN l.paused THEN l.paused_at END, %(now)s, %(now)s FROM (SELECT * FROM l LIMIT 1) l"
+    " CASE WHEN l.paused THEN l.paused_at END, %(now)s, %(now)s, %(not_before)s::timestamptz"
+    " FROM (SELECT * FROM l LIMIT 1) l"
     " RETURNING *"
     "), ev AS ("
     " INSERT INTO event (at, kind, assignee, task_id, actor, data)"
@@ -460,8 +472,8 @@ def create_pg(engine: Engine, *, values: dict[str, Any], now: datetime, max_in_f
     rows = hot(engine, _CREATE_PG, {
         "assignee": values["assignee"], "max_in_flight": max_in_flight, "now": now,
         "title": values["title"], "kind": values["kind"], "priority": values["priority"],
-        "payload": json.dumps(values["payload"]), "actor": actor, "data": json.dumps(data)},
-        repeatable=False)
+        "payload": json.dumps(values["payload"]), "actor": actor, "data": json.dumps(data),
+        "not_before": values.get("not_before")}, repeatable=False)
     return _json_row(rows[0][0]) if rows else None
 
 
@@ -592,3 +604,119 @@ def queue_signals(conn: Connection, *, now: datetime) -> dict[str, Any]:
     ).scalar_one()
     last_done = conn.execute(sa.select(sa.func.max(T.c.completed_at))).scalar()
     return {"backlog": backlog, "expiredLeases": int(expired), "lastCompletedAt": last_done}
+
+
+# --- the task lifecycle (SPEC 4.11, migration 0006) ---------------------------------------
+
+
+def insert_task_deduped(conn: Connection, *, values: dict[str, Any]) -> RowMapping | None:
+    """Insert one task carrying a ``dedupe_key``; None when the lane already has a task
+    with that key (``ux_task_dedupe``: the index decides, so racing inserts make one)."""
+    stmt = (_insert(conn, T).values(**values)
+            .on_conflict_do_nothing(index_elements=["assignee", "dedupe_key"],
+                                    index_where=T.c.dedupe_key.isnot(None))
+            .returning(*T.c))
+    return conn.execute(stmt).mappings().first()
+
+
+def get_task_by_dedupe_key(conn: Connection, *, assignee: str, dedupe_key: str
+                           ) -> RowMapping | None:
+    """The lane's task with this dedupe key, if any (``ux_task_dedupe``)."""
+    return conn.execute(sa.select(T).where(T.c.assignee == assignee,
+                                           T.c.dedupe_key == dedupe_key)).mappings().first()
+
+
+def cancel_task(conn: Connection, *, task_id: int, now: datetime) -> RowMapping | None:
+    """Conditionally end a ``todo`` or ``in_progress`` task as ``cancelled``; answers the
+    row as it is now, or None when it was not active (a complete got there first). The
+    lease token stays on the row, so the holder's late calls are told ``task_cancelled``."""
+    return conn.execute(
+        sa.update(T)
+        .where(T.c.id == task_id, T.c.status.in_(ACTIVE))
+        .values(status=TaskStatus.cancelled.value, lease_expires_at=None, lease_slot=None,
+                not_before=None, updated_at=now)
+        .returning(*T.c)
+    ).mappings().first()
+
+
+def requeue_dead(conn: Connection, *, task_id: int, now: datetime) -> RowMapping | None:
+    """Conditionally bring a ``dead`` task back to ``todo`` with its attempts reset and no
+    backoff; None when it was not dead."""
+    return conn.execute(
+        sa.update(T)
+        .where(T.c.id == task_id, T.c.status == TaskStatus.dead.value)
+        .values(status=TaskStatus.todo.value, attempts=0, not_before=None,
+                claimed_by=None, lease_token=None, lease_expires_at=None, updated_at=now)
+        .returning(*T.c)
+    ).mappings().first()
+
+
+def list_tasks_page(conn: Connection, *, assignee: str | None = None,
+                    status: str | None = None, kind: str | None = None,
+                    after: int | None = None, limit: int = 50) -> Sequence[RowMapping]:
+    """Tasks newest first (by id), filtered; ``after`` is the last id of the previous page
+    (keyset pagination: the page after it holds the ids below it)."""
+    q = sa.select(T)
+    if assignee is not None:
+        q = q.where(T.c.assignee == assignee)
+    if status is not None:
+        q = q.where(T.c.status == status)
+    if kind is not None:
+        q = q.where(T.c.kind == kind)
+    if after is not None:
+        q = q.where(T.c.id < after)
+    return conn.execute(q.order_by(T.c.id.desc()).limit(limit)).mappings().all()
+
+
+def next_due(conn: Connection, *, assignee: str, now: datetime) -> datetime | None:
+    """When the lane's soonest ``todo`` task that is not yet due falls due, or None."""
+    got = conn.execute(
+        sa.select(sa.func.min(T.c.not_before))
+        .where(T.c.assignee == assignee, T.c.status == TaskStatus.todo.value,
+               T.c.not_before > now)
+    ).scalar()
+    if isinstance(got, datetime):  # SQLite's aggregate comes back naive UTC
+        return got.replace(tzinfo=UTC) if got.tzinfo is None else got
+    if isinstance(got, str):
+        return datetime.fromisoformat(got).replace(tzinfo=UTC)
+    return None
+
+
+def set_lane_lifecycle(conn: Connection, *, assignee: str, values: dict[str, Any]) -> None:
+    """Set a lane's ``max_attempts``, ``backoff_base_s``, ``backoff_cap_s`` (those given)."""
+    if values:
+        conn.execute(sa.update(L).where(L.c.assignee == assignee).values(**values))
+
+
+# --- retention (the ``retention`` job, SPEC 4.11) ---------------------------------------------
+
+FINISHED = (TaskStatus.done.value, TaskStatus.cancelled.value, TaskStatus.dead.value)
+
+
+def prune_finished_tasks(conn: Connection, *, before: datetime, limit: int
+                         ) -> tuple[int, int]:
+    """Delete up to ``limit`` finished tasks last updated before ``before`` (oldest
+    first, ``ix_task_finished``; rows locked by someone else are skipped on PostgreSQL)
+    with their events; answers (tasks, events) deleted."""
+    pick = (sa.select(T.c.id).where(T.c.status.in_(FINISHED), T.c.updated_at < before)
+            .order_by(T.c.updated_at).limit(limit))
+    if _pg(conn):
+        pick = pick.with_for_update(skip_locked=True)
+    ids = list(conn.execute(pick).scalars().all())
+    if not ids:
+        return 0, 0
+    events = conn.execute(sa.delete(E).where(E.c.task_id.in_(ids))).rowcount
+    tasks = conn.execute(sa.delete(T).where(T.c.id.in_(ids), T.c.status.in_(FINISHED))
+                         ).rowcount
+    return int(tasks), int(events)
+
+
+def prune_fingerprints(conn: Connection, *, before: datetime, limit: int) -> int:
+    """Delete up to ``limit`` fingerprint rows written before ``before`` (oldest first,
+    ``ix_ffl_created_at``); answers how many."""
+    pick = sa.select(F.c.id).where(F.c.created_at < before).order_by(F.c.created_at) \
+        .limit(limit)
+    ids = list(conn.execute(pick).scalars().all())
+    if not ids:
+        return 0
+    return int(conn.execute(sa.delete(F).where(F.c.id.in_(ids))).rowcount)

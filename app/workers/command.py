@@ -98,6 +98,9 @@ class CommandRunner(JobHandler):
             except subprocess.TimeoutExpired:
                 stdin = None  # already handed over; a retry must not send it again
             now = time.monotonic()
+            if job.cancelled.is_set():  # SPEC 4.11: SIGTERM, the grace, then SIGKILL
+                self._kill(proc, wait_s=self.grace_s)
+                raise ReleaseTask("cancelled")
             if job.lease_lost.is_set():
                 self._kill(proc)
                 raise ReleaseTask("lease lost")
@@ -115,12 +118,13 @@ class CommandRunner(JobHandler):
                                    result=self._failure_result(proc.returncode, err))
         return self._success_result(out)
 
-    def _kill(self, proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
-        """SIGTERM the group, SIGKILL it after ``kill_wait_s`` (and in any case, for
-        children that outlive the leader), then reap."""
+    def _kill(self, proc: subprocess.Popen[bytes], wait_s: float | None = None
+              ) -> tuple[bytes, bytes]:
+        """SIGTERM the group, SIGKILL it after ``wait_s`` (default ``kill_wait_s``; and in
+        any case, for children that outlive the leader), then reap."""
         _signal_group(proc.pid, signal.SIGTERM)
         try:
-            out, err = proc.communicate(timeout=self.kill_wait_s)
+            out, err = proc.communicate(timeout=self.kill_wait_s if wait_s is None else wait_s)
         except subprocess.TimeoutExpired:
             out, err = b"", b""
         _signal_group(proc.pid, signal.SIGKILL)

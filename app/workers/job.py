@@ -43,6 +43,9 @@ class Job:
     worker: str
     stopping: threading.Event
     lease_lost: threading.Event = field(default_factory=threading.Event)
+    # set with ``lease_lost`` when the task was cancelled (its heartbeat answered
+    # ``task_cancelled``): a handler stops its work, and no outcome is reported
+    cancelled: threading.Event = field(default_factory=threading.Event)
     heartbeats: int = 0
 
     @property
@@ -72,6 +75,7 @@ class WorkerStats:
     failed: int = 0
     released: int = 0
     lost: int = 0  # lease refused (expired and moved on) before the outcome landed
+    cancelled: int = 0  # the task was cancelled while it ran here (SPEC 4.11)
 
     @property
     def finished(self) -> int:

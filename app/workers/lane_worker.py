@@ -48,6 +48,7 @@ from app.errors import (
     LanePaused,
     NotInProgress,
     StaleLease,
+    TaskCancelled,
     TaskNotFound,
     Unavailable,
 )
@@ -68,7 +69,7 @@ __all__ = ["Job", "JobHandler", "LaneWorker", "ReleaseTask", "ValidationFailed",
 log = logging.getLogger(__name__)
 
 Say = Callable[[str], None]
-_LOST = (StaleLease, NotInProgress, TaskNotFound)  # the lease is gone for good
+_LOST = (StaleLease, NotInProgress, TaskNotFound, TaskCancelled)  # the lease is gone for good
 KEPT_MAX = 256  # outcomes kept for tasks whose lease ran out before they were reported
 # the only refusals that stop a worker: waiting or moving on will not cure them
 _FATAL = (AuthError, InvalidInput)
@@ -297,6 +298,11 @@ class LaneWorker:
             self._stop_beating(beat)
             if alone:
                 self._end_beater()
+        if job.cancelled.is_set():
+            self.stats.cancelled += 1
+            self._log(f"task {job.task_id}: cancelled while working; outcome dropped",
+                      task_id=job.task_id, level=logging.WARNING)
+            return
         if job.lease_lost.is_set():
             self.stats.lost += 1
             self._log(f"task {job.task_id}: lease lost while working; outcome dropped",
@@ -386,10 +392,16 @@ class LaneWorker:
         try:
             answer = self.client.heartbeat(job.task_id, job.lease_token)
         except _LOST as e:
+            if isinstance(e, TaskCancelled):  # set first: a handler that sees the lease
+                job.cancelled.set()           # lost knows why
             job.lease_lost.set()
             beat.done = True
-            self._log(f"task {job.task_id}: heartbeat refused ({e.code}); lease lost",
-                      task_id=job.task_id, level=logging.WARNING)
+            if isinstance(e, TaskCancelled):
+                self._log(f"task {job.task_id}: cancelled; stopping its work",
+                          task_id=job.task_id, level=logging.WARNING)
+            else:
+                self._log(f"task {job.task_id}: heartbeat refused ({e.code}); lease lost",
+                          task_id=job.task_id, level=logging.WARNING)
             return
         except Exception as e:  # transient: keep beating, the lease has slack
             if not beat.complained:

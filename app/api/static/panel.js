@@ -51,7 +51,9 @@
   function refresh() {
     if (inFlight) { return Promise.resolve(); }
     inFlight = true;
-    return fetch("/panel/sections", { headers: { Accept: "text/html" }, cache: "no-store" })
+    // the task list's filters (?status=dead&assignee=...) ride along with the refresh
+    return fetch("/panel/sections" + window.location.search,
+                 { headers: { Accept: "text/html" }, cache: "no-store" })
       .then(function (resp) {
         return resp.text().then(function (html) {
           swap(html);
@@ -124,6 +126,18 @@
           reason: (pause ? "paused" : "resumed") + " from the control panel" })
       .then(function () { say("Lane " + lane + " " + verb + "d."); })
       .catch(function (err) { say("Could not " + verb + " " + lane + ": " + err.message, true); })
+      .then(function () { button.disabled = false; return refresh(); })
+      .then(schedule);
+  });
+
+  sections.addEventListener("click", function (ev) {
+    var button = ev.target.closest("button.requeue");
+    if (!button) { return; }
+    var id = Number(button.dataset.task);
+    button.disabled = true;
+    act({ action: "requeue", taskId: id, actor: "panel" })
+      .then(function () { say("Task " + id + " requeued."); })
+      .catch(function (err) { say("Could not requeue task " + id + ": " + err.message, true); })
       .then(function () { button.disabled = false; return refresh(); })
       .then(schedule);
   });

@@ -19,6 +19,7 @@ from typing import Any
 
 from app.clock import to_ms
 from app.errors import AutonomyError, InvalidInput
+from app.ops import retention
 from app.ops.checks import handoff, job_stats, readiness, runs, selfheal, state, status
 from app.storage import locks, store
 from app.storage.context import Context
@@ -29,6 +30,7 @@ CHECKS: dict[str, Callable[[Context, state.Fence], dict[str, Any]]] = {
     "readiness": readiness.run_readiness,
     "self_heal": selfheal.run_self_heal,
     "status": lambda ctx, _fence: status.build_status(ctx),  # writes nothing
+    "retention": retention.run_retention,
 }
 assert set(runs.JOB_NAMES) == set(CHECKS), "beat_schedule.JOBS and CHECKS name the same jobs"
 JOB_NAMES = runs.JOB_NAMES

@@ -17,6 +17,7 @@ from typing import Any
 from app import wire
 from app.clock import iso
 from app.errors import RedisUnavailable
+from app.ops import retention
 from app.ops.checks import handoff, readiness, runs, selfheal, state
 from app.storage import leader, leases, locks, redis_policy, store
 from app.storage.context import Context
@@ -39,6 +40,7 @@ def build_status(ctx: Context) -> dict[str, Any]:
         heal = selfheal.selfheal_view(states)
         jobs = runs.job_views(states, ctx)
         since = now - timedelta(hours=s.breaker_window_h)
+        pruning = retention.retention_view(ctx, conn, now)
         fingerprints = [{"fingerprint": r["fingerprint"], "assignee": r["assignee"],
                          "count": int(r["count"]), "threshold": s.breaker_threshold,
                          "lastAt": iso(r["last_at"])}
@@ -81,4 +83,5 @@ def build_status(ctx: Context) -> dict[str, Any]:
         "selfHeal": heal,
         "fingerprints": fingerprints,
         "metrics": metrics,
+        "retention": pruning,
     }

@@ -9,12 +9,11 @@ deployment's hashing key.
 - ``credential_key``: one row, the random key the secrets are hashed with (HMAC), made
   here so every API process and the CLI hash alike without configuring anything.
 
-Self-contained on purpose: it creates two new tables and touches nothing else, so the
-integrator may re-chain ``down_revision`` (0006, the task-lifecycle migration, is being
-written in parallel) without changing a line below it.
+Self-contained: it creates two new tables and touches nothing else (it was written beside
+0006, the task lifecycle, then chained after it).
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 Create Date: 2026-12-07
 """
 
@@ -26,7 +25,7 @@ from alembic import op
 from app.storage.models import UTCDateTime
 
 revision = "0007"
-down_revision = "0005"  # the integrator re-chains this onto 0006
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
