@@ -43,6 +43,15 @@ def test_a_command_found_on_path_gets_its_stdin_and_its_own_process_group() -> N
     assert out == {"id": 7, "group": True, "sid": True}
 
 
+def test_the_command_keeps_its_argv0_as_written() -> None:
+    """``sh`` names itself by ``$0`` in its error lines, which become failure reasons."""
+    out = CommandRunner(["sh", "-c", 'echo "$0"']).handle_job(_job())
+    assert out == {"stdout": "sh\n"}
+    with pytest.raises(ValidationFailed) as e:
+        CommandRunner(["sh", "-c", "no-such-program-h7"]).handle_job(_job())
+    assert e.value.reason.startswith("sh: ") and "no-such-program-h7" in e.value.reason
+
+
 def test_a_relative_command_runs_from_the_runners_cwd(tmp_path: Path) -> None:
     script = tmp_path / "hello.sh"
     script.write_text("#!/bin/sh\necho \"hello from $(pwd)\"\n")

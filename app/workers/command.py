@@ -93,7 +93,8 @@ class CommandRunner(JobHandler):
                                         env=env, cwd=self.cwd, start_new_session=True,
                                         preexec_fn=_die_with_parent)
             else:  # vfork + exec of the launcher, which sets the signal and execs CMD
-                proc = subprocess.Popen([*launcher, self._executable(env), *self.cmd[1:]],
+                self._check_program(env)
+                proc = subprocess.Popen([*launcher, *self.cmd],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, env=env, cwd=self.cwd,
                                         start_new_session=True)
@@ -105,24 +106,21 @@ class CommandRunner(JobHandler):
         finally:
             _WATCHDOG.forget(proc.pid)
 
-    def _executable(self, env: Mapping[str, str]) -> str:
-        """CMD's program as a path, found here as ``subprocess`` would (the ``PATH`` of
-        CMD's environment), so a missing or non-executable program fails the task with
-        ``OSError``'s words, not with the launcher's exit status. Checked every task: a
-        program installed (or removed) while the worker runs is seen."""
+    def _check_program(self, env: Mapping[str, str]) -> None:
+        """Raise ``OSError`` as ``subprocess`` would when CMD's program is missing or not
+        executable (looked up on the ``PATH`` of CMD's environment, as the launcher's
+        ``execvp`` will), so such a task fails with ``OSError``'s words rather than the
+        launcher's exit status. CMD itself is passed on as written: its ``argv[0]`` (what
+        ``sh`` puts before its error lines, the failure reasons) stays the same."""
         name = self.cmd[0]
-        cwd = self.cwd or "."
         if os.path.dirname(name):
-            path = os.path.join(cwd, name)
+            path = os.path.join(self.cwd or ".", name)
             if not os.path.exists(path):
                 raise FileNotFoundError(2, os.strerror(2), name)
             if os.path.isdir(path) or not os.access(path, os.X_OK):
                 raise PermissionError(13, os.strerror(13), name)
-            return name
-        found = shutil.which(name, path=env.get("PATH", os.defpath))
-        if found is None:
+        elif shutil.which(name, path=env.get("PATH", os.defpath)) is None:
             raise FileNotFoundError(2, os.strerror(2), name)
-        return found if os.path.isabs(found) else os.path.join(os.getcwd(), found)
 
     def _wait(self, job: Job, proc: subprocess.Popen[bytes]) -> dict[str, Any] | None:
         stdin: bytes | None = json.dumps(job.task).encode()
