@@ -83,3 +83,16 @@ def test_without_a_launcher_the_preexec_path_runs_the_command_alike(
     with pytest.raises(ValidationFailed) as e:
         CommandRunner(["no-such-program-h7"]).handle_job(_job())
     assert e.value.reason == "cannot run no-such-program-h7: No such file or directory"
+
+
+def test_a_program_removed_after_it_ran_fails_its_next_task_with_the_launchers_reason(
+        tmp_path: Path) -> None:
+    script = tmp_path / "once.sh"
+    script.write_text("#!/bin/sh\necho ran\n")
+    script.chmod(0o755)
+    runner = CommandRunner([str(script)])
+    assert runner.handle_job(_job()) == {"stdout": "ran\n"}
+    script.unlink()
+    with pytest.raises(ValidationFailed) as e:
+        runner.handle_job(_job())
+    assert str(script) in e.value.reason and "No such file or directory" in e.value.reason
