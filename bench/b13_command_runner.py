@@ -12,7 +12,9 @@ Beside it, the same run: the runner as it was before (the parent-death signal se
 ``preexec_fn``, which sends ``subprocess`` down its ``fork`` path; forced here with the
 launcher turned off), and a whole ``LaneWorker`` on SQLite running ``true`` per task against
 one whose handler does nothing (same claims and completes: the difference is what the
-command costs inside the worker). Interleaved rounds, median. The process imports what the
+command costs inside the worker), and the whole ``autonomy worker -- true`` process (the
+issue's measurement: 1 + N tasks less 1 task, its CPU and its children's). Interleaved
+rounds, median. The process imports what the
 worker imports, so a ``fork`` copies a worker-sized address space.
 """
 
@@ -21,6 +23,8 @@ from __future__ import annotations
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -125,12 +129,41 @@ def _worker_ms_per_task(env: Env, *, n: int, rounds: int) -> dict[str, float]:
         client.close()
 
 
+def _cli_ms_per_task(env: Env, *, n: int) -> float:
+    """The issue's own measurement: ``autonomy worker --max-tasks N -- true`` as a process
+    (SQLite, this run's Redis prefix), its CPU and its children's, a run of ``1 + n`` tasks
+    less a run of 1 (start-up), per task."""
+    url = env.sqlite_database()
+    client = LocalClient(settings=env.settings(url))
+    try:
+        with transaction(client.ctx.engine) as conn:
+            store.ensure_lane(conn, assignee="b13cli", now=utcnow(), max_in_flight=1)
+        seed_todo(client.ctx.engine, assignee="b13cli", n=n + 4, now=utcnow())
+    finally:
+        client.close()
+    cli_env = {k: v for k, v in os.environ.items() if not k.startswith("AUTONOMY_")}
+    cli_env.update(DATABASE_URL=url, REDIS_URL=env.redis_url,
+                   AUTONOMY_REDIS_PREFIX=env.prefix)
+
+    def cpu_of(tasks: int) -> float:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run([sys.executable, "-m", "app.cli", "worker", "--lane", "b13cli",
+                        "--name", "b13-cli", "--max-tasks", str(tasks), "--", *TRUE],
+                       env=cli_env, check=True, capture_output=True, timeout=600)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+    one = cpu_of(1)
+    return (cpu_of(1 + n) - one) / n * 1e3
+
+
 def run(env: Env) -> list[Row]:
     n, rounds = env.size(300, 20), env.size(5, 1)
     load = os.getloadavg()
     got = _interleaved({"bare": bare_spawn, "runner": runner_call(True),
                         "preexec": runner_call(False)}, n=n, rounds=rounds)
     worker = _worker_ms_per_task(env, n=n, rounds=max(1, rounds // 2))
+    cli = _cli_ms_per_task(env, n=n)
     launcher = command._launcher()
     common = {"tasksPerRound": n, "rounds": rounds, "loadavg": [round(x, 1) for x in load],
               "launcher": " ".join(launcher) if launcher else None,
@@ -150,4 +183,9 @@ def run(env: Env) -> list[Row]:
             figure=worker["true"], unit="ms CPU/task", baseline=worker["noop"],
             baseline_what="the same worker, a handler that does nothing", target="report",
             details={**common, "runnerShareMs": round(worker["true"] - worker["noop"], 3)}),
+        Row(bench=13, what="the whole `autonomy worker -- true` process on SQLite (claim + "
+                           "complete, logs, runner), beyond start-up",
+            figure=cli, unit="ms CPU/task", baseline=got["bare"],
+            baseline_what="bare posix_spawn + waitpid of `true`", target="report",
+            details=common),
     ]
