@@ -14,8 +14,8 @@ launcher turned off), and a whole ``LaneWorker`` on SQLite running ``true`` per 
 one whose handler does nothing (same claims and completes: the difference is what the
 command costs inside the worker), and the whole ``autonomy worker -- true`` process (the
 issue's measurement: 1 + N tasks less 1 task, its CPU and its children's). Interleaved
-rounds, median. The process imports what the
-worker imports, so a ``fork`` copies a worker-sized address space.
+rounds, median. The process imports what the worker imports, so a ``fork`` copies a
+worker-sized address space.
 """
 
 from __future__ import annotations
