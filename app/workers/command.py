@@ -21,7 +21,10 @@ child's Python code, then exec tearing the copy down): ~3 ms of CPU a task again
 for a bare spawn. Now a tiny launcher, util-linux's ``setpriv --pdeathsig KILL`` (checked
 once per process), sets the signal and execs CMD, so ``subprocess`` keeps ``vfork``; the
 launcher's extra exec costs ~1 ms. Without a working ``setpriv`` (not Linux, util-linux
-older than 2.33) the ``preexec_fn`` stays: slower, the same guarantee.
+older than 2.33) the ``preexec_fn`` stays: slower, the same guarantee. One difference
+between the two: the launcher execs CMD with ``execvp``, which runs an executable script
+without a ``#!`` line under ``/bin/sh`` where ``subprocess`` fails it (``Exec format
+error``).
 """
 
 from __future__ import annotations
