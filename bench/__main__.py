@@ -32,6 +32,7 @@ BENCHES = {
     9: "bench.b9_pickup",
     10: "bench.b10_round_trips",
     12: "bench.b12_script_runner",
+    13: "bench.b13_command_runner",
 }
 
 

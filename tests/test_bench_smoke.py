@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = range(1, 8)
+# 1-7, and issue 22's command runner (13)
+BENCHES = (*range(1, 8), 13)
 # issue 13's: fleets of worker processes and peer queues (pgqueuer, procrastinate, Celery)
 FLEET_BENCHES = (8, 9, 10)
 

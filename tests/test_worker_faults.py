@@ -160,3 +160,69 @@ def test_a_sigkilled_workers_command_and_its_children_die_with_it(
             for pid in (int(x) for x in pids.read_text().split()):
                 if _alive(pid):
                     os.kill(pid, signal.SIGKILL)
+
+
+def _watchdog_of(worker_pid: int) -> int | None:
+    """The command watchdog the worker started (a child running ``python -I -S -c``)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat.rsplit(") ", 1)[1].split()[1]) == worker_pid and b"-S" in argv \
+                and b"-c" in argv:
+            return int(entry)
+    return None
+
+
+def _group_alive(pgid: int) -> bool:
+    """Any process of group ``pgid`` that is not a zombie."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(") ", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return False
+
+
+@pytest.mark.slow
+def test_a_sigkilled_workers_command_dies_by_its_parent_death_signal_without_the_watchdog(
+        rctx: Context, tmp_path: Path) -> None:
+    """The watchdog is killed first, so only the parent-death signal is left to end the
+    command when the worker is SIGKILLed: the launcher (``setpriv --pdeathsig``) that
+    keeps ``subprocess`` on its vfork path must have set it. The command's group is gone."""
+    lanes.create(rctx, assignee="coder", title="t")
+    pidfile = tmp_path / "pid"
+    cmd = ["sh", "-c", f"cat >/dev/null; echo $$ > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}; "
+           "exec sleep 300"]
+    s = rctx.settings
+    env = {**os.environ, "DATABASE_URL": s.database_url, "REDIS_URL": s.effective_redis_url,
+           "AUTONOMY_REDIS_PREFIX": s.redis_prefix, "AUTONOMY_LEASE_TTL_S": "30"}
+    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--lane", "coder",
+                               "--name", "w1", "--", *cmd], env=env, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = 0
+    try:
+        _until(pidfile.exists, 60)
+        command = int(pidfile.read_text())
+        assert os.getpgid(command) == command  # a group of its own
+        watchdog = _watchdog_of(worker.pid)
+        assert watchdog is not None
+        os.kill(watchdog, signal.SIGKILL)
+        _until(lambda: not _alive(watchdog), 10)
+        assert _alive(command)
+        worker.kill()
+        worker.wait(10)
+        _until(lambda: not _group_alive(command), 10)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(10)
+        if command and _group_alive(command):
+            os.killpg(command, signal.SIGKILL)

@@ -13,6 +13,18 @@ CMD never outlives the worker (SPEC 4.7): it gets a parent-death signal (SIGKILL
 session of its own, holding a pipe from the worker -- SIGKILLs every command group still
 running when that pipe closes, which is when the worker dies, even by SIGKILL (the
 command's children included, which a parent-death signal alone would leave behind).
+
+What a task costs (issue 22): the parent-death signal used to be set by a ``preexec_fn``,
+which forces ``subprocess`` off its ``vfork`` path onto a real ``fork`` of the whole worker
+(page tables of ~70 MB copied, then copy-on-write faults in both processes, then the
+child's Python code, then exec tearing the copy down): ~3 ms of CPU a task against ~0.8 ms
+for a bare spawn. Now a tiny launcher, util-linux's ``setpriv --pdeathsig KILL`` (checked
+once per process), sets the signal and execs CMD, so ``subprocess`` keeps ``vfork``; the
+launcher's extra exec costs ~1 ms. Without a working ``setpriv`` (not Linux, util-linux
+older than 2.33) the ``preexec_fn`` stays: slower, the same guarantee. One difference
+between the two: the launcher execs CMD with ``execvp``, which runs an executable script
+without a ``#!`` line under ``/bin/sh`` where ``subprocess`` fails it (``Exec format
+error``).
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +72,7 @@ class CommandRunner(JobHandler):
         self.result_max_bytes = result_max_bytes
         self.env = dict(os.environ if env is None else env)
         self.cwd = cwd
+        self._program_found = False  # CMD's program was there once: not looked up again
 
     def task_env(self, job: Job) -> dict[str, str]:
         """The environment CMD runs with: ours plus the task's ``AUTONOMY_*`` variables."""
@@ -74,11 +88,22 @@ class CommandRunner(JobHandler):
     def handle_job(self, job: Job) -> dict[str, Any] | None:
         """Run CMD for one task; answers its result or raises ``ValidationFailed`` /
         ``ReleaseTask``."""
+        env = self.task_env(job)
+        launcher = _launcher()
         try:
-            proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env=self.task_env(job),
-                                    cwd=self.cwd, start_new_session=True,
-                                    preexec_fn=_die_with_parent)
+            if launcher is None:  # the slow path: a fork of the whole worker (see above)
+                proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        env=env, cwd=self.cwd, start_new_session=True,
+                                        preexec_fn=_die_with_parent)
+            else:  # vfork + exec of the launcher, which sets the signal and execs CMD
+                if not self._program_found:
+                    self._check_program(env)
+                    self._program_found = True
+                proc = subprocess.Popen([*launcher, *self.cmd],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, env=env, cwd=self.cwd,
+                                        start_new_session=True)
         except OSError as e:  # not found, not executable: the same failure every time
             raise ValidationFailed(f"cannot run {self.cmd[0]}: {e.strerror or e}") from e
         _WATCHDOG.watch(proc.pid)
@@ -86,6 +111,24 @@ class CommandRunner(JobHandler):
             return self._wait(job, proc)
         finally:
             _WATCHDOG.forget(proc.pid)
+
+    def _check_program(self, env: Mapping[str, str]) -> None:
+        """Raise ``OSError`` as ``subprocess`` would when CMD's program is missing or not
+        executable (looked up on the ``PATH`` of CMD's environment, as the launcher's
+        ``execvp`` will), so such a task fails with ``OSError``'s words rather than the
+        launcher's exit status. CMD itself is passed on as written: its ``argv[0]`` (what
+        ``sh`` puts before its error lines, the failure reasons) stays the same. Once found
+        it is not looked up again (~75 us a task on a long ``PATH``): a program removed
+        later fails its tasks with the launcher's last stderr line instead."""
+        name = self.cmd[0]
+        if os.path.dirname(name):
+            path = os.path.join(self.cwd or ".", name)
+            if not os.path.exists(path):
+                raise FileNotFoundError(2, os.strerror(2), name)
+            if os.path.isdir(path) or not os.access(path, os.X_OK):
+                raise PermissionError(13, os.strerror(13), name)
+        elif shutil.which(name, path=env.get("PATH", os.defpath)) is None:
+            raise FileNotFoundError(2, os.strerror(2), name)
 
     def _wait(self, job: Job, proc: subprocess.Popen[bytes]) -> dict[str, Any] | None:
         stdin: bytes | None = json.dumps(job.task).encode()
@@ -180,6 +223,37 @@ try:  # looked up once here: the child between fork and exec should do as little
     _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
 except (OSError, AttributeError):
     _PRCTL = None
+
+
+_LAUNCHER: list[list[str] | None] = []  # found once per process: [argv prefix or None]
+_LAUNCHER_LOCK = threading.Lock()
+
+
+def _launcher() -> list[str] | None:
+    """``setpriv --pdeathsig KILL --`` when this machine's ``setpriv`` does that (tried once
+    per process, on itself), else None (the ``preexec_fn`` path)."""
+    if _LAUNCHER:
+        return _LAUNCHER[0]
+    with _LAUNCHER_LOCK:
+        if not _LAUNCHER:
+            _LAUNCHER.append(_find_launcher())
+    return _LAUNCHER[0]
+
+
+def _find_launcher() -> list[str] | None:
+    if sys.platform != "linux":
+        return None
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    argv = [setpriv, "--pdeathsig", "KILL", "--"]
+    try:
+        ok = subprocess.run([*argv, setpriv, "--version"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        ok = False
+    return argv if ok else None
 
 
 def _die_with_parent() -> None:
