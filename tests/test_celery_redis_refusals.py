@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import kombu.pools
 import pytest
 import redis
 from celery import Celery
@@ -88,6 +89,7 @@ def test_a_worker_started_against_a_full_redis_waits_and_runs_the_task_once_it_h
     finally:
         r.close()
         client.close()
+        kombu.pools.reset()  # the client's producer pools (a process-wide registry)
         srv.stop()
 
 
