@@ -53,20 +53,23 @@ def create(ctx: Context, *, assignee: str, title: str, priority: int | None = No
     }
     actor = validate.actor(actor, s)
     key = validate.dedupe_key(dedupe_key)
-    now = ctx.clock()
-    due = lifecycle.create_not_before(ctx, not_before=not_before, delay_s=delay_s, now=now)
+    due, delay = lifecycle.create_due(ctx, not_before=not_before, delay_s=delay_s)
     if due is not None:
         values["not_before"] = due
     if key is not None:
-        return _create_deduped(ctx, values={**values, "dedupe_key": key}, now=now, actor=actor)
-    if is_postgres(ctx.engine):  # one statement, one round trip
-        made = store.create_pg(ctx.engine, values=values, now=now, actor=actor,
-                               max_in_flight=s.default_max_in_flight)
+        return _create_deduped(ctx, values={**values, "dedupe_key": key}, delay_s=delay,
+                               actor=actor)
+    if is_postgres(ctx.engine):  # one statement, one round trip, the database's clock
+        made = store.create_pg(ctx.engine, values=values, now=ctx.pinned_now(), actor=actor,
+                               max_in_flight=s.default_max_in_flight, delay_s=delay)
         if made is not None:
             if not made["lane_paused"]:
                 made_claimable(ctx, assignee=a)
             return {"ok": True, "task": wire.task(made)}
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)
+        if delay is not None:
+            values["not_before"] = lifecycle.due_at(now, delay)
         store.ensure_lane(conn, assignee=a, now=now, max_in_flight=s.default_max_in_flight)
         lane = store.get_lane(conn, assignee=a)
         assert lane is not None
@@ -85,7 +88,7 @@ def create(ctx: Context, *, assignee: str, title: str, priority: int | None = No
     return {"ok": True, "task": wire.task(row)}
 
 
-def _create_deduped(ctx: Context, *, values: dict[str, Any], now: datetime,
+def _create_deduped(ctx: Context, *, values: dict[str, Any], delay_s: float | None,
                     actor: str | None) -> dict[str, Any]:
     """``create`` with a dedupe key: the insert does nothing when ``ux_task_dedupe``
     already holds the key (on PostgreSQL a racing insert waits for the other's commit, on
@@ -93,6 +96,9 @@ def _create_deduped(ctx: Context, *, values: dict[str, Any], now: datetime,
     s = ctx.settings
     a = values["assignee"]
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)
+        if delay_s is not None:
+            values = {**values, "not_before": lifecycle.due_at(now, delay_s)}
         store.ensure_lane(conn, assignee=a, now=now, max_in_flight=s.default_max_in_flight)
         lane = store.get_lane(conn, assignee=a)
         assert lane is not None
@@ -180,12 +186,13 @@ def _claim_now(ctx: Context, *, assignee: str, worker: str) -> dict[str, Any]:
     a, w = assignee, worker
     deadline = time.monotonic() + s.claim_reserve_ms / 1000
     while True:
-        now = ctx.clock()
-        fast = leases.check(ctx, assignee=a, worker=w, now_ms=to_ms(now))
+        # Redis's suggestion only (each is confirmed, or the database claims and
+        # decides): this process's clock may be off, the database's decides (SPEC 4.9)
+        fast = leases.check(ctx, assignee=a, worker=w, now_ms=to_ms(ctx.clock()))
         if fast is None or fast.code == leases.PROCEED:
             break
         if fast.code != leases.CLAIMING:
-            answer = _confirm_fast_path(ctx, fast, assignee=a, worker=w, now=now)
+            answer = _confirm_fast_path(ctx, fast, assignee=a, worker=w)
             if answer is not None:
                 return answer
         if time.monotonic() >= deadline:
@@ -193,7 +200,7 @@ def _claim_now(ctx: Context, *, assignee: str, worker: str) -> dict[str, Any]:
         time.sleep(s.claim_wait_poll_ms / 1000)
     granted = False
     try:
-        answer = _claim_in_db(ctx, assignee=a, worker=w, now=now)
+        answer = _claim_in_db(ctx, assignee=a, worker=w)
         granted = answer.get("lease") is not None and answer.get("guard") is None
         return answer
     finally:
@@ -201,10 +208,12 @@ def _claim_now(ctx: Context, *, assignee: str, worker: str) -> dict[str, Any]:
             leases.unreserve(ctx, assignee=a, worker=w)
 
 
-def _confirm_fast_path(ctx: Context, fast: leases.FastPath, *, assignee: str, worker: str,
-                       now: datetime) -> dict[str, Any] | None:
-    """Check Redis's suggestion against the database (a read, never a write)."""
+def _confirm_fast_path(ctx: Context, fast: leases.FastPath, *, assignee: str, worker: str
+                       ) -> dict[str, Any] | None:
+    """Check Redis's suggestion against the database (a read, never a write), on the
+    database's clock."""
     with transaction(ctx.engine, write=False) as conn:
+        now = ctx.now_in(conn)
         lane = store.get_lane(conn, assignee=assignee)
         if lane is None:
             return None
@@ -226,13 +235,16 @@ def _confirm_fast_path(ctx: Context, fast: leases.FastPath, *, assignee: str, wo
     return _guard(ctx, held, worker=worker, layer="redis")
 
 
-def _claim_in_db(ctx: Context, *, assignee: str, worker: str, now: datetime) -> dict[str, Any]:
+def _claim_in_db(ctx: Context, *, assignee: str, worker: str) -> dict[str, Any]:
+    """The claim's database layer; the database's clock decides every expiry (SPEC 4.9:
+    SQLite's, read inside the write transaction)."""
     if is_postgres(ctx.engine):
-        return _claim_on_pg(ctx, assignee=assignee, worker=worker, now=now)
+        return _claim_on_pg(ctx, assignee=assignee, worker=worker)
     s = ctx.settings
-    expires = now + timedelta(seconds=s.lease_ttl_s)
     token = principal.new_lease_token()
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)
+        expires = now + timedelta(seconds=s.lease_ttl_s)
         lane = store.get_lane(conn, assignee=assignee, for_update=True)
         if lane is None:
             return {"ok": True, "task": None}
@@ -265,26 +277,24 @@ def _claim_in_db(ctx: Context, *, assignee: str, worker: str, now: datetime) -> 
     leases.record(ctx, assignee=assignee, worker=worker, task_id=row["id"], token=token,
                   expires_ms=to_ms(expires), now_ms=to_ms(now),
                   max_in_flight=lane["max_in_flight"], metric="claims")
-    return {"ok": True, "task": wire.task(row),
+    return {"ok": True, "task": wire.task(row), "serverTime": iso(now),
             "lease": {"token": token, "expiresAt": iso(expires)}}
 
 
-def _claim_on_pg(ctx: Context, *, assignee: str, worker: str, now: datetime
-                 ) -> dict[str, Any]:
+def _claim_on_pg(ctx: Context, *, assignee: str, worker: str) -> dict[str, Any]:
     """PostgreSQL: the same steps as ``_claim_in_db`` in one call of ``autonomy_claim``
-    (one round trip, its own transaction; ``store.claim_pg``)."""
-    expires = now + timedelta(seconds=ctx.settings.lease_ttl_s)
-    token = principal.new_lease_token()
-
-    got = store.claim_pg(ctx.engine, assignee=assignee, worker=worker, tokens=[token],
-                         now=now, expires_at=expires, expires_iso=iso(expires) or "")
-    return _claim_answer(ctx, got, assignee=assignee, worker=worker, now=now,
-                         expires=expires)
+    (one round trip, its own transaction; ``store.claim_pg``), on its clock."""
+    got = store.claim_pg(ctx.engine, assignee=assignee, worker=worker,
+                         tokens=[principal.new_lease_token()], ttl_s=ctx.settings.lease_ttl_s,
+                         test_now=ctx.pinned_now())
+    return _claim_answer(ctx, got, assignee=assignee, worker=worker)
 
 
-def _claim_answer(ctx: Context, got: store.ClaimRows, *, assignee: str, worker: str,
-                  now: datetime, expires: datetime) -> dict[str, Any]:
-    """A claim's answer from ``autonomy_claim``'s rows, Redis told what changed."""
+def _claim_answer(ctx: Context, got: store.ClaimRows, *, assignee: str, worker: str
+                  ) -> dict[str, Any]:
+    """A claim's answer from ``autonomy_claim``'s rows, Redis told what changed. Its
+    times are the database's: the lease's expiry as granted, the clock it answered."""
+    now = got.now or ctx.clock()  # the function answers its clock first; never absent
     p = principal.current()
     granted = [r["id"] for r in got.granted] if p is not None and p.name != worker else []
     requeued = [r["id"] for r in got.requeued] if p is not None else []
@@ -302,10 +312,11 @@ def _claim_answer(ctx: Context, got: store.ClaimRows, *, assignee: str, worker: 
     if not got.granted or got.lane is None:
         return {"ok": True, "task": None}
     row = got.granted[0]
+    expires = row["lease_expires_at"]
     leases.record(ctx, assignee=assignee, worker=worker, task_id=row["id"],
                   token=row["lease_token"], expires_ms=to_ms(expires), now_ms=to_ms(now),
                   max_in_flight=got.lane["max_in_flight"], metric="claims")
-    return {"ok": True, "task": wire.task(row),
+    return {"ok": True, "task": wire.task(row), "serverTime": iso(now),
             "lease": {"token": row["lease_token"], "expiresAt": iso(expires)}}
 
 
@@ -360,9 +371,9 @@ def heartbeat(ctx: Context, *, task_id: Any, lease_token: Any) -> dict[str, Any]
     """Extend a live lease; fenced by its token."""
     tid, token = validate.task_id(task_id), validate.lease_token(lease_token)
     _check_owner(ctx, tid, token, action="heartbeat")
-    now = ctx.clock()
-    expires = now + timedelta(seconds=ctx.settings.lease_ttl_s)
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)  # the database's clock extends it (SPEC 4.9)
+        expires = now + timedelta(seconds=ctx.settings.lease_ttl_s)
         row = store.get_task(conn, task_id=tid, for_update=True)
         refusal = _refusal(row, tid, token, action="heartbeat")
         if refusal is None:
@@ -376,7 +387,8 @@ def heartbeat(ctx: Context, *, task_id: Any, lease_token: Any) -> dict[str, Any]
     leases.record(ctx, assignee=row["assignee"], worker=row["claimed_by"], task_id=tid,
                   token=token, expires_ms=to_ms(expires), now_ms=to_ms(now),
                   max_in_flight=lane["max_in_flight"])
-    return {"ok": True, "taskId": tid, "lease": {"token": token, "expiresAt": iso(expires)}}
+    return {"ok": True, "taskId": tid, "serverTime": iso(now),
+            "lease": {"token": token, "expiresAt": iso(expires)}}
 
 
 def _refusal(row: RowMapping | None, tid: int, token: str, *, action: str
@@ -435,23 +447,22 @@ def complete(ctx: Context, *, task_id: Any, lease_token: Any, outcome: Any,
     reason, res, redacted = _redacted(reason, res)
     if redacted:
         _record_redaction(ctx, tid, redacted)
-    now = ctx.clock()
     # the combined PostgreSQL path records the credential but has no room for a note of
     # the caller's own actor: such a call takes the two-step path
     noted = actor is not None and principal.audit(actor)[1].get("actorNote") is not None
     if out is Outcome.success and nxt is not None and is_postgres(ctx.engine) \
             and not noted:
-        both = _complete_and_claim_on_pg(ctx, tid=tid, token=token, res=res, now=now,
+        both = _complete_and_claim_on_pg(ctx, tid=tid, token=token, res=res,
                                          actor=actor, assignee=nxt[0], worker=nxt[1])
         if both is not None:
             answer, claimed = both
             return answer if claimed else _with_next(ctx, answer, nxt)
     elif out is Outcome.success:
-        fast = _complete_fast(ctx, tid=tid, token=token, res=res, now=now, actor=actor)
+        fast = _complete_fast(ctx, tid=tid, token=token, res=res, actor=actor)
         if fast is not None:
             return fast if nxt is None else _with_next(ctx, fast, nxt)
     answer = _complete_full(ctx, tid=tid, token=token, out=out, reason=reason, res=res,
-                            now=now, actor=actor)
+                            actor=actor)
     return answer if nxt is None else _with_next(ctx, answer, nxt)
 
 
@@ -463,8 +474,8 @@ def _check_owner(ctx: Context, tid: int, token: str, *, action: str) -> None:
     p = principal.current()
     if p is None or principal.owns_lease(token):
         return
-    now = ctx.clock()
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)
         row = store.get_task(conn, task_id=tid)
         if row is not None and row["status"] == TaskStatus.done.value \
                 and action == "complete":
@@ -504,7 +515,7 @@ def _record_redaction(ctx: Context, tid: int, counts: dict[str, int]) -> None:
     with transaction(ctx.engine) as conn:
         row = store.get_task(conn, task_id=tid)
         if row is not None:
-            store.insert_event(conn, kind="secrets_redacted", at=ctx.clock(),
+            store.insert_event(conn, kind="secrets_redacted", at=ctx.now_in(conn),
                                assignee=row["assignee"], task_id=tid, actor=None,
                                reason=f"{sum(counts.values())} secret(s) redacted",
                                data={"fields": counts, "count": sum(counts.values())})
@@ -520,12 +531,12 @@ def _with_next(ctx: Context, answer: dict[str, Any], nxt: tuple[str, str]
 
 
 def _complete_full(ctx: Context, *, tid: int, token: str, out: Outcome, reason: str | None,
-                   res: dict[str, Any] | None, now: datetime, actor: str | None
-                   ) -> dict[str, Any]:
-    """The complete that reads the row first: a failure (the breaker), a retry (the
-    guard), a refusal."""
+                   res: dict[str, Any] | None, actor: str | None) -> dict[str, Any]:
+    """The complete that reads the row first: a failure (the breaker, its window and the
+    backoff on the database's clock), a retry (the guard), a refusal."""
     answer: dict[str, Any]
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)
         lane = None
         if out is Outcome.failure:  # lock order: lane, then task
             row = store.get_task(conn, task_id=tid)
@@ -561,18 +572,19 @@ def _complete_full(ctx: Context, *, tid: int, token: str, out: Outcome, reason: 
 
 
 def _complete_fast(ctx: Context, *, tid: int, token: str, res: dict[str, Any] | None,
-                   now: datetime, actor: str | None) -> dict[str, Any] | None:
+                   actor: str | None) -> dict[str, Any] | None:
     """The common case in one conditional UPDATE: the lease is live and the token is the
     task's. None when it matched nothing -- then the full path reads the row and answers
     the guard or the refusal."""
     done: Mapping[Any, Any] | None
     if is_postgres(ctx.engine):  # one statement, one round trip
-        done = store.complete_pg(ctx.engine, task_id=tid, token=token, now=now, result=res,
-                                 actor=actor)
+        done = store.complete_pg(ctx.engine, task_id=tid, token=token,
+                                 now=ctx.pinned_now(), result=res, actor=actor)
         if done is None:
             return None
     else:
         with transaction(ctx.engine) as conn:
+            now = ctx.now_in(conn)
             done = store.mark_done(conn, task_id=tid, token=token, now=now, result=res)
             if done is None:
                 return None
@@ -585,7 +597,7 @@ def _complete_fast(ctx: Context, *, tid: int, token: str, res: dict[str, Any] | 
 
 
 def _complete_and_claim_on_pg(ctx: Context, *, tid: int, token: str,
-                              res: dict[str, Any] | None, now: datetime, actor: str | None,
+                              res: dict[str, Any] | None, actor: str | None,
                               assignee: str, worker: str
                               ) -> tuple[dict[str, Any], bool] | None:
     """A worker's cycle in two Redis round trips and one PostgreSQL one: Redis drops the
@@ -596,17 +608,16 @@ def _complete_and_claim_on_pg(ctx: Context, *, tid: int, token: str,
     was answered here -- granted, guarded or refused (a paused lane); None when the
     complete matched nothing (the full path answers)."""
     fast = leases.handoff(ctx, assignee=assignee, worker=worker, task_id=tid, token=token,
-                          now_ms=to_ms(now))
+                          now_ms=to_ms(ctx.clock()))  # a suggestion: the database decides
     reserved = fast is not None and fast.code == leases.PROCEED
     claim = fast is None or reserved
-    expires = now + timedelta(seconds=ctx.settings.lease_ttl_s)
     granted = False
     try:
         done, got = store.complete_claim_pg(
-            ctx.engine, task_id=tid, token=token, now=now, result=res, actor=actor,
+            ctx.engine, task_id=tid, token=token, result=res, actor=actor,
             assignee=assignee, worker=worker if claim else None,
-            tokens=[principal.new_lease_token()], expires_at=expires,
-            expires_iso=iso(expires) or "")
+            tokens=[principal.new_lease_token()], ttl_s=ctx.settings.lease_ttl_s,
+            test_now=ctx.pinned_now())
         if done is None:
             return None
         if done["assignee"] != assignee or done["claimed_by"] != worker:
@@ -616,8 +627,7 @@ def _complete_and_claim_on_pg(ctx: Context, *, tid: int, token: str,
         if got is None:
             return answer, False
         try:
-            answer["next"] = nxt = _claim_answer(ctx, got, assignee=assignee, worker=worker,
-                                                 now=now, expires=expires)
+            answer["next"] = nxt = _claim_answer(ctx, got, assignee=assignee, worker=worker)
         except LanePaused:
             return answer, True
         granted = nxt.get("lease") is not None and nxt.get("guard") is None
@@ -654,8 +664,8 @@ def release(ctx: Context, *, task_id: Any, lease_token: Any, actor: str | None =
     tid, token = validate.task_id(task_id), validate.lease_token(lease_token)
     actor = validate.actor(actor, ctx.settings)
     _check_owner(ctx, tid, token, action="release")
-    now = ctx.clock()
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)
         row = store.get_task(conn, task_id=tid, for_update=True)
         refusal = _refusal(row, tid, token, action="release")
         if refusal is None:

@@ -28,8 +28,9 @@ from app.storage.redis_errors import redis_errors
 def build_status(ctx: Context) -> dict[str, Any]:
     """The whole fleet at a glance: run-locks, lanes, handoff, ops incident, readiness,
     self-heal, each job's last run, recent failure fingerprints, counters."""
-    s, now = ctx.settings, ctx.clock()
+    s = ctx.settings
     with transaction(ctx.engine, write=False) as conn:
+        now = ctx.now_in(conn)  # stale flags compare stored times: the one clock
         counts = store.lane_status_counts(conn)
         lanes = [wire.lane(row, counts.get(row["assignee"], {}))
                  for row in store.list_lanes(conn)]
