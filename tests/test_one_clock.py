@@ -12,6 +12,7 @@ and lost them to the next honest claim."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,7 +25,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from app.api import metrics
 from app.ops import lane_control, lanes
+from app.ops.checks import status
 from app.storage import store
 from app.storage.context import Context
 from app.storage.db import transaction
@@ -146,6 +149,21 @@ def test_workers_ten_minutes_ahead_and_behind_run_every_task_once(
     assert events["complete_refused"] == 0, events
     assert events["task_completed"] == n, events
     assert set(workers) == {"honest-1", "honest-2", "ahead", "behind"}, workers
+    # each worker's skew is reported (status, /metrics) and the skewed ones warned
+    skew = status.build_status(rctx)["clockSkew"]
+    by = {w["worker"]: w for w in skew["workers"]}
+    assert set(by) == {"honest-1", "honest-2", "ahead", "behind"}, skew
+    assert abs(by["ahead"]["skewMs"] - AHEAD_S * 1000) < 5_000, skew
+    assert abs(by["behind"]["skewMs"] - BEHIND_S * 1000) < 5_000, skew
+    assert abs(by["honest-1"]["skewMs"]) < 5_000 and not by["honest-1"]["skewed"], skew
+    assert (skew["skewed"], skew["reporting"]) == (2, 4), skew
+    scraped = metrics.render(status.build_status(rctx)).decode()
+    assert "autonomy_workers_clock_skewed 2.0" in scraped
+    worst = re.search(r"^autonomy_worker_clock_skew_max_seconds (\S+)$", scraped, re.M)
+    assert worst is not None and abs(float(worst.group(1)) - AHEAD_S) < 5, scraped
+    for name, way in (("ahead", "ahead of"), ("behind", "behind")):
+        assert f"s {way} the database's" in f.log(name), f.log(name)
+    assert "the database's (more than" not in f.log("honest-1")
 
 
 @pytest.mark.slow

@@ -125,20 +125,24 @@ def _create_deduped(ctx: Context, *, values: dict[str, Any], delay_s: float | No
     return {"ok": True, "task": wire.task(row)}
 
 
-def claim(ctx: Context, *, assignee: str, worker: str, wait_ms: Any = None
-          ) -> dict[str, Any]:
+def claim(ctx: Context, *, assignee: str, worker: str, wait_ms: Any = None,
+          clock_skew_ms: Any = None) -> dict[str, Any]:
     """Claim the lane's next task under a lease (SPEC 4.1). With ``wait_ms``, a claim
-    that finds the lane empty waits up to that long for work (push pickup)."""
+    that finds the lane empty waits up to that long for work (push pickup).
+    ``clock_skew_ms``: the worker's clock skew as it measured it, kept with the lease it
+    is granted for status and ``/metrics`` (SPEC 4.9); the answer's ``serverTime`` is the
+    database's time the claim was decided by."""
     s = ctx.settings
     a, w = validate.assignee(assignee, s), validate.worker(worker, s)
     wait = validate.wait_ms(wait_ms, s)
+    skew = validate.clock_skew_ms(clock_skew_ms, s)
     if not wait:
-        return _claim_now(ctx, assignee=a, worker=w)
-    return _claim_waiting(ctx, assignee=a, worker=w, wait_ms=wait)
+        return _claim_now(ctx, assignee=a, worker=w, skew_ms=skew)
+    return _claim_waiting(ctx, assignee=a, worker=w, wait_ms=wait, skew_ms=skew)
 
 
-def _claim_waiting(ctx: Context, *, assignee: str, worker: str, wait_ms: int
-                   ) -> dict[str, Any]:
+def _claim_waiting(ctx: Context, *, assignee: str, worker: str, wait_ms: int,
+                   skew_ms: int | None = None) -> dict[str, Any]:
     """Claim on a wake, or on the lane's safety poll when it is this caller's turn;
     otherwise block on the lane's wake list (``pickup.wait``) until ``wait_ms`` is up. So
     a fleet waiting on an empty lane costs the database one claim per safety period, and
@@ -148,7 +152,7 @@ def _claim_waiting(ctx: Context, *, assignee: str, worker: str, wait_ms: int
     due: datetime | None = None  # when the lane's next delayed task falls due
     while True:
         if turn:
-            answer = _claim_now(ctx, assignee=assignee, worker=worker)
+            answer = _claim_now(ctx, assignee=assignee, worker=worker, skew_ms=skew_ms)
             if answer.get("task") is not None:
                 return answer
             due = lifecycle.next_due(ctx, assignee=assignee)
@@ -172,7 +176,8 @@ def made_claimable(ctx: Context, *, assignee: str, n: int = 1) -> None:
     pickup.wake(ctx, assignee=assignee, n=n)
 
 
-def _claim_now(ctx: Context, *, assignee: str, worker: str) -> dict[str, Any]:
+def _claim_now(ctx: Context, *, assignee: str, worker: str, skew_ms: int | None = None
+               ) -> dict[str, Any]:
     """Claim the lane's next task now.
 
     Redis is asked first; its ``PROCEED`` reserves the lane slot for this claim. While
@@ -200,7 +205,7 @@ def _claim_now(ctx: Context, *, assignee: str, worker: str) -> dict[str, Any]:
         time.sleep(s.claim_wait_poll_ms / 1000)
     granted = False
     try:
-        answer = _claim_in_db(ctx, assignee=a, worker=w)
+        answer = _claim_in_db(ctx, assignee=a, worker=w, skew_ms=skew_ms)
         granted = answer.get("lease") is not None and answer.get("guard") is None
         return answer
     finally:
@@ -235,11 +240,12 @@ def _confirm_fast_path(ctx: Context, fast: leases.FastPath, *, assignee: str, wo
     return _guard(ctx, held, worker=worker, layer="redis")
 
 
-def _claim_in_db(ctx: Context, *, assignee: str, worker: str) -> dict[str, Any]:
+def _claim_in_db(ctx: Context, *, assignee: str, worker: str, skew_ms: int | None = None
+                 ) -> dict[str, Any]:
     """The claim's database layer; the database's clock decides every expiry (SPEC 4.9:
     SQLite's, read inside the write transaction)."""
     if is_postgres(ctx.engine):
-        return _claim_on_pg(ctx, assignee=assignee, worker=worker)
+        return _claim_on_pg(ctx, assignee=assignee, worker=worker, skew_ms=skew_ms)
     s = ctx.settings
     token = principal.new_lease_token()
     with transaction(ctx.engine) as conn:
@@ -276,22 +282,23 @@ def _claim_in_db(ctx: Context, *, assignee: str, worker: str) -> dict[str, Any]:
         return {"ok": True, "task": None}
     leases.record(ctx, assignee=assignee, worker=worker, task_id=row["id"], token=token,
                   expires_ms=to_ms(expires), now_ms=to_ms(now),
-                  max_in_flight=lane["max_in_flight"], metric="claims")
+                  max_in_flight=lane["max_in_flight"], metric="claims", skew_ms=skew_ms)
     return {"ok": True, "task": wire.task(row), "serverTime": iso(now),
             "lease": {"token": token, "expiresAt": iso(expires)}}
 
 
-def _claim_on_pg(ctx: Context, *, assignee: str, worker: str) -> dict[str, Any]:
+def _claim_on_pg(ctx: Context, *, assignee: str, worker: str, skew_ms: int | None = None
+                 ) -> dict[str, Any]:
     """PostgreSQL: the same steps as ``_claim_in_db`` in one call of ``autonomy_claim``
     (one round trip, its own transaction; ``store.claim_pg``), on its clock."""
     got = store.claim_pg(ctx.engine, assignee=assignee, worker=worker,
                          tokens=[principal.new_lease_token()], ttl_s=ctx.settings.lease_ttl_s,
                          test_now=ctx.pinned_now())
-    return _claim_answer(ctx, got, assignee=assignee, worker=worker)
+    return _claim_answer(ctx, got, assignee=assignee, worker=worker, skew_ms=skew_ms)
 
 
-def _claim_answer(ctx: Context, got: store.ClaimRows, *, assignee: str, worker: str
-                  ) -> dict[str, Any]:
+def _claim_answer(ctx: Context, got: store.ClaimRows, *, assignee: str, worker: str,
+                  skew_ms: int | None = None) -> dict[str, Any]:
     """A claim's answer from ``autonomy_claim``'s rows, Redis told what changed. Its
     times are the database's: the lease's expiry as granted, the clock it answered."""
     now = got.now or ctx.clock()  # the function answers its clock first; never absent
@@ -315,7 +322,7 @@ def _claim_answer(ctx: Context, got: store.ClaimRows, *, assignee: str, worker: 
     expires = row["lease_expires_at"]
     leases.record(ctx, assignee=assignee, worker=worker, task_id=row["id"],
                   token=row["lease_token"], expires_ms=to_ms(expires), now_ms=to_ms(now),
-                  max_in_flight=got.lane["max_in_flight"], metric="claims")
+                  max_in_flight=got.lane["max_in_flight"], metric="claims", skew_ms=skew_ms)
     return {"ok": True, "task": wire.task(row), "serverTime": iso(now),
             "lease": {"token": row["lease_token"], "expiresAt": iso(expires)}}
 
@@ -367,9 +374,12 @@ def requeue_events(conn: Connection, rows: Any, *, now: datetime, actor: str) ->
     ])
 
 
-def heartbeat(ctx: Context, *, task_id: Any, lease_token: Any) -> dict[str, Any]:
-    """Extend a live lease; fenced by its token."""
+def heartbeat(ctx: Context, *, task_id: Any, lease_token: Any, clock_skew_ms: Any = None
+              ) -> dict[str, Any]:
+    """Extend a live lease by the database's clock; fenced by its token. ``clock_skew_ms``
+    as ``claim`` takes it; the answer's ``serverTime`` as ``claim`` answers it."""
     tid, token = validate.task_id(task_id), validate.lease_token(lease_token)
+    skew = validate.clock_skew_ms(clock_skew_ms, ctx.settings)
     _check_owner(ctx, tid, token, action="heartbeat")
     with transaction(ctx.engine) as conn:
         now = ctx.now_in(conn)  # the database's clock extends it (SPEC 4.9)
@@ -386,7 +396,7 @@ def heartbeat(ctx: Context, *, task_id: Any, lease_token: Any) -> dict[str, Any]
     assert row is not None and lane is not None
     leases.record(ctx, assignee=row["assignee"], worker=row["claimed_by"], task_id=tid,
                   token=token, expires_ms=to_ms(expires), now_ms=to_ms(now),
-                  max_in_flight=lane["max_in_flight"])
+                  max_in_flight=lane["max_in_flight"], skew_ms=skew)
     return {"ok": True, "taskId": tid, "serverTime": iso(now),
             "lease": {"token": token, "expiresAt": iso(expires)}}
 
@@ -428,14 +438,16 @@ def _refusal_event(conn: Connection, err: AutonomyError, row: RowMapping | None,
 
 def complete(ctx: Context, *, task_id: Any, lease_token: Any, outcome: Any,
              validation_reason: Any = None, result: Any = None,
-             actor: str | None = None, claim_next: Any = None) -> dict[str, Any]:
+             actor: str | None = None, claim_next: Any = None,
+             clock_skew_ms: Any = None) -> dict[str, Any]:
     """Finish a leased task with success, or with a validation failure (SPEC 4.2).
 
     ``claim_next`` (``{"assignee": lane, "worker": name}``): once the outcome is recorded,
     claim that worker's next task in the lane too and answer it as ``next`` (what ``claim``
     would answer) -- on PostgreSQL in the same round trip and transaction as the complete.
     ``next`` is left out when that claim was refused (a paused lane, Redis asking to
-    wait, ...): the worker then claims as usual and hears why."""
+    wait, ...): the worker then claims as usual and hears why. ``clock_skew_ms`` as
+    ``claim`` takes it, kept with that next lease."""
     s = ctx.settings
     tid, token, out = validate.task_id(task_id), validate.lease_token(lease_token), \
         validate.outcome(outcome)
@@ -443,6 +455,7 @@ def complete(ctx: Context, *, task_id: Any, lease_token: Any, outcome: Any,
     res = validate.json_object(result, s, field="result")
     actor = validate.actor(actor, s)
     nxt = validate.claim_next(claim_next, s)
+    skew = validate.clock_skew_ms(clock_skew_ms, s)
     _check_owner(ctx, tid, token, action="complete")
     reason, res, redacted = _redacted(reason, res)
     if redacted:
@@ -453,17 +466,18 @@ def complete(ctx: Context, *, task_id: Any, lease_token: Any, outcome: Any,
     if out is Outcome.success and nxt is not None and is_postgres(ctx.engine) \
             and not noted:
         both = _complete_and_claim_on_pg(ctx, tid=tid, token=token, res=res,
-                                         actor=actor, assignee=nxt[0], worker=nxt[1])
+                                         actor=actor, assignee=nxt[0], worker=nxt[1],
+                                         skew_ms=skew)
         if both is not None:
             answer, claimed = both
-            return answer if claimed else _with_next(ctx, answer, nxt)
+            return answer if claimed else _with_next(ctx, answer, nxt, skew)
     elif out is Outcome.success:
         fast = _complete_fast(ctx, tid=tid, token=token, res=res, actor=actor)
         if fast is not None:
-            return fast if nxt is None else _with_next(ctx, fast, nxt)
+            return fast if nxt is None else _with_next(ctx, fast, nxt, skew)
     answer = _complete_full(ctx, tid=tid, token=token, out=out, reason=reason, res=res,
                             actor=actor)
-    return answer if nxt is None else _with_next(ctx, answer, nxt)
+    return answer if nxt is None else _with_next(ctx, answer, nxt, skew)
 
 
 def _check_owner(ctx: Context, tid: int, token: str, *, action: str) -> None:
@@ -521,11 +535,12 @@ def _record_redaction(ctx: Context, tid: int, counts: dict[str, int]) -> None:
                                data={"fields": counts, "count": sum(counts.values())})
 
 
-def _with_next(ctx: Context, answer: dict[str, Any], nxt: tuple[str, str]
-               ) -> dict[str, Any]:
+def _with_next(ctx: Context, answer: dict[str, Any], nxt: tuple[str, str],
+               skew_ms: int | None = None) -> dict[str, Any]:
     """``answer`` with the worker's next claim as ``next``; without, when it is refused."""
     try:
-        return {**answer, "next": _claim_now(ctx, assignee=nxt[0], worker=nxt[1])}
+        return {**answer, "next": _claim_now(ctx, assignee=nxt[0], worker=nxt[1],
+                                             skew_ms=skew_ms)}
     except AutonomyError:
         return answer
 
@@ -598,7 +613,7 @@ def _complete_fast(ctx: Context, *, tid: int, token: str, res: dict[str, Any] | 
 
 def _complete_and_claim_on_pg(ctx: Context, *, tid: int, token: str,
                               res: dict[str, Any] | None, actor: str | None,
-                              assignee: str, worker: str
+                              assignee: str, worker: str, skew_ms: int | None = None
                               ) -> tuple[dict[str, Any], bool] | None:
     """A worker's cycle in two Redis round trips and one PostgreSQL one: Redis drops the
     lease being completed and checks (and reserves the slot for) the worker's next claim;
@@ -627,7 +642,8 @@ def _complete_and_claim_on_pg(ctx: Context, *, tid: int, token: str,
         if got is None:
             return answer, False
         try:
-            answer["next"] = nxt = _claim_answer(ctx, got, assignee=assignee, worker=worker)
+            answer["next"] = nxt = _claim_answer(ctx, got, assignee=assignee, worker=worker,
+                                                 skew_ms=skew_ms)
         except LanePaused:
             return answer, True
         granted = nxt.get("lease") is not None and nxt.get("guard") is None
