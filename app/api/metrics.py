@@ -282,7 +282,8 @@ def _clock_skew(s: Mapping[str, Any]) -> list[Metric]:
     bounded label; status lists them one by one)."""
     skew = _dict(s.get("clockSkew"))
     worst = _gauge("autonomy_worker_clock_skew_max_seconds",
-                   "The largest clock skew (either way) a worker reported in the last hour.")
+                   "The largest clock skew (either way) a worker reported in the last hour "
+                   "(0 while none reports).")
     skewed = _gauge("autonomy_workers_clock_skewed",
                     "Workers whose reported clock skew is past clock_skew_warn_s.")
     reporting = _gauge("autonomy_workers_clock_reporting",
@@ -290,8 +291,9 @@ def _clock_skew(s: Mapping[str, Any]) -> list[Metric]:
     if "reporting" in skew:
         reporting.add_metric([], _num(skew.get("reporting")))
         skewed.add_metric([], _num(skew.get("skewed")))
-        if skew.get("maxAbsMs") is not None:
-            worst.add_metric([], _num(skew["maxAbsMs"]) / 1000)
+        # no worker reporting: no skew known, 0 (the gauge is never missing while Redis
+        # answers)
+        worst.add_metric([], _num(skew.get("maxAbsMs") or 0) / 1000)
     return [worst, skewed, reporting]
 
 
