@@ -150,16 +150,19 @@ def _claim_waiting(ctx: Context, *, assignee: str, worker: str, wait_ms: int,
     deadline = time.monotonic() + wait_ms / 1000
     turn = pickup.take_turn(ctx, assignee=assignee)
     due: datetime | None = None  # when the lane's next delayed task falls due
+    due_mono = 0.0  # the same instant on this process's monotonic clock
     while True:
         if turn:
             answer = _claim_now(ctx, assignee=assignee, worker=worker, skew_ms=skew_ms)
             if answer.get("task") is not None:
                 return answer
-            due = lifecycle.next_due(ctx, assignee=assignee)
+            got_due = lifecycle.next_due(ctx, assignee=assignee)
+            due = None if got_due is None else got_due[0]
+            due_mono = 0.0 if got_due is None else time.monotonic() + got_due[1]
         left = deadline - time.monotonic()
         if left <= 0:
             return {"ok": True, "task": None}
-        if due is not None and (until_due := (due - ctx.clock()).total_seconds()) <= left:
+        if due is not None and (until_due := due_mono - time.monotonic()) <= left:
             # a task falls due within this wait: wait for a wake until then, then one
             # waiter per due instant claims it
             got = pickup.wait(ctx, assignee=assignee, timeout_s=max(0.0, until_due))

@@ -53,11 +53,14 @@ def after_failure(task: Mapping[Any, Any], lane: Mapping[Any, Any], s: Settings,
     return TaskStatus.todo.value, (now + timedelta(seconds=delay) if delay > 0 else None)
 
 
-def next_due(ctx: Context, *, assignee: str) -> datetime | None:
-    """When the lane's soonest ``todo`` task that is not yet due falls due (push pickup
-    bounds a waiting claim's wait by it), or None."""
+def next_due(ctx: Context, *, assignee: str) -> tuple[datetime, float] | None:
+    """When the lane's soonest ``todo`` task that is not yet due falls due, and in how
+    many seconds by the database's clock (push pickup bounds a waiting claim's wait by
+    it, never by this process's clock), or None."""
     with transaction(ctx.engine, write=False) as conn:
-        return store.next_due(conn, assignee=assignee, now=ctx.now_in(conn))
+        now = ctx.now_in(conn)
+        due = store.next_due(conn, assignee=assignee, now=now)
+    return None if due is None else (due, (due - now).total_seconds())
 
 
 def create_due(ctx: Context, *, not_before: Any, delay_s: Any
