@@ -152,11 +152,12 @@ class Stack:
 
     # --- processes ----------------------------------------------------------------------
 
-    def start_workers(self, lease_ttl_s: float | None = None) -> None:
-        """8 lane workers (new names each generation: a restarted worker is a new one)."""
+    def start_workers(self, lease_ttl_s: float | None = None, work_s: float = 0.0) -> None:
+        """8 lane workers (new names each generation: a restarted worker is a new one);
+        each task's command takes ``work_s`` after logging its run."""
         self._generation += 1
         cmd = ["sh", "-c", f'cat >/dev/null; echo "$AUTONOMY_TASK_ID $AUTONOMY_WORKER" '
-                           f'>> {self.cmd_log}']
+                           f'>> {self.cmd_log}' + (f"; sleep {work_s:g}" if work_s else "")]
         for lane in LANES:
             for i in range(WORKERS_PER_LANE):
                 self.start_worker(f"w{self._generation}-{lane}-{i}", lane, cmd, lease_ttl_s)

@@ -286,6 +286,7 @@ def sigstop_lock_holder(stack: Stack) -> tuple[None, datetime, str]:
 
 
 SKEW_S = 600.0
+SKEW_WORK_S = 0.2  # each task holds its lease a while, so skewed claims meet live leases
 
 
 def skewed_workers(offset_s: float) -> Inject:
@@ -296,7 +297,8 @@ def skewed_workers(offset_s: float) -> Inject:
         for lane in LANES:
             stack.start_worker(f"w-{way}-{lane}", lane,
                                ["sh", "-c", f'cat >/dev/null; echo "$AUTONOMY_TASK_ID '
-                                            f'$AUTONOMY_WORKER" >> {stack.cmd_log}'],
+                                            f'$AUTONOMY_WORKER" >> {stack.cmd_log}; '
+                                            f"sleep {SKEW_WORK_S:g}"],
                                clock_offset_s=offset_s)
         return None, _now(), (f"one worker per lane with its clock {abs(offset_s):g} s "
                               f"{way} (leases {LEASE_S:g} s)")
@@ -416,7 +418,8 @@ def test_the_fleet_survives_redis_answering_with_errors(backend: str) -> None:
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_the_fleet_survives_workers_with_clocks_ten_minutes_off(backend: str) -> None:
     """SPEC 4.9: workers 10 minutes ahead, then 10 minutes behind, join the honest fleet
-    (leases of 6 s): no task lost or run twice, no double grant, no lane over its limit."""
+    (leases of 6 s, tasks of 0.2 s): no task lost or run twice, no double grant, no lane
+    over its limit."""
     tmp_path = Path(tempfile.mkdtemp(prefix=f"autonomy-faults-clocks-{backend}-"))
     pg = Postgres() if backend == "postgres" else None
     url = db.normalise_url(pg.url) if pg else f"sqlite:///{tmp_path / 'faults.db'}"
@@ -425,10 +428,10 @@ def test_the_fleet_survives_workers_with_clocks_ten_minutes_off(backend: str) ->
     rows: list[Row] = []
     try:
         stack.start_celery()
-        stack.start_workers()
+        stack.start_workers(work_s=SKEW_WORK_S)
         rows.append(_run(stack, "workers' clocks 10 min ahead", skewed_workers(SKEW_S)))
         stack.stop_workers()
-        stack.start_workers()
+        stack.start_workers(work_s=SKEW_WORK_S)
         rows.append(_run(stack, "workers' clocks 10 min behind", skewed_workers(-SKEW_S)))
         stack.stop_all()
         left = stack.left_behind()
