@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -9,8 +10,11 @@ Clock = Callable[[], datetime]
 
 
 def utcnow() -> datetime:
-    """Timezone-aware UTC now."""
-    return datetime.now(UTC)
+    """Timezone-aware UTC now: this process's wall clock (``time.time``), which may be
+    off -- what it decides is this process's own business only (log lines, its waits);
+    the time rules are the database's (SPEC 4.9, ``Context.now_in``). Read through
+    ``time.time`` so that a test can shift one process's clock (``tests/skew.py``)."""
+    return datetime.fromtimestamp(time.time(), UTC)
 
 
 def to_ms(dt: datetime) -> int:

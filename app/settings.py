@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     # --- lanes, leases, breaker ---------------------------------------------------
     lease_ttl_s: float = 300.0
     """Lease length; a worker heartbeats to extend it."""
+    clock_skew_warn_s: float = Field(default=5.0, gt=0)
+    """A worker whose clock is off from the database's by more than this (seconds, either
+    way) logs a warning, and status counts it as skewed. Leases are decided by the
+    database's clock whatever a worker's reads (SPEC 4.9); a skewed clock only misleads
+    that host's logs and whatever else runs on it."""
     # how long a claim in flight holds its lane slot in Redis; a racing claim waits for it
     # at most this long (then the database decides alone)
     claim_reserve_ms: int = Field(default=2_000, gt=0)

@@ -52,6 +52,7 @@ DELAY_S_MAX = 366 * 86400.0
 MAX_ATTEMPTS_MAX = 10_000
 BACKOFF_S_MAX = 7 * 86400.0
 LIST_LIMIT_MAX = 500
+CLOCK_SKEW_MS_MAX = 366 * 24 * 3600 * 1000  # a year: any real clock error, and no overflow
 TASK_STATUSES = ("todo", "in_progress", "done", "cancelled", "dead")
 TASK_KINDS = ("work", "ops_remediation")
 # kept for callers that name it (the old constant)
@@ -77,6 +78,7 @@ class Types(NamedTuple):
     max_attempts: Any = None
     backoff_s: Any = None
     list_limit: Any = None
+    clock_skew_ms: Any = None
 
 
 @lru_cache(maxsize=32)
@@ -107,6 +109,7 @@ def _types(assignee_max: int, worker_max: int, title_max: int, reason_max: int,
         max_attempts=Annotated[int, Ge(1), Le(MAX_ATTEMPTS_MAX)],
         backoff_s=Annotated[float, Ge(0), Le(BACKOFF_S_MAX)],
         list_limit=Annotated[int, Ge(1), Le(LIST_LIMIT_MAX)],
+        clock_skew_ms=Annotated[int, Ge(-CLOCK_SKEW_MS_MAX), Le(CLOCK_SKEW_MS_MAX)],
     )
 
 
@@ -320,6 +323,17 @@ def fingerprint(value: Any) -> str:
 def max_in_flight(value: Any) -> int:
     out: int = _check(types(DEFAULT_LIMITS).max_in_flight, value, InvalidInput, "maxInFlight",
                       f"maxInFlight must be an integer from 1 to {MAX_IN_FLIGHT_MAX}")
+    return out
+
+
+def clock_skew_ms(value: Any, s: Settings) -> int | None:
+    """A worker's reported ``clockSkewMs`` (its clock minus the database's, as it measured
+    it from the answers' ``serverTime``): optional, at most a year either way."""
+    if value is None:
+        return None
+    out: int = _check(types(s).clock_skew_ms, value, InvalidInput, "clockSkewMs",
+                      f"clockSkewMs must be an integer from {-CLOCK_SKEW_MS_MAX} to "
+                      f"{CLOCK_SKEW_MS_MAX}")
     return out
 
 

@@ -13,7 +13,6 @@ from typing import Any
 import psycopg
 import pytest
 
-from app.clock import iso
 from app.storage import db
 
 pytestmark = pytest.mark.postgres
@@ -48,9 +47,10 @@ def _lane(dsn: str, *, max_in_flight: int, tasks: int) -> list[int]:
 def _claim(conn: psycopg.Connection[Any], worker: str, *, n: int = 1) -> dict[str, Any]:
     """``autonomy_claim`` in the connection's open transaction: ``{outcome: [rows]}``."""
     rows = conn.execute(
-        "SELECT outcome, row_json FROM autonomy_claim(%s, %s, %s::text[], %s, %s, %s)",
-        (LANE, worker, [secrets.token_hex(16) for _ in range(n)], NOW, EXPIRES,
-         iso(EXPIRES))).fetchall()
+        "SELECT outcome, row_json FROM autonomy_claim(%s, %s, %s::text[], %s::float8,"
+        " %s::timestamptz)",
+        (LANE, worker, [secrets.token_hex(16) for _ in range(n)],
+         (EXPIRES - NOW).total_seconds(), NOW)).fetchall()
     out: dict[str, Any] = {}
     for outcome, row in rows:
         out.setdefault(outcome, []).append(row)

@@ -167,12 +167,12 @@ def test_a_heartbeat_stuck_on_the_network_does_not_starve_the_next_lease(
     beats: dict[int, int] = {}
 
     class StuckOnce(LocalClient):
-        def heartbeat(self, task_id: int, lease_token: str) -> dict[str, Any]:
+        def heartbeat(self, task_id: int, lease_token: str, **kw: Any) -> dict[str, Any]:
             if not hung.is_set():
                 hung.set()
                 release.wait(60)  # on the network until the test ends
             beats[task_id] = beats.get(task_id, 0) + 1
-            return super().heartbeat(task_id, lease_token)
+            return super().heartbeat(task_id, lease_token, **kw)
 
     try:
         first = lanes.create(ctx, assignee="coder", title="first", priority=1)["task"]["id"]

@@ -71,6 +71,7 @@ class StatusCollector(Collector):
             *_incident(_dict(s.get("opsIncident"))),
             *_counters(_dict(s.get("metrics"))),
             *_infrastructure(s),
+            *_clock_skew(s),
             *_retention(_dict(s.get("retention"))),
         ]
 
@@ -274,6 +275,26 @@ def _retention(r: Mapping[str, Any]) -> list[Metric]:
         pruned.add_metric([], _num(totals.get(kind)))
         out.append(pruned)
     return out
+
+
+def _clock_skew(s: Mapping[str, Any]) -> list[Metric]:
+    """SPEC 4.9: the workers' reported clock skew, summarised (a worker's name is not a
+    bounded label; status lists them one by one)."""
+    skew = _dict(s.get("clockSkew"))
+    worst = _gauge("autonomy_worker_clock_skew_max_seconds",
+                   "The largest clock skew (either way) a worker reported in the last hour "
+                   "(0 while none reports).")
+    skewed = _gauge("autonomy_workers_clock_skewed",
+                    "Workers whose reported clock skew is past clock_skew_warn_s.")
+    reporting = _gauge("autonomy_workers_clock_reporting",
+                       "Workers that reported their clock skew in the last hour.")
+    if "reporting" in skew:
+        reporting.add_metric([], _num(skew.get("reporting")))
+        skewed.add_metric([], _num(skew.get("skewed")))
+        # no worker reporting: no skew known, 0 (the gauge is never missing while Redis
+        # answers)
+        worst.add_metric([], _num(skew.get("maxAbsMs") or 0) / 1000)
+    return [worst, skewed, reporting]
 
 
 def _infrastructure(s: Mapping[str, Any]) -> list[Metric]:

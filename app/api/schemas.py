@@ -70,10 +70,16 @@ def _build(t: validate.Types) -> RequestSchema:
             "worker": _req(t.worker, "Who claims."),
             "waitMs": _opt(t.wait_ms, "When the lane has nothing to claim, wait up to this "
                            "long (ms) for work to arrive before answering (a long poll; "
-                           "default 0).")}),
+                           "default 0)."),
+            "clockSkewMs": _opt(t.clock_skew_ms, "The worker's clock minus the database's "
+                                "(ms), as it measured it from answers' `serverTime`: shown "
+                                "in status and `/metrics` (leases never depend on it).")}),
         ("HeartbeatRequest", "Extend a live lease.", "heartbeat", {
             "taskId": _req(t.task_id, "The task."),
-            "leaseToken": _req(t.lease_token, "The token the claim answered.")}),
+            "leaseToken": _req(t.lease_token, "The token the claim answered."),
+            "clockSkewMs": _opt(t.clock_skew_ms, "The worker's clock minus the database's "
+                                "(ms), as it measured it from answers' `serverTime`: shown "
+                                "in status and `/metrics` (leases never depend on it).")}),
         ("CompleteRequest", "Finish a leased task with success, or with a validation "
          "failure.", "complete", {
             "taskId": _req(t.task_id, "The task."),
@@ -86,7 +92,10 @@ def _build(t: validate.Types) -> RequestSchema:
             "claimNext": _opt(claim_next, "Once the outcome is recorded, claim this "
                               "worker's next task in this lane and answer it as `next` "
                               "(what `claim` answers; left out when that claim is "
-                              "refused): a worker's cycle in one request.")}),
+                              "refused): a worker's cycle in one request."),
+            "clockSkewMs": _opt(t.clock_skew_ms, "The worker's clock minus the database's "
+                                "(ms), as it measured it from answers' `serverTime`: shown "
+                                "in status and `/metrics` (leases never depend on it).")}),
         ("ReleaseRequest", "Give a lease back without an outcome.", "release", {
             "taskId": _req(t.task_id, "The task."),
             "leaseToken": _req(t.lease_token, "The token the claim answered."),

@@ -146,6 +146,6 @@ def fingerprint_count(ctx: Context, *, fingerprint: str, window_hours: float | N
     """How many failures of ``fingerprint`` in the last ``window_hours`` (default the
     breaker window). The change log's getFailureFingerprintCount."""
     hours = ctx.settings.breaker_window_h if window_hours is None else window_hours
-    since = ctx.clock() - timedelta(hours=hours)
     with transaction(ctx.engine, write=False) as conn:
+        since = ctx.now_in(conn) - timedelta(hours=hours)
         return store.count_fingerprint(conn, fingerprint=fingerprint, since=since)

@@ -51,13 +51,15 @@ ACTIONS: dict[str, Callable[[Context, Mapping[str, Any]], dict[str, Any]]] = {
         delay_s=f.get("delayS")),
     "claim": lambda ctx, f: lanes.claim(
         ctx, assignee=f.get("assignee"), worker=f.get("worker"),  # type: ignore[arg-type]
-        wait_ms=f.get("waitMs")),
+        wait_ms=f.get("waitMs"), clock_skew_ms=f.get("clockSkewMs")),
     "heartbeat": lambda ctx, f: lanes.heartbeat(
-        ctx, task_id=f.get("taskId"), lease_token=f.get("leaseToken")),
+        ctx, task_id=f.get("taskId"), lease_token=f.get("leaseToken"),
+        clock_skew_ms=f.get("clockSkewMs")),
     "complete": lambda ctx, f: lanes.complete(
         ctx, task_id=f.get("taskId"), lease_token=f.get("leaseToken"),
         outcome=f.get("outcome"), validation_reason=f.get("validationReason"),
-        result=f.get("result"), actor=f.get("actor"), claim_next=f.get("claimNext")),
+        result=f.get("result"), actor=f.get("actor"), claim_next=f.get("claimNext"),
+        clock_skew_ms=f.get("clockSkewMs")),
     "release": lambda ctx, f: lanes.release(
         ctx, task_id=f.get("taskId"), lease_token=f.get("leaseToken"), actor=f.get("actor")),
     "pause_lane": lambda ctx, f: lane_control.pause_lane(

@@ -21,8 +21,8 @@ def pause_lane(ctx: Context, *, assignee: str, reason: str | None = None,
     a = validate.assignee(assignee, s)
     why = validate.reason(reason, s, required=False, field="reason") or "paused by operator"
     who = _actor(actor, s)
-    now = ctx.clock()
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)  # the one clock: resumed_at starts the breaker's window
         store.ensure_lane(conn, assignee=a, now=now, max_in_flight=s.default_max_in_flight)
         lane = store.get_lane(conn, assignee=a, for_update=True)
         assert lane is not None
@@ -46,8 +46,8 @@ def resume_lane(ctx: Context, *, assignee: str, actor: str | None = None,
     a = validate.assignee(assignee, s)
     why = validate.reason(reason, s, required=False, field="reason")
     who = _actor(actor, s)
-    now = ctx.clock()
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)  # the one clock: resumed_at starts the breaker's window
         lane = store.get_lane(conn, assignee=a, for_update=True)
         was_paused = bool(lane and lane["paused"])
         if lane is not None and was_paused:
@@ -79,8 +79,8 @@ def configure_lane(ctx: Context, *, assignee: str, max_in_flight: Any = None,
     if mif is None and not more:
         raise InvalidInput("give maxInFlight, maxAttempts, backoffBaseS or backoffCapS",
                            field="maxInFlight")
-    now = ctx.clock()
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)  # the one clock: resumed_at starts the breaker's window
         store.ensure_lane(conn, assignee=a, now=now,
                           max_in_flight=mif if mif is not None else s.default_max_in_flight)
         store.get_lane(conn, assignee=a, for_update=True)

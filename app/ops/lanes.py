@@ -53,20 +53,23 @@ def create(ctx: Context, *, assignee: str, title: str, priority: int | None = No
     }
     actor = validate.actor(actor, s)
     key = validate.dedupe_key(dedupe_key)
-    now = ctx.clock()
-    due = lifecycle.create_not_before(ctx, not_before=not_before, delay_s=delay_s, now=now)
+    due, delay = lifecycle.create_due(ctx, not_before=not_before, delay_s=delay_s)
     if due is not None:
         values["not_before"] = due
     if key is not None:
-        return _create_deduped(ctx, values={**values, "dedupe_key": key}, now=now, actor=actor)
-    if is_postgres(ctx.engine):  # one statement, one round trip
-        made = store.create_pg(ctx.engine, values=values, now=now, actor=actor,
-                               max_in_flight=s.default_max_in_flight)
+        return _create_deduped(ctx, values={**values, "dedupe_key": key}, delay_s=delay,
+                               actor=actor)
+    if is_postgres(ctx.engine):  # one statement, one round trip, the database's clock
+        made = store.create_pg(ctx.engine, values=values, now=ctx.pinned_now(), actor=actor,
+                               max_in_flight=s.default_max_in_flight, delay_s=delay)
         if made is not None:
             if not made["lane_paused"]:
                 made_claimable(ctx, assignee=a)
             return {"ok": True, "task": wire.task(made)}
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)
+        if delay is not None:
+            values["not_before"] = lifecycle.due_at(now, delay)
         store.ensure_lane(conn, assignee=a, now=now, max_in_flight=s.default_max_in_flight)
         lane = store.get_lane(conn, assignee=a)
         assert lane is not None
@@ -85,7 +88,7 @@ def create(ctx: Context, *, assignee: str, title: str, priority: int | None = No
     return {"ok": True, "task": wire.task(row)}
 
 
-def _create_deduped(ctx: Context, *, values: dict[str, Any], now: datetime,
+def _create_deduped(ctx: Context, *, values: dict[str, Any], delay_s: float | None,
                     actor: str | None) -> dict[str, Any]:
     """``create`` with a dedupe key: the insert does nothing when ``ux_task_dedupe``
     already holds the key (on PostgreSQL a racing insert waits for the other's commit, on
@@ -93,6 +96,9 @@ def _create_deduped(ctx: Context, *, values: dict[str, Any], now: datetime,
     s = ctx.settings
     a = values["assignee"]
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)
+        if delay_s is not None:
+            values = {**values, "not_before": lifecycle.due_at(now, delay_s)}
         store.ensure_lane(conn, assignee=a, now=now, max_in_flight=s.default_max_in_flight)
         lane = store.get_lane(conn, assignee=a)
         assert lane is not None
@@ -119,20 +125,24 @@ def _create_deduped(ctx: Context, *, values: dict[str, Any], now: datetime,
     return {"ok": True, "task": wire.task(row)}
 
 
-def claim(ctx: Context, *, assignee: str, worker: str, wait_ms: Any = None
-          ) -> dict[str, Any]:
+def claim(ctx: Context, *, assignee: str, worker: str, wait_ms: Any = None,
+          clock_skew_ms: Any = None) -> dict[str, Any]:
     """Claim the lane's next task under a lease (SPEC 4.1). With ``wait_ms``, a claim
-    that finds the lane empty waits up to that long for work (push pickup)."""
+    that finds the lane empty waits up to that long for work (push pickup).
+    ``clock_skew_ms``: the worker's clock skew as it measured it, kept with the lease it
+    is granted for status and ``/metrics`` (SPEC 4.9); the answer's ``serverTime`` is the
+    database's time the claim was decided by."""
     s = ctx.settings
     a, w = validate.assignee(assignee, s), validate.worker(worker, s)
     wait = validate.wait_ms(wait_ms, s)
+    skew = validate.clock_skew_ms(clock_skew_ms, s)
     if not wait:
-        return _claim_now(ctx, assignee=a, worker=w)
-    return _claim_waiting(ctx, assignee=a, worker=w, wait_ms=wait)
+        return _claim_now(ctx, assignee=a, worker=w, skew_ms=skew)
+    return _claim_waiting(ctx, assignee=a, worker=w, wait_ms=wait, skew_ms=skew)
 
 
-def _claim_waiting(ctx: Context, *, assignee: str, worker: str, wait_ms: int
-                   ) -> dict[str, Any]:
+def _claim_waiting(ctx: Context, *, assignee: str, worker: str, wait_ms: int,
+                   skew_ms: int | None = None) -> dict[str, Any]:
     """Claim on a wake, or on the lane's safety poll when it is this caller's turn;
     otherwise block on the lane's wake list (``pickup.wait``) until ``wait_ms`` is up. So
     a fleet waiting on an empty lane costs the database one claim per safety period, and
@@ -140,16 +150,19 @@ def _claim_waiting(ctx: Context, *, assignee: str, worker: str, wait_ms: int
     deadline = time.monotonic() + wait_ms / 1000
     turn = pickup.take_turn(ctx, assignee=assignee)
     due: datetime | None = None  # when the lane's next delayed task falls due
+    due_mono = 0.0  # the same instant on this process's monotonic clock
     while True:
         if turn:
-            answer = _claim_now(ctx, assignee=assignee, worker=worker)
+            answer = _claim_now(ctx, assignee=assignee, worker=worker, skew_ms=skew_ms)
             if answer.get("task") is not None:
                 return answer
-            due = lifecycle.next_due(ctx, assignee=assignee)
+            got_due = lifecycle.next_due(ctx, assignee=assignee)
+            due = None if got_due is None else got_due[0]
+            due_mono = 0.0 if got_due is None else time.monotonic() + got_due[1]
         left = deadline - time.monotonic()
         if left <= 0:
             return {"ok": True, "task": None}
-        if due is not None and (until_due := (due - ctx.clock()).total_seconds()) <= left:
+        if due is not None and (until_due := due_mono - time.monotonic()) <= left:
             # a task falls due within this wait: wait for a wake until then, then one
             # waiter per due instant claims it
             got = pickup.wait(ctx, assignee=assignee, timeout_s=max(0.0, until_due))
@@ -166,7 +179,8 @@ def made_claimable(ctx: Context, *, assignee: str, n: int = 1) -> None:
     pickup.wake(ctx, assignee=assignee, n=n)
 
 
-def _claim_now(ctx: Context, *, assignee: str, worker: str) -> dict[str, Any]:
+def _claim_now(ctx: Context, *, assignee: str, worker: str, skew_ms: int | None = None
+               ) -> dict[str, Any]:
     """Claim the lane's next task now.
 
     Redis is asked first; its ``PROCEED`` reserves the lane slot for this claim. While
@@ -180,12 +194,13 @@ def _claim_now(ctx: Context, *, assignee: str, worker: str) -> dict[str, Any]:
     a, w = assignee, worker
     deadline = time.monotonic() + s.claim_reserve_ms / 1000
     while True:
-        now = ctx.clock()
-        fast = leases.check(ctx, assignee=a, worker=w, now_ms=to_ms(now))
+        # Redis's suggestion only (each is confirmed, or the database claims and
+        # decides): this process's clock may be off, the database's decides (SPEC 4.9)
+        fast = leases.check(ctx, assignee=a, worker=w, now_ms=to_ms(ctx.clock()))
         if fast is None or fast.code == leases.PROCEED:
             break
         if fast.code != leases.CLAIMING:
-            answer = _confirm_fast_path(ctx, fast, assignee=a, worker=w, now=now)
+            answer = _confirm_fast_path(ctx, fast, assignee=a, worker=w)
             if answer is not None:
                 return answer
         if time.monotonic() >= deadline:
@@ -193,7 +208,7 @@ def _claim_now(ctx: Context, *, assignee: str, worker: str) -> dict[str, Any]:
         time.sleep(s.claim_wait_poll_ms / 1000)
     granted = False
     try:
-        answer = _claim_in_db(ctx, assignee=a, worker=w, now=now)
+        answer = _claim_in_db(ctx, assignee=a, worker=w, skew_ms=skew_ms)
         granted = answer.get("lease") is not None and answer.get("guard") is None
         return answer
     finally:
@@ -201,10 +216,12 @@ def _claim_now(ctx: Context, *, assignee: str, worker: str) -> dict[str, Any]:
             leases.unreserve(ctx, assignee=a, worker=w)
 
 
-def _confirm_fast_path(ctx: Context, fast: leases.FastPath, *, assignee: str, worker: str,
-                       now: datetime) -> dict[str, Any] | None:
-    """Check Redis's suggestion against the database (a read, never a write)."""
+def _confirm_fast_path(ctx: Context, fast: leases.FastPath, *, assignee: str, worker: str
+                       ) -> dict[str, Any] | None:
+    """Check Redis's suggestion against the database (a read, never a write), on the
+    database's clock."""
     with transaction(ctx.engine, write=False) as conn:
+        now = ctx.now_in(conn)
         lane = store.get_lane(conn, assignee=assignee)
         if lane is None:
             return None
@@ -226,13 +243,17 @@ def _confirm_fast_path(ctx: Context, fast: leases.FastPath, *, assignee: str, wo
     return _guard(ctx, held, worker=worker, layer="redis")
 
 
-def _claim_in_db(ctx: Context, *, assignee: str, worker: str, now: datetime) -> dict[str, Any]:
+def _claim_in_db(ctx: Context, *, assignee: str, worker: str, skew_ms: int | None = None
+                 ) -> dict[str, Any]:
+    """The claim's database layer; the database's clock decides every expiry (SPEC 4.9:
+    SQLite's, read inside the write transaction)."""
     if is_postgres(ctx.engine):
-        return _claim_on_pg(ctx, assignee=assignee, worker=worker, now=now)
+        return _claim_on_pg(ctx, assignee=assignee, worker=worker, skew_ms=skew_ms)
     s = ctx.settings
-    expires = now + timedelta(seconds=s.lease_ttl_s)
     token = principal.new_lease_token()
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)
+        expires = now + timedelta(seconds=s.lease_ttl_s)
         lane = store.get_lane(conn, assignee=assignee, for_update=True)
         if lane is None:
             return {"ok": True, "task": None}
@@ -264,27 +285,26 @@ def _claim_in_db(ctx: Context, *, assignee: str, worker: str, now: datetime) -> 
         return {"ok": True, "task": None}
     leases.record(ctx, assignee=assignee, worker=worker, task_id=row["id"], token=token,
                   expires_ms=to_ms(expires), now_ms=to_ms(now),
-                  max_in_flight=lane["max_in_flight"], metric="claims")
-    return {"ok": True, "task": wire.task(row),
+                  max_in_flight=lane["max_in_flight"], metric="claims", skew_ms=skew_ms)
+    return {"ok": True, "task": wire.task(row), "serverTime": iso(now),
             "lease": {"token": token, "expiresAt": iso(expires)}}
 
 
-def _claim_on_pg(ctx: Context, *, assignee: str, worker: str, now: datetime
+def _claim_on_pg(ctx: Context, *, assignee: str, worker: str, skew_ms: int | None = None
                  ) -> dict[str, Any]:
     """PostgreSQL: the same steps as ``_claim_in_db`` in one call of ``autonomy_claim``
-    (one round trip, its own transaction; ``store.claim_pg``)."""
-    expires = now + timedelta(seconds=ctx.settings.lease_ttl_s)
-    token = principal.new_lease_token()
-
-    got = store.claim_pg(ctx.engine, assignee=assignee, worker=worker, tokens=[token],
-                         now=now, expires_at=expires, expires_iso=iso(expires) or "")
-    return _claim_answer(ctx, got, assignee=assignee, worker=worker, now=now,
-                         expires=expires)
+    (one round trip, its own transaction; ``store.claim_pg``), on its clock."""
+    got = store.claim_pg(ctx.engine, assignee=assignee, worker=worker,
+                         tokens=[principal.new_lease_token()], ttl_s=ctx.settings.lease_ttl_s,
+                         test_now=ctx.pinned_now())
+    return _claim_answer(ctx, got, assignee=assignee, worker=worker, skew_ms=skew_ms)
 
 
 def _claim_answer(ctx: Context, got: store.ClaimRows, *, assignee: str, worker: str,
-                  now: datetime, expires: datetime) -> dict[str, Any]:
-    """A claim's answer from ``autonomy_claim``'s rows, Redis told what changed."""
+                  skew_ms: int | None = None) -> dict[str, Any]:
+    """A claim's answer from ``autonomy_claim``'s rows, Redis told what changed. Its
+    times are the database's: the lease's expiry as granted, the clock it answered."""
+    now = got.now or ctx.clock()  # the function answers its clock first; never absent
     p = principal.current()
     granted = [r["id"] for r in got.granted] if p is not None and p.name != worker else []
     requeued = [r["id"] for r in got.requeued] if p is not None else []
@@ -302,10 +322,11 @@ def _claim_answer(ctx: Context, got: store.ClaimRows, *, assignee: str, worker: 
     if not got.granted or got.lane is None:
         return {"ok": True, "task": None}
     row = got.granted[0]
+    expires = row["lease_expires_at"]
     leases.record(ctx, assignee=assignee, worker=worker, task_id=row["id"],
                   token=row["lease_token"], expires_ms=to_ms(expires), now_ms=to_ms(now),
-                  max_in_flight=got.lane["max_in_flight"], metric="claims")
-    return {"ok": True, "task": wire.task(row),
+                  max_in_flight=got.lane["max_in_flight"], metric="claims", skew_ms=skew_ms)
+    return {"ok": True, "task": wire.task(row), "serverTime": iso(now),
             "lease": {"token": row["lease_token"], "expiresAt": iso(expires)}}
 
 
@@ -356,13 +377,16 @@ def requeue_events(conn: Connection, rows: Any, *, now: datetime, actor: str) ->
     ])
 
 
-def heartbeat(ctx: Context, *, task_id: Any, lease_token: Any) -> dict[str, Any]:
-    """Extend a live lease; fenced by its token."""
+def heartbeat(ctx: Context, *, task_id: Any, lease_token: Any, clock_skew_ms: Any = None
+              ) -> dict[str, Any]:
+    """Extend a live lease by the database's clock; fenced by its token. ``clock_skew_ms``
+    as ``claim`` takes it; the answer's ``serverTime`` as ``claim`` answers it."""
     tid, token = validate.task_id(task_id), validate.lease_token(lease_token)
+    skew = validate.clock_skew_ms(clock_skew_ms, ctx.settings)
     _check_owner(ctx, tid, token, action="heartbeat")
-    now = ctx.clock()
-    expires = now + timedelta(seconds=ctx.settings.lease_ttl_s)
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)  # the database's clock extends it (SPEC 4.9)
+        expires = now + timedelta(seconds=ctx.settings.lease_ttl_s)
         row = store.get_task(conn, task_id=tid, for_update=True)
         refusal = _refusal(row, tid, token, action="heartbeat")
         if refusal is None:
@@ -375,8 +399,9 @@ def heartbeat(ctx: Context, *, task_id: Any, lease_token: Any) -> dict[str, Any]
     assert row is not None and lane is not None
     leases.record(ctx, assignee=row["assignee"], worker=row["claimed_by"], task_id=tid,
                   token=token, expires_ms=to_ms(expires), now_ms=to_ms(now),
-                  max_in_flight=lane["max_in_flight"])
-    return {"ok": True, "taskId": tid, "lease": {"token": token, "expiresAt": iso(expires)}}
+                  max_in_flight=lane["max_in_flight"], skew_ms=skew)
+    return {"ok": True, "taskId": tid, "serverTime": iso(now),
+            "lease": {"token": token, "expiresAt": iso(expires)}}
 
 
 def _refusal(row: RowMapping | None, tid: int, token: str, *, action: str
@@ -416,14 +441,16 @@ def _refusal_event(conn: Connection, err: AutonomyError, row: RowMapping | None,
 
 def complete(ctx: Context, *, task_id: Any, lease_token: Any, outcome: Any,
              validation_reason: Any = None, result: Any = None,
-             actor: str | None = None, claim_next: Any = None) -> dict[str, Any]:
+             actor: str | None = None, claim_next: Any = None,
+             clock_skew_ms: Any = None) -> dict[str, Any]:
     """Finish a leased task with success, or with a validation failure (SPEC 4.2).
 
     ``claim_next`` (``{"assignee": lane, "worker": name}``): once the outcome is recorded,
     claim that worker's next task in the lane too and answer it as ``next`` (what ``claim``
     would answer) -- on PostgreSQL in the same round trip and transaction as the complete.
     ``next`` is left out when that claim was refused (a paused lane, Redis asking to
-    wait, ...): the worker then claims as usual and hears why."""
+    wait, ...): the worker then claims as usual and hears why. ``clock_skew_ms`` as
+    ``claim`` takes it, kept with that next lease."""
     s = ctx.settings
     tid, token, out = validate.task_id(task_id), validate.lease_token(lease_token), \
         validate.outcome(outcome)
@@ -431,28 +458,29 @@ def complete(ctx: Context, *, task_id: Any, lease_token: Any, outcome: Any,
     res = validate.json_object(result, s, field="result")
     actor = validate.actor(actor, s)
     nxt = validate.claim_next(claim_next, s)
+    skew = validate.clock_skew_ms(clock_skew_ms, s)
     _check_owner(ctx, tid, token, action="complete")
     reason, res, redacted = _redacted(reason, res)
     if redacted:
         _record_redaction(ctx, tid, redacted)
-    now = ctx.clock()
     # the combined PostgreSQL path records the credential but has no room for a note of
     # the caller's own actor: such a call takes the two-step path
     noted = actor is not None and principal.audit(actor)[1].get("actorNote") is not None
     if out is Outcome.success and nxt is not None and is_postgres(ctx.engine) \
             and not noted:
-        both = _complete_and_claim_on_pg(ctx, tid=tid, token=token, res=res, now=now,
-                                         actor=actor, assignee=nxt[0], worker=nxt[1])
+        both = _complete_and_claim_on_pg(ctx, tid=tid, token=token, res=res,
+                                         actor=actor, assignee=nxt[0], worker=nxt[1],
+                                         skew_ms=skew)
         if both is not None:
             answer, claimed = both
-            return answer if claimed else _with_next(ctx, answer, nxt)
+            return answer if claimed else _with_next(ctx, answer, nxt, skew)
     elif out is Outcome.success:
-        fast = _complete_fast(ctx, tid=tid, token=token, res=res, now=now, actor=actor)
+        fast = _complete_fast(ctx, tid=tid, token=token, res=res, actor=actor)
         if fast is not None:
-            return fast if nxt is None else _with_next(ctx, fast, nxt)
+            return fast if nxt is None else _with_next(ctx, fast, nxt, skew)
     answer = _complete_full(ctx, tid=tid, token=token, out=out, reason=reason, res=res,
-                            now=now, actor=actor)
-    return answer if nxt is None else _with_next(ctx, answer, nxt)
+                            actor=actor)
+    return answer if nxt is None else _with_next(ctx, answer, nxt, skew)
 
 
 def _check_owner(ctx: Context, tid: int, token: str, *, action: str) -> None:
@@ -463,8 +491,8 @@ def _check_owner(ctx: Context, tid: int, token: str, *, action: str) -> None:
     p = principal.current()
     if p is None or principal.owns_lease(token):
         return
-    now = ctx.clock()
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)
         row = store.get_task(conn, task_id=tid)
         if row is not None and row["status"] == TaskStatus.done.value \
                 and action == "complete":
@@ -504,28 +532,29 @@ def _record_redaction(ctx: Context, tid: int, counts: dict[str, int]) -> None:
     with transaction(ctx.engine) as conn:
         row = store.get_task(conn, task_id=tid)
         if row is not None:
-            store.insert_event(conn, kind="secrets_redacted", at=ctx.clock(),
+            store.insert_event(conn, kind="secrets_redacted", at=ctx.now_in(conn),
                                assignee=row["assignee"], task_id=tid, actor=None,
                                reason=f"{sum(counts.values())} secret(s) redacted",
                                data={"fields": counts, "count": sum(counts.values())})
 
 
-def _with_next(ctx: Context, answer: dict[str, Any], nxt: tuple[str, str]
-               ) -> dict[str, Any]:
+def _with_next(ctx: Context, answer: dict[str, Any], nxt: tuple[str, str],
+               skew_ms: int | None = None) -> dict[str, Any]:
     """``answer`` with the worker's next claim as ``next``; without, when it is refused."""
     try:
-        return {**answer, "next": _claim_now(ctx, assignee=nxt[0], worker=nxt[1])}
+        return {**answer, "next": _claim_now(ctx, assignee=nxt[0], worker=nxt[1],
+                                             skew_ms=skew_ms)}
     except AutonomyError:
         return answer
 
 
 def _complete_full(ctx: Context, *, tid: int, token: str, out: Outcome, reason: str | None,
-                   res: dict[str, Any] | None, now: datetime, actor: str | None
-                   ) -> dict[str, Any]:
-    """The complete that reads the row first: a failure (the breaker), a retry (the
-    guard), a refusal."""
+                   res: dict[str, Any] | None, actor: str | None) -> dict[str, Any]:
+    """The complete that reads the row first: a failure (the breaker, its window and the
+    backoff on the database's clock), a retry (the guard), a refusal."""
     answer: dict[str, Any]
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)
         lane = None
         if out is Outcome.failure:  # lock order: lane, then task
             row = store.get_task(conn, task_id=tid)
@@ -561,18 +590,19 @@ def _complete_full(ctx: Context, *, tid: int, token: str, out: Outcome, reason: 
 
 
 def _complete_fast(ctx: Context, *, tid: int, token: str, res: dict[str, Any] | None,
-                   now: datetime, actor: str | None) -> dict[str, Any] | None:
+                   actor: str | None) -> dict[str, Any] | None:
     """The common case in one conditional UPDATE: the lease is live and the token is the
     task's. None when it matched nothing -- then the full path reads the row and answers
     the guard or the refusal."""
     done: Mapping[Any, Any] | None
     if is_postgres(ctx.engine):  # one statement, one round trip
-        done = store.complete_pg(ctx.engine, task_id=tid, token=token, now=now, result=res,
-                                 actor=actor)
+        done = store.complete_pg(ctx.engine, task_id=tid, token=token,
+                                 now=ctx.pinned_now(), result=res, actor=actor)
         if done is None:
             return None
     else:
         with transaction(ctx.engine) as conn:
+            now = ctx.now_in(conn)
             done = store.mark_done(conn, task_id=tid, token=token, now=now, result=res)
             if done is None:
                 return None
@@ -585,8 +615,8 @@ def _complete_fast(ctx: Context, *, tid: int, token: str, res: dict[str, Any] | 
 
 
 def _complete_and_claim_on_pg(ctx: Context, *, tid: int, token: str,
-                              res: dict[str, Any] | None, now: datetime, actor: str | None,
-                              assignee: str, worker: str
+                              res: dict[str, Any] | None, actor: str | None,
+                              assignee: str, worker: str, skew_ms: int | None = None
                               ) -> tuple[dict[str, Any], bool] | None:
     """A worker's cycle in two Redis round trips and one PostgreSQL one: Redis drops the
     lease being completed and checks (and reserves the slot for) the worker's next claim;
@@ -596,17 +626,16 @@ def _complete_and_claim_on_pg(ctx: Context, *, tid: int, token: str,
     was answered here -- granted, guarded or refused (a paused lane); None when the
     complete matched nothing (the full path answers)."""
     fast = leases.handoff(ctx, assignee=assignee, worker=worker, task_id=tid, token=token,
-                          now_ms=to_ms(now))
+                          now_ms=to_ms(ctx.clock()))  # a suggestion: the database decides
     reserved = fast is not None and fast.code == leases.PROCEED
     claim = fast is None or reserved
-    expires = now + timedelta(seconds=ctx.settings.lease_ttl_s)
     granted = False
     try:
         done, got = store.complete_claim_pg(
-            ctx.engine, task_id=tid, token=token, now=now, result=res, actor=actor,
+            ctx.engine, task_id=tid, token=token, result=res, actor=actor,
             assignee=assignee, worker=worker if claim else None,
-            tokens=[principal.new_lease_token()], expires_at=expires,
-            expires_iso=iso(expires) or "")
+            tokens=[principal.new_lease_token()], ttl_s=ctx.settings.lease_ttl_s,
+            test_now=ctx.pinned_now())
         if done is None:
             return None
         if done["assignee"] != assignee or done["claimed_by"] != worker:
@@ -617,7 +646,7 @@ def _complete_and_claim_on_pg(ctx: Context, *, tid: int, token: str,
             return answer, False
         try:
             answer["next"] = nxt = _claim_answer(ctx, got, assignee=assignee, worker=worker,
-                                                 now=now, expires=expires)
+                                                 skew_ms=skew_ms)
         except LanePaused:
             return answer, True
         granted = nxt.get("lease") is not None and nxt.get("guard") is None
@@ -654,8 +683,8 @@ def release(ctx: Context, *, task_id: Any, lease_token: Any, actor: str | None =
     tid, token = validate.task_id(task_id), validate.lease_token(lease_token)
     actor = validate.actor(actor, ctx.settings)
     _check_owner(ctx, tid, token, action="release")
-    now = ctx.clock()
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)
         row = store.get_task(conn, task_id=tid, for_update=True)
         refusal = _refusal(row, tid, token, action="release")
         if refusal is None:

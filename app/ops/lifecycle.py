@@ -53,28 +53,45 @@ def after_failure(task: Mapping[Any, Any], lane: Mapping[Any, Any], s: Settings,
     return TaskStatus.todo.value, (now + timedelta(seconds=delay) if delay > 0 else None)
 
 
-def next_due(ctx: Context, *, assignee: str) -> datetime | None:
-    """When the lane's soonest ``todo`` task that is not yet due falls due (push pickup
-    bounds a waiting claim's wait by it), or None."""
+def next_due(ctx: Context, *, assignee: str) -> tuple[datetime, float] | None:
+    """When the lane's soonest ``todo`` task that is not yet due falls due, and in how
+    many seconds by the database's clock (push pickup bounds a waiting claim's wait by
+    it, never by this process's clock), or None."""
     with transaction(ctx.engine, write=False) as conn:
-        return store.next_due(conn, assignee=assignee, now=ctx.clock())
+        now = ctx.now_in(conn)
+        due = store.next_due(conn, assignee=assignee, now=now)
+    return None if due is None else (due, (due - now).total_seconds())
 
 
-def create_not_before(ctx: Context, *, not_before: Any, delay_s: Any,
-                      now: datetime) -> datetime | None:
-    """A create's due time from ``notBefore`` (a time) or ``delayS`` (seconds from now,
-    on the one clock); at most one of them; None when due at once."""
+def create_due(ctx: Context, *, not_before: Any, delay_s: Any
+               ) -> tuple[datetime | None, float | None]:
+    """A create's due time, at most one of ``notBefore`` (a time) and ``delayS``
+    (seconds): ``(time, None)``, or ``(None, seconds)`` -- the statement that writes the
+    task adds those seconds to the database's clock (SPEC 4.9: a creator whose clock is
+    off neither delays nor hurries the task) -- or ``(None, None)`` when due at once. A
+    ``notBefore`` is the caller's own statement of a time; it is checked against this
+    process's clock only to refuse one absurdly far ahead."""
     nb, delay = validate.not_before(not_before), validate.delay_s(delay_s)
     if nb is not None and delay is not None:
         raise InvalidInput("give notBefore or delayS, not both", field="delayS")
+    limit = timedelta(seconds=ctx.settings.create_delay_max_s)
     if delay is not None:
-        nb = now + timedelta(seconds=delay)
+        if timedelta(seconds=delay) > limit:
+            raise InvalidInput(f"notBefore is more than {ctx.settings.create_delay_max_s:.0f}"
+                               " s ahead", field="notBefore")
+        return None, (delay if delay > 0 else None)
+    now = ctx.clock()
     if nb is None or nb <= now:
-        return None
-    if nb - now > timedelta(seconds=ctx.settings.create_delay_max_s):
+        return None, None
+    if nb - now > limit:
         raise InvalidInput(f"notBefore is more than {ctx.settings.create_delay_max_s:.0f} s "
                            "ahead", field="notBefore")
-    return nb
+    return nb, None
+
+
+def due_at(now: datetime, delay_s: float | None) -> datetime | None:
+    """``now`` (the database's time, ``Context.now_in``) plus a create's ``delayS``."""
+    return None if delay_s is None else now + timedelta(seconds=delay_s)
 
 
 def cancel(ctx: Context, *, task_id: Any, actor: Any = None) -> dict[str, Any]:
@@ -85,9 +102,9 @@ def cancel(ctx: Context, *, task_id: Any, actor: Any = None) -> dict[str, Any]:
     row lock, and the loser sees the winner's status."""
     tid = validate.task_id(task_id)
     who = validate.actor(actor, ctx.settings) or "unknown"
-    now = ctx.clock()
     refusal: TaskFinished | None = None
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)
         row = store.get_task(conn, task_id=tid, for_update=True)
         if row is None:
             raise TaskNotFound(f"no task with id {tid}", taskId=tid)
@@ -119,9 +136,9 @@ def requeue(ctx: Context, *, task_id: Any, actor: Any = None) -> dict[str, Any]:
     """Bring a ``dead`` task back to ``todo`` with its attempts reset (an event)."""
     tid = validate.task_id(task_id)
     who = validate.actor(actor, ctx.settings) or "unknown"
-    now = ctx.clock()
     err: NotDead | None = None
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)
         row = store.get_task(conn, task_id=tid, for_update=True)
         if row is None:
             raise TaskNotFound(f"no task with id {tid}", taskId=tid)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
 
 import redis
 from redis import Redis
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from app.clock import Clock, utcnow
 from app.settings import Settings, get_settings
-from app.storage.db import make_engine
+from app.storage import store
+from app.storage.db import make_engine, transaction
 from app.storage.redis_conn import RedisHealth, make_fast_redis, make_redis
 from app.storage.redis_keys import Keys
 
@@ -24,6 +26,31 @@ class Context:
     engine: Engine
     redis: redis.Redis
     clock: Clock = field(default=utcnow)
+
+    def pinned_now(self) -> datetime | None:
+        """The injected clock's time when a test injected one (``Context(clock=...)``):
+        it then decides the time rules, so they are tested without sleeping. None in
+        production: the database's clock decides (SPEC 4.9, ``now_in``)."""
+        return None if self.clock is utcnow else self.clock()
+
+    def now_in(self, conn: Connection) -> datetime:
+        """The time a decision in this transaction compares with stored times: the
+        database's own (PostgreSQL ``now()``, SQLite's ``'now'``: the host's, never this
+        process's idea of it), or a test's injected clock (``pinned_now``)."""
+        pinned = self.pinned_now()
+        if pinned is not None:
+            return pinned
+        return store.db_now(conn)
+
+    def db_now(self) -> datetime:
+        """``now_in`` in a read transaction of its own (one round trip on PostgreSQL):
+        for the periodic checks and the status, whose stale rules and stall clocks compare
+        stored times."""
+        pinned = self.pinned_now()
+        if pinned is not None:
+            return pinned
+        with transaction(self.engine, write=False) as conn:
+            return store.db_now(conn)
 
     @property
     def keys(self) -> Keys:

@@ -78,9 +78,11 @@ _UNRESERVE = Script("""
 return redis.call('ZREM', KEYS[1], 'claim:' .. ARGV[1])
 """)
 
-# KEYS[1] worker lease key, KEYS[2] lane leases zset, KEYS[3] lane meta hash, KEYS[4] metrics
+# KEYS[1] worker lease key, KEYS[2] lane leases zset, KEYS[3] lane meta hash, KEYS[4] metrics,
+# KEYS[5] clock skew hash
 # ARGV[1] lease JSON, ARGV[2] ttl ms, ARGV[3] task id, ARGV[4] expires ms, ARGV[5] now ms,
-# ARGV[6] max in flight, ARGV[7] metric field to bump ('' for none), ARGV[8] worker
+# ARGV[6] max in flight, ARGV[7] metric field to bump ('' for none), ARGV[8] worker,
+# ARGV[9] the worker's clock skew report JSON ('' for none), ARGV[10] its key's TTL ms
 _RECORD = Script("""
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('ZREM', KEYS[2], 'claim:' .. ARGV[8])
@@ -89,8 +91,14 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 redis.call('HSET', KEYS[3], 'maxInFlight', ARGV[6])
 if ARGV[7] ~= '' then redis.call('HINCRBY', KEYS[4], ARGV[7], 1) end
+if ARGV[9] ~= '' then
+  redis.call('HSET', KEYS[5], ARGV[8], ARGV[9])
+  redis.call('PEXPIRE', KEYS[5], ARGV[10])
+end
 return 1
 """)
+
+SKEW_TTL_MS = 86_400_000  # a worker that stopped reporting a day ago is forgotten
 
 # KEYS[1] worker lease key, KEYS[2] lane leases zset
 # ARGV[1] token, ARGV[2] task id
@@ -198,19 +206,39 @@ def _fast_path(res: Any) -> FastPath:
 
 
 def record(ctx: Context, *, assignee: str, worker: str, task_id: int, token: str,
-           expires_ms: int, now_ms: int, max_in_flight: int, metric: str = "") -> None:
-    """Mirror a granted or extended lease into Redis (best effort: the DB already holds it)."""
+           expires_ms: int, now_ms: int, max_in_flight: int, metric: str = "",
+           skew_ms: int | None = None) -> None:
+    """Mirror a granted or extended lease into Redis (best effort: the DB already holds it),
+    and, in the same script, the clock skew the worker reported (``skew_ms``; ``now_ms``
+    is the database's time)."""
     k = ctx.keys
     ttl = max(1, expires_ms - now_ms)
     lease = json.dumps({"taskId": task_id, "token": token, "expiresAtMs": expires_ms})
+    skew = "" if skew_ms is None else json.dumps({"skewMs": skew_ms, "atMs": now_ms})
     _best_effort(
         "record lease",
         lambda: _run(ctx, _RECORD,
                      [k.worker_lease(assignee, worker), k.lane_leases(assignee),
-                      k.lane_meta(assignee), k.metrics()],
-                     [lease, ttl, task_id, expires_ms, now_ms, max_in_flight, metric, worker]),
+                      k.lane_meta(assignee), k.metrics(), k.clock_skew()],
+                     [lease, ttl, task_id, expires_ms, now_ms, max_in_flight, metric, worker,
+                      skew, SKEW_TTL_MS]),
         ctx,
     )
+
+
+def clock_skews(ctx: Context) -> dict[str, dict[str, int]]:
+    """Every worker's last clock skew report, ``{worker: {skewMs, atMs}}`` (unreadable
+    entries left out). Raises ``RedisUnavailable`` (through ``redis_errors``) when Redis
+    cannot answer: the caller says so."""
+    out: dict[str, dict[str, int]] = {}
+    for name, raw in ctx.redis.hgetall(ctx.keys.clock_skew()).items():
+        try:
+            got = json.loads(raw)
+            out[name.decode() if isinstance(name, bytes) else str(name)] = {
+                "skewMs": int(got["skewMs"]), "atMs": int(got["atMs"])}
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
 
 
 def unreserve(ctx: Context, *, assignee: str, worker: str) -> None:

@@ -35,6 +35,11 @@ key                                type    TTL                                  
                                            is degraded too
 ``metrics``                        hash    none                                   metrics.py
                                            counters: claims, guard hits, ...
+``clock_skew``                     hash    1 day, set again on each write         leases.py
+                                           worker -> JSON ``{skewMs, atMs}``: the
+                                           clock skew the worker reported with a
+                                           claim, heartbeat or complete (SPEC 4.9;
+                                           ``atMs`` on the database's clock)
 ``lock:{job}``                     hash    budget + grace (set again on extend)   locks.py
                                            ``token``, ``entry`` (the JSON the
                                            listing answers, with startedAt and
@@ -106,6 +111,9 @@ class Keys:
     # --- metrics (metrics.py) -----------------------------------------------------
     def metrics(self) -> str:
         return f"{self.prefix}metrics"
+
+    def clock_skew(self) -> str:
+        return f"{self.prefix}clock_skew"
 
     # --- run-locks (locks.py) -----------------------------------------------------
     def lock(self, job: str) -> str:

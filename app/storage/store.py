@@ -52,6 +52,23 @@ def _insert(conn: Connection, table: sa.Table) -> Any:
     return sqlite_insert(table)
 
 
+# --- the one clock (SPEC 4.9) -----------------------------------------------------------
+
+_SQLITE_NOW = "SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')"
+
+
+def db_now(conn: Connection) -> datetime:
+    """The database's time, in the caller's transaction: PostgreSQL's ``now()`` (the
+    transaction's start: every statement of it agrees), SQLite's ``'now'`` -- the host's
+    clock as SQLite's C library reads it, not this process's ``time.time`` (which a test
+    may have shifted, and which is the only clock a caller could get wrong)."""
+    if _pg(conn):
+        got = conn.execute(sa.text("SELECT now()")).scalar_one()
+        return got.astimezone(UTC)
+    text = conn.execute(sa.text(_SQLITE_NOW)).scalar_one()
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
 # --- lanes ---------------------------------------------------------------------------
 
 
@@ -242,8 +259,10 @@ def claim_next(conn: Connection, *, assignee: str, worker: str, token: str,
 @dataclass
 class ClaimRows:
     """What ``claim_pg`` answers: the paused lane, or the lease that refuses the claim, or
-    the leases granted; and the expired leases it requeued on the way (old holder, token)."""
+    the leases granted; and the expired leases it requeued on the way (old holder, token);
+    and the database's time the claim decided by (``now``)."""
 
+    now: datetime | None = None
     lane: dict[str, Any] | None = None
     paused: dict[str, Any] | None = None
     held: dict[str, Any] | None = None
@@ -252,27 +271,30 @@ class ClaimRows:
 
 
 _CLAIM_PG = ("SELECT outcome, row_json FROM autonomy_claim(%(assignee)s, %(worker)s, "
-             "%(tokens)s::text[], %(now)s::timestamptz, %(expires)s::timestamptz, "
-             "%(expires_iso)s)")
+             "%(tokens)s::text[], %(ttl_s)s::float8, %(test_now)s::timestamptz)")
 _TIMES = ("lease_expires_at", "lane_paused_at", "created_at", "updated_at", "completed_at",
           "paused_at", "resumed_at", "not_before")
 
 
 def claim_pg(engine: Engine, *, assignee: str, worker: str, tokens: Sequence[str],
-             now: datetime, expires_at: datetime, expires_iso: str) -> ClaimRows:
+             ttl_s: float, test_now: datetime | None = None) -> ClaimRows:
     """PostgreSQL: the whole claim -- pause check, expired leases requeued, both guards,
-    up to ``len(tokens)`` leases within ``max_in_flight``, their events -- in one call of
-    ``autonomy_claim`` (migrations 0003, 0004), one round trip, its own transaction
-    (``db.hot``)."""
+    up to ``len(tokens)`` leases of ``ttl_s`` within ``max_in_flight``, their events -- in
+    one call of ``autonomy_claim`` (migrations 0005, 0006, 0009), one round trip, its own
+    transaction (``db.hot``). The database's clock decides (``ClaimRows.now``);
+    ``test_now`` is a test's injected clock (``Context.pinned_now``), None otherwise."""
     return _claim_rows(hot(engine, _CLAIM_PG, {
-        "assignee": assignee, "worker": worker, "tokens": list(tokens), "now": now,
-        "expires": expires_at, "expires_iso": expires_iso}))
+        "assignee": assignee, "worker": worker, "tokens": list(tokens), "ttl_s": ttl_s,
+        "test_now": test_now}))
 
 
 def _claim_rows(rows: Sequence[Any]) -> ClaimRows:
     """``autonomy_claim``'s ``(outcome, json)`` rows sorted into a ``ClaimRows``."""
     out = ClaimRows()
     for outcome, data in rows:
+        if outcome == "clock":
+            out.now = datetime.fromisoformat(data).astimezone(UTC)
+            continue
         row = _json_row(data)
         if outcome == "granted":
             out.granted.append(row)
@@ -300,22 +322,25 @@ def _json_row(data: Any) -> dict[str, Any]:
 
 _COMPLETE_PG = (
     "WITH done AS ("
-    " UPDATE task SET status = 'done', completed_at = %(now)s, updated_at = %(now)s,"
+    " UPDATE task SET status = 'done',"
+    " completed_at = coalesce(%(now)s::timestamptz, now()),"
+    " updated_at = coalesce(%(now)s::timestamptz, now()),"
     " lease_expires_at = NULL, result = %(result)s::json"
     " WHERE id = %(id)s AND status = 'in_progress' AND lease_token = %(token)s"
     " RETURNING *"
     "), ev AS ("
     " INSERT INTO event (at, kind, assignee, task_id, actor, data)"
-    " SELECT %(now)s, 'task_completed', done.assignee, done.id,"
+    " SELECT done.completed_at, 'task_completed', done.assignee, done.id,"
     " coalesce(%(actor)s, done.claimed_by), %(data)s::json FROM done"
     ") SELECT to_json(done) FROM done")
 
 
-def complete_pg(engine: Engine, *, task_id: int, token: str, now: datetime,
+def complete_pg(engine: Engine, *, task_id: int, token: str, now: datetime | None,
                 result: dict[str, Any] | None, actor: str | None) -> dict[str, Any] | None:
     """PostgreSQL: ``mark_done`` and its ``task_completed`` event in one statement, one
-    round trip, its own transaction (``db.hot``). None when the lease is not live under
-    this token -- the caller's full path then reads the row and answers the guard or
+    round trip, its own transaction (``db.hot``), at the database's time (``now`` is a
+    test's injected clock, None otherwise). None when the lease is not live under this
+    token -- the caller's full path then reads the row and answers the guard or
     refusal."""
     actor, data = principal.audit(actor)
     rows = hot(engine, _COMPLETE_PG, {
@@ -326,24 +351,26 @@ def complete_pg(engine: Engine, *, task_id: int, token: str, now: datetime,
 
 _COMPLETE_CLAIM_PG = (
     "SELECT outcome, row_json FROM autonomy_complete(%(id)s, %(token)s,"
-    " %(now)s::timestamptz, %(result)s::json, %(actor)s, %(assignee)s, %(worker)s,"
-    " %(tokens)s::text[], %(expires)s::timestamptz, %(expires_iso)s)")
+    " %(result)s::json, %(actor)s, %(assignee)s, %(worker)s,"
+    " %(tokens)s::text[], %(ttl_s)s::float8, %(test_now)s::timestamptz)")
 
 
-def complete_claim_pg(engine: Engine, *, task_id: int, token: str, now: datetime,
+def complete_claim_pg(engine: Engine, *, task_id: int, token: str,
                       result: dict[str, Any] | None, actor: str | None, assignee: str,
-                      worker: str | None, tokens: Sequence[str], expires_at: datetime,
-                      expires_iso: str) -> tuple[dict[str, Any] | None, ClaimRows | None]:
+                      worker: str | None, tokens: Sequence[str], ttl_s: float,
+                      test_now: datetime | None = None
+                      ) -> tuple[dict[str, Any] | None, ClaimRows | None]:
     """PostgreSQL: ``complete_pg`` and then, when ``worker`` held the lease in
     ``assignee``, ``claim_pg`` for that worker -- one call of ``autonomy_complete``
-    (migration 0004), one round trip, one transaction (``db.hot``).
+    (migrations 0004, 0009), one round trip, one transaction (``db.hot``), on the
+    database's clock (``test_now``: a test's injected one).
     Answers (the done row or None, the claim's rows or None when no claim was made)."""
     actor, _ = principal.audit(actor)  # the caller's own actor: lanes.complete's note
     rows = hot(engine, _COMPLETE_CLAIM_PG, {
-        "id": task_id, "token": token, "now": now,
+        "id": task_id, "token": token,
         "result": None if result is None else json.dumps(result), "actor": actor,
         "assignee": assignee, "worker": worker, "tokens": list(tokens),
-        "expires": expires_at, "expires_iso": expires_iso})
+        "ttl_s": ttl_s, "test_now": test_now})
     if not rows or rows[0][0] != "done":
         return None, None
     done = _json_row(rows[0][1])
@@ -437,9 +464,10 @@ def open_remediation(conn: Connection, *, fingerprint: str) -> RowMapping | None
 
 
 _CREATE_PG = (
-    "WITH new_lane AS ("
+    "WITH clk AS (SELECT coalesce(%(now)s::timestamptz, now()) AS at"
+    "), new_lane AS ("
     " INSERT INTO lane (assignee, paused, max_in_flight, created_at)"
-    " VALUES (%(assignee)s, false, %(max_in_flight)s, %(now)s)"
+    " SELECT %(assignee)s, false, %(max_in_flight)s, clk.at FROM clk"
     " ON CONFLICT (assignee) DO NOTHING"
     " RETURNING paused, paused_reason, paused_at"
     "), l AS ("
@@ -450,30 +478,35 @@ _CREATE_PG = (
     " lane_paused, lane_paused_reason, lane_paused_at, created_at, updated_at, not_before)"
     " SELECT %(title)s, %(assignee)s, %(kind)s, 'todo', %(priority)s, %(payload)s::json, 0,"
     " l.paused, CASE WHEN l.paused THEN l.paused_reason END,"
-    " CASE WHEN l.paused THEN l.paused_at END, %(now)s, %(now)s, %(not_before)s::timestamptz"
-    " FROM (SELECT * FROM l LIMIT 1) l"
+    " CASE WHEN l.paused THEN l.paused_at END, clk.at, clk.at,"
+    " coalesce(%(not_before)s::timestamptz,"
+    " clk.at + %(delay_s)s::float8 * interval '1 second')"
+    " FROM (SELECT * FROM l LIMIT 1) l, clk"
     " RETURNING *"
     "), ev AS ("
     " INSERT INTO event (at, kind, assignee, task_id, actor, data)"
-    " SELECT %(now)s, 'task_created', t.assignee, t.id, %(actor)s, %(data)s::json FROM t"
+    " SELECT t.created_at, 'task_created', t.assignee, t.id, %(actor)s, %(data)s::json FROM t"
     "), woke AS ("
     " SELECT pg_notify('autonomy_lane', t.assignee) FROM t WHERE NOT t.lane_paused"
     ") SELECT to_json(t), (SELECT count(*) FROM woke) FROM t")
 
 
-def create_pg(engine: Engine, *, values: dict[str, Any], now: datetime, max_in_flight: int,
-              actor: str | None) -> dict[str, Any] | None:
+def create_pg(engine: Engine, *, values: dict[str, Any], now: datetime | None,
+              max_in_flight: int, actor: str | None, delay_s: float | None = None
+              ) -> dict[str, Any] | None:
     """PostgreSQL: ``create`` in one statement -- the lane row on first use, the task with
     the lane's pause stamped on it, its ``task_created`` event and the lane's NOTIFY (when
     not paused) -- one round trip, its own transaction (``db.hot``; never repeated: a
     create is not idempotent). None when the lane row was being created by another
-    statement at the same moment (the caller's transaction path then runs)."""
+    statement at the same moment (the caller's transaction path then runs). Its times are
+    the database's (``now``: a test's injected clock, else None); ``delay_s`` makes
+    ``not_before`` that long after it (a create's ``delayS``, on the one clock)."""
     actor, data = principal.audit(actor)
     rows = hot(engine, _CREATE_PG, {
         "assignee": values["assignee"], "max_in_flight": max_in_flight, "now": now,
         "title": values["title"], "kind": values["kind"], "priority": values["priority"],
         "payload": json.dumps(values["payload"]), "actor": actor, "data": json.dumps(data),
-        "not_before": values.get("not_before")}, repeatable=False)
+        "not_before": values.get("not_before"), "delay_s": delay_s}, repeatable=False)
     return _json_row(rows[0][0]) if rows else None
 
 

@@ -29,12 +29,16 @@ class Client(ABC):
     def close(self) -> None:
         """Release connections (idempotent)."""
 
-    def claim(self, lane: str, worker: str, *, wait_ms: int | None = None) -> dict[str, Any]:
+    def claim(self, lane: str, worker: str, *, wait_ms: int | None = None,
+              clock_skew_ms: int | None = None) -> dict[str, Any]:
         """Claim the lane's next task (SPEC 4.1); with ``wait_ms``, an empty lane is waited
-        on that long for work to arrive (push pickup) before the answer."""
+        on that long for work to arrive (push pickup) before the answer.
+        ``clock_skew_ms``: this worker's clock skew as it measured it (SPEC 4.9)."""
         request: dict[str, Any] = {"action": "claim", "assignee": lane, "worker": worker}
         if wait_ms:
             request["waitMs"] = wait_ms
+        if clock_skew_ms is not None:
+            request["clockSkewMs"] = clock_skew_ms
         return self.call(request)
 
     @property
@@ -42,22 +46,30 @@ class Client(ABC):
         """How long a worker's claim on an empty lane waits per call."""
         return self.settings.worker_wait_ms
 
-    def heartbeat(self, task_id: int, lease_token: str) -> dict[str, Any]:
-        """Extend a live lease."""
-        return self.call({"action": "heartbeat", "taskId": task_id, "leaseToken": lease_token})
+    def heartbeat(self, task_id: int, lease_token: str, *, clock_skew_ms: int | None = None
+                  ) -> dict[str, Any]:
+        """Extend a live lease (``clock_skew_ms`` as ``claim`` takes it)."""
+        request: dict[str, Any] = {"action": "heartbeat", "taskId": task_id,
+                                   "leaseToken": lease_token}
+        if clock_skew_ms is not None:
+            request["clockSkewMs"] = clock_skew_ms
+        return self.call(request)
 
     def complete(self, task_id: int, lease_token: str, *, outcome: str,
                  reason: str | None = None, result: dict[str, Any] | None = None,
-                 actor: str | None = None, claim_next: tuple[str, str] | None = None
-                 ) -> dict[str, Any]:
+                 actor: str | None = None, claim_next: tuple[str, str] | None = None,
+                 clock_skew_ms: int | None = None) -> dict[str, Any]:
         """Complete a leased task with ``success`` or a ``failure`` and its reason. With
         ``claim_next=(lane, worker)`` the answer's ``next`` is that worker's next claim
-        (left out when it was refused: claim as usual then)."""
+        (left out when it was refused: claim as usual then); ``clock_skew_ms`` as
+        ``claim`` takes it."""
         request: dict[str, Any] = {
             "action": "complete", "taskId": task_id, "leaseToken": lease_token,
             "outcome": outcome, "validationReason": reason, "result": result, "actor": actor}
         if claim_next is not None:
             request["claimNext"] = {"assignee": claim_next[0], "worker": claim_next[1]}
+        if clock_skew_ms is not None:
+            request["clockSkewMs"] = clock_skew_ms
         return self.call(request)
 
     def release(self, task_id: int, lease_token: str, *, actor: str | None = None

@@ -24,6 +24,13 @@ its lease expires. An outcome that cannot be reported (the service is down) is r
 heartbeating, until the lease runs out, then kept: if a claim brings the task back to
 this worker, the kept outcome is reported and the task is not run again (SPEC 4.7). A
 complete refused because the lease was superseded is logged "outcome refused".
+
+Clock skew (SPEC 4.9): every claim and heartbeat answer carries ``serverTime``, the
+database's time it was decided by. The worker measures its own clock against it (the
+middle of the request's round trip, so the error is at most half of it), reports the skew
+with its next requests (``clockSkewMs``: status and ``/metrics`` show it), reckons its
+lease's time left on the database's clock, and logs a warning when it is off by more
+than ``clock_skew_warn_s`` -- once, and again after it has been back in line.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from app import logs
@@ -138,6 +145,9 @@ class LaneWorker:
         self._beating: _Beat | None = None  # the lease it keeps
         self._beat_wake = threading.Event()
         self._beat_next = 0.0  # when the heartbeat thread wakes next (monotonic)
+        # this host's clock minus the database's (s), measured from answers' serverTime
+        self.clock_skew_s: float | None = None
+        self._skew_warned = False
 
     def close(self) -> None:
         """Close the client if this worker built it."""
@@ -213,7 +223,8 @@ class LaneWorker:
         handed, self._next = self._next, None
         try:
             answer = handed if handed is not None \
-                else self.client.claim(self.lane, self.name, wait_ms=wait_ms)
+                else self._timed(lambda: self.client.claim(
+                    self.lane, self.name, wait_ms=wait_ms, clock_skew_ms=self._skew_ms()))
         except LanePaused as e:
             self._wait(stop, self.pause, e, "waiting for a resume")
             return None
@@ -390,7 +401,8 @@ class LaneWorker:
     def _heartbeat(self, beat: _Beat) -> None:
         job = beat.job
         try:
-            answer = self.client.heartbeat(job.task_id, job.lease_token)
+            answer = self._timed(lambda: self.client.heartbeat(
+                job.task_id, job.lease_token, clock_skew_ms=self._skew_ms()))
         except _LOST as e:
             if isinstance(e, TaskCancelled):  # set first: a handler that sees the lease
                 job.cancelled.set()           # lost knows why
@@ -418,7 +430,8 @@ class LaneWorker:
         if self._fixed_beat_s is not None or not job.lease_expires_at:
             return self.heartbeat_interval_s
         try:
-            left = (datetime.fromisoformat(job.lease_expires_at) - utcnow()).total_seconds()
+            left = (datetime.fromisoformat(job.lease_expires_at)
+                    - self._db_now()).total_seconds()
         except ValueError:
             return self.heartbeat_interval_s
         if left <= 0:  # clocks disagree; keep to our own setting
@@ -435,9 +448,9 @@ class LaneWorker:
         try:
             nxt = (self.lane, self.name) if self._want_next and not job.stopping.is_set() \
                 else None
-            answer = self._retrying(lambda: self.client.complete(
+            answer = self._retrying(lambda: self._timed(lambda: self.client.complete(
                 job.task_id, job.lease_token, outcome=outcome, reason=reason, result=result,
-                claim_next=nxt), job=job)
+                claim_next=nxt, clock_skew_ms=self._skew_ms()), "next"), job=job)
         except InvalidInput as e:  # e.g. an unserialisable result: still close the task
             if outcome == "success":
                 return self._complete(job, "failure", f"invalid result: {e.message}", None)
@@ -536,14 +549,64 @@ class LaneWorker:
         if not job.lease_expires_at:
             return 0.0
         try:
-            return (datetime.fromisoformat(job.lease_expires_at) - utcnow()).total_seconds()
+            return (datetime.fromisoformat(job.lease_expires_at)
+                    - self._db_now()).total_seconds()
         except ValueError:
             return 0.0
+
+    # --- the one clock: this host's skew against the database's ---------------------
+
+    def _timed(self, call: Callable[[], dict[str, Any]], nested: str | None = None
+               ) -> dict[str, Any]:
+        """``call()``'s answer, its ``serverTime`` (or its ``nested`` answer's) measured
+        against this host's clock at the middle of the round trip."""
+        sent = time.time()
+        answer = call()
+        got = answer.get(nested) if nested is not None else answer
+        if isinstance(got, dict):
+            self._measure(got.get("serverTime"), (sent + time.time()) / 2)
+        return answer
+
+    def _measure(self, server_time: Any, local_s: float) -> None:
+        """Take one skew reading; warn when it is past ``clock_skew_warn_s``."""
+        if not isinstance(server_time, str):
+            return
+        try:
+            skew = local_s - datetime.fromisoformat(server_time).timestamp()
+        except ValueError:
+            return
+        self.clock_skew_s = skew
+        limit = self.client.settings.clock_skew_warn_s
+        if abs(skew) > limit and not self._skew_warned:
+            self._skew_warned = True
+            way = "ahead of" if skew > 0 else "behind"
+            self._log(f"this host's clock is {abs(skew):.1f}s {way} the database's (more "
+                      f"than clock_skew_warn_s={limit:g}); leases follow the database's "
+                      "clock, but this host's times and logs are off: fix its time "
+                      "sync (NTP)", level=logging.WARNING)
+        elif abs(skew) <= limit and self._skew_warned:
+            self._skew_warned = False
+            self._log(f"this host's clock is back within {limit:g}s of the database's "
+                      f"({skew:+.1f}s)")
+
+    def _skew_ms(self) -> int | None:
+        """The last skew reading in ms, as reported with requests; None before any."""
+        if self.clock_skew_s is None:
+            return None
+        from app.validate import CLOCK_SKEW_MS_MAX  # never a report the server refuses
+
+        return max(-CLOCK_SKEW_MS_MAX, min(CLOCK_SKEW_MS_MAX, round(self.clock_skew_s * 1000)))
+
+    def _db_now(self) -> datetime:
+        """The database's time now, as this host reckons it (its clock less its skew)."""
+        now = utcnow()
+        return now if self.clock_skew_s is None else now - timedelta(seconds=self.clock_skew_s)
 
     def _beat_once(self, job: Job) -> None:
         """One heartbeat while an outcome waits to be reported (best effort)."""
         try:
-            answer = self.client.heartbeat(job.task_id, job.lease_token)
+            answer = self._timed(lambda: self.client.heartbeat(
+                job.task_id, job.lease_token, clock_skew_ms=self._skew_ms()))
         except Exception:  # refused or down: the complete's own answer will say which
             return
         job.heartbeats += 1

@@ -37,6 +37,7 @@ from app.storage.context import Context
 from app.storage.db import transaction
 from app.storage.models import event_table, task_table
 from tests.servers import ThrowawayPostgres, ThrowawayRedis
+from tests.skew import shifted_env
 
 REPO = Path(__file__).resolve().parents[2]
 LANES = ("alpha", "beta", "gamma", "delta")
@@ -136,8 +137,11 @@ class Stack:
                         lock_holder_dead_after_ms=2500, redis_socket_timeout_s=2,
                         beat_lease_ttl_ms=2500, beat_lease_renew_ms=500)
 
-    def _spawn(self, name: str, argv: list[str], lease_ttl_s: float | None = None) -> Proc:
+    def _spawn(self, name: str, argv: list[str], lease_ttl_s: float | None = None,
+               clock_offset_s: float = 0.0) -> Proc:
         env = {**os.environ, **self.env_vars(lease_ttl_s)}
+        if clock_offset_s:  # this process's wall clock reads that far off (tests/skew.py)
+            env = shifted_env(env, clock_offset_s, self.tmp / f"clock-{name}")
         out = (self.tmp / f"{name}.log").open("ab")
         p = subprocess.Popen(argv, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL)
@@ -148,20 +152,21 @@ class Stack:
 
     # --- processes ----------------------------------------------------------------------
 
-    def start_workers(self, lease_ttl_s: float | None = None) -> None:
-        """8 lane workers (new names each generation: a restarted worker is a new one)."""
+    def start_workers(self, lease_ttl_s: float | None = None, work_s: float = 0.0) -> None:
+        """8 lane workers (new names each generation: a restarted worker is a new one);
+        each task's command takes ``work_s`` after logging its run."""
         self._generation += 1
         cmd = ["sh", "-c", f'cat >/dev/null; echo "$AUTONOMY_TASK_ID $AUTONOMY_WORKER" '
-                           f'>> {self.cmd_log}']
+                           f'>> {self.cmd_log}' + (f"; sleep {work_s:g}" if work_s else "")]
         for lane in LANES:
             for i in range(WORKERS_PER_LANE):
                 self.start_worker(f"w{self._generation}-{lane}-{i}", lane, cmd, lease_ttl_s)
 
     def start_worker(self, name: str, lane: str, cmd: list[str],
-                     lease_ttl_s: float | None = None) -> Proc:
+                     lease_ttl_s: float | None = None, clock_offset_s: float = 0.0) -> Proc:
         return self._spawn(name, [sys.executable, "-m", "app.cli", "worker", "--lane", lane,
                                   "--name", name, "--idle-max", "0.3", "--pause-max", "1",
-                                  "--grace", "10", "--", *cmd], lease_ttl_s)
+                                  "--grace", "10", "--", *cmd], lease_ttl_s, clock_offset_s)
 
     def workers(self) -> list[Proc]:
         return [p for n, p in self.procs.items() if n.startswith("w")

@@ -285,6 +285,26 @@ def sigstop_lock_holder(stack: Stack) -> tuple[None, datetime, str]:
                      + ", ".join(sorted({str(e['data'].get('refused')) for e in fenced})))
 
 
+SKEW_S = 600.0
+SKEW_WORK_S = 0.2  # each task holds its lease a while, so skewed claims meet live leases
+
+
+def skewed_workers(offset_s: float) -> Inject:
+    """One more worker per lane whose wall clock reads ``offset_s`` seconds off (SPEC
+    4.9): it must neither take an honest lease early (ahead) nor lose its own (behind)."""
+    def inject(stack: Stack) -> tuple[None, datetime, str]:
+        way = "ahead" if offset_s > 0 else "behind"
+        for lane in LANES:
+            stack.start_worker(f"w-{way}-{lane}", lane,
+                               ["sh", "-c", f'cat >/dev/null; echo "$AUTONOMY_TASK_ID '
+                                            f'$AUTONOMY_WORKER" >> {stack.cmd_log}; '
+                                            f"sleep {SKEW_WORK_S:g}"],
+                               clock_offset_s=offset_s)
+        return None, _now(), (f"one worker per lane with its clock {abs(offset_s):g} s "
+                              f"{way} (leases {LEASE_S:g} s)")
+    return inject
+
+
 def pg_stop(pg: Postgres) -> Inject:
     def inject(stack: Stack) -> tuple[None, datetime, str]:
         pg.stop()
@@ -391,5 +411,37 @@ def test_the_fleet_survives_redis_answering_with_errors(backend: str) -> None:
         print("\n" + table(ROWS))
         stack.close()
     bad = _check(rows)
+    assert not bad, "\n".join(bad) + f"\n(logs in {tmp_path})"
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_the_fleet_survives_workers_with_clocks_ten_minutes_off(backend: str) -> None:
+    """SPEC 4.9: workers 10 minutes ahead, then 10 minutes behind, join the honest fleet
+    (leases of 6 s, tasks of 0.2 s): no task lost or run twice, no double grant, no lane
+    over its limit."""
+    tmp_path = Path(tempfile.mkdtemp(prefix=f"autonomy-faults-clocks-{backend}-"))
+    pg = Postgres() if backend == "postgres" else None
+    url = db.normalise_url(pg.url) if pg else f"sqlite:///{tmp_path / 'faults.db'}"
+    db.upgrade(url)
+    stack = Stack(backend=backend, tmp=tmp_path, database_url=url, lease_ttl_s=LEASE_S, pg=pg)
+    rows: list[Row] = []
+    try:
+        stack.start_celery()
+        stack.start_workers(work_s=SKEW_WORK_S)
+        rows.append(_run(stack, "workers' clocks 10 min ahead", skewed_workers(SKEW_S)))
+        stack.stop_workers()
+        stack.start_workers(work_s=SKEW_WORK_S)
+        rows.append(_run(stack, "workers' clocks 10 min behind", skewed_workers(-SKEW_S)))
+        stack.stop_all()
+        left = stack.left_behind()
+        assert left == [], f"processes left behind: {left}"
+    finally:
+        _write_table()
+        print("\n" + table(ROWS))
+        stack.close()
+    bad = _check(rows)
+    bad += [f"{r.fault}/{r.backend}: {r.duplicates} duplicate runs ({r.duplicates_why})"
+            for r in rows if r.duplicates]
     assert not bad, "\n".join(bad) + f"\n(logs in {tmp_path})"
     shutil.rmtree(tmp_path, ignore_errors=True)

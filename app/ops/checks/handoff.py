@@ -113,8 +113,9 @@ def step(counter: dict[str, Any], *, failing: bool, fail_threshold: int,
 def run_handoff(ctx: Context, fence: state.Fence | None = None) -> dict[str, Any]:
     """Observe the criteria, step their counters, write the handoff snapshot (only while
     ``fence``'s run-lock is still held)."""
-    s, now = ctx.settings, ctx.clock()
+    s = ctx.settings
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)  # stale rules compare stored times: the one clock
         states = runs.load_states(conn, now=now)
         prev = states.get(state.HANDOFF, _snapshot_shape)
         live = live_signals(conn, ctx, states)

@@ -61,7 +61,7 @@ def run_job(ctx: Context, job: str, *, holder: str | None = None) -> dict[str, A
 
 
 def _run(ctx: Context, job: str, h: locks.Held) -> dict[str, Any]:
-    started, t0 = ctx.clock(), time.monotonic()
+    started, t0 = ctx.db_now(), time.monotonic()
     fence = state.Fence(ctx, h)
     try:
         try:
@@ -94,8 +94,8 @@ def _hold_for_min_runtime(ctx: Context, job: str, t0: float) -> None:
 def _record_run(ctx: Context, job: str, fence: state.Fence, *, started: datetime, t0: float,
                 ok: bool, error: str | None, message: str | None, holder: str) -> int:
     duration = int((time.monotonic() - t0) * 1000)
-    now = ctx.clock()
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)
         fence.check("the run's record")
         state.write(conn, name=state.job_state_name(job), now=now, data={
             "lastStartedAt": to_ms(started), "lastRunAt": to_ms(now), "durationMs": duration,
@@ -113,8 +113,8 @@ def _record_fenced(ctx: Context, e: locks.RunLockLost, *, holder: str) -> None:
 
 
 def _record_skip(ctx: Context, job: str, e: locks.AlreadyRunning) -> None:
-    now = ctx.clock()
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)
         prev = state.read(conn, name=state.job_state_name(job), now=now)
         data = dict(prev.data or {})
         data.update(skipped="already_running", skippedAt=to_ms(now))

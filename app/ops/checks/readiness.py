@@ -39,9 +39,10 @@ def _shape(d: Any) -> str | None:
 def run_readiness(ctx: Context, fence: state.Fence | None = None) -> dict[str, Any]:
     """Observe the stall and the ops incident, step their trackers, write the state (only
     while ``fence``'s run-lock is still held)."""
-    s, now = ctx.settings, ctx.clock()
-    now_ms = to_ms(now)
+    s = ctx.settings
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)  # the stall clock compares stored times: the one clock
+        now_ms = to_ms(now)
         states = runs.load_states(conn, now=now)
         prev = states.get(state.READINESS, _shape)
         p = prev.data or {}

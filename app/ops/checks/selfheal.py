@@ -23,8 +23,8 @@ SELF_HEAL_JOB = "self_heal"  # its run-lock's job name
 def run_self_heal(ctx: Context, fence: state.Fence | None = None) -> dict[str, Any]:
     """Requeue expired leases, break dead holders' run-locks; answers the summary. Each
     side effect and the summary happen only while ``fence``'s run-lock is still held."""
-    now = ctx.clock()
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)  # the one clock decides what expired (SPEC 4.9)
         if fence is not None:
             fence.check("the requeue of expired leases")
         rows = store.requeue_expired(conn, now=now)

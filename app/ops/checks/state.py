@@ -185,9 +185,9 @@ def set_ops_incident(ctx: Context, *, status: Any, reason: Any = None, actor: An
     # under a credential the state names the credential (the caller's actor: a note)
     who, note = principal.audit(given or ("operator" if principal.current() is None
                                           else None))
-    now = ctx.clock()
     data = {"status": st, "reason": why, "actor": who, **note}
     with transaction(ctx.engine) as conn:
+        now = ctx.now_in(conn)  # the stale rule compares it (SPEC 4.4, 4.9)
         write(conn, name=OPS_INCIDENT, data=data, now=now)
         store.insert_event(conn, kind="ops_incident_set", at=now, actor=given, reason=why,
                            data={"status": st})

@@ -7,6 +7,9 @@ Redis is down or stalled the payload says ``redis: "degraded"`` and ``workflowHe
 carries ``error: "redis_unavailable"`` (its run-locks and counters live in Redis).
 ``redisMemory`` is Redis's ``maxmemory-policy`` (``evictsFleetKeys`` and a ``warning``
 for an ``allkeys-*`` one, which can drop run-locks and leases); null while unknown.
+``clockSkew`` (SPEC 4.9): the clock skew each worker reported in the last hour, the
+furthest off first (at most ``CLOCK_SKEW_SHOWN``), with how many are off by more than
+``clock_skew_warn_s``; ``error`` while Redis, which keeps the reports, cannot answer.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from datetime import timedelta
 from typing import Any
 
 from app import wire
-from app.clock import iso
+from app.clock import from_ms, iso, to_ms
 from app.errors import RedisUnavailable
 from app.ops import retention
 from app.ops.checks import handoff, readiness, runs, selfheal, state
@@ -28,8 +31,9 @@ from app.storage.redis_errors import redis_errors
 def build_status(ctx: Context) -> dict[str, Any]:
     """The whole fleet at a glance: run-locks, lanes, handoff, ops incident, readiness,
     self-heal, each job's last run, recent failure fingerprints, counters."""
-    s, now = ctx.settings, ctx.clock()
+    s = ctx.settings
     with transaction(ctx.engine, write=False) as conn:
+        now = ctx.now_in(conn)  # stale flags compare stored times: the one clock
         counts = store.lane_status_counts(conn)
         lanes = [wire.lane(row, counts.get(row["assignee"], {}))
                  for row in store.list_lanes(conn)]
@@ -48,6 +52,7 @@ def build_status(ctx: Context) -> dict[str, Any]:
     run_locks: list[dict[str, Any]] = []
     beat = leader.unknown(ctx)
     metrics: dict[str, int] = {}
+    skews: dict[str, dict[str, int]] | None = None
     redis_ok = leases.probe(ctx)
     if redis_ok:
         try:
@@ -56,6 +61,7 @@ def build_status(ctx: Context) -> dict[str, Any]:
             with redis_errors(ctx.redis):
                 metrics = {str(k): int(v)
                            for k, v in ctx.redis.hgetall(ctx.keys.metrics()).items()}
+                skews = leases.clock_skews(ctx)
         except RedisUnavailable as e:
             ctx.redis_health.failed(e)
             redis_ok = False
@@ -84,4 +90,31 @@ def build_status(ctx: Context) -> dict[str, Any]:
         "fingerprints": fingerprints,
         "metrics": metrics,
         "retention": pruning,
+        "clockSkew": clock_skew_view(skews, now_ms=to_ms(now), warn_s=s.clock_skew_warn_s),
+    }
+
+
+CLOCK_SKEW_FRESH_S = 3600  # a report older than this is of a worker gone or idle: left out
+CLOCK_SKEW_SHOWN = 50  # the furthest off first; the counts cover them all
+
+
+def clock_skew_view(skews: dict[str, dict[str, int]] | None, *, now_ms: int,
+                    warn_s: float) -> dict[str, Any]:
+    """The workers' reported clock skews (``None``: Redis could not say) as status shows
+    them: ``workers`` (worker, skewMs, reportedAt, skewed), ``reporting``, ``skewed``
+    (how many are off by more than ``warn_s``), ``maxAbsMs`` and ``warnS``."""
+    if skews is None:
+        return {"warnS": warn_s, "workers": [], "error": RedisUnavailable.code}
+    fresh = [(w, r) for w, r in skews.items()
+             if now_ms - r["atMs"] <= CLOCK_SKEW_FRESH_S * 1000]
+    fresh.sort(key=lambda wr: (-abs(wr[1]["skewMs"]), wr[0]))
+    limit_ms = warn_s * 1000
+    return {
+        "warnS": warn_s,
+        "reporting": len(fresh),
+        "skewed": sum(1 for _, r in fresh if abs(r["skewMs"]) > limit_ms),
+        "maxAbsMs": max((abs(r["skewMs"]) for _, r in fresh), default=None),
+        "workers": [{"worker": w, "skewMs": r["skewMs"], "reportedAt": iso(from_ms(r["atMs"])),
+                     "skewed": abs(r["skewMs"]) > limit_ms}
+                    for w, r in fresh[:CLOCK_SKEW_SHOWN]],
     }
