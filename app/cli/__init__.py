@@ -167,7 +167,12 @@ def resume(assignee: str, actor: str | None = ActorOpt,
            reason: str | None = typer.Option(None), as_json: bool | None = JsonOpt) -> None:
     """Resume a lane (idempotent)."""
     call({"action": "resume_lane", "assignee": assignee, "actor": actor, "reason": reason},
-         as_json, _lane_line)
+         as_json, _resume_line)
+
+
+def _resume_line(a: dict[str, Any]) -> str:
+    said = "resumed (it was paused)" if a.get("wasPaused") else "was not paused: unchanged"
+    return f"{said}\n{_lane_line(a)}"
 
 
 @app.command("lane")
