@@ -20,7 +20,8 @@ from typing import Any
 
 import typer
 
-from app import __version__, logs, ops, principal
+from app import __version__, logs, ops, principal, validate
+from app.cli.complete import one_of
 from app.cli.output import fail, human_time, run, table, want_json
 from app.errors import AutonomyError, InvalidInput
 from app.storage.context import Context
@@ -129,7 +130,8 @@ def heartbeat(task_id: int, lease_token: str, as_json: bool | None = JsonOpt) ->
 
 @app.command()
 def complete(task_id: int, lease_token: str,
-             outcome: str = typer.Option("success", help="success or failure"),
+             outcome: str = typer.Option("success", help=" or ".join(validate.OUTCOMES),
+                                         autocompletion=one_of(validate.OUTCOMES)),
              reason: str | None = typer.Option(None, "--reason",
                                                help="Validation reason (for a failure)."),
              result: str | None = typer.Option(None, help="A JSON object."),
