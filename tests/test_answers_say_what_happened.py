@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from app import ops
+from app.api import metrics
 from app.cli.output import table
 from app.clock import FrozenClock
 from app.errors import NotInProgress, StaleLease
@@ -112,7 +113,10 @@ def test_status_counts_fingerprints_as_the_breaker_does_since_the_resume(
     _fail_next(ctx, "same")
     answer = _fail_next(ctx, "same")
     assert answer["fingerprintCount"] == 2
-    fp = ops.dispatch(ctx, {"action": "status"})["fingerprints"][0]
+    status = ops.dispatch(ctx, {"action": "status"})
+    fp = status["fingerprints"][0]
     assert fp["fingerprint"] == "coder:same"
     assert (fp["count"], fp["windowCount"], fp["sinceResume"]) == (2, 5, True)
     assert fp["countSince"] is not None
+    text = metrics.render(status).decode()
+    assert 'autonomy_breaker_top_fingerprint_failures{lane="coder"} 2.0' in text
