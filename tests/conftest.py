@@ -33,8 +33,9 @@ from tests.servers import (
 # --- no test leaves a process behind -------------------------------------------------
 
 CHILD_EXIT_GRACE_S = 10.0
-# multiprocessing's resource tracker lives as long as the session, by design
-LONG_LIVED_HELPERS = ("multiprocessing.resource_tracker",)
+# multiprocessing's resource tracker lives as long as the session, by design; so does a
+# worker process's command watchdog (app.workers.command: one per process, ended at exit)
+LONG_LIVED_HELPERS = ("multiprocessing.resource_tracker", "autonomy command watchdog")
 
 
 def _running(p: psutil.Process) -> bool:

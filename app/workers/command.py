@@ -191,7 +191,9 @@ def _die_with_parent() -> None:
 
 # The watchdog: reads "+pgid"/"-pgid" lines; at EOF (the worker is gone) SIGKILLs every
 # group still listed. Ignores SIGINT/SIGTERM (a Ctrl-C meant for the worker's terminal).
-_WATCHDOG_SRC = """
+# Its first line names it in ``ps`` (and to the tests' leftover-process check).
+WATCHDOG_NAME = "autonomy command watchdog"
+_WATCHDOG_SRC = f"""# {WATCHDOG_NAME}
 import os, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
