@@ -108,7 +108,8 @@ def test_a_lane_scenario_over_http_answers_as_the_spec_says(ctx_with_token: Cont
         second = call(http, "create", assignee="coder", title="next")["task"]
         lease = call(http, "claim", assignee="coder", worker="w1")["lease"]
         released = call(http, "release", taskId=second["id"], leaseToken=lease["token"])
-        assert released == {"ok": True, "taskId": second["id"], "released": True}
+        assert released == {"ok": True, "action": "release", "taskId": second["id"],
+                            "released": True}
 
         lane = call(http, "configure_lane", assignee="coder", maxInFlight=2)["lane"]
         assert lane["maxInFlight"] == 2
@@ -119,8 +120,9 @@ def test_a_lane_scenario_over_http_answers_as_the_spec_says(ctx_with_token: Cont
         assert refused["error"] == "lane_paused" and refused["reason"] == "freeze"
         assert refused["pausedAt"]
         resumed = call(http, "resume_lane", assignee="coder", actor="alice")
-        assert resumed["lane"]["paused"] is False and resumed["alreadyRunning"] is False
-        assert call(http, "resume_lane", assignee="coder")["alreadyRunning"] is True
+        assert resumed["lane"]["paused"] is False and resumed["wasPaused"] is True
+        assert resumed["alreadyRunning"] is False  # kept for older clients
+        assert call(http, "resume_lane", assignee="coder")["wasPaused"] is False
 
         kinds = {e["kind"] for e in call(http, "history", assignee="coder")["events"]}
         assert {"task_created", "lease_granted", "lane_paused", "lane_resumed",
@@ -128,8 +130,8 @@ def test_a_lane_scenario_over_http_answers_as_the_spec_says(ctx_with_token: Cont
         task_events = call(http, "history", taskId=task["id"])["events"]
         assert {e["taskId"] for e in task_events} == {task["id"]}
         count = call(http, "fingerprint_count", fingerprint="coder:x", windowHours=1)
-        assert count == {"ok": True, "fingerprint": "coder:x", "count": 0, "windowHours": 1.0,
-                         "threshold": 3}
+        assert count == {"ok": True, "action": "fingerprint_count", "fingerprint": "coder:x",
+                         "count": 0, "windowHours": 1.0, "threshold": 3}
 
 
 def test_three_identical_failures_over_http_pause_the_lane_and_file_remediation(
@@ -368,10 +370,10 @@ def test_openapi_describes_every_action_request_and_answer(http: httpx.Client) -
     post = schema["paths"]["/api/autonomy"]["post"]
     assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"] \
         == "#/components/schemas/ActionRequest"
-    answers = post["responses"]["200"]["content"]["application/json"]["schema"]["anyOf"]
+    answers = post["responses"]["200"]["content"]["application/json"]["schema"]["oneOf"]
     assert {a["$ref"].split("/")[-1] for a in answers} >= {
-        "TaskAnswer", "LeaseAnswer", "LaneAnswer", "HistoryAnswer", "StatusAnswer",
-        "FingerprintCountAnswer"}
+        "ClaimActionAnswer", "HeartbeatActionAnswer", "ResumeLaneActionAnswer",
+        "HistoryActionAnswer", "StatusActionAnswer", "FingerprintCountActionAnswer"}
     assert {"400", "401", "403", "404", "409", "503"} <= set(post["responses"])
     assert {"AutonomyApiToken": []} in post["security"] and {} in post["security"]
     assert "422" not in json.dumps({p: {m: op["responses"] for m, op in ops_.items()}

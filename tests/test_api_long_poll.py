@@ -119,7 +119,8 @@ def test_past_the_long_poll_cap_a_claim_answers_at_once(
             third = http.post("/api/autonomy", json={
                 "action": "claim", "assignee": LANE, "worker": "w2", "waitMs": WAIT_MS})
             assert third.status_code == 200
-            assert third.json() == {"ok": True, "task": None}  # no slot: did not wait
+            # no slot: did not wait
+            assert third.json() == {"ok": True, "action": "claim", "task": None}
             assert waiters.empty() == 0  # the two still wait
             for i in range(2):
                 assert http.post("/api/autonomy", json={

@@ -4,6 +4,8 @@ terminal and stays JSON on a pipe; ``fingerprints`` takes a reason as a worker w
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import pytest
 from typer.testing import CliRunner
@@ -16,7 +18,7 @@ from app.ops import breaker, lanes
 from app.storage.context import Context
 from tests.test_breaker import fail_next
 from tests.test_cli import cli, cli_env
-from tests.test_cli_output import on_a_terminal
+from tests.test_cli_output import AUTONOMY, on_a_terminal
 
 __all__ = ["cli_env"]
 
@@ -74,3 +76,34 @@ def test_status_is_text_on_a_terminal_and_json_on_a_pipe(cli_env: dict[str, str]
     assert human.startswith("status at ") and "lanes:" in human
     piped = cli(cli_env, "status")
     assert piped.returncode == 0 and json.loads(piped.stdout)["ok"] is True
+
+
+@pytest.mark.parametrize(("words", "expected"), [
+    ("autonomy check ", ["handoff", "readiness", "self-heal", "status", "retention"]),
+    ("autonomy check re", ["readiness", "retention"]),
+    ("autonomy complete 7 abc --outcome ", ["success", "failure"]),
+    ("autonomy complete 7 abc --outcome f", ["failure"]),
+    ("autonomy incident set ", ["ok", "warning", "critical"]),
+    ("autonomy incident set w", ["warning"]),
+    ("autonomy tasks --status ", ["todo", "in_progress", "done", "cancelled", "dead"]),
+    ("autonomy tasks --kind ", ["work", "ops_remediation"]),
+    ("autonomy token create --scope ", ["operator", "worker", "read"]),
+])
+def test_fixed_values_complete_in_the_shell(words: str, expected: list[str]) -> None:
+    """The shell offers exactly the values the server accepts (from the one definition
+    it validates with); what is typed anyway is still refused by the operation."""
+    env = {**os.environ, "_AUTONOMY_COMPLETE": "complete_bash", "COMP_WORDS": words,
+           "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1))}
+    proc = subprocess.run([AUTONOMY], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == expected, (words, proc.stdout)
+
+
+def test_a_value_outside_the_completions_is_refused_with_the_domains_code(
+        runner: CliRunner, cli_env: dict[str, str]) -> None:
+    """Completion offers; validation stays the operation's: ``invalid_outcome``, as the
+    API answers, never click's usage error."""
+    bad = runner.invoke(cli_app, ["complete", "7", "0" * 32, "--outcome", "meh", "--json"],
+                        env=cli_env)
+    assert "Usage:" not in bad.output
+    assert json.loads(bad.output.splitlines()[0])["error"] == "invalid_outcome"

@@ -49,10 +49,17 @@ def _constraints(prop: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def _requests(openapi: dict[str, Any]) -> list[dict[str, Any]]:
+    """The request schemas (the answers name their action too: ``ClaimActionAnswer``)."""
+    comps = openapi["components"]["schemas"]
+    refs = comps["ActionRequest"]["discriminator"]["mapping"].values()
+    return [comps[ref.split("/")[-1]] for ref in refs]
+
+
 def cases(openapi: dict[str, Any]) -> list[tuple[str, str, str, Any, bool]]:
     """(action, field, limit, value, valid) for every limit the document states."""
     out = []
-    for schema in openapi["components"]["schemas"].values():
+    for schema in _requests(openapi):
         action = schema.get("properties", {}).get("action", {}).get("const")
         if action is None:
             continue
@@ -81,7 +88,7 @@ def cases(openapi: dict[str, Any]) -> list[tuple[str, str, str, Any, bool]]:
 
 def request_for(openapi: dict[str, Any], action: str, field: str, value: Any
                 ) -> dict[str, Any]:
-    schema = next(s for s in openapi["components"]["schemas"].values()
+    schema = next(s for s in _requests(openapi)
                   if s.get("properties", {}).get("action", {}).get("const") == action)
     body = {"action": action}
     for name in schema.get("required", []):

@@ -192,8 +192,9 @@ def test_lane_worker_picks_up_pushed_work_reports_outcomes_and_stops_cleanly(
             raise ValidationFailed("lint failed: 3 errors")
         return {"seen": task["title"]}
 
+    lines: list[str] = []
     worker = LaneWorker("coder", handler, client=client, worker_name="w1",
-                        idle_backoff_s=(0.01, 0.05))
+                        idle_backoff_s=(0.01, 0.05), say=lines.append)
     stop = threading.Event()
     running = _started(lambda: worker.run(stop))
     _until(lambda: worker._lane_empty, what="the worker to find the lane empty")
@@ -208,6 +209,9 @@ def test_lane_worker_picks_up_pushed_work_reports_outcomes_and_stops_cleanly(
         assert row["status"] == "done" and row["result"] == {"seen": row["title"]}
     retried = _task(ctx, bad)
     assert retried["attempts"] == 1
+    # attempts counts failures so far, and the log line says so (not "attempt 1")
+    claimed = [ln.split(": ")[-1] for ln in lines if f"task {bad}: claimed" in ln]
+    assert claimed == ["claimed (0 failures so far)", "claimed (1 failure so far)"]
     assert retried["failure_fingerprint"] == "coder:lint failed: <n> errors"
     assert not [t for t in threading.enumerate() if t.name.startswith("heartbeat-w1")]
 

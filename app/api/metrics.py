@@ -190,8 +190,9 @@ def _lanes(lanes: list[Mapping[str, Any]]) -> list[Metric]:
 
 
 def _breaker(lanes: list[Mapping[str, Any]], fps: list[Mapping[str, Any]]) -> list[Metric]:
-    """Each lane's breaker window, summarised: the fingerprints themselves are free text
-    (unbounded) and stay in the status payload and the panel."""
+    """Each lane's breaker window (since its last resume, when that is later: the counts
+    the breaker uses), summarised: the fingerprints themselves are free text (unbounded)
+    and stay in the status payload and the panel."""
     failures = _gauge("autonomy_breaker_window_failures",
                       "Validation failures in the lane's breaker window.", ["lane"])
     distinct = _gauge("autonomy_breaker_window_fingerprints",
@@ -206,7 +207,8 @@ def _breaker(lanes: list[Mapping[str, Any]], fps: list[Mapping[str, Any]]) -> li
         per_lane.setdefault(str(fp.get("assignee")), []).append(_num(fp.get("count")))
     for lane, counts in sorted(per_lane.items()):
         failures.add_metric([lane], sum(counts))
-        distinct.add_metric([lane], len(counts))
+        # a fingerprint seen only before the lane's resume is out of the breaker's window
+        distinct.add_metric([lane], sum(1 for c in counts if c))
         top.add_metric([lane], max(counts, default=0.0))
     if fps:
         threshold.add_metric([], _num(fps[0].get("threshold")))

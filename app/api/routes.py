@@ -52,12 +52,14 @@ def _json(answer: dict[str, Any]) -> JSONResponse:
 @router.post(
     "/api/autonomy", response_model=schemas.ActionAnswer, responses=schemas.ERROR_RESPONSES,
     summary="Run one action", openapi_extra={"requestBody": _REQUEST_BODY},
+    operation_id="act", tags=["actions"],
     description="Every action of the SPEC by its wire name (`create`, `claim`, `heartbeat`, "
                 "`complete`, `release`, `pause_lane`, `resume_lane`, `configure_lane`, "
                 "`fingerprint_count`, `status`, `history`, `ops_incident`, `cancel`, "
                 "`requeue`, `tasks`). Mutating "
                 "actions need the bearer token when the server has one. Every answer has "
-                "`ok`; a refusal has `error` (a stable code) and `message`.",
+                "`ok`; a refusal has `error` (a stable code) and `message`. A 200 answer "
+                "echoes `action`: the one schema per action, discriminated on it.",
 )
 async def act(ctx: Ctx, body: JsonBody, authorization: Authorization, request: Request
               ) -> Response:
@@ -86,7 +88,8 @@ def _act(ctx: Context, body: Body, authorization: str | None,
     schemas.check_shape(request, ctx.settings)
     with principal.acting(who):
         auth.authorize(ctx, who, request)
-        return _json(ops.dispatch(ctx, request))
+        # ``action`` echoed: the discriminator of the answer's schema (an added field)
+        return _json({**ops.dispatch(ctx, request), "action": action})
 
 
 def long_polls(state: Any, capacity: int) -> CapacityLimiter:
@@ -103,7 +106,7 @@ _READ_REFUSALS: dict[int | str, dict[str, Any]] = {
 
 @router.get("/api/autonomy/status", response_model=schemas.StatusAnswer,
             responses={503: schemas.ERROR_RESPONSES[503], **_READ_REFUSALS},
-            summary="The status payload")
+            summary="The status payload", operation_id="get_status", tags=["reads"])
 def status(ctx: Ctx) -> Response:
     """The same answer as the ``status`` action."""
     return _json(ops.dispatch(ctx, {"action": "status"}))
@@ -112,7 +115,7 @@ def status(ctx: Ctx) -> Response:
 @router.get("/api/autonomy/tasks", response_model=schemas.TasksAnswer,
             responses={400: schemas.ERROR_RESPONSES[400], 503: schemas.ERROR_RESPONSES[503],
                        **_READ_REFUSALS},
-            summary="Recent tasks, newest first")
+            summary="Recent tasks, newest first", operation_id="list_tasks", tags=["reads"])
 def tasks(
     ctx: Ctx,
     assignee: Annotated[str | None, Query(description="Only this lane.", max_length=256)] = None,
@@ -131,7 +134,7 @@ def tasks(
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                              "description": "Prometheus text format."},
                        503: schemas.ERROR_RESPONSES[503], **_READ_REFUSALS},
-            summary="Prometheus metrics")
+            summary="Prometheus metrics", operation_id="get_metrics", tags=["metrics"])
 def prometheus(ctx: Ctx) -> Response:
     """Run-locks, periodic jobs, lanes, the breaker, GO/NO_GO/unknown, counters, Redis and
     the beat leader (see ``app.api.metrics`` for the names and their rules)."""
@@ -140,6 +143,7 @@ def prometheus(ctx: Ctx) -> Response:
 
 
 @router.get("/livez", summary="Liveness: the process serves (no I/O)",
+            operation_id="livez", tags=["probes"],
             responses={200: {"description": "`{ok: true, pid, nonce}`"}})
 def livez(ctx: Ctx) -> Response:
     """Answers from memory: the pid, and the start nonce ``autonomy up`` gave this process
@@ -148,6 +152,7 @@ def livez(ctx: Ctx) -> Response:
 
 
 @router.get("/readyz", summary="Readiness: database reachable and migrated, Redis reachable",
+            operation_id="readyz", tags=["probes"],
             responses={503: {"description": "Not ready: `failed` names the parts, `message` "
                                             "says why; Redis down is `redis: degraded`."}})
 def readyz(ctx: Ctx) -> Response:

@@ -15,7 +15,15 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Annotated, Any, Literal, NamedTuple, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+)
 
 from app import errors, validate
 from app.settings import Settings
@@ -158,7 +166,7 @@ def _build(t: validate.Types) -> RequestSchema:
     return RequestSchema(models, union, TypeAdapter(union))
 
 
-def tuple_union(models: tuple[type[_Request], ...]) -> Any:
+def tuple_union(models: tuple[type[BaseModel], ...]) -> Any:
     """``models[0] | models[1] | ...``."""
     out: Any = models[0]
     for m in models[1:]:
@@ -209,6 +217,11 @@ def action_names() -> list[str]:
 # --- answers -------------------------------------------------------------------------
 
 
+# every time on the wire: ISO-8601 UTC with a zone (``app.clock.iso``); declared as a
+# date-time so the OpenAPI schema says so (the routes answer JSON already encoded)
+Time = AwareDatetime
+
+
 class _Answer(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -230,16 +243,16 @@ class TaskWire(BaseModel):
     result: dict[str, Any] | None = None
     attempts: int
     claimedBy: str | None
-    leaseExpiresAt: str | None
+    leaseExpiresAt: Time | None
     failureFingerprint: str | None
     lastValidationReason: str | None
     lanePaused: bool
     lanePausedReason: str | None
-    lanePausedAt: str | None
-    createdAt: str
-    updatedAt: str
-    completedAt: str | None
-    notBefore: str | None = None
+    lanePausedAt: Time | None
+    createdAt: Time
+    updatedAt: Time
+    completedAt: Time | None
+    notBefore: Time | None = None
     dedupeKey: str | None = None
 
 
@@ -251,8 +264,8 @@ class LaneWire(BaseModel):
     assignee: str
     paused: bool
     pausedReason: str | None
-    pausedAt: str | None
-    resumedAt: str | None
+    pausedAt: Time | None
+    resumedAt: Time | None
     maxInFlight: int
     maxAttempts: int | None = None
     backoffBaseS: float | None = None
@@ -261,7 +274,7 @@ class LaneWire(BaseModel):
 
 class Lease(BaseModel):
     token: str
-    expiresAt: str
+    expiresAt: Time
 
 
 class TaskAnswer(_Answer):
@@ -275,7 +288,7 @@ class TaskAnswer(_Answer):
     guard: Literal["duplicate_claim_guard", "duplicate_complete_guard",
                    "duplicate_create_guard"] | None = None
     leaseHolder: str | None = None
-    leaseExpiresAt: str | None = None
+    leaseExpiresAt: Time | None = None
     failureFingerprint: str | None = None
     fingerprintCount: int | None = None
     lanePaused: bool | None = None
@@ -300,8 +313,12 @@ class LaneAnswer(_Answer):
     """``pause_lane``, ``resume_lane``, ``configure_lane``."""
 
     lane: LaneWire | None
-    alreadyPaused: bool | None = None
-    alreadyRunning: bool | None = None
+    alreadyPaused: bool | None = Field(default=None, description="`pause_lane`: the lane "
+                                       "was paused already (nothing changed).")
+    wasPaused: bool | None = Field(default=None, description="`resume_lane`: true when this "
+                                   "call lifted a pause, false when the lane was running.")
+    alreadyRunning: bool | None = Field(default=None, deprecated=True, description=(
+        "`resume_lane`: `not wasPaused`, kept for older clients; read `wasPaused`."))
 
 
 class FingerprintCountAnswer(_Answer):
@@ -315,7 +332,7 @@ class EventWire(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     id: int | None
-    at: str | None
+    at: Time | None
     kind: str
     assignee: str | None
     taskId: int | None
@@ -336,10 +353,27 @@ class BeatLeaderWire(BaseModel):
     last renewed, its TTL, and the beats standing by."""
 
     leader: str | None
-    since: str | None
-    renewedAt: str | None
+    since: Time | None
+    renewedAt: Time | None
     ttlMs: int
     standbys: list[str]
+
+
+class FingerprintWire(BaseModel):
+    """A recent failure fingerprint as the breaker counts it: ``count`` since
+    ``countSince`` (the lane's last resume when that is within the window, else the
+    window's start), ``windowCount`` over the whole window."""
+
+    model_config = ConfigDict(extra="allow")
+
+    fingerprint: str
+    assignee: str
+    count: int
+    windowCount: int
+    countSince: Time
+    sinceResume: bool
+    threshold: int
+    lastAt: Time | None
 
 
 class StatusAnswer(_Answer):
@@ -347,17 +381,17 @@ class StatusAnswer(_Answer):
     failure fingerprints and counters (each persisted signal with its ``stale`` flag and
     an ``error`` when it is missing or unreadable)."""
 
-    generatedAt: str
+    generatedAt: Time
     redis: Literal["ok", "degraded"] = Field(
         description="`degraded` while Redis is down or stalled: the database answers alone.")
     workflowHealth: dict[str, Any]
     beat: BeatLeaderWire
-    lanes: list[dict[str, Any]]
+    lanes: list[LaneWire]
     handoff: dict[str, Any]
     opsIncident: dict[str, Any]
     readiness: dict[str, Any]
     selfHeal: dict[str, Any]
-    fingerprints: list[dict[str, Any]]
+    fingerprints: list[FingerprintWire]
     metrics: dict[str, Any]
 
 
@@ -390,8 +424,36 @@ class ErrorAnswer(BaseModel):
     message: str
 
 
-ActionAnswer = (TaskAnswer | LeaseAnswer | ReleaseAnswer | LaneAnswer | FingerprintCountAnswer
-                | HistoryAnswer | StatusAnswer | OpsIncidentAnswer | CancelAnswer | TasksAnswer)
+# what each action answers; the HTTP answer also echoes ``action``, the discriminator
+ANSWERS: dict[str, type[_Answer]] = {
+    "create": TaskAnswer, "claim": TaskAnswer, "heartbeat": LeaseAnswer,
+    "complete": TaskAnswer, "release": ReleaseAnswer, "pause_lane": LaneAnswer,
+    "resume_lane": LaneAnswer, "configure_lane": LaneAnswer,
+    "fingerprint_count": FingerprintCountAnswer, "history": HistoryAnswer,
+    "status": StatusAnswer, "ops_incident": OpsIncidentAnswer, "cancel": CancelAnswer,
+    "requeue": TaskAnswer, "tasks": TasksAnswer,
+}
+
+
+def _camel(action: str) -> str:
+    return "".join(part.capitalize() for part in action.split("_"))
+
+
+def _action_answers() -> tuple[type[_Answer], ...]:
+    """One model per action (``ClaimActionAnswer``, ...): its answer's fields and
+    ``action``, the request's action echoed."""
+    return tuple(
+        create_model(f"{_camel(action)}ActionAnswer", __base__=base,
+                     __doc__=f"The answer to `{action}`. " + (base.__doc__ or ""),
+                     action=_req(Literal[action],
+                                 "The action answered (the request's, echoed)."))
+        for action, base in ANSWERS.items())
+
+
+ACTION_ANSWERS = _action_answers()
+# the 200 answer of ``POST /api/autonomy``: a oneOf discriminated on ``action``
+ActionAnswer: Any = Annotated[tuple_union(ACTION_ANSWERS), Field(discriminator="action")]
+ACTION_ANSWER: TypeAdapter[Any] = TypeAdapter(ActionAnswer)
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorAnswer, "description": "Bad input (`invalid_*`)."},

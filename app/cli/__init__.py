@@ -20,7 +20,8 @@ from typing import Any
 
 import typer
 
-from app import __version__, logs, ops, principal
+from app import __version__, logs, ops, principal, validate
+from app.cli.complete import one_of
 from app.cli.output import fail, human_time, run, table, want_json
 from app.errors import AutonomyError, InvalidInput
 from app.storage.context import Context
@@ -129,7 +130,8 @@ def heartbeat(task_id: int, lease_token: str, as_json: bool | None = JsonOpt) ->
 
 @app.command()
 def complete(task_id: int, lease_token: str,
-             outcome: str = typer.Option("success", help="success or failure"),
+             outcome: str = typer.Option("success", help=" or ".join(validate.OUTCOMES),
+                                         autocompletion=one_of(validate.OUTCOMES)),
              reason: str | None = typer.Option(None, "--reason",
                                                help="Validation reason (for a failure)."),
              result: str | None = typer.Option(None, help="A JSON object."),
@@ -167,7 +169,12 @@ def resume(assignee: str, actor: str | None = ActorOpt,
            reason: str | None = typer.Option(None), as_json: bool | None = JsonOpt) -> None:
     """Resume a lane (idempotent)."""
     call({"action": "resume_lane", "assignee": assignee, "actor": actor, "reason": reason},
-         as_json, _lane_line)
+         as_json, _resume_line)
+
+
+def _resume_line(a: dict[str, Any]) -> str:
+    said = "resumed (it was paused)" if a.get("wasPaused") else "was not paused: unchanged"
+    return f"{said}\n{_lane_line(a)}"
 
 
 @app.command("lane")

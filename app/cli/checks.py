@@ -10,7 +10,8 @@ from typing import Any
 
 import typer
 
-from app import ops, principal
+from app import ops, principal, validate
+from app.cli.complete import one_of
 from app.cli.output import emit, human_duration, human_time, run, table, want_json
 from app.errors import AutonomyError, InvalidInput
 from app.ops import probes, run_locks
@@ -127,8 +128,8 @@ def register(app: typer.Typer) -> None:
                f"beat: {answer['role']}" if answer["ok"] else f"beat: {answer['message']}")
 
     @app.command("check")
-    def check(name: str = typer.Argument(
-            ..., help="handoff | readiness | self-heal | status | retention"),
+    def check(name: str = typer.Argument(..., help=" | ".join(CHECK_NAMES),
+                                         autocompletion=one_of(CHECK_NAMES)),
               as_json: bool | None = JsonOpt) -> None:
         """Run one check now, under its run-lock, and print its result."""
         j = want_json(as_json)
@@ -149,7 +150,9 @@ def register(app: typer.Typer) -> None:
             want_json(as_json), status_lines)
 
     @incident_app.command("set")
-    def incident_set(status: str = typer.Argument(..., help="critical | warning | ok"),
+    def incident_set(status: str = typer.Argument(
+            ..., help=" | ".join(reversed(validate.INCIDENT_STATUSES)),
+            autocompletion=one_of(validate.INCIDENT_STATUSES)),
                      reason: str | None = typer.Option(None, help="Why (shown to operators)."),
                      actor: str | None = typer.Option(
                          None, help="A note beside the recorded actor (the OS user)."),

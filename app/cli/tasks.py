@@ -7,7 +7,8 @@ from typing import Any
 
 import typer
 
-from app import ops
+from app import ops, validate
+from app.cli.complete import one_of
 from app.cli.output import run, table, want_json
 from app.storage.context import Context
 
@@ -49,9 +50,11 @@ def register(app: typer.Typer) -> None:
     @app.command("tasks")
     def tasks_cmd(lane: str | None = typer.Option(None, "--lane", help="Only this lane."),
                   status: str | None = typer.Option(
-                      None, "--status", help="todo, in_progress, done, cancelled or dead."),
-                  kind: str | None = typer.Option(None, "--kind",
-                                                  help="work or ops_remediation."),
+                      None, "--status", help=", ".join(validate.TASK_STATUSES),
+                      autocompletion=one_of(validate.TASK_STATUSES)),
+                  kind: str | None = typer.Option(
+                      None, "--kind", help=" or ".join(validate.TASK_KINDS),
+                      autocompletion=one_of(validate.TASK_KINDS)),
                   limit: int = typer.Option(50, "--limit", help="At most this many."),
                   after: int | None = typer.Option(
                       None, "--after", help="The page after this task id (nextAfter)."),

@@ -8,9 +8,10 @@ from typing import Any
 
 import typer
 
+from app.cli.complete import one_of
 from app.cli.output import run, table, want_json
 from app.ops import credentials
-from app.principal import local_operator
+from app.principal import SCOPES, local_operator
 from app.storage.context import Context
 
 token_app = typer.Typer(no_args_is_help=True, help="Credentials: create, list, revoke, "
@@ -48,7 +49,8 @@ def _minted(a: dict[str, Any]) -> str:
 def create(
     name: str = typer.Option(..., "--name", help="The credential's name (the actor the "
                              "audit trail records)."),
-    scope: str = typer.Option(..., "--scope", help="operator, worker or read."),
+    scope: str = typer.Option(..., "--scope", help=", ".join(SCOPES),
+                              autocompletion=one_of(SCOPES)),
     lane: list[str] = typer.Option([], "--lane", help="A worker credential's lane "
                                    "(repeat for more)."),
     worker: str | None = typer.Option(None, "--worker", help="The worker name it may "

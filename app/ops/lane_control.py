@@ -41,7 +41,8 @@ def pause_lane(ctx: Context, *, assignee: str, reason: str | None = None,
 def resume_lane(ctx: Context, *, assignee: str, actor: str | None = None,
                 reason: str | None = None) -> dict[str, Any]:
     """Resume a lane: clears the pause on it and its tasks, records ``resumed_at`` (which
-    also restarts the breaker's counting window). Resuming a running lane changes nothing."""
+    also restarts the breaker's counting window). Resuming a running lane changes nothing.
+    The answer's ``wasPaused`` says which: true when this call lifted a pause."""
     s = ctx.settings
     a = validate.assignee(assignee, s)
     why = validate.reason(reason, s, required=False, field="reason")
@@ -60,9 +61,10 @@ def resume_lane(ctx: Context, *, assignee: str, actor: str | None = None,
     leases.set_paused(ctx, assignee=a, paused=False, reason=None, paused_at=None)
     if was_paused:
         pickup.wake(ctx, assignee=a, n=todo)
-    if lane is None:
-        return {"ok": True, "lane": None, "alreadyRunning": True}
-    return {"ok": True, "lane": wire.lane(lane), "alreadyRunning": not was_paused}
+    # ``wasPaused`` says what this resume did; ``alreadyRunning`` (its negation, read as
+    # "not running" when it is false) stays for clients written against it (deprecated)
+    return {"ok": True, "lane": wire.lane(lane) if lane is not None else None,
+            "wasPaused": was_paused, "alreadyRunning": not was_paused}
 
 
 def configure_lane(ctx: Context, *, assignee: str, max_in_flight: Any = None,

@@ -8,6 +8,7 @@ either alone prevents a double claim.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Mapping
@@ -388,7 +389,7 @@ def heartbeat(ctx: Context, *, task_id: Any, lease_token: Any, clock_skew_ms: An
         now = ctx.now_in(conn)  # the database's clock extends it (SPEC 4.9)
         expires = now + timedelta(seconds=ctx.settings.lease_ttl_s)
         row = store.get_task(conn, task_id=tid, for_update=True)
-        refusal = _refusal(row, tid, token, action="heartbeat")
+        refusal = _refusal(conn, row, tid, token, action="heartbeat")
         if refusal is None:
             store.extend_lease(conn, task_id=tid, token=token, expires_at=expires, now=now)
             lane = store.get_lane(conn, assignee=row["assignee"])  # type: ignore[index]
@@ -404,19 +405,42 @@ def heartbeat(ctx: Context, *, task_id: Any, lease_token: Any, clock_skew_ms: An
             "lease": {"token": token, "expiresAt": iso(expires)}}
 
 
-def _refusal(row: RowMapping | None, tid: int, token: str, *, action: str
-             ) -> AutonomyError | None:
+def _refusal(conn: Connection, row: RowMapping | None, tid: int, token: str, *,
+             action: str) -> AutonomyError | None:
     if row is None:
         return TaskNotFound(f"no task with id {tid}", taskId=tid)
     if row["status"] == TaskStatus.cancelled.value:
         return TaskCancelled(f"task {tid} was cancelled; cannot {action}", taskId=tid,
                              status=row["status"])
     if row["status"] != TaskStatus.in_progress.value:
-        return NotInProgress(f"task {tid} is {row['status']}, not in progress; cannot {action}",
-                             taskId=tid, status=row["status"])
+        released = _released_at(conn, tid, token) if row["status"] == "todo" else None
+        why = f" (this lease was released at {released})" if released else ""
+        return NotInProgress(f"task {tid} is {row['status']}, not in progress{why}; cannot "
+                             f"{action}", taskId=tid, status=row["status"])
     if row["lease_token"] != token:
+        released = _released_at(conn, tid, token)
+        if released is not None:
+            return StaleLease(f"the lease token is no longer task {tid}'s: this lease was "
+                              f"released at {released} and the task was claimed again; "
+                              f"cannot {action}", taskId=tid, leaseEnded="released")
         return StaleLease(f"the lease token is no longer task {tid}'s: its lease expired "
-                          f"and the task moved on; cannot {action}", taskId=tid)
+                          f"and the task moved on; cannot {action}", taskId=tid,
+                          leaseEnded="expired")
+    return None
+
+
+def lease_tag(token: str) -> str:
+    """A lease token's name in the audit trail: enough to recognise it, useless to use."""
+    return hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+def _released_at(conn: Connection, tid: int, token: str) -> str | None:
+    """When this lease of the task was given back (``release``), or None: a refusal
+    then says the lease was released rather than that it expired."""
+    tag = lease_tag(token)
+    for e in store.list_events(conn, task_id=tid, kind="lease_released", limit=50):
+        if isinstance(e["data"], dict) and e["data"].get("lease") == tag:
+            return iso(e["at"])
     return None
 
 
@@ -498,7 +522,7 @@ def _check_owner(ctx: Context, tid: int, token: str, *, action: str) -> None:
                 and action == "complete":
             refusal = _done_refusal(row, tid, token)
         else:
-            refusal = _refusal(row, tid, token, action=action)
+            refusal = _refusal(conn, row, tid, token, action=action)
         if refusal is not None:
             _refusal_event(conn, refusal, row, now=now, action=action)
     if refusal is not None:
@@ -567,7 +591,7 @@ def _complete_full(ctx: Context, *, tid: int, token: str, out: Outcome, reason: 
                 answer = {"ok": True, "guard": "duplicate_complete_guard",
                           "task": wire.task(row)}
         else:
-            refusal = _refusal(row, tid, token, action="complete")
+            refusal = _refusal(conn, row, tid, token, action="complete")
         if refusal is not None:
             _refusal_event(conn, refusal, row, now=now, action="complete")
         elif row is not None and row["status"] != TaskStatus.done.value:
@@ -686,13 +710,14 @@ def release(ctx: Context, *, task_id: Any, lease_token: Any, actor: str | None =
     with transaction(ctx.engine) as conn:
         now = ctx.now_in(conn)
         row = store.get_task(conn, task_id=tid, for_update=True)
-        refusal = _refusal(row, tid, token, action="release")
+        refusal = _refusal(conn, row, tid, token, action="release")
         if refusal is None:
             store.release_lease(conn, task_id=tid, token=token, now=now)
             store.notify_lane(conn, assignee=row["assignee"])  # type: ignore[index]
             store.insert_event(conn, kind="lease_released", at=now,
                                assignee=row["assignee"],  # type: ignore[index]
-                               task_id=tid, actor=actor or row["claimed_by"])  # type: ignore[index]
+                               task_id=tid, actor=actor or row["claimed_by"],  # type: ignore[index]
+                               data={"lease": lease_tag(token)})
         else:
             _refusal_event(conn, refusal, row, now=now, action="release")
     if refusal is not None:

@@ -262,8 +262,10 @@ class LaneWorker:
         self.idle.reset()
         self._lane_empty = False
         self.stats.claimed += 1
-        self._log(f"task {job.task_id}: claimed (attempt "
-                  f"{int(job.task.get('attempts') or 0) + 1})", task_id=job.task_id)
+        # ``attempts`` counts failures so far (docs/workers.md), not claims
+        failures = int(job.task.get("attempts") or 0)
+        self._log(f"task {job.task_id}: claimed ({failures} failure"
+                  f"{'' if failures == 1 else 's'} so far)", task_id=job.task_id)
         return job
 
     def _unusable_claim(self, task: Any, lease: Any) -> None:

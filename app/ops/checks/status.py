@@ -14,18 +14,39 @@ furthest off first (at most ``CLOCK_SKEW_SHOWN``), with how many are off by more
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from app import wire
 from app.clock import from_ms, iso, to_ms
 from app.errors import RedisUnavailable
-from app.ops import retention
+from app.ops import breaker, retention
 from app.ops.checks import handoff, readiness, runs, selfheal, state
 from app.storage import leader, leases, locks, redis_policy, store
 from app.storage.context import Context
 from app.storage.db import transaction
 from app.storage.redis_errors import redis_errors
+
+
+def _fingerprints(conn: Any, ctx: Context, *, since: datetime,
+                  resumed: dict[str, datetime | None]) -> list[dict[str, Any]]:
+    """Recent fingerprints with the count the breaker uses: since the lane's last resume
+    when that is within the window (``countSince``), else over the window; ``windowCount``
+    is every hit in the window. Most counted first."""
+    s, now = ctx.settings, ctx.clock()
+    out = []
+    for r in store.recent_fingerprints(conn, since=since):
+        start = breaker.window_start(now=now, window_h=s.breaker_window_h,
+                                     resumed_at=resumed.get(r["assignee"]))
+        window = int(r["count"])
+        count = window if start <= since else store.count_fingerprint(
+            conn, fingerprint=r["fingerprint"], since=start)
+        out.append({"fingerprint": r["fingerprint"], "assignee": r["assignee"],
+                    "count": count, "windowCount": window, "countSince": iso(start),
+                    "sinceResume": start > since, "threshold": s.breaker_threshold,
+                    "lastAt": iso(r["last_at"])})
+    out.sort(key=lambda f: -f["count"])
+    return out
 
 
 def build_status(ctx: Context) -> dict[str, Any]:
@@ -35,8 +56,8 @@ def build_status(ctx: Context) -> dict[str, Any]:
     with transaction(ctx.engine, write=False) as conn:
         now = ctx.now_in(conn)  # stale flags compare stored times: the one clock
         counts = store.lane_status_counts(conn)
-        lanes = [wire.lane(row, counts.get(row["assignee"], {}))
-                 for row in store.list_lanes(conn)]
+        lane_rows = store.list_lanes(conn)
+        lanes = [wire.lane(row, counts.get(row["assignee"], {})) for row in lane_rows]
         states = runs.load_states(conn, now=now)
         ho = handoff.snapshot_view(conn, ctx, states)
         incident = state.incident(states, ctx=ctx)
@@ -45,10 +66,8 @@ def build_status(ctx: Context) -> dict[str, Any]:
         jobs = runs.job_views(states, ctx)
         since = now - timedelta(hours=s.breaker_window_h)
         pruning = retention.retention_view(ctx, conn, now)
-        fingerprints = [{"fingerprint": r["fingerprint"], "assignee": r["assignee"],
-                         "count": int(r["count"]), "threshold": s.breaker_threshold,
-                         "lastAt": iso(r["last_at"])}
-                        for r in store.recent_fingerprints(conn, since=since)]
+        resumed = {r["assignee"]: r["resumed_at"] for r in lane_rows}
+        fingerprints = _fingerprints(conn, ctx, since=since, resumed=resumed)
     run_locks: list[dict[str, Any]] = []
     beat = leader.unknown(ctx)
     metrics: dict[str, int] = {}

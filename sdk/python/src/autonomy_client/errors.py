@@ -76,7 +76,8 @@ class NotInProgress(Conflict):
 
 
 class StaleLease(Conflict):
-    """Raised when the lease token is no longer the task's (it expired and moved on)."""
+    """Raised when the lease token is no longer the task's: it expired, or was released,
+    and the task moved on (the answer's ``leaseEnded`` says which)."""
 
     default_code = "stale_lease"
 

@@ -230,8 +230,10 @@ class LaneWorker:
         self.idle.reset()
         self._lane_empty = False
         self.stats.claimed += 1
-        self._log(f"task {job.task_id}: claimed (attempt "
-                  f"{int(job.task.get('attempts') or 0) + 1})")
+        # ``attempts`` counts failures so far (the server's docs/workers.md), not claims
+        failures = int(job.task.get("attempts") or 0)
+        self._log(f"task {job.task_id}: claimed ({failures} failure"
+                  f"{'' if failures == 1 else 's'} so far)")
         return job
 
     def _job(self, answer: dict[str, Any], stopping: threading.Event) -> Job | None:
