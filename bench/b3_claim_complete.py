@@ -38,7 +38,7 @@ class Floor:
         self.keys_check = [k.lane_meta(assignee), k.worker_lease(assignee, worker),
                            k.lane_leases(assignee)]
         self.keys_record = [k.worker_lease(assignee, worker), k.lane_leases(assignee),
-                            k.lane_meta(assignee), k.metrics()]
+                            k.lane_meta(assignee), k.metrics(), k.clock_skew()]
         self.keys_drop = [k.worker_lease(assignee, worker), k.lane_leases(assignee)]
         nxt = (sa.select(T.c.id)
                .where(T.c.assignee == assignee, T.c.status == TaskStatus.todo.value)
@@ -65,7 +65,8 @@ class Floor:
         assert row is not None, "floor lane ran dry"
         self._run(leases._RECORD, self.keys_record,
                   [f'{{"taskId":{row["id"]},"token":"{token}"}}', 300_000, row["id"],
-                   to_ms(expires), to_ms(now), 1, "claims", self.worker])
+                   to_ms(expires), to_ms(now), 1, "claims", self.worker,
+                   "", leases.SKEW_TTL_MS])  # no clock-skew report (as a first claim)
         with transaction(self.ctx.engine) as conn:
             done = conn.execute(
                 sa.update(T).where(T.c.id == row["id"],
