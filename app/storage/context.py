@@ -80,7 +80,10 @@ class Context:
         return cls(settings=s, engine=engine, redis=client, clock=clock)
 
     def close(self) -> None:
-        """Release pooled connections."""
+        """Release pooled connections (and end push pickup's threads)."""
+        hub = self.__dict__.pop("_pickup_hub", None)  # app.storage.pickup_hub's
+        if hub is not None:
+            hub.close()
         self.engine.dispose()
         self.redis.close()
         fast = self.__dict__.get("fast_redis")
