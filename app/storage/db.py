@@ -40,7 +40,7 @@ def normalise_url(url: str) -> str:
 
 
 def make_engine(url: str, *, connect_timeout_s: float = 5.0, busy_timeout_s: float = 30.0,
-                pool_size: int = 5) -> Engine:
+                pool_size: int = 5, max_overflow: int = 10) -> Engine:
     """An engine for ``url``, configured for autonomy's transaction rules."""
     url = normalise_url(url)
     if url.startswith("sqlite"):
@@ -52,6 +52,7 @@ def make_engine(url: str, *, connect_timeout_s: float = 5.0, busy_timeout_s: flo
     engine = sa.create_engine(
         url,
         pool_size=pool_size,
+        max_overflow=max_overflow,
         # the connection returned last is handed out first: the hot path keeps to a warm
         # backend (prepared statements, caches) while the rest of the pool sits idle
         pool_use_lifo=True,
