@@ -88,9 +88,10 @@ class Settings(BaseSettings):
     (the safety poll)."""
     pickup_block_s: float = Field(default=30.0, gt=0, le=3_600)
     """Push pickup: how long a process's one blocked wait on its lanes' wake lists lasts before
-    it is re-armed, and how often it renews (or tries to take) a lane's safety-poll lead. Each
-    costs one Redis command per process (per lane), so an idle fleet costs Redis about two
-    commands per process per this period; a dead leader is replaced within about 4 x it."""
+    it is re-armed, and how long a lane's safety-poll lead is held (taken again, or by another
+    process, when it ends). Each costs one Redis command per process (per lane), so an idle
+    fleet costs Redis about two commands per process per this period; a dead leader is
+    replaced within 2 x it."""
     claim_wait_max_ms: int = Field(default=30_000, gt=0)
     """The longest a claim with `waitMs` (push pickup, long poll) waits on an empty lane."""
     # how long a LaneWorker's claim waits for work in one call (it checks its stop

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis
 
 from app.ops import lane_control, lanes
 from app.storage import pickup
@@ -148,6 +149,34 @@ def test_a_redis_that_dies_under_the_waiters_sends_them_to_notify(
         t.join(30)
         assert box["answer"]["task"]["id"] == task["id"]
     finally:
+        waiter.close()
+        producer.close()
+        server.stop()
+
+
+@pytest.mark.postgres
+def test_a_busy_redis_keeps_the_waiters_on_their_shared_wait(
+        pg_url: str, redis_prefix: str) -> None:
+    """Issue 22 item 5 for waiting claims: Redis busy for longer than the fast path's
+    deadline (``DEBUG SLEEP``) delays the blocked wait, it does not break it: the fleet is
+    not degraded and the create after it wakes the waiter through Redis, not NOTIFY."""
+    server = ThrowawayRedis()
+    s = make_settings(pg_url, server.url, redis_prefix, pickup_safety_poll_ms=60_000)
+    waiter, producer = Context.from_settings(s), Context.from_settings(s)
+    sleeper = redis.Redis.from_url(server.url, socket_timeout=10)
+    try:
+        lane_control.configure_lane(producer, assignee=LANE, max_in_flight=5, actor="t")
+        producer.redis.set(producer.keys.lane_poll(LANE), "another", px=60_000)
+        t, box = _claim_in_thread(waiter, "w1", 20_000)
+        _until(lambda: pickup.waiting(waiter, assignee=LANE) == 1, "the claim to wait")
+        sleeper.execute_command("DEBUG", "SLEEP", "0.6")  # 2.4 x the 250 ms deadline
+        task = lanes.create(producer, assignee=LANE, title="after the busy spell")["task"]
+        t.join(30)
+        assert box["answer"]["task"]["id"] == task["id"]
+        assert not waiter.redis_health.degraded
+        assert "_pickup_listener" not in waiter.__dict__  # never fell back to LISTEN
+    finally:
+        sleeper.close()
         waiter.close()
         producer.close()
         server.stop()

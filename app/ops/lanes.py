@@ -156,9 +156,10 @@ def _claim_waiting(ctx: Context, *, assignee: str, worker: str, wait_ms: int,
     while True:
         if turn:
             # the safety poll's claim goes to the database alone: an empty lane's poll
-            # costs Redis nothing (the database decides every claim anyway)
+            # costs Redis nothing (the database decides every claim anyway); while Redis
+            # is degraded the fast path's own re-probe schedule decides
             answer = _claim_now(ctx, assignee=assignee, worker=worker, skew_ms=skew_ms,
-                                fast_path=turn != "poll")
+                                fast_path=turn != "poll" or ctx.redis_health.degraded)
             if answer.get("task") is not None:
                 return answer
             got_due = lifecycle.next_due(ctx, assignee=assignee)

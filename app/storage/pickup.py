@@ -76,7 +76,9 @@ def wait(ctx: Context, *, assignee: str, timeout_s: float) -> str:
     nothing). Never longer than ``timeout_s``."""
     timeout_s = max(0.0, timeout_s)
     deadline = time.monotonic() + timeout_s
-    if ctx.redis_health.usable():
+    # the degraded flag, not ``usable()``: a waiter takes no re-probe from the fast path
+    # (whose answer clears the flag); the waiters' own claims re-probe
+    if not ctx.redis_health.degraded:
         got = pickup_hub.hub(ctx).wait(assignee, timeout_s)
         if got != "degraded":
             return got
@@ -124,7 +126,7 @@ def take_turn(ctx: Context, *, assignee: str) -> str | None:
     """Without blocking or a Redis command: may a claim that is about to wait try the
     database first? ``"wake"`` when a wake this process popped is pending (taken);
     ``"poll"`` when Redis cannot say (degraded: the database decides every time)."""
-    if not ctx.redis_health.usable():
+    if ctx.redis_health.degraded:
         return "poll"
     return "wake" if pickup_hub.hub(ctx).take_pending(assignee) else None
 
@@ -139,7 +141,7 @@ def note_due(ctx: Context, *, assignee: str, in_s: float, due_ms: int) -> None:
     """The lane's next delayed task falls due in ``in_s`` (at ``due_ms``): this process
     hands one of its waiters a ``"due"`` turn then (if it wins that instant), whether or
     not the claim that read it still waits."""
-    if ctx.redis_health.usable():
+    if not ctx.redis_health.degraded:
         pickup_hub.hub(ctx).note_due(assignee, in_s, due_ms)
 
 

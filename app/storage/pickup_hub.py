@@ -9,14 +9,15 @@ waiter. A lane that gains its first waiter while the blocker is blocked on other
 by ``CLIENT UNBLOCK`` (once per such change, not per claim).
 
 The safety poll (one claim per ``pickup_safety_poll_ms`` per lane, fleet-wide) is led by
-one process per lane, which holds ``lane:{assignee}:poll`` (its token, TTL 3 x
-``pickup_block_s``) and renews it every ``pickup_block_s``; the others try to take it as
-often. The leader's *ticker* thread hands one of its waiters a ``"poll"`` turn each period
--- a claim the database answers alone (no Redis command while the lane is empty) -- and a
-``"due"`` turn when a delayed task the lane's waiters read of (``note_due``) falls due
-(one process per due instant, ``take_due_turn``). So an idle process costs Redis about two
-commands per ``pickup_block_s``, whatever its number of waiters; a leader that died is
-replaced within about 4 x ``pickup_block_s``.
+one process per lane, which holds ``lane:{assignee}:poll`` (``SET NX PX``: its token for
+``pickup_block_s``, not renewed -- it takes the key again just after it expired, ahead of
+the others, who try once per ``pickup_block_s``). The leader's *ticker* thread hands one
+of its waiters a ``"poll"`` turn each period -- a claim the database answers alone (no
+Redis command while the lane is empty) -- and a ``"due"`` turn when a delayed task the
+lane's waiters read of (``note_due``) falls due (one process per due instant,
+``take_due_turn``). So an idle process costs Redis about two commands per
+``pickup_block_s`` (one ``BRPOP``, one ``SET``), whatever its number of waiters; a leader
+that died is replaced within 2 x ``pickup_block_s``.
 
 A wake popped while no waiter of its lane is here (one is between two claims) is kept
 ``GRACE_S`` for the next, then pushed back for other processes. Nothing here is an
@@ -26,6 +27,7 @@ authority: a turn is only a hint to claim now, and the database decides.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -48,15 +50,6 @@ GRACE_S = 0.05  # a popped wake waits this long for a waiter between two claims
 LINGER_S = 2.0  # a lane stays in the blocked wait this long after its last waiter left
 HEALTH_S = 1.0  # a waiter looks at Redis's health this often (no command: a flag)
 
-# KEYS[1] the lane's poll key; ARGV[1] this process's token, ARGV[2] TTL ms.
-# 1: this process leads the lane's safety poll (taken or renewed); 0: another does
-_LEAD = Script("""
-local v = redis.call('GET', KEYS[1])
-if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-if v then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
-""")
 # KEYS[1] the lane's poll key; ARGV[1] this process's token: let go of the lead if ours
 _UNLEAD = Script("""
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -77,6 +70,7 @@ class Hub:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        self.pid = os.getpid()  # a forked child makes a hub of its own (threads do not fork)
         s = ctx.settings
         self.block_s = s.pickup_block_s
         self.poll_s = s.pickup_safety_poll_ms / 1000
@@ -93,8 +87,8 @@ class Hub:
         self._closed = False
         self._threads: list[threading.Thread] = []
         # the safety poll: lanes this process leads, when each was last tried, next poll
-        self._lead: set[str] = set()
-        self._tried: dict[str, float] = {}
+        self._lead: dict[str, float] = {}  # lane -> until when this process leads it
+        self._next_try: dict[str, float] = {}  # lane -> when to try to take the lead
         self._next_poll: dict[str, float] = {}
         self._dues: dict[str, tuple[float, int]] = {}  # lane -> (monotonic, due ms)
         # the blocker's own client (a pool it alone uses: one connection, the one whose
@@ -302,19 +296,17 @@ class Hub:
                              if not self._waiters.get(x) and now - at > 10 * LINGER_S]:
                     del self._seen[gone]
                     self._waiters.pop(gone, None)
-                    self._tried.pop(gone, None)
+                    self._next_try.pop(gone, None)
                 dues = [(lane, ms) for lane, (at, ms) in self._dues.items() if at <= now]
                 for lane, _ms in dues:
                     del self._dues[lane]
             for lane in lanes:
-                if now >= self._tried.get(lane, 0.0) + self.block_s:
-                    self._tried[lane] = now
-                    if self._take_lead(lane) and lane not in self._lead:
-                        self._lead.add(lane)
-                        self._next_poll[lane] = now + self.poll_s
-            for lane in list(self._lead):
-                if lane not in lanes:  # nobody waits here: another process may lead
-                    self._unlead(lane)
+                if now >= self._next_try.get(lane, 0.0):
+                    self._try_lead(lane)
+            for lane, until in list(self._lead.items()):
+                if lane not in lanes or time.monotonic() >= until:
+                    self._lead.pop(lane)  # not renewed: it expires by itself
+                    self._next_poll.pop(lane, None)
                 elif now >= self._next_poll.get(lane, 0.0):
                     self._next_poll[lane] = now + self.poll_s
                     if lane in here:
@@ -332,27 +324,38 @@ class Hub:
                 now = time.monotonic()
                 lanes = self._lanes(now)
                 at = [now + LINGER_S]
-                at += [self._tried.get(lane, 0.0) + self.block_s for lane in lanes]
+                at += [self._next_try.get(lane, now) for lane in lanes]
                 at += [self._next_poll.get(lane, now) for lane in self._lead]
+                at += list(self._lead.values())
                 at += [a for a, _ in self._dues.values()]
                 self._changed.wait(max(0.001, min(at) - now))
 
-    def _take_lead(self, lane: str) -> bool:
+    def _try_lead(self, lane: str) -> None:
+        """Take the lane's safety-poll lead if nobody holds it (``SET NX PX``, one command,
+        no renewal: the holder takes it again just after it expired, ahead of the others,
+        who try once per ``pickup_block_s``)."""
         from app.storage import pickup
 
-        if not self.ctx.redis_health.usable():
-            return False
-        try:
-            return bool(run_script(self.ctx, _LEAD, 1, self.ctx.keys.lane_poll(lane),
-                                   self.token, int(self.block_s * 3000), fast=True))
-        except ANY_REDIS_ERROR as e:
-            pickup.note_failure(self.ctx, e, "lead the safety poll")
-            return False
+        sent = time.monotonic()
+        won = False
+        if not self.ctx.redis_health.degraded:  # its waiters wait some other way meanwhile
+            try:
+                won = bool(self.ctx.fast_redis.set(self.ctx.keys.lane_poll(lane), self.token,
+                                                   nx=True, px=int(self.block_s * 1000)))
+            except ANY_REDIS_ERROR as e:
+                pickup.note_failure(self.ctx, e, "lead the safety poll")
+        if won:
+            if lane not in self._lead:
+                self._next_poll[lane] = sent + self.poll_s
+            self._lead[lane] = sent + self.block_s  # the key lives at least this long
+            # just past the key's expiry (its clock started after ``sent``'s answer)
+            self._next_try[lane] = time.monotonic() + self.block_s + 0.02
+        else:
+            self._next_try[lane] = sent + self.block_s
 
     def _unlead(self, lane: str) -> None:
-        self._lead.discard(lane)
+        self._lead.pop(lane, None)
         self._next_poll.pop(lane, None)
-        self._tried.pop(lane, None)
         try:
             run_script(self.ctx, _UNLEAD, 1, self.ctx.keys.lane_poll(lane), self.token,
                        fast=True)
@@ -364,10 +367,10 @@ class Hub:
 def hub(ctx: Context) -> Hub:
     """The context's hub, made on first use."""
     got: Any = ctx.__dict__.get("_pickup_hub")
-    if got is None:
+    if got is None or got.pid != os.getpid():
         with _MAKE:
             got = ctx.__dict__.get("_pickup_hub")
-            if got is None:
+            if got is None or got.pid != os.getpid():
                 got = ctx.__dict__["_pickup_hub"] = Hub(ctx)
     return got
 

@@ -24,11 +24,11 @@ key                                type    TTL                                  
                                            1,024. One entry per task made
                                            claimable; a waiting claim pops one
                                            (BRPOP): a hint, never the authority
-``lane:{assignee}:poll``           string  3 x ``pickup_block_s``, renewed every  pickup_hub.py
-                                           ``pickup_block_s`` by its holder: the
-                                           token of the process leading the lane's
-                                           safety poll (one claim per period,
-                                           whatever the fleet's size)
+``lane:{assignee}:poll``           string  ``pickup_block_s`` (``SET NX PX``,     pickup_hub.py
+                                           not renewed): the token of the process
+                                           leading the lane's safety poll (one
+                                           claim per period, whatever the fleet's
+                                           size)
 ``probe``                          string  60 s                                   leases.py
                                            written by the status and ``/readyz``
                                            probes: a Redis that answers PING but
