@@ -155,11 +155,12 @@ def _claim_waiting(ctx: Context, *, assignee: str, worker: str, wait_ms: int,
     due_mono = 0.0  # the same instant on this process's monotonic clock
     while True:
         if turn:
-            # the safety poll's claim goes to the database alone: an empty lane's poll
-            # costs Redis nothing (the database decides every claim anyway); while Redis
-            # is degraded the fast path's own re-probe schedule decides
+            # a waiting claim goes to the database alone (it decides every claim anyway):
+            # the safety poll of an empty lane costs Redis nothing, and a woken claim
+            # saves the fast path's check, one round trip on the pickup path. While
+            # Redis is degraded the fast path's own re-probe schedule decides
             answer = _claim_now(ctx, assignee=assignee, worker=worker, skew_ms=skew_ms,
-                                fast_path=turn != "poll" or ctx.redis_health.degraded)
+                                fast_path=ctx.redis_health.degraded)
             if answer.get("task") is not None:
                 return answer
             got_due = lifecycle.next_due(ctx, assignee=assignee)

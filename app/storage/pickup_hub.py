@@ -48,7 +48,9 @@ log = logging.getLogger(__name__)
 
 GRACE_S = 0.05  # a popped wake waits this long for a waiter between two claims
 LINGER_S = 2.0  # a lane stays in the blocked wait this long after its last waiter left
-HEALTH_S = 1.0  # a waiter looks at Redis's health this often (no command: a flag)
+HEALTH_S = 1.0  # a waiter looks at Redis's health this often (no command: a flag), and
+# leaves for the database's wait once Redis has been degraded this long: a busy machine's
+# short episode (two missed deadlines, then an answer) does not send a fleet polling
 
 # KEYS[1] the lane's poll key; ARGV[1] this process's token: let go of the lead if ours
 _UNLEAD = Script("""
@@ -120,8 +122,8 @@ class Hub:
 
     def wait(self, lane: str, timeout_s: float) -> str:
         """Wait up to ``timeout_s`` for a turn: ``"wake"``, ``"poll"``, ``"due"``, else
-        ``"timeout"``; ``"degraded"`` (at once, or within ``HEALTH_S``) while Redis cannot
-        serve it: the caller waits some other way."""
+        ``"timeout"``; ``"degraded"`` (at once, or within 2 x ``HEALTH_S``) while Redis
+        cannot serve it: the caller waits some other way."""
         deadline = time.monotonic() + timeout_s
         w = _Waiter()
         with self._lock:
@@ -142,7 +144,7 @@ class Hub:
         try:
             while not w.event.is_set():
                 left = deadline - time.monotonic()
-                if left <= 0 or self.broken() or self.ctx.redis_health.degraded:
+                if left <= 0 or self.broken() or self._degraded_a_while():
                     break
                 w.event.wait(min(left, HEALTH_S))
         finally:
@@ -154,9 +156,14 @@ class Hub:
                         q.remove(w)
         if w.turn is not None:
             return w.turn
-        if self.broken() or self.ctx.redis_health.degraded:
+        if self.broken() or self._degraded_a_while():
             return "degraded"
         return "timeout"
+
+    def _degraded_a_while(self) -> bool:
+        h = self.ctx.redis_health
+        since = h.since
+        return h.degraded and (since is None or time.time() - since >= HEALTH_S)
 
     def note_due(self, lane: str, in_s: float, due_ms: int) -> None:
         """The lane's next delayed task falls due in ``in_s`` (at ``due_ms``): hand a
