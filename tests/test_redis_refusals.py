@@ -40,7 +40,7 @@ from app.storage.redis_conn import RedisHealth
 from app.storage.redis_errors import describe, is_timeout, is_unavailable, reply_code
 from tests.api_server import client
 from tests.conftest import make_settings
-from tests.servers import ThrowawayRedis, free_port
+from tests.servers import ThrowawayRedis, free_port, non_loopback_address
 from tests.test_redis_degraded import _lane_round
 
 PASSWORD = "s3cret-for-tests"
@@ -51,19 +51,6 @@ def _until(cond: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for: {what}"
         time.sleep(0.02)
-
-
-def non_loopback_address() -> str:
-    """This machine's address on its default route (no packet is sent): a client from
-    there is not loopback to a Redis in protected mode."""
-    for probe in ("192.0.2.254", "10.255.255.254", "8.8.8.8"):
-        with contextlib.suppress(OSError), socket.socket(socket.AF_INET,
-                                                         socket.SOCK_DGRAM) as s:
-            s.connect((probe, 9))
-            addr = str(s.getsockname()[0])
-            if not addr.startswith("127."):
-                return addr
-    raise AssertionError("this machine has no non-loopback IPv4 address for the DENIED test")
 
 
 def _fill(url: str) -> None:
