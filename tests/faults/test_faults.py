@@ -143,6 +143,7 @@ def celery_consumes_again(stack: Stack, wait_s: float = 60) -> str:
 
 
 LEASE_LOST = "beat lease taken by another beat"
+LEADS = ": this beat leads"
 
 
 def beats_back(stack: Stack) -> str:
@@ -151,6 +152,15 @@ def beats_back(stack: Stack) -> str:
     a standby). A Redis that drops the lease (evicts it: full under ``volatile-*`` or
     ``allkeys-*``) can hand it to the standby. Restart such a beat as its supervisor
     would, and say so; a beat that exited for any other reason fails the row."""
+    def settled(b: str) -> bool:
+        """``b`` leads, never led, or has said it lost its lease (a lease taken from a
+        leader is seen at its next renewal: wait for that, not the next row)."""
+        lines = stack.procs[b].lines()
+        return (stack.beat_leader() == b or LEADS not in lines
+                or LEASE_LOST in lines.split(LEADS)[-1])
+
+    until("each beat to lead, stand by, or say it lost its lease",
+          lambda: all(settled(b) for b in ("beat1", "beat2")), 30)
     notes = ""
     for b in ("beat1", "beat2"):
         proc = stack.procs[b]
