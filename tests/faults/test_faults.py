@@ -321,6 +321,7 @@ def _evicting(stack: Stack, policy: str, ttl_s: int | None,
     write; then no limit, ``noeviction`` again, the other app gone."""
     app: list[OtherApp] = []
     evicted: list[int] = []
+    t0 = _now()
 
     def refuse(a: redis.Redis) -> None:
         evicted.append(int(a.info("stats")["evicted_keys"]))
@@ -335,7 +336,10 @@ def _evicting(stack: Stack, policy: str, ttl_s: int | None,
         gone = int(a.info("stats")["evicted_keys"]) - evicted[0]
         a.config_set("maxmemory", "0")
         a.config_set("maxmemory-policy", "noeviction")
-        return f"{wrote}; Redis evicted {gone} keys"
+        # a run whose run-lock was evicted under it (and maybe taken by the next run)
+        # finds it gone at its heartbeat or its record: refused, an event
+        fenced = len(stack.events(kind="run_lock_fenced", since=t0))
+        return f"{wrote}; Redis evicted {gone} keys; job runs fenced: {fenced}"
 
     return _refusing(stack, f"full and evicting ({policy})", refuse, fix, during)
 
