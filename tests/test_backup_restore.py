@@ -105,7 +105,7 @@ def test_a_pg_dump_restores_into_a_database_with_every_task_event_and_credential
     history = _json(_cli(env, "history", "--task", str(done_id), "--json"))
 
     with sa.create_engine(pg_server_url, poolclass=sa.pool.NullPool).connect() as c:
-        server_major = int(c.exec_driver_sql("SHOW server_version_num").scalar()) // 10000
+        server_major = int(str(c.exec_driver_sql("SHOW server_version_num").scalar())) // 10000
     dump = tmp_path / "autonomy.dump"
     subprocess.run([_client_tool("pg_dump", server_major), "--format=custom", "--file",
                     str(dump), _libpq(pg_url)], check=True, capture_output=True, timeout=120)
