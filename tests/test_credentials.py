@@ -214,6 +214,7 @@ def test_a_claim_naming_another_worker_never_learns_its_lease_token(bctx: Contex
 # --- the actor ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_recorded_actor_is_the_credential_and_a_claimed_actor_only_a_note(
         bctx: Context, tmp_path: Path) -> None:
     worker = mint(bctx, "agent-7", "worker", lanes=["coder"])
@@ -318,6 +319,7 @@ def _serve_proc(ctx: Context, tmp: Path, name: str) -> tuple[subprocess.Popen[by
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_revoked_credential_is_refused_by_every_api_process_within_a_second(
         cctx: Context, tmp_path: Path) -> None:
     env = {**os.environ, "AUTONOMY_DATABASE_URL": cctx.settings.database_url,

@@ -59,6 +59,7 @@ def test_each_secret_shape_is_redacted_by_the_pure_function(shape: str) -> None:
     assert secret not in out and "[REDACTED]" in out and n >= 1, out
 
 
+@pytest.mark.slow
 def test_a_workers_failure_reason_is_stored_and_shown_without_its_secret(
         rctx: Context, tmp_path: Path) -> None:
     worker_secret = credentials.create(rctx, name="agent-7", scope="worker", lanes=["coder"],

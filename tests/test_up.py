@@ -121,6 +121,7 @@ def test_only_loopback_hosts_count_as_loopback(host: str, loopback: bool) -> Non
     assert is_loopback(host) is loopback
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["serve", "up"])
 def test_serve_and_up_refuse_a_public_host_without_a_token(tmp_path: Path, procs: list[Proc],
                                                            command: str) -> None:
@@ -254,6 +255,7 @@ def test_up_starts_an_embedded_redis_when_none_is_configured_or_listening(
 # --- a first run that never lies (issue 11) ------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["api", "flower"])
 def test_up_on_a_busy_port_exits_2_saying_port_in_use_and_starts_nothing(
         tmp_path: Path, procs: list[Proc], which: str) -> None:
