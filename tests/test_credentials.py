@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,9 @@ import pytest
 
 from app.clock import FrozenClock
 from app.ops import credentials, lanes
+from app.storage import store
 from app.storage.context import Context
+from app.storage.db import transaction
 from tests.api_server import serve
 from tests.conftest import make_settings
 from tests.servers import free_port
@@ -290,6 +293,94 @@ def test_the_panel_without_a_credential_is_a_login_and_shows_nothing(cctx: Conte
         assert shown.status_code == 200 and "secret project title" in shown.text
         http.post("/logout", json={})
         assert "Sign in" in http.get("/").text
+
+
+class _EventRows(HTMLParser):
+    """The panel's recent-events rows: each ``tr[data-kind]`` in ``#events`` as its
+    cells' text by class (``actor``, ``note``, ...), and every tag seen in the section
+    (a hostile note must add none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[dict[str, str]] = []
+        self.tags: list[str] = []
+        self._in_events = False
+        self._depth = 0
+        self._cell: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "section" and a.get("id") == "events":
+            self._in_events, self._depth = True, 0
+        if not self._in_events:
+            return
+        self.tags.append(tag)
+        if tag == "section":
+            self._depth += 1
+        elif tag == "tr" and a.get("data-kind"):
+            self.rows.append({"kind": a["data-kind"] or ""})
+        elif tag == "td" and self.rows:
+            classes = (a.get("class") or "").split()
+            self._cell = next((c for c in ("actor", "why") if c in classes), "")
+        elif tag == "span" and "note-text" in (a.get("class") or "").split():
+            self._cell = "note"  # the note's text, without its "note" badge
+
+    def handle_endtag(self, tag: str) -> None:
+        if self._in_events and tag == "section":
+            self._depth -= 1
+            self._in_events = self._depth > 0
+        elif tag in ("td", "span"):
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._in_events and self._cell and self.rows:
+            row = self.rows[-1]
+            row[self._cell] = (row.get(self._cell, "") + data).strip()
+
+
+def event_rows(html: str) -> _EventRows:
+    parser = _EventRows()
+    parser.feed(html)
+    return parser
+
+
+def test_the_panel_shows_recent_events_with_the_credential_as_actor_and_the_note_beside(
+        cctx: Context) -> None:
+    """Issue 20's "history, panel and CLI show both": an event made by credential
+    ops-alice whose request said actor "security-team" shows on the panel with ops-alice
+    as actor and security-team as a note; hostile text in a note or reason shows as text
+    (escaped), and no event shows without a credential."""
+    op = mint(cctx, "ops-alice", "operator")
+    reader = mint(cctx, "dash", "read")
+    hostile = '<img src=x onerror="alert(1)">'
+    with serve(cctx) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        ok(post(http, op, "pause_lane", assignee="coder", reason=f"deploy {hostile}",
+                actor="security-team"))
+        # a note the API would refuse (actors are names), as if written by an older
+        # version or by hand: the page escapes whatever the database holds
+        with transaction(cctx.engine) as conn:
+            store.insert_event(conn, kind="lane_resumed", at=cctx.clock(), assignee="coder",
+                               actor="ops-alice", data={"actorNote": hostile})
+        locked = http.get("/")
+        assert "Sign in" in locked.text and "security-team" not in locked.text
+        assert "ops-alice" not in locked.text and "onerror" not in locked.text
+        assert http.get("/panel/sections").status_code == 401
+        for path in ("/", "/panel/sections"):
+            resp = http.get(path, headers={"Authorization": f"Bearer {reader}"})
+            assert resp.status_code == 200, resp.text
+            parsed = event_rows(resp.text)
+            rows = {r["kind"]: r for r in parsed.rows}
+            print(f"\n{path}: " + "\n  ".join(
+                f"{r['kind']:<14} actor={r.get('actor')!r:<13} note={r.get('note')!r} "
+                f"reason={r.get('why')!r}" for r in parsed.rows))
+            assert rows["lane_paused"]["actor"] == "ops-alice"
+            assert rows["lane_paused"]["note"] == "security-team"
+            assert rows["lane_paused"]["why"] == f"deploy {hostile}"  # shown as text
+            assert rows["lane_resumed"]["note"] == hostile
+            assert "img" not in parsed.tags  # no element came of either
+            assert "&lt;img src=x onerror=" in resp.text
+            # newest first: the resume was written after the pause
+            assert [r["kind"] for r in parsed.rows][:2] == ["lane_resumed", "lane_paused"]
 
 
 # --- revocation across two processes -------------------------------------------------------
