@@ -183,14 +183,28 @@ def test_a_claim_naming_another_worker_never_learns_its_lease_token(bctx: Contex
     thief = mint(bctx, "w-thief", "worker", lanes=["coder"])
     prefix = mint(bctx, "pool", "worker", lanes=["coder"], worker_prefix="w-")
     op = mint(bctx, "ops-alice", "operator")
+    names = {victim: "w-victim", thief: "w-thief", prefix: "pool (w-*)", op: "ops-alice"}
+    shown: list[str] = []
+
+    def show(who: str, what: str, resp: httpx.Response) -> httpx.Response:
+        a = resp.json()
+        got = (f"{resp.status_code} {a.get('error')}" if resp.status_code != 200 else
+               f"200 guard={a.get('guard')} leaseHolder={a.get('leaseHolder')} "
+               f"lease={'THE TOKEN' if 'lease' in a else 'absent'}"
+               if "guard" in a else f"200 {a.get('task', {}).get('status')}")
+        shown.append(f"{names[who]:<11} {what:<46} -> {got}")
+        return resp
+
     with serve(bctx) as server, httpx.Client(base_url=server.url, timeout=30) as http:
         tid = ok(post(http, op, "create", assignee="coder", title="victim's task"))["task"]["id"]
         mine = ok(post(http, victim, "claim", assignee="coder", worker="w-victim"))
         token = mine["lease"]["token"]
-        resp = post(http, thief, "claim", assignee="coder", worker="w-victim")
+        resp = show(thief, "claim as w-victim",
+                    post(http, thief, "claim", assignee="coder", worker="w-victim"))
         assert resp.status_code == 403 and resp.json()["error"] == "forbidden_scope"
         for who in (op, prefix):
-            guard = ok(post(http, who, "claim", assignee="coder", worker="w-victim"))
+            guard = ok(show(who, "claim as w-victim (w-victim holds a live lease)",
+                            post(http, who, "claim", assignee="coder", worker="w-victim")))
             assert guard["guard"] == "duplicate_claim_guard"
             assert guard["leaseHolder"] == "w-victim"
             assert "lease" not in guard and token not in json.dumps(guard)
@@ -201,15 +215,18 @@ def test_a_claim_naming_another_worker_never_learns_its_lease_token(bctx: Contex
             for action, extra in (("complete", {"outcome": "success",
                                                 "result": {"forged": True}}),
                                   ("heartbeat", {}), ("release", {})):
-                r = post(http, who, action, taskId=tid, leaseToken=token, **extra)
+                r = show(who, f"{action} with w-victim's token"
+                         + (' result={"forged": true}' if action == "complete" else ""),
+                         post(http, who, action, taskId=tid, leaseToken=token, **extra))
                 assert r.status_code == 403 and r.json()["error"] == "forbidden_scope", r.text
         task = ok(post(http, op, "history", taskId=tid))
         assert [e for e in task["events"] if e["kind"] == "forbidden_scope"]
-        done = ok(post(http, victim, "complete", taskId=tid, leaseToken=token,
-                       outcome="success", result={"by": "victim"}))
+        done = ok(show(victim, "complete with its own token", post(
+            http, victim, "complete", taskId=tid, leaseToken=token, outcome="success",
+            result={"by": "victim"})))
         assert done["task"]["status"] == "done" and done["task"]["result"] == {"by": "victim"}
         kinds = [(e["kind"], e["actor"]) for e in events(http, taskId=tid)]
-        print("\nevents:", kinds)
+        print("\n" + "\n".join(shown) + "\nevents:", kinds)
         assert ("task_completed", "w-victim") in kinds
         assert ("forbidden_scope", "w-thief") in kinds
 
