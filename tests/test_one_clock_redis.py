@@ -45,11 +45,11 @@ from tests.skew import shifted_env
 REPO = Path(__file__).resolve().parent.parent
 AHEAD_S, BEHIND_S = 600.0, -600.0
 RESERVE_MS = 2_000
-LOCK_GRACE_MS = 1_000
+LOCK_GRACE_MS = 3_000  # a lock beating every 200 ms lives on through a loaded moment
 BEAT_TTL_MS, BEAT_RENEW_MS = 3_000, 300
 SETTINGS: dict[str, Any] = {
     "claim_reserve_ms": RESERVE_MS, "lock_grace_ms": LOCK_GRACE_MS,
-    "lock_heartbeat_interval_ms": 200, "lock_holder_dead_after_ms": 2_000,
+    "lock_heartbeat_interval_ms": 200, "lock_holder_dead_after_ms": 3_000,
     "beat_lease_ttl_ms": BEAT_TTL_MS, "beat_lease_renew_ms": BEAT_RENEW_MS,
     "beat_standby_poll_s": 0.1,
 }
@@ -175,32 +175,36 @@ def _record(ctx: Context, *, lane: str, worker: str, task_id: int, ttl_s: float 
 # --- a lane's fast-path reservations ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_claim_check_from_a_host_ahead_leaves_the_lanes_live_lease_alone(
         octx: Context, actors: Callable[[str, float], Actor]) -> None:
     """Before: its check dropped every score below its own now (10 minutes ahead) -- the
     honest lease too -- and reserved the slot of a full lane (``PROCEED``)."""
     ahead = actors("ahead", AHEAD_S)
     leases.set_max_in_flight(octx, assignee="full", max_in_flight=1)
+    before = _redis_ms(octx)
     _record(octx, lane="full", worker="honest", task_id=7)
+    after = _redis_ms(octx)
     got = ahead.ask("check", lane="full", worker="ahead")
     assert got["code"] == leases.LANE_FULL and got["taskIds"] == [7], got
-    assert octx.redis.zscore(octx.keys.lane_leases("full"), "7") is not None
     assert octx.redis.zscore(octx.keys.lane_leases("full"), "claim:ahead") is None
-    # the lease's score is its expiry on Redis's clock
+    # the lease is still there, its score its expiry on Redis's clock (60 s from its record)
     score = octx.redis.zscore(octx.keys.lane_leases("full"), "7")
-    assert 0 < score - _redis_ms(octx) <= 60_000, score
+    assert score is not None and before + 60_000 <= score <= after + 60_000, score
 
 
+@pytest.mark.slow
 def test_a_reservation_made_on_a_host_behind_holds_the_slot_for_its_time(
         octx: Context, actors: Callable[[str, float], Actor]) -> None:
     """Before: its lapse (its now + ``claim_reserve_ms``) was 10 minutes past for everyone
     else, so the next check dropped it and a second claim went on beside it."""
     behind = actors("behind", BEHIND_S)
     leases.set_max_in_flight(octx, assignee="one", max_in_flight=1)
+    started, before = time.monotonic(), _redis_ms(octx)  # before the reservation
     assert behind.ask("check", lane="one", worker="behind")["code"] == leases.PROCEED
-    started = time.monotonic()
+    after = _redis_ms(octx)
     score = octx.redis.zscore(octx.keys.lane_leases("one"), "claim:behind")
-    assert score is not None and 0 < score - _redis_ms(octx) <= RESERVE_MS, score
+    assert score is not None and before + RESERVE_MS <= score <= after + RESERVE_MS, score
     first = leases.check(octx, assignee="one", worker="honest")
     if time.monotonic() - started < RESERVE_MS / 1000:  # still within the reservation
         assert first is not None and first.code == leases.CLAIMING, first
@@ -212,16 +216,19 @@ def test_a_reservation_made_on_a_host_behind_holds_the_slot_for_its_time(
     assert time.monotonic() - started >= RESERVE_MS / 1000 - 0.05
 
 
+@pytest.mark.slow
 def test_a_reservation_made_on_a_host_ahead_and_never_given_back_lapses_in_its_time(
         octx: Context, actors: Callable[[str, float], Actor]) -> None:
     """Before: it lapsed at its host's now + ``claim_reserve_ms`` -- 10 minutes from now
     for everyone else, so the lane's slot stayed reserved to a claimer that was gone."""
     ahead = actors("ahead", AHEAD_S)
     leases.set_max_in_flight(octx, assignee="one", max_in_flight=1)
+    before = _redis_ms(octx)
     assert ahead.ask("check", lane="one", worker="ahead")["code"] == leases.PROCEED
+    after = _redis_ms(octx)
     ahead.kill()  # the claimer crashed between its check and its claim
     score = octx.redis.zscore(octx.keys.lane_leases("one"), "claim:ahead")
-    assert score is not None and 0 < score - _redis_ms(octx) <= RESERVE_MS, score
+    assert score is not None and before + RESERVE_MS <= score <= after + RESERVE_MS, score
     _until("the reservation to lapse",
            lambda: leases.check(octx, assignee="one", worker="honest").code  # type: ignore[union-attr]
            == leases.PROCEED, 30)
@@ -234,6 +241,7 @@ def _lock(locks_seen: list[dict[str, Any]], job: str) -> dict[str, Any]:
     return next(lk for lk in locks_seen if lk["job"] == job)
 
 
+@pytest.mark.slow
 def test_run_locks_taken_on_skewed_hosts_show_their_real_start_and_budget(
         octx: Context, actors: Callable[[str, float], Actor]) -> None:
     """Before: a lock taken 10 minutes behind was over budget (and 600 s old) from its
@@ -273,6 +281,7 @@ def datetime_of(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+@pytest.mark.slow
 def test_skewed_hosts_neither_take_a_run_lock_early_nor_keep_one_past_its_ttl(
         octx: Context, actors: Callable[[str, float], Actor]) -> None:
     ahead, behind = actors("ahead", AHEAD_S), actors("behind", BEHIND_S)
@@ -290,8 +299,9 @@ def test_skewed_hosts_neither_take_a_run_lock_early_nor_keep_one_past_its_ttl(
          if a.ask("acquire", job="job", budget_ms=budget, holder=a.name)["token"]), None))
     assert time.monotonic() - t0 >= ttl / 1000 - 0.05  # not before its TTL
     # the skewed taker's lock lives its TTL on Redis's clock, then anyone may take it
-    assert 0 < octx.redis.pttl(octx.keys.lock("job")) <= ttl
-    assert locks.holder_of(octx, "job")["holder"] == taker.name  # type: ignore[index]
+    assert octx.redis.pttl(octx.keys.lock("job")) <= ttl  # -2 once it has lapsed
+    held = locks.holder_of(octx, "job")
+    assert held is None or held["holder"] == taker.name, held
     _until("the skewed taker's lock to lapse",
            lambda: locks.acquire(octx, "job", budget_ms=budget, holder="honest-2"), 30)
 
@@ -299,6 +309,7 @@ def test_skewed_hosts_neither_take_a_run_lock_early_nor_keep_one_past_its_ttl(
 # --- the beat leader lease --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_beats_on_skewed_hosts_stand_by_and_lead_on_redis_time_and_one_leads(
         octx: Context, actors: Callable[[str, float], Actor]) -> None:
     """A beat 10 minutes ahead leads; beats ahead, behind and honest stand by. Before:
