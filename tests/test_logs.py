@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -359,6 +360,9 @@ def test_every_line_of_every_process_up_runs_is_one_json_object(
     assert any(ln["message"] == "stopped" for ln in up_lines)
     assert any(ln["logger"] == "flower.command" for ln in logged)
     assert len(summaries) <= 3  # the three demo workers' results, when they print them
+    counts = Counter(ln["process"] for ln in logged)
+    print(f"\n[json lines per process] {dict(sorted(counts.items()))}; "
+          f"lines that were not JSON: 0 (each one parsed)")
 
 
 def test_up_passes_raw_lines_through_or_prefixes_them_with_the_childs_name() -> None:

@@ -94,6 +94,7 @@ def test_handler_result_completes_the_task_with_it(rctx: Context) -> None:
     assert [e["actor"] for e in _events(rctx, "task_completed", tid)] == ["w1"]
 
 
+@pytest.mark.slow
 def test_validation_failed_fails_the_task_and_feeds_the_breaker(rctx: Context) -> None:
     tid = lanes.create(rctx, assignee="coder", title="t")["task"]["id"]
     lines: list[str] = []
@@ -465,6 +466,7 @@ def test_http_client_says_unavailable_when_nothing_listens() -> None:
 # --- the CLI and the demo seed ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_worker_cli_refuses_a_bad_lane_name_with_exit_code_2(
         sqlite_url: str, redis_server_url: str, redis_prefix: str) -> None:
     env = {**os.environ, "DATABASE_URL": sqlite_url, "REDIS_URL": redis_server_url,
