@@ -359,7 +359,7 @@ def test_every_line_of_every_process_up_runs_is_one_json_object(
     assert {ln["logger"] for ln in up_lines} == {"app.local.up"}
     assert any(ln["message"] == "stopped" for ln in up_lines)
     assert any(ln["logger"] == "flower.command" for ln in logged)
-    assert len(summaries) <= 2  # the two demo workers' results, when they print them
+    assert len(summaries) <= 3  # the three demo workers' results, when they print them
     counts = Counter(ln["process"] for ln in logged)
     print(f"\n[json lines per process] {dict(sorted(counts.items()))}; "
           f"lines that were not JSON: 0 (each one parsed)")
