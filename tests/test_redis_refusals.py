@@ -422,21 +422,25 @@ def test_redis_health_degrades_on_consecutive_misses_and_at_once_on_a_refusal() 
 # --- eviction ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("evicting", ["allkeys-lru", "volatile-lru"])
 def test_status_readyz_and_metrics_name_an_evicting_maxmemory_policy(
-        sqlite_url: str) -> None:
-    srv = ThrowawayRedis("--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru")
+        sqlite_url: str, evicting: str) -> None:
+    """``volatile-*`` too: every key of the fleet carries a TTL, so a Redis full of another
+    app's keys evicts run-locks and the beat lease first (the fault suite's volatile-lru
+    row saw it: run-locks gone, the beat lease taken over)."""
+    srv = ThrowawayRedis("--maxmemory", "64mb", "--maxmemory-policy", evicting)
     ctx = _ctx(sqlite_url, srv.url)
     try:
         status = ops.dispatch(ctx, {"action": "status"})
         mem = status["redisMemory"]
-        assert mem["maxmemoryPolicy"] == "allkeys-lru" and mem["evictsFleetKeys"] is True
-        assert "allkeys-lru" in mem["warning"]
+        assert mem["maxmemoryPolicy"] == evicting and mem["evictsFleetKeys"] is True
+        assert evicting in mem["warning"] and "noeviction" in mem["warning"]
         assert _gauge(status, "autonomy_redis_evicts_fleet_keys") == [
-            'autonomy_redis_evicts_fleet_keys{policy="allkeys-lru"} 1.0']
+            f'autonomy_redis_evicts_fleet_keys{{policy="{evicting}"}} 1.0']
         with client(ctx) as http:
             body = http.get("/readyz").json()
-        assert body["ok"] is True and body["redisMaxmemoryPolicy"] == "allkeys-lru"
-        assert "allkeys-lru" in body["warnings"][0]
+        assert body["ok"] is True and body["redisMaxmemoryPolicy"] == evicting
+        assert evicting in body["warnings"][0]
     finally:
         ctx.close()
         srv.stop()
