@@ -207,7 +207,8 @@ class Settings(BaseSettings):
     """Make `/metrics` need a `read` credential like every other read (it never carries task
     text either way)."""
     api_host: str = "127.0.0.1"
-    """Address `autonomy serve` and `up` bind; beyond loopback needs `api_token`."""
+    """Address `autonomy serve` and `up` bind; beyond loopback needs a credential:
+    `api_token`, or one minted with `autonomy token create` (the database is asked)."""
     api_port: int = 8000
     """Port of the API and control panel."""
     flower_port: int = 5555

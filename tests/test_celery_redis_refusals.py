@@ -59,6 +59,7 @@ def launcher(tmp_path: Path, sqlite_url: str) -> Iterator[Any]:
         p.stop()
 
 
+@pytest.mark.slow
 def test_a_worker_started_against_a_full_redis_waits_and_runs_the_task_once_it_has_room(
         launcher: Any, sqlite_url: str) -> None:
     srv = ThrowawayRedis("--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
@@ -97,6 +98,7 @@ def test_a_worker_started_against_a_full_redis_waits_and_runs_the_task_once_it_h
         srv.stop()
 
 
+@pytest.mark.slow
 def test_a_beat_started_against_a_read_only_replica_leads_once_it_is_promoted(
         launcher: Any, sqlite_url: str, tmp_path: Path) -> None:
     srv = ThrowawayRedis("--replicaof", "127.0.0.1", str(free_port()))

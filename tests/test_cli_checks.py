@@ -62,6 +62,7 @@ def test_incident_set_writes_the_state_and_refuses_an_unknown_status(
     assert ok(cli_env, "status")["opsIncident"]["status"] == "critical"  # unchanged
 
 
+@pytest.mark.slow
 def test_an_unknown_check_is_bad_input(cli_env: dict[str, str]) -> None:
     bad = cli(cli_env, "check", "everything")
     assert bad.returncode == 2 and "error: invalid_input" in bad.stderr

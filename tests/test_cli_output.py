@@ -57,6 +57,7 @@ def on_a_terminal(env: dict[str, str], *args: str) -> str:
     return b"".join(chunks).decode().replace("\r\n", "\n")
 
 
+@pytest.mark.slow
 def test_version_prints_the_package_version() -> None:
     proc = subprocess.run([AUTONOMY, "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -64,6 +65,7 @@ def test_version_prints_the_package_version() -> None:
     assert app.__version__ == importlib.metadata.version("autonomy")
 
 
+@pytest.mark.slow
 def test_show_completion_prints_the_bash_script() -> None:
     proc = _script(None, "--show-completion")
     assert proc.returncode == 0, proc.stderr
@@ -83,6 +85,7 @@ def test_completion_completes_commands_and_subcommands() -> None:
         assert set(proc.stdout.split()) == expected, (words, proc.stdout)
 
 
+@pytest.mark.slow
 def test_install_completion_writes_the_shell_configuration(tmp_path: Path) -> None:
     env = {**os.environ, "HOME": str(tmp_path)}
     proc = _script(env, "--install-completion")

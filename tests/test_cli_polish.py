@@ -89,6 +89,7 @@ def test_status_is_text_on_a_terminal_and_json_on_a_pipe(cli_env: dict[str, str]
     ("autonomy tasks --kind ", ["work", "ops_remediation"]),
     ("autonomy token create --scope ", ["operator", "worker", "read"]),
 ])
+@pytest.mark.slow
 def test_fixed_values_complete_in_the_shell(words: str, expected: list[str]) -> None:
     """The shell offers exactly the values the server accepts (from the one definition
     it validates with); what is typed anyway is still refused by the operation."""

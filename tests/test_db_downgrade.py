@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
 from app import ops
@@ -67,6 +68,7 @@ def test_downgrade_without_a_revision_is_a_usage_error_and_drops_nothing(
     assert _tables(settings.database_url) == before and "task" in before
 
 
+@pytest.mark.slow
 def test_downgrade_to_base_is_refused_naming_what_would_be_lost_until_forced(
         settings: Settings) -> None:
     _fill(settings, todo=5, leased=0)
@@ -87,6 +89,7 @@ def test_downgrade_to_base_is_refused_naming_what_would_be_lost_until_forced(
     assert _tables(settings.database_url) == set()
 
 
+@pytest.mark.slow
 def test_downgrade_while_leases_are_live_is_refused_until_they_end_or_forced(
         settings: Settings) -> None:
     claims = _fill(settings, todo=4, leased=2)

@@ -43,6 +43,7 @@ def _compose_default(value: str) -> str:
     return value[value.index(":-") + 2:-1]
 
 
+@pytest.mark.slow
 def test_compose_api_answers_callers_in_its_network_by_the_service_name(
         tmp_path: Path, redis_server_url: str, redis_prefix: str) -> None:
     """Before: compose set no allowed hosts, so ``http://api:8000`` from another container

@@ -108,6 +108,7 @@ def test_a_process_pointed_at_another_deployments_database_is_refused_naming_bot
         theirs.stop()
 
 
+@pytest.mark.slow
 def test_bind_deployment_rebinds_only_with_force_and_then_the_old_deployment_is_refused(
         settings: Settings, redis_server_url: str, redis_prefix: str) -> None:
     old = _env(settings, redis_server_url, redis_prefix)

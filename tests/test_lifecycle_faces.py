@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 import httpx
+import pytest
 
 from app.clock import FrozenClock
 from app.storage.context import Context
@@ -73,6 +74,7 @@ def test_the_lifecycle_over_http(ctx: Context, clock: FrozenClock) -> None:
             schema["CreateRequest"]["properties"])
 
 
+@pytest.mark.slow
 def test_the_lifecycle_through_the_cli(database_url: str, redis_server_url: str,
                                        redis_prefix: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTONOMY_")}

@@ -158,6 +158,7 @@ def test_fingerprints_are_summarised_per_lane_never_labels(http: httpx.Client) -
     assert "autonomy_failure_fingerprint_count" not in text
 
 
+@pytest.mark.slow
 def test_job_duration_histogram_and_last_success_outlive_the_process_that_ran_the_job(
         http: httpx.Client, api_ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
     """A job run by another process (``autonomy check``) shows in this API's /metrics:

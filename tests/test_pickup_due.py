@@ -76,6 +76,7 @@ def test_a_failed_tasks_backoff_ends_with_a_waiter_claiming_it(
     assert 0.9 <= box["at"] - failed_at < 10
 
 
+@pytest.mark.slow
 def test_one_waiter_per_due_instant_claims_and_the_others_keep_waiting(
         pair: tuple[Context, Context], database_url: str, redis_server_url: str,
         redis_prefix: str) -> None:

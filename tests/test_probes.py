@@ -35,6 +35,7 @@ def _ctx(db_url: str, redis_url: str, prefix: str, **overrides: object) -> Conte
                                  clock=FrozenClock())
 
 
+@pytest.mark.slow
 def test_readyz_is_ok_with_everything_up_and_livez_echoes_pid_and_nonce(
         sqlite_url: str, redis_server_url: str, redis_prefix: str) -> None:
     ctx = _ctx(sqlite_url, redis_server_url, redis_prefix, start_nonce="n-123")

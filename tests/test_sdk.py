@@ -142,6 +142,7 @@ def test_complete_with_claim_next_hands_over_the_next_lease(client: Client) -> N
     assert released["ok"] is True
 
 
+@pytest.mark.slow
 def test_a_long_poll_claim_outlasts_the_request_timeout_and_returns_when_work_arrives(
         server: ServerThread) -> None:
     """``waitMs`` lengthens the request's timeout by the wait; a task created while the
@@ -185,6 +186,7 @@ def test_refusals_raise_the_class_of_their_code(client: Client, server: ServerTh
 # --- LaneWorker -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_lane_worker_picks_up_pushed_work_reports_outcomes_and_stops_cleanly(
         client: Client, ctx: Context) -> None:
     def handler(task: dict[str, Any]) -> dict[str, Any]:
@@ -227,6 +229,7 @@ class _SlowHandler(JobHandler):
         return {"heartbeats": job.heartbeats}
 
 
+@pytest.mark.slow
 def test_heartbeats_keep_the_lease_of_a_handler_slower_than_the_lease(
         make_ctx: Callable[..., Context]) -> None:
     ctx = make_ctx(lease_ttl_s=1.0)
@@ -268,6 +271,7 @@ class _CountingTransport(httpx.HTTPTransport):
             raise
 
 
+@pytest.mark.slow
 def test_an_outcome_is_retried_through_an_outage_and_lands_when_the_api_is_back(
         ctx: Context) -> None:
     tid = lanes.create(ctx, assignee="coder", title="t")["task"]["id"]

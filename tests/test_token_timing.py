@@ -182,6 +182,7 @@ def test_the_bootstrap_token_check_shows_neither_length_nor_prefix(tctx: Context
     assert consistent_leaks(measure) == {}
 
 
+@pytest.mark.slow
 def test_a_minted_credentials_check_shows_neither_length_nor_prefix(tctx: Context) -> None:
     secret = credentials.create(tctx, name="agent-7", scope="worker", lanes=["coder"])[
         "secret"]

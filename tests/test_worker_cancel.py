@@ -37,6 +37,7 @@ def _status(ctx: Context, tid: int) -> str:
     return str(row["status"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ignores_term", [False, True])
 def test_a_cancelled_tasks_command_is_stopped_and_the_worker_goes_on(
         wctx: Context, tmp_path: Path, ignores_term: bool) -> None:

@@ -210,8 +210,8 @@ def _claim_now(ctx: Context, *, assignee: str, worker: str, skew_ms: int | None 
     fast = None
     while fast_path:
         # Redis's suggestion only (each is confirmed, or the database claims and
-        # decides): this process's clock may be off, the database's decides (SPEC 4.9)
-        fast = leases.check(ctx, assignee=a, worker=w, now_ms=to_ms(ctx.clock()))
+        # decides), on Redis's clock; the database's decides the lease (SPEC 4.9)
+        fast = leases.check(ctx, assignee=a, worker=w)
         if fast is None or fast.code == leases.PROCEED:
             break
         if fast.code != leases.CLAIMING:
@@ -663,8 +663,8 @@ def _complete_and_claim_on_pg(ctx: Context, *, tid: int, token: str,
     (with ``next`` when a lease or the guard came of that claim) and whether the claim
     was answered here -- granted, guarded or refused (a paused lane); None when the
     complete matched nothing (the full path answers)."""
-    fast = leases.handoff(ctx, assignee=assignee, worker=worker, task_id=tid, token=token,
-                          now_ms=to_ms(ctx.clock()))  # a suggestion: the database decides
+    # a suggestion on Redis's clock: the database decides
+    fast = leases.handoff(ctx, assignee=assignee, worker=worker, task_id=tid, token=token)
     reserved = fast is not None and fast.code == leases.PROCEED
     claim = fast is None or reserved
     granted = False
