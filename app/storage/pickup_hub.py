@@ -40,6 +40,7 @@ from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
+from app.storage import pickup_signals
 from app.storage.context import Context
 from app.storage.redis_errors import ANY_REDIS_ERROR, describe
 from app.storage.redis_scripts import Script, run_script
@@ -188,8 +189,6 @@ class Hub:
     def _unblock(self, lane: str, gen: int) -> None:
         """Get a lane that just gained its first waiter into the blocked wait: unblock
         the blocker (which re-arms with it) unless it re-armed meanwhile."""
-        from app.storage import pickup
-
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:
             with self._lock:
@@ -201,7 +200,7 @@ class Hub:
                     if self.ctx.fast_redis.client_unblock(cid):
                         return
                 except ANY_REDIS_ERROR as e:
-                    pickup.note_failure(self.ctx, e, "unblock the pickup wait")
+                    pickup_signals.note_failure(self.ctx, e, "unblock the pickup wait")
                     return
             time.sleep(0.001)  # the blocker is about to block: try again
 
@@ -234,8 +233,6 @@ class Hub:
                       if self._waiters.get(lane) or now - at < LINGER_S)
 
     def _blocker(self) -> None:
-        from app.storage import pickup
-
         k = self.ctx.keys
         delay = 0.1
         while True:
@@ -271,7 +268,7 @@ class Hub:
                             w = q.popleft()
                             w.event.set()
                 delay = min(5.0, delay * 2)
-                pickup.note_failure(self.ctx, e, "block on the wake lists")
+                pickup_signals.note_failure(self.ctx, e, "block on the wake lists")
                 continue
             delay = 0.1
             if got is None:
@@ -284,14 +281,12 @@ class Hub:
                 self._changed.wait_for(partial(self._taken, lane), timeout=GRACE_S)
                 back = self._pending.pop(lane, 0)
             if back:  # nobody here took it: another process may
-                pickup.wake(self.ctx, assignee=lane, n=back)
+                pickup_signals.wake(self.ctx, assignee=lane, n=back)
 
     def _taken(self, lane: str) -> bool:
         return not self._pending.get(lane)
 
     def _ticker(self) -> None:
-        from app.storage import pickup
-
         while True:
             with self._lock:
                 if self._closed:
@@ -320,11 +315,11 @@ class Hub:
                         with self._lock:
                             self._hand(lane, "poll")
             for lane, ms in dues:
-                if pickup.take_due_turn(self.ctx, assignee=lane, due_ms=ms):
+                if pickup_signals.take_due_turn(self.ctx, assignee=lane, due_ms=ms):
                     with self._lock:
                         handed = self._hand(lane, "due")
                     if not handed:
-                        pickup.wake(self.ctx, assignee=lane)
+                        pickup_signals.wake(self.ctx, assignee=lane)
             with self._lock:
                 if self._closed:
                     return
@@ -341,8 +336,6 @@ class Hub:
         """Take the lane's safety-poll lead if nobody holds it (``SET NX PX``, one command,
         no renewal: the holder takes it again just after it expired, ahead of the others,
         who try once per ``pickup_block_s``)."""
-        from app.storage import pickup
-
         sent = time.monotonic()
         won = False
         if not self.ctx.redis_health.degraded:  # its waiters wait some other way meanwhile
@@ -350,7 +343,7 @@ class Hub:
                 won = bool(self.ctx.fast_redis.set(self.ctx.keys.lane_poll(lane), self.token,
                                                    nx=True, px=int(self.block_s * 1000)))
             except ANY_REDIS_ERROR as e:
-                pickup.note_failure(self.ctx, e, "lead the safety poll")
+                pickup_signals.note_failure(self.ctx, e, "lead the safety poll")
         if won:
             if lane not in self._lead:
                 self._next_poll[lane] = sent + self.poll_s
