@@ -18,7 +18,9 @@ from redis.sentinel import Sentinel
 from app.redis_url import is_sentinel, parse_sentinel
 from app.storage.redis_errors import is_timeout, redis_errors
 
-__all__ = ["RedisHealth", "from_url", "make_fast_redis", "make_redis", "redis_errors"]
+__all__ = [
+    "RedisHealth", "close_client", "from_url", "make_fast_redis", "make_redis", "redis_errors",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,15 @@ def from_url(url: str, **kwargs: Any) -> redis.Redis:
         target.master_name, db=target.db, username=target.username,
         password=target.password, **kwargs)
     return client
+
+
+def close_client(client: redis.Redis) -> None:
+    """Close ``client``'s connections, and a Sentinel client's connections to its
+    sentinels (they are the pool's, not the client's)."""
+    client.close()
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    for s in getattr(manager, "sentinels", ()):
+        s.close()
 
 
 def make_fast_redis(url: str, *, timeout_s: float) -> redis.Redis:
