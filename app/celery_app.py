@@ -115,6 +115,12 @@ def configure(celery: Celery, settings: Settings) -> None:
                                   "socket_connect_timeout": settings.redis_socket_timeout_s,
                                   "health_check_interval": 10},
         result_backend_transport_options=dict(prefix),
+        # the result backend's own deadlines (Celery's default is none): a pool process
+        # storing a result (or STARTED) on a Redis whose host was cut off waited forever,
+        # and the worker ran nothing more, failover or not (issue 22)
+        redis_socket_timeout=settings.redis_socket_timeout_s,
+        redis_socket_connect_timeout=settings.redis_socket_timeout_s,
+        redis_backend_health_check_interval=10,
         broker_connection_retry_on_startup=True,
         # no task here acks late, so this cancels nothing; said explicitly, a lost broker
         # connection costs one warning line instead of Celery's 10-line deprecation notice

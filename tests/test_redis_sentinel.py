@@ -84,6 +84,8 @@ def test_celery_takes_the_sentinels_and_the_master_name_for_broker_and_backend()
         assert opts["sentinel_kwargs"] == {"password": "sp"}
         assert opts["global_keyprefix"] == "dep:celery:"
     assert type(app.backend).__name__ == "SentinelBackend"
+    # a result stored on a cut-off primary times out instead of hanging the pool process
+    assert app.backend.connparams["socket_timeout"] == s.redis_socket_timeout_s
 
 
 def test_a_sentinel_deployment_is_known_by_its_master_and_sentinels_not_its_primary() -> None:
