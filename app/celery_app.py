@@ -4,7 +4,9 @@
 the settings and connects to nothing; a worker process builds its ``Context`` on first
 use (``worker_context``) and rebuilds it after a fork.
 
-- Broker and result backend are ``Settings.effective_redis_url``. Their keys carry the
+- Broker and result backend are ``Settings.effective_redis_url``; a ``redis+sentinel://``
+  one becomes Celery's ``sentinel://h1;sentinel://h2`` with ``master_name`` (and the
+  sentinels' password) in both transport options (``app.redis_url``). Their keys carry the
   prefix ``{redis_prefix}celery:`` (kombu's and Celery's ``global_keyprefix``), so two
   deployments -- or a test and a developer -- sharing one Redis never see each other's
   queues, results, events or remote-control replies.
@@ -53,11 +55,14 @@ from celery.signals import (
     worker_process_shutdown,
 )
 from celery.worker.control import inspect_command
+from pydantic import ValidationError
 
 import beat_schedule
 from app import celery_broker
 from app.celery_watchdog import ConsumerWatchdog, Watch, stop_celery_worker
-from app.settings import Settings, get_settings
+from app.errors import InvalidSettings
+from app.redis_url import is_sentinel, parse_sentinel
+from app.settings import Settings, describe_invalid, get_settings
 
 if TYPE_CHECKING:
     from app.storage.context import Context
@@ -93,10 +98,15 @@ def configure(celery: Celery, settings: Settings) -> None:
     """Apply ``settings`` to a Celery app (broker, backend, queue, events, schedule)."""
     # kombu's Redis transport with a crash on a lost broker fixed (app.celery_broker)
     celery_broker.install()
-    prefix = {"global_keyprefix": celery_key_prefix(settings)}
+    prefix: dict[str, object] = {"global_keyprefix": celery_key_prefix(settings)}
+    url = settings.effective_redis_url
+    if is_sentinel(url):  # kombu's and Celery's own Sentinel form (app.redis_url)
+        target = parse_sentinel(url)
+        url = target.celery_url()
+        prefix.update(target.celery_options())
     celery.conf.update(
-        broker_url=settings.effective_redis_url,
-        result_backend=settings.effective_redis_url,
+        broker_url=url,
+        result_backend=url,
         # a socket deadline and a health check on the broker connection: after a Redis
         # restart the worker's consumer notices and reconnects instead of waiting on a
         # dead socket (issue 9: it stopped consuming for good)
@@ -105,6 +115,12 @@ def configure(celery: Celery, settings: Settings) -> None:
                                   "socket_connect_timeout": settings.redis_socket_timeout_s,
                                   "health_check_interval": 10},
         result_backend_transport_options=dict(prefix),
+        # the result backend's own deadlines (Celery's default is none): a pool process
+        # storing a result (or STARTED) on a Redis whose host was cut off waited forever,
+        # and the worker ran nothing more, failover or not (issue 22)
+        redis_socket_timeout=settings.redis_socket_timeout_s,
+        redis_socket_connect_timeout=settings.redis_socket_timeout_s,
+        redis_backend_health_check_interval=10,
         broker_connection_retry_on_startup=True,
         # no task here acks late, so this cancels nothing; said explicitly, a lost broker
         # connection costs one warning line instead of Celery's 10-line deprecation notice
@@ -131,8 +147,18 @@ def configure(celery: Celery, settings: Settings) -> None:
     )
 
 
+def _settings_or_exit() -> Settings:
+    # a malformed setting (a REDIS_URL Celery cannot use...) stops worker, beat and Flower
+    # with one line and the CLI's exit code, not an import traceback
+    try:
+        return get_settings()
+    except ValidationError as e:
+        print(f"error: {InvalidSettings.code}: {describe_invalid(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 app = Celery("autonomy", include=["tasks.checks"])
-configure(app, get_settings())
+configure(app, _settings_or_exit())
 
 
 # --- the process's Context ------------------------------------------------------------

@@ -18,9 +18,10 @@ connection loss. The messages it could not restore were in the Redis that went a
 stay in its unacked set, where kombu's visibility timeout brings them back); a check job
 expires with its period and the next period sends it again.
 
-``install()`` (called by ``app.celery_app``) makes it the transport of the ``redis`` and
-``rediss`` URL schemes in the process, so broker URLs keep their scheme (Flower picks its
-broker view by it) and every kombu connection of the worker, beat and Flower uses it.
+``install()`` (called by ``app.celery_app``) makes it the transport of the ``redis``,
+``rediss`` and ``sentinel`` URL schemes in the process, so broker URLs keep their scheme
+(Flower picks its broker view by it) and every kombu connection of the worker, beat and
+Flower uses it.
 """
 
 from __future__ import annotations
@@ -45,12 +46,28 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-TRANSPORT = f"{__name__}:Transport"
-SCHEMES = ("redis", "rediss")
+class SentinelChannel(kombu_redis.SentinelChannel):
+    # the same fix for a broker found through Redis Sentinel (``sentinel://``)
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        if self.connection.client is None:
+            raise redis.ConnectionError(
+                "the broker connection was closed (a lost Redis); not reconnecting a channel "
+                "that is being closed")
+        return super()._connparams(asynchronous=asynchronous)
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
+TRANSPORTS = {"redis": f"{__name__}:Transport", "rediss": f"{__name__}:Transport",
+              "sentinel": f"{__name__}:SentinelTransport"}
+SCHEMES = tuple(TRANSPORTS)
 
 
 def install() -> None:
-    """Resolve the ``redis``/``rediss`` schemes to this transport (idempotent)."""
-    for scheme in SCHEMES:
-        kombu.transport.TRANSPORT_ALIASES[scheme] = TRANSPORT
+    """Resolve the ``redis``/``rediss``/``sentinel`` schemes to these transports
+    (idempotent)."""
+    for scheme, transport in TRANSPORTS.items():
+        kombu.transport.TRANSPORT_ALIASES[scheme] = transport
         kombu.transport._transport_cache.pop(scheme, None)  # resolved before: again

@@ -12,7 +12,8 @@
     │   ├── InvalidReason              invalid_reason
     │   ├── InvalidAction              invalid_action
     │   ├── InvalidLeaseToken          invalid_lease_token
-    │   └── PortInUse                  port_in_use
+    │   ├── PortInUse                  port_in_use
+    │   └── InvalidSettings            invalid_settings
     ├── NotFound                       not_found             404
     │   └── TaskNotFound               task_not_found
     ├── Conflict                       conflict              409
@@ -118,6 +119,13 @@ class PortInUse(InvalidInput):
     """Raised when ``autonomy up`` is asked to serve on a port another process holds."""
 
     code = "port_in_use"
+
+
+class InvalidSettings(InvalidInput):
+    """Raised when a setting (an ``AUTONOMY_*`` variable, ``REDIS_URL``...) cannot be
+    used: a process says which and why, in one line, and does not start."""
+
+    code = "invalid_settings"
 
 
 class NotFound(AutonomyError):

@@ -10,8 +10,17 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.redis_url import check_redis_url
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -33,8 +42,11 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("AUTONOMY_REDIS_URL", "REDIS_URL"),
-        description="Celery broker and results, run-locks, lease dedupe; unset: "
-                    "redis://127.0.0.1:6379/0, or under `autonomy up` its embedded Redis.",
+        description="Celery broker and results, run-locks, lease dedupe, beat's leader "
+                    "lease, the fast path; unset: redis://127.0.0.1:6379/0, or under "
+                    "`autonomy up` its embedded Redis. A primary that fails over: "
+                    "`redis+sentinel://[:password@]sentinel1:26379,sentinel2:26379/"
+                    "<master name>/<db>[?sentinel_password=...]` (docs/operations.md).",
     )
     redis_prefix: str = "autonomy:"
     """Prefix of every Redis key autonomy writes (Celery's keys too, under `<prefix>celery:`);
@@ -285,6 +297,11 @@ class Settings(BaseSettings):
         return v.strip().lower() if getattr(info, "field_name", "") == "log_format" \
             else v.strip().upper()
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_usable(cls, v: str | None) -> str | None:
+        return None if v is None else check_redis_url(v)
+
     @field_validator("redis_prefix")
     @classmethod
     def _prefix_ends_with_colon(cls, v: str) -> str:
@@ -336,6 +353,16 @@ class Settings(BaseSettings):
     @property
     def lease_ttl_ms(self) -> int:
         return int(self.lease_ttl_s * 1000)
+
+
+def describe_invalid(e: ValidationError) -> str:
+    """What is wrong with the settings, one ``NAME: why`` per problem, without the values
+    given (a URL may carry a password)."""
+    problems = []
+    for err in e.errors(include_url=False, include_input=False):
+        name = ".".join(str(x) for x in err.get("loc", ())) or "settings"
+        problems.append(f"{name}: {err.get('msg', 'invalid')}".replace("Value error, ", ""))
+    return "; ".join(problems) or "invalid settings"
 
 
 @lru_cache(maxsize=1)

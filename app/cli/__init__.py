@@ -19,11 +19,13 @@ import sys
 from typing import Any
 
 import typer
+from pydantic import ValidationError
 
 from app import __version__, logs, ops, principal, validate
 from app.cli.complete import one_of
 from app.cli.output import fail, human_time, run, table, want_json
-from app.errors import AutonomyError, InvalidInput
+from app.errors import AutonomyError, InvalidInput, InvalidSettings
+from app.settings import describe_invalid
 from app.storage.context import Context
 
 app = typer.Typer(add_completion=True, no_args_is_help=True,
@@ -247,6 +249,8 @@ def main() -> None:
         _die(InvalidInput(usage.format_message()))
     except AutonomyError as e:
         _die(e)
+    except ValidationError as e:  # the settings (a malformed REDIS_URL...): not a crash
+        _die(InvalidSettings(describe_invalid(e)))
     except RecursionError:
         _die(InvalidInput("the input nests too deeply"))
     except Exception as e:

@@ -21,7 +21,9 @@ from pathlib import Path
 import redis
 
 from app.errors import InvalidInput, RedisUnavailable
+from app.redis_url import is_sentinel, parse_sentinel
 from app.settings import Settings
+from app.storage.redis_conn import from_url  # layer: a probe is a connection, not an op
 
 PROBE_TIMEOUT_S = 1.0
 
@@ -43,6 +45,8 @@ class RedisChoice:
 
 def safe_url(url: str) -> str:
     """``url`` with any password hidden."""
+    if is_sentinel(url):
+        return parse_sentinel(url).safe()
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
@@ -51,7 +55,7 @@ def safe_url(url: str) -> str:
 
 def ping(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     """None when a Redis answers PING at ``url``, else why not (one line)."""
-    client = redis.Redis.from_url(url, socket_timeout=timeout_s,
+    client = from_url(url, socket_timeout=timeout_s,
                                   socket_connect_timeout=timeout_s)
     try:
         client.ping()

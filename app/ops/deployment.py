@@ -18,7 +18,9 @@ or the scheme's options (so a password rotation or TLS switch is the same Redis)
 loopback host is qualified with this machine's name (``myhost/127.0.0.1:6379/0``): two
 machines' local Redis are two Redis. ``autonomy up``'s embedded Redis keeps its port
 across starts from one data directory (``app.local.embedded_redis``), so its identity is
-stable; two ``up`` from two data directories on one database are two deployments.
+stable; two ``up`` from two data directories on one database are two deployments. A Redis
+behind Sentinel (``redis+sentinel://``) is known by its master's name and sentinels, so a
+failover that promotes a replica is the same deployment.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from urllib.parse import parse_qs, urlsplit
 from app.clock import utcnow
 from app.errors import DeploymentMismatch, Unavailable
 from app.netaddr import is_loopback
+from app.redis_url import is_sentinel, parse_sentinel
 from app.settings import Settings
 from app.storage import deployment as store
 from app.storage.db import make_engine
@@ -47,7 +50,16 @@ RETRY_MAX_S = 15.0
 
 def redis_identity(url: str) -> str:
     """``host:port/db`` of a Redis URL (no password, no options); a loopback host or a
-    unix socket qualified with this machine's name."""
+    unix socket qualified with this machine's name. A Sentinel URL's is its master's
+    name, its sentinels (sorted) and database (``sentinel:mymaster@h1:26379,h2:26379/0``):
+    a failover moves the primary, not the deployment."""
+    if is_sentinel(url):
+        target = parse_sentinel(url)
+        hosts = []
+        for host, port in sorted((h.lower(), p) for h, p in target.sentinels):
+            where = f"[{host.lower()}]:{port}" if ":" in host else f"{host.lower()}:{port}"
+            hosts.append(f"{socket.gethostname()}/{where}" if is_loopback(host) else where)
+        return f"sentinel:{target.master_name}@{','.join(hosts)}/{target.db}"
     parts = urlsplit(url)
     query = parse_qs(parts.query)
     if parts.scheme == "unix":

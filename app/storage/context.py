@@ -14,7 +14,7 @@ from app.clock import Clock, to_ms, utcnow
 from app.settings import Settings, get_settings
 from app.storage import store
 from app.storage.db import make_engine, transaction
-from app.storage.redis_conn import RedisHealth, make_fast_redis, make_redis
+from app.storage.redis_conn import RedisHealth, close_client, make_fast_redis, make_redis
 from app.storage.redis_keys import Keys
 
 
@@ -93,10 +93,10 @@ class Context:
         if hub is not None:
             hub.close()
         self.engine.dispose()
-        self.redis.close()
+        close_client(self.redis)
         fast = self.__dict__.get("fast_redis")
         if fast is not None:
-            fast.close()
+            close_client(fast)
             fast.connection_pool.disconnect()
         listener = self.__dict__.pop("_pickup_listener", None)  # app.storage.pickup's
         if listener is not None:

@@ -35,13 +35,13 @@ from collections import deque
 from functools import partial
 from typing import Any
 
-import redis
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
 from app.storage import pickup_signals
 from app.storage.context import Context
+from app.storage.redis_conn import close_client, from_url
 from app.storage.redis_errors import ANY_REDIS_ERROR, describe
 from app.storage.redis_scripts import Script, run_script
 
@@ -96,7 +96,7 @@ class Hub:
         self._dues: dict[str, tuple[float, int]] = {}  # lane -> (monotonic, due ms)
         # the blocker's own client (a pool it alone uses: one connection, the one whose
         # CLIENT ID ``_unblock`` names), with a socket deadline past the blocked wait
-        self._client = redis.Redis.from_url(
+        self._client = from_url(  # redis_conn's: takes redis+sentinel:// too
             s.effective_redis_url, decode_responses=True,
             socket_timeout=self.block_s + max(5.0, s.redis_socket_timeout_s),
             socket_connect_timeout=s.redis_socket_timeout_s, retry=Retry(NoBackoff(), 0),
@@ -226,7 +226,7 @@ class Hub:
         led = list(self._lead)
         for lane in led:
             self._unlead(lane)
-        self._client.close()
+        close_client(self._client)
 
     def _lanes(self, now: float) -> list[str]:
         return sorted(lane for lane, at in self._seen.items()

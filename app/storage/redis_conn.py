@@ -7,28 +7,61 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
+from app.redis_url import is_sentinel, parse_sentinel
 from app.storage.redis_errors import is_timeout, redis_errors
 
-__all__ = ["RedisHealth", "make_fast_redis", "make_redis", "redis_errors"]
+__all__ = [
+    "RedisHealth", "close_client", "from_url", "make_fast_redis", "make_redis", "redis_errors",
+]
 
 log = logging.getLogger(__name__)
 
 
 def make_redis(url: str, *, socket_timeout_s: float = 5.0) -> redis.Redis:
-    """A client that answers ``str`` (decoded UTF-8)."""
-    return redis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=socket_timeout_s,
-        socket_connect_timeout=socket_timeout_s,
-        health_check_interval=30,
-    )
+    """A client that answers ``str`` (decoded UTF-8). A ``redis+sentinel://`` URL gives
+    a client of the primary its sentinels name (``from_url``)."""
+    return from_url(url, decode_responses=True, socket_timeout=socket_timeout_s,
+                    socket_connect_timeout=socket_timeout_s, health_check_interval=30)
+
+
+def from_url(url: str, **kwargs: Any) -> redis.Redis:
+    """``redis.Redis.from_url`` that also takes ``redis+sentinel://`` (``app.redis_url``).
+
+    A Sentinel client's pool (redis-py's ``SentinelConnectionPool``) asks the sentinels
+    for the primary's address on each new connection, and drops a connection whose
+    server answers that it is a replica now (``READONLY``): after a failover the next
+    call after a failed one reaches the promoted replica, with no restart. The sentinels
+    are asked with the same deadlines as the data connections."""
+    if not is_sentinel(url):
+        return redis.Redis.from_url(url, **kwargs)
+    target = parse_sentinel(url)
+    # the sentinels get the data connections' deadlines and retries: the fast path's
+    # lookup of the primary costs one deadline too
+    asking: dict[str, Any] = {k: kwargs[k] for k in ("socket_timeout", "socket_connect_timeout",
+                                                     "retry") if k in kwargs}
+    sentinel = Sentinel(list(target.sentinels),
+                        sentinel_kwargs={**asking, **target.sentinel_kwargs()})
+    client: redis.Redis = sentinel.master_for(
+        target.master_name, db=target.db, username=target.username,
+        password=target.password, **kwargs)
+    return client
+
+
+def close_client(client: redis.Redis) -> None:
+    """Close ``client``'s connections, and a Sentinel client's connections to its
+    sentinels (they are the pool's, not the client's)."""
+    client.close()
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    for s in getattr(manager, "sentinels", ()):
+        s.close()
 
 
 def make_fast_redis(url: str, *, timeout_s: float) -> redis.Redis:
@@ -38,7 +71,7 @@ def make_fast_redis(url: str, *, timeout_s: float) -> redis.Redis:
     Built from the URL with redis-py's maintenance notifications off, not from another
     client's pool settings (those carry that pool's notification handler and its
     "original" timeouts, which are not the fast path's)."""
-    return redis.Redis.from_url(
+    return from_url(
         url, decode_responses=True, socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
         health_check_interval=0,

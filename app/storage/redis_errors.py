@@ -105,7 +105,11 @@ def describe(e: BaseException) -> str:
 
 def where(client: redis.Redis) -> str:
     """``host:port`` (or the socket path) the client talks to, for messages."""
-    kw: dict[str, Any] = client.connection_pool.connection_kwargs
+    pool = client.connection_pool
+    service = getattr(pool, "service_name", None)  # a Sentinel pool: the master's name
+    if service is not None:
+        return f"Sentinel master {service}"
+    kw: dict[str, Any] = pool.connection_kwargs
     return str(kw.get("path") or f"{kw.get('host')}:{kw.get('port')}")
 
 

