@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -65,14 +66,17 @@ class Turns:
         ``"timeout"``. Cancelled, it passes on a turn it was handed."""
         fut: asyncio.Future[str] = self.loop.create_future()
         with self._lock:
-            if self._closed:
-                return "timeout"
-            self._queues.setdefault(lane, deque()).append(fut)
-            if lane not in self._feeders:
-                t = threading.Thread(target=self._feed, args=(lane,), daemon=True,
-                                     name=f"autonomy-long-poll-{lane}"[:60])
-                self._feeders[lane] = t
-                t.start()
+            closed = self._closed
+            if not closed:
+                self._queues.setdefault(lane, deque()).append(fut)
+                if lane not in self._feeders:
+                    t = threading.Thread(target=self._feed, args=(lane,), daemon=True,
+                                         name=f"autonomy-long-poll-{lane}"[:60])
+                    self._feeders[lane] = t
+                    t.start()
+        if closed:  # the server stops: no turn will come (and no loop of claims)
+            await asyncio.sleep(max(0.0, timeout_s))
+            return "timeout"
         try:
             await asyncio.wait({fut}, timeout=max(0.0, timeout_s))
         except asyncio.CancelledError:
@@ -129,6 +133,7 @@ class Turns:
                 got = pickup.wait(self.ctx, assignee=lane, timeout_s=FEED_SLICE_S)
             except Exception as e:  # never leave the lane's waiters without a feeder
                 log.warning("long poll: waiting on lane %s failed: %s", lane, e)
+                time.sleep(FEED_SLICE_S / 2)  # not a loop of claims: one per half slice
                 got = "poll"
             if got == "timeout":
                 continue
