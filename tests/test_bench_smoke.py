@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # 1-7, and issue 22's command runner (13)
 BENCHES = (*range(1, 8), 13)
 # issue 13's: fleets of worker processes and peer queues (pgqueuer, procrastinate, Celery);
-# issue 22's HTTP workers (14: API processes and worker fleets)
-FLEET_BENCHES = (8, 9, 10, 14)
+# issue 22's HTTP workers (15: API processes and worker fleets)
+FLEET_BENCHES = (8, 9, 10, 15)
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
