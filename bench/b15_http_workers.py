@@ -56,7 +56,10 @@ async def _waiting(env: Env, server: Server, ctx: Any, lane: str, n: int, picks:
     errors: list[str] = []
 
     async def waiter(http: httpx.AsyncClient, i: int) -> None:
+        # a worker that was granted a task claims next under a new name: the same name
+        # would be answered its own lease again (the duplicate-claim guard), not wait
         body = {"action": "claim", "assignee": lane, "worker": f"p{i}", "waitMs": WAIT_MS}
+        granted = 0
         while not stop.is_set():
             try:
                 r = await http.post("/api/autonomy", json=body)
@@ -75,6 +78,8 @@ async def _waiting(env: Env, server: Server, ctx: Any, lane: str, n: int, picks:
             a = r.json()
             if a.get("task") is not None:
                 got.put_nowait((at, a["task"]["id"]))
+                granted += 1
+                body = {**body, "worker": f"p{i}-{granted}"}
 
     async with httpx.AsyncClient(base_url=server.base, limits=limits,
                                  timeout=WAIT_MS / 1000 + 30) as http, \
@@ -204,6 +209,11 @@ def _drain_fleet(fleet: Any, jobs: int, timeout_s: float = 600) -> dict[str, Any
 
 
 def run(env: Env) -> list[Row]:
+    return pickup_rows(env) + fleet_rows(env)
+
+
+def pickup_rows(env: Env) -> list[Row]:
+    """Part 1: long polls on one API process."""
     rows: list[Row] = []
     url = env.pg_database()
     ctx = env.context(url)
@@ -249,7 +259,12 @@ def run(env: Env) -> list[Row]:
             baseline_what="1 HTTP long poll waiting (same run)", target="report"))
     finally:
         ctx.close()
+    return rows
 
+
+def fleet_rows(env: Env) -> list[Row]:
+    """Part 2: 8 HTTP LaneWorkers against 8 direct ones."""
+    rows: list[Row] = []
     procs = 8
     jobs = env.size(3_000, 80)
     rounds = env.size(2, 1)
