@@ -113,12 +113,12 @@ class Settings(BaseSettings):
     between calls)."""
     worker_http_wait_ms: int = Field(default=10_000, gt=0)
     """The same over HTTP: the long poll of an `HttpClient` worker."""
-    # claims waiting at once in one API process (each holds a thread of their own pool and
-    # a Redis connection, never one the other requests are answered on); past it a claim
-    # answers at once, and an HTTP worker polls
-    api_long_poll_max: int = Field(default=512, ge=1)
-    """Claims waiting at once per API process, in a thread pool of their own; past it a claim
-    answers at once (and an HTTP worker polls)."""
+    # claims waiting at once in one API process (each a coroutine awaiting its turn, one
+    # feeder thread per lane: app/api/long_poll.py); past it a claim answers at once, and
+    # an HTTP worker polls
+    api_long_poll_max: int = Field(default=10_000, ge=1)
+    """Claims waiting at once per API process (each a coroutine, no thread: one feeder thread
+    per lane); past it a claim answers at once (and an HTTP worker polls)."""
     breaker_threshold: int = 3
     """Same-fingerprint validation failures that pause a lane (and file an ops remediation task)."""
     breaker_window_h: float = 24.0

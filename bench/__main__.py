@@ -34,6 +34,7 @@ BENCHES = {
     12: "bench.b12_script_runner",
     13: "bench.b13_command_runner",
     14: "bench.b14_history",
+    15: "bench.b15_http_workers",
 }
 
 

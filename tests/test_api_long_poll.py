@@ -13,7 +13,6 @@ import httpx
 import pytest
 
 from app.ops import lane_control
-from app.storage import pickup
 from app.storage.context import Context
 from tests.api_server import serve
 from tests.conftest import make_settings
@@ -60,10 +59,9 @@ class Waiters:
             t.join(WAIT_MS / 1000 + 40)
 
 
-def _waiting(ctx: Context) -> int:
-    """Claims waiting on the lane in the server's process (they share one blocked wait on
-    Redis: ``app.storage.pickup_hub``)."""
-    return pickup.waiting(ctx, assignee=LANE)
+def _waiting(http: httpx.Client) -> int:
+    """Claims waiting in the server process now (``/livez``'s ``longPolls``)."""
+    return int(http.get("/livez").json()["longPolls"])
 
 
 @pytest.fixture
@@ -75,8 +73,7 @@ def lctx(sqlite_url: str, redis_server_url: str, redis_prefix: str) -> Iterator[
 
 
 @pytest.mark.slow
-def test_fifty_waiting_workers_do_not_starve_the_rest_of_the_api(
-        lctx: Context) -> None:
+def test_fifty_waiting_workers_do_not_starve_the_rest_of_the_api(lctx: Context) -> None:
     """More long polls than the server's default thread pool (40): a create, the probes and
     the status are answered while every claim still waits, and each waiter gets one task."""
     n = 50
@@ -85,7 +82,7 @@ def test_fifty_waiting_workers_do_not_starve_the_rest_of_the_api(
         waiters = Waiters(server.url)
         for i in range(n):
             waiters.send(f"w{i}")
-        _until(lambda: _waiting(lctx) >= n, f"{n} claims to wait on the lane")
+        _until(lambda: _waiting(http) >= n, f"{n} claims to wait on the lane")
         assert http.get("/livez").status_code == 200
         assert http.get("/api/autonomy/status").status_code == 200
         made = http.post("/api/autonomy", json={"action": "create", "assignee": LANE,
@@ -112,7 +109,7 @@ def test_past_the_long_poll_cap_a_claim_answers_at_once(
             waiters = Waiters(server.url)
             waiters.send("w0")
             waiters.send("w1")
-            _until(lambda: _waiting(ctx) >= 2, "two claims to wait on the lane")
+            _until(lambda: _waiting(http) >= 2, "two claims to wait on the lane")
             third = http.post("/api/autonomy", json={
                 "action": "claim", "assignee": LANE, "worker": "w2", "waitMs": WAIT_MS})
             assert third.status_code == 200

@@ -17,8 +17,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # 1-7, issue 22's command runner (13), issue 21's history and retention (14)
 BENCHES = (*range(1, 8), 13, 14)
-# issue 13's: fleets of worker processes and peer queues (pgqueuer, procrastinate, Celery)
-FLEET_BENCHES = (8, 9, 10)
+# issue 13's: fleets of worker processes and peer queues (pgqueuer, procrastinate, Celery);
+# issue 22's HTTP workers (15: API processes and worker fleets)
+FLEET_BENCHES = (8, 9, 10, 15)
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 

@@ -77,8 +77,11 @@ def create_app(settings: Settings | None = None, ctx: Context | None = None) -> 
     context = ctx if ctx is not None else Context.from_settings(settings)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        turns = getattr(app.state, "long_poll_turns", None)
+        if turns is not None:  # its feeder threads stop
+            turns.close()
         if owned:
             context.close()
 

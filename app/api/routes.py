@@ -15,14 +15,13 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any, Literal
 
-from anyio import CapacityLimiter
 from anyio.to_thread import run_sync
 from fastapi import APIRouter, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from app import ops, principal, validate
-from app.api import auth, metrics, schemas
+from app.api import auth, long_poll, metrics, schemas
 from app.api.deps import (
     Authorization,
     Body,
@@ -63,22 +62,22 @@ def _json(answer: dict[str, Any]) -> JSONResponse:
 )
 async def act(ctx: Ctx, body: JsonBody, authorization: Authorization, request: Request
               ) -> Response:
-    """Authorise (mutations), check the shape, dispatch -- in a worker thread: a claim
-    that waits (``waitMs``, a long poll) in a pool of its own, so waiting workers never
-    hold the threads every other request is answered on."""
+    """Authorise (mutations), check the shape, dispatch -- in a worker thread; a claim
+    that waits (``waitMs``, a long poll) waits as a coroutine (``app.api.long_poll``: no
+    thread per waiter) and takes a thread only to claim once it is handed a turn."""
     v = body.value
     who = getattr(request.state, "principal", None)
     if isinstance(v, dict) and v.get("action") == "claim" and v.get("waitMs"):
-        limiter = long_polls(request.app.state, ctx.settings.api_long_poll_max)
-        if limiter.available_tokens >= 1:
-            return await run_sync(_act, ctx, body, authorization, who, limiter=limiter)
+        if waiting(request.app.state) < ctx.settings.api_long_poll_max:
+            return await _long_poll(ctx, body, authorization, who, request)
         # every slot waits already: answer now (an HTTP worker then polls)
         body = Body({**v, "waitMs": None})
     return await run_sync(_act, ctx, body, authorization, who)
 
 
-def _act(ctx: Context, body: Body, authorization: str | None,
-         who: principal.Principal | None = None) -> Response:
+def _checked(ctx: Context, body: Body, authorization: str | None,
+             who: principal.Principal | None) -> dict[str, Any]:
+    """The request, authorised and of a valid shape (the checks ``_act`` makes)."""
     request = body_object(body, ctx.settings)
     action = request.get("action")
     if who is None and credentials.auth_enabled(ctx):  # the guard let none through
@@ -88,16 +87,42 @@ def _act(ctx: Context, body: Body, authorization: str | None,
     schemas.check_shape(request, ctx.settings)
     with principal.acting(who):
         auth.authorize(ctx, who, request)
+    return request
+
+
+def _act(ctx: Context, body: Body, authorization: str | None,
+         who: principal.Principal | None = None) -> Response:
+    request = _checked(ctx, body, authorization, who)
+    with principal.acting(who):
         # ``action`` echoed: the discriminator of the answer's schema (an added field)
-        return _json({**ops.dispatch(ctx, request), "action": action})
+        return _json({**ops.dispatch(ctx, request), "action": request.get("action")})
 
 
-def long_polls(state: Any, capacity: int) -> CapacityLimiter:
-    """The app's pool for waiting claims (``api_long_poll_max`` at once)."""
-    limiter: CapacityLimiter | None = getattr(state, "long_polls", None)
-    if limiter is None:
-        limiter = state.long_polls = CapacityLimiter(capacity)
-    return limiter
+def _checked_claim(ctx: Context, body: Body, authorization: str | None,
+                   who: principal.Principal | None) -> dict[str, Any]:
+    request = _checked(ctx, body, authorization, who)
+    # the lane as the claim names it (checked first, as the claim itself does)
+    return {**request, "assignee": validate.assignee(request.get("assignee"),
+                                                     ctx.settings)}
+
+
+async def _long_poll(ctx: Context, body: Body, authorization: str | None,
+                     who: principal.Principal | None, request: Request) -> Response:
+    state = request.app.state
+    state.long_polls_waiting = waiting(state) + 1
+    try:
+        fields = await run_sync(_checked_claim, ctx, body, authorization, who)
+        answer = await long_poll.claim(request, ctx, fields, who)
+    finally:
+        state.long_polls_waiting -= 1
+    if answer is None:  # the client went away: nobody reads this
+        return Response(status_code=499)
+    return _json({**answer, "action": "claim"})
+
+
+def waiting(state: Any) -> int:
+    """Long-poll claims of this app in progress (at most ``api_long_poll_max``)."""
+    return int(getattr(state, "long_polls_waiting", 0))
 
 
 _READ_REFUSALS: dict[int | str, dict[str, Any]] = {
@@ -144,11 +169,13 @@ def prometheus(ctx: Ctx) -> Response:
 
 @router.get("/livez", summary="Liveness: the process serves (no I/O)",
             operation_id="livez", tags=["probes"],
-            responses={200: {"description": "`{ok: true, pid, nonce}`"}})
-def livez(ctx: Ctx) -> Response:
-    """Answers from memory: the pid, and the start nonce ``autonomy up`` gave this process
-    (so ``up`` knows it is its own child answering, not another process on the port)."""
-    return _json({"ok": True, "pid": os.getpid(), "nonce": ctx.settings.start_nonce})
+            responses={200: {"description": "`{ok: true, pid, nonce, longPolls}`"}})
+def livez(ctx: Ctx, request: Request) -> Response:
+    """Answers from memory: the pid, the start nonce ``autonomy up`` gave this process
+    (so ``up`` knows it is its own child answering, not another process on the port) and
+    ``longPolls``, the claims waiting in this process now."""
+    return _json({"ok": True, "pid": os.getpid(), "nonce": ctx.settings.start_nonce,
+                  "longPolls": waiting(request.app.state)})
 
 
 @router.get("/readyz", summary="Readiness: database reachable and migrated, Redis reachable",

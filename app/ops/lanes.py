@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -133,22 +133,45 @@ def claim(ctx: Context, *, assignee: str, worker: str, wait_ms: Any = None,
     ``clock_skew_ms``: the worker's clock skew as it measured it, kept with the lease it
     is granted for status and ``/metrics`` (SPEC 4.9); the answer's ``serverTime`` is the
     database's time the claim was decided by."""
+    steps = claim_steps(ctx, assignee=assignee, worker=worker, wait_ms=wait_ms,
+                        clock_skew_ms=clock_skew_ms)
+    a = validate.assignee(assignee, ctx.settings)
+    try:
+        timeout_s = next(steps)
+        while True:
+            timeout_s = steps.send(pickup.wait(ctx, assignee=a, timeout_s=timeout_s))
+    except StopIteration as done:
+        answer: dict[str, Any] = done.value
+        return answer
+
+
+ClaimSteps = Generator[float, str, dict[str, Any]]
+
+
+def claim_steps(ctx: Context, *, assignee: str, worker: str, wait_ms: Any = None,
+                clock_skew_ms: Any = None) -> ClaimSteps:
+    """``claim`` as steps, for a caller that waits its own way (the HTTP API awaits
+    without a thread per waiter): each ``yield`` asks to wait up to that many seconds for
+    a turn on the lane and is sent ``pickup.wait``'s answer (``"wake"``, ``"poll"`` or
+    ``"timeout"``); the generator's return value is the claim's answer. Every step
+    between two yields is database and Redis work (run it in a thread). The arguments
+    are checked when the first step runs."""
     s = ctx.settings
     a, w = validate.assignee(assignee, s), validate.worker(worker, s)
     wait = validate.wait_ms(wait_ms, s)
     skew = validate.clock_skew_ms(clock_skew_ms, s)
     if not wait:
         return _claim_now(ctx, assignee=a, worker=w, skew_ms=skew)
-    return _claim_waiting(ctx, assignee=a, worker=w, wait_ms=wait, skew_ms=skew)
+    return (yield from _claim_waiting(ctx, assignee=a, worker=w, wait_ms=wait, skew_ms=skew))
 
 
 def _claim_waiting(ctx: Context, *, assignee: str, worker: str, wait_ms: int,
-                   skew_ms: int | None = None) -> dict[str, Any]:
+                   skew_ms: int | None = None) -> ClaimSteps:
     """Claim on a wake, or on the lane's safety poll when it is this caller's turn;
-    otherwise wait for a turn (``pickup.wait``: this process's waiters share one blocked
-    wait on Redis) until ``wait_ms`` is up. So a fleet waiting on an empty lane costs the
-    database one claim per safety period and Redis next to nothing, and a task created
-    wakes one waiter within a round trip or two."""
+    otherwise wait (yield) for a turn (``pickup.wait``: this process's waiters share one
+    blocked wait on Redis) until ``wait_ms`` is up. So a fleet waiting on an empty lane
+    costs the database one claim per safety period and Redis next to nothing, and a task
+    created wakes one waiter within a round trip or two."""
     deadline = time.monotonic() + wait_ms / 1000
     turn = pickup.take_turn(ctx, assignee=assignee)
     due: datetime | None = None  # when the lane's next delayed task falls due
@@ -175,14 +198,14 @@ def _claim_waiting(ctx: Context, *, assignee: str, worker: str, wait_ms: int,
         if due is not None and (until_due := due_mono - time.monotonic()) <= left:
             # a task falls due within this wait: wait for a wake until then, then one
             # waiter per due instant claims it
-            got = pickup.wait(ctx, assignee=assignee, timeout_s=max(0.0, until_due))
+            got = yield max(0.0, until_due)
             if got == "timeout":
                 got = "due" if pickup.take_due_turn(ctx, assignee=assignee,
                                                     due_ms=to_ms(due)) else "timeout"
             turn = None if got == "timeout" else got
             due = None
             continue
-        got = pickup.wait(ctx, assignee=assignee, timeout_s=left)
+        got = yield left
         turn = None if got == "timeout" else got
 
 
