@@ -350,3 +350,59 @@ def probe(ctx: Context) -> bool:
         if ctx.redis_health.degraded:
             return False
     return False
+
+
+# --- batched leases (a worker's prefetch, issue 22): the same scripts, pipelined --------
+
+
+def _pipelined(ctx: Context, script: Script, calls: list[tuple[list[str], list[Any]]]
+               ) -> None:
+    """``script`` once per ``(keys, args)`` in one round trip (``EVALSHA`` pipelined; a
+    Redis that forgot the script is sent it and the calls once more)."""
+    from redis.exceptions import NoScriptError
+
+    def send(load: bool) -> list[Any]:
+        pipe = ctx.fast_redis.pipeline(transaction=False)
+        if load:
+            pipe.script_load(script.body)
+        for keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        return list(pipe.execute(raise_on_error=False))
+
+    out = send(False)
+    if any(isinstance(r, NoScriptError) for r in out):
+        out = send(True)
+    for r in out:
+        if isinstance(r, Exception):
+            raise r
+
+
+def record_many(ctx: Context, *, assignee: str, worker: str,
+                granted: list[tuple[int, str, int]], now_ms: int, max_in_flight: int,
+                metric: str = "", skew_ms: int | None = None) -> None:
+    """``record`` for several leases of one worker, ``(task id, token, expires ms)`` each,
+    in one round trip (best effort). The worker's key keeps the last one (a suggestion
+    the database confirms); the lane's zset holds them all."""
+    if not granted:
+        return
+    k = ctx.keys
+    skew = "" if skew_ms is None else json.dumps({"skewMs": skew_ms, "atMs": now_ms})
+    calls = []
+    for task_id, token, expires_ms in granted:
+        lease = json.dumps({"taskId": task_id, "token": token, "expiresAtMs": expires_ms})
+        calls.append(([k.worker_lease(assignee, worker), k.lane_leases(assignee),
+                       k.lane_meta(assignee), k.metrics(), k.clock_skew()],
+                      [lease, max(1, expires_ms - now_ms), task_id, expires_ms, now_ms,
+                       max_in_flight, metric, worker, skew, SKEW_TTL_MS]))
+    _best_effort("record leases", lambda: _pipelined(ctx, _RECORD, calls), ctx)
+
+
+def drop_many(ctx: Context, *, ended: list[tuple[str, str | None, int, str | None]]) -> None:
+    """``drop`` for several leases, ``(assignee, worker, task id, token)`` each, in one
+    round trip (best effort)."""
+    if not ended:
+        return
+    k = ctx.keys
+    calls = [([k.worker_lease(a, w or ""), k.lane_leases(a)], [token or "\x00", tid])
+             for a, w, tid, token in ended]
+    _best_effort("drop leases", lambda: _pipelined(ctx, _DROP, calls), ctx)
