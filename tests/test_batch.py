@@ -21,6 +21,8 @@ from app.ops import lane_control, lanes
 from app.storage.context import Context
 from app.storage.db import transaction
 from app.storage.models import event_table, task_table
+from app.workers.client import LocalClient
+from app.workers.lane_worker import LaneWorker, ValidationFailed
 from tests.api_server import client
 from tests.conftest import make_settings
 from tests.test_race import ENDS, GRANT, lane_peaks, lease_overlaps
@@ -285,3 +287,81 @@ def test_racing_prefetchers_never_pass_max_in_flight_and_do_each_task_once(
         assert sum(1 for r in reports if r["completed"]) >= 2  # they really raced
     finally:
         ctx.close()
+
+
+# --- LaneWorker(prefetch=K) -----------------------------------------------------------
+
+
+def test_a_prefetching_worker_runs_each_task_once_in_batches(ctx: Context) -> None:
+    ids = _tasks(ctx, 10)
+    lane_control.configure_lane(ctx, assignee=LANE, max_in_flight=10)
+    ran: list[int] = []
+    calls: list[str] = []
+
+    class Counting(LocalClient):
+        def call(self, request: dict[str, Any]) -> dict[str, Any]:
+            calls.append(request["action"])
+            return super().call(request)
+
+    def handler(task: dict[str, Any]) -> dict[str, Any]:
+        ran.append(task["id"])
+        if task["id"] == ids[4]:
+            raise ValidationFailed("no tests")
+        return {"id": task["id"]}
+
+    worker = LaneWorker(LANE, handler, worker_name="w1", client=Counting(ctx),
+                        say=lambda _line: None, prefetch=4)
+    stats = worker.run(threading.Event(), max_tasks=10, handle_signals=False)
+    assert sorted(ran) == ids and len(ran) == 10
+    assert (stats.succeeded, stats.failed, stats.claimed) == (9, 1, 10)
+    rows = _rows(ctx)
+    assert [rows[t][0] for t in ids] == ["done"] * 4 + ["todo"] + ["done"] * 5
+    assert _events(ctx, "task_completed") == Counter(t for t in ids if t != ids[4])
+    # one claim, then each batch's complete hands over the next (the failure alone)
+    assert calls.count("claim") == 1 and calls.count("complete_many") == 3, calls
+
+
+def test_a_prefetching_worker_stopping_gives_back_what_it_did_not_run(ctx: Context) -> None:
+    ids = _tasks(ctx, 5)
+    lane_control.configure_lane(ctx, assignee=LANE, max_in_flight=10)
+    stop = threading.Event()
+
+    def handler(task: dict[str, Any]) -> None:
+        stop.set()  # the stop lands while the first of the batch runs
+
+    worker = LaneWorker(LANE, handler, worker_name="w1", client=LocalClient(ctx),
+                        say=lambda _line: None, prefetch=3)
+    stats = worker.run(stop, handle_signals=False)
+    rows = _rows(ctx)
+    assert [rows[t][0] for t in ids] == ["done", "todo", "todo", "todo", "todo"]
+    assert (stats.succeeded, stats.released) == (1, 2)
+
+
+def test_a_prefetching_worker_heartbeats_the_leases_waiting_their_turn(
+        database_url: str, redis_server_url: str, redis_prefix: str) -> None:
+    """A lease of 1.5 s, four tasks of 0.5 s each: the last waits 1.5 s for its turn,
+    and its lease is live when it starts, because every lease is heartbeaten."""
+    rctx = Context.from_settings(make_settings(database_url, redis_server_url,
+                                               redis_prefix, lease_ttl_s=1.5))
+    try:
+        ids = _tasks(rctx, 4)
+        lane_control.configure_lane(rctx, assignee=LANE, max_in_flight=10)
+        left: dict[int, float] = {}
+
+        def handler(task: dict[str, Any]) -> None:
+            with transaction(rctx.engine, write=False) as conn:
+                now = rctx.now_in(conn)
+                row = conn.execute(sa.select(task_table.c.lease_expires_at)
+                                   .where(task_table.c.id == task["id"])).scalar_one()
+            expires = row if row.tzinfo else row.replace(tzinfo=now.tzinfo)
+            left[task["id"]] = (expires - now).total_seconds()
+            time.sleep(0.5)  # the task's work
+
+        worker = LaneWorker(LANE, handler, worker_name="w1", client=LocalClient(rctx),
+                            say=lambda _line: None, prefetch=4)
+        stats = worker.run(threading.Event(), max_tasks=4, handle_signals=False)
+        assert stats.succeeded == 4, stats
+        assert sorted(left) == ids and min(left.values()) > 0, left
+        assert _events(rctx, "task_completed") == Counter(ids)
+    finally:
+        rctx.close()
