@@ -134,16 +134,77 @@ class Fleet:
                 p.join(10)
 
 
+def _cpu_s(pids: list[int]) -> dict[int, float]:
+    """User + system CPU seconds of each process (and its children) still running."""
+    import psutil
+
+    out: dict[int, float] = {}
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            for p in (proc, *proc.children(recursive=True)):
+                t = p.cpu_times()
+                out[p.pid] = t.user + t.system
+        except psutil.Error:
+            continue
+    return out
+
+
+class PgCost:
+    """What a drain cost PostgreSQL, from the server's own books: commits of the bench's
+    database (``pg_stat_database``), and CPU of the backends serving it plus the server's
+    background processes (WAL writer, checkpointer, ...; from ``/proc``: the server runs on
+    this machine) -- a backend started during the drain counts whole."""
+
+    def __init__(self, dsn: str) -> None:
+        import psycopg
+
+        self._conn = psycopg.connect(dsn, autocommit=True)
+        self.commits0, self.cpu0 = self._commits(), _cpu_s(self._pids())
+
+    def _pids(self) -> list[int]:
+        return [int(r[0]) for r in self._conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE (datname = current_database()"
+            " OR backend_type <> 'client backend') AND pid <> pg_backend_pid()").fetchall()]
+
+    def _commits(self) -> int:
+        self._conn.execute("SELECT pg_stat_clear_snapshot()")
+        return int(self._conn.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()[0])
+
+    def end(self) -> dict[str, float]:
+        cpu = _cpu_s(list({*self.cpu0, *self._pids()}))
+        spent = sum(v - self.cpu0.get(pid, 0.0) for pid, v in cpu.items())
+        time.sleep(0.6)  # the statistics collector flushes every 500 ms (PG 15: on commit)
+        out = {"pgCpuS": spent, "pgCommits": float(self._commits() - self.commits0)}
+        self._conn.close()
+        return out
+
+
 def drain(target: Callable[..., None], cfg: dict[str, Any], *, procs: int, jobs: int,
-          timeout_s: float = 600) -> dict[str, Any]:
+          timeout_s: float = 600, pg_dsn: str | None = None) -> dict[str, Any]:
     """Start a fleet on a queue already holding ``jobs`` jobs; time it until the handlers
-    ran that many; check exactly-once."""
+    ran that many; check exactly-once. Also what it cost per task (``cost``): the
+    workers' CPU from go to done and, with ``pg_dsn`` (the bench's database),
+    PostgreSQL's CPU and commits over the same span."""
     fleet = Fleet(target, cfg, procs)
     fleet.shared.target.value = jobs
     fleet.start()
+    pids = [p.pid for p in fleet.ps if p.pid is not None]
+    pg = PgCost(pg_dsn) if pg_dsn else None
+    cpu0 = _cpu_s(pids)
     t0 = fleet.go()
     finished = fleet.wait_done(timeout_s)
     elapsed = time.perf_counter() - t0
+    cpu1 = _cpu_s(pids)
+    worker_cpu = sum(v - cpu0.get(pid, 0.0) for pid, v in cpu1.items())
+    costs = {"workerCpuS": worker_cpu, **(pg.end() if pg else {})}
+    n = max(1, fleet.shared.executions.value)
+    cost = {"workerCpuMsPerTask": round(1000 * costs["workerCpuS"] / n, 3)}
+    if pg:
+        cost |= {"pgCpuMsPerTask": round(1000 * costs["pgCpuS"] / n, 3),
+                 "pgCommitsPerTask": round(costs["pgCommits"] / n, 3)}
     reports = fleet.stop()
     ids = [i for r in reports for i in r["ids"]]
     executions = fleet.shared.executions.value
@@ -151,4 +212,4 @@ def drain(target: Callable[..., None], cfg: dict[str, Any], *, procs: int, jobs:
             "elapsedS": round(elapsed, 3), "executions": executions,
             "distinct": len(set(ids)), "finished": finished,
             "exactlyOnce": finished and executions == jobs and len(set(ids)) == jobs
-            and len(ids) == jobs}
+            and len(ids) == jobs, "cost": cost}
