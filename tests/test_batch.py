@@ -165,6 +165,20 @@ def test_a_worker_that_dies_mid_batch_loses_nothing(ctx: Context, clock: FrozenC
     assert _events(ctx, "task_completed") == Counter(ids)
 
 
+def test_a_waiting_claim_with_max_is_woken_by_work(ctx: Context) -> None:
+    lane_control.configure_lane(ctx, assignee=LANE, max_in_flight=10)
+    box: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: box.update(got=lanes.claim(
+        ctx, assignee=LANE, worker="w1", max_n=3, wait_ms=20_000)))
+    t.start()
+    try:
+        ids = _tasks(ctx, 2)
+    finally:
+        t.join(30)
+    assert not t.is_alive()
+    assert [x["task"]["id"] for x in box["got"]["leases"]] in (ids, ids[:1])
+
+
 def test_complete_many_refuses_bad_shapes(ctx: Context) -> None:
     with pytest.raises(InvalidInput):
         ops.dispatch(ctx, {"action": "complete_many", "items": []})

@@ -48,7 +48,8 @@ def claim_many(ctx: Context, *, assignee: str, worker: str, max_n: int,
         left = deadline - time.monotonic()
         if answer.get("task") is not None or left <= 0:
             return answer
-        pickup.wait(ctx, assignee=assignee, timeout_s=left)
+        if pickup.wait(ctx, assignee=assignee, timeout_s=left) == "timeout":
+            return answer
 
 
 def _claim_now(ctx: Context, *, assignee: str, worker: str, max_n: int,
