@@ -36,6 +36,9 @@ SYSTEMS = ("autonomy", "autonomy batched", "pgqueuer b1", "pgqueuer b10", "procr
            "celery")
 # the batched mode's prefetch: pgqueuer's default batch size (issue 22)
 PREFETCH = 10
+# the batched lane's max_in_flight: this many times every worker's K (with exactly K each,
+# a worker's claim races the others' for the last free slots and may get fewer than K)
+HEADROOM = int(os.environ.get("BENCH8_HEADROOM") or 2)
 
 
 def _dsn(url: str) -> str:
@@ -60,7 +63,8 @@ def _autonomy_run(env: Env, jobs: int, procs: int, *, prefetch: int) -> dict[str
     lane = "drain"
     try:
         lane_control.configure_lane(ctx, assignee=lane,
-                                    max_in_flight=max(procs, 1) * prefetch, actor="bench")
+                                    max_in_flight=max(procs, 1) * prefetch * HEADROOM
+                                    if prefetch > 1 else max(procs, 1), actor="bench")
         seed_todo(ctx.engine, assignee=lane, n=jobs, now=utcnow())
         analyze(ctx.engine)
         settings = env.settings(url).model_dump()

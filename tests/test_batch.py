@@ -179,6 +179,20 @@ def test_a_waiting_claim_with_max_is_woken_by_work(ctx: Context) -> None:
     assert [x["task"]["id"] for x in box["got"]["leases"]] in (ids, ids[:1])
 
 
+def test_redis_mirrors_a_batch_in_one_round_trip_each_way(ctx: Context) -> None:
+    ids = _tasks(ctx, 6)
+    lane_control.configure_lane(ctx, assignee=LANE, max_in_flight=10)
+    zset = ctx.keys.lane_leases(LANE)
+    got = lanes.claim(ctx, assignee=LANE, worker="w1", max_n=3)
+    assert sorted(int(x) for x in ctx.redis.zrange(zset, 0, -1)) == ids[:3]
+    nxt = ops.dispatch(ctx, {"action": "complete_many", "items": _items(got), "max": 3,
+                             "claimNext": {"assignee": LANE, "worker": "w1"}})["next"]
+    assert sorted(int(x) for x in ctx.redis.zrange(zset, 0, -1)) == ids[3:]
+    ops.dispatch(ctx, {"action": "complete_many", "items": _items(nxt)})
+    assert ctx.redis.zrange(zset, 0, -1) == []
+    assert ctx.redis.get(ctx.keys.worker_lease(LANE, "w1")) is None
+
+
 def test_complete_many_refuses_bad_shapes(ctx: Context) -> None:
     with pytest.raises(InvalidInput):
         ops.dispatch(ctx, {"action": "complete_many", "items": []})

@@ -105,9 +105,10 @@ def _claim_sqlite(ctx: Context, *, assignee: str, worker: str, tokens: list[str]
 
 
 def _answer(ctx: Context, got: store.ClaimRows, *, assignee: str, worker: str,
-            skew_ms: int | None) -> dict[str, Any]:
-    """A batched claim's answer from its rows, Redis told what changed (one round trip
-    for the leases requeued, one for those granted)."""
+            skew_ms: int | None, ended: list[leases.Call] | None = None) -> dict[str, Any]:
+    """A batched claim's answer from its rows, Redis told what changed -- the leases
+    requeued, those granted, and ``ended`` (the drops of a complete before it) -- in one
+    round trip."""
     now = got.now or ctx.clock()
     p = principal.current()
     if p is not None and is_postgres(ctx.engine):  # the function wrote the worker as actor
@@ -116,8 +117,15 @@ def _answer(ctx: Context, got: store.ClaimRows, *, assignee: str, worker: str,
         if granted or requeued:
             store.restamp_claim_pg(ctx.engine, granted=granted, requeued=requeued, now=now,
                                    worker=worker, actor=p.name)
-    leases.drop_many(ctx, ended=[(assignee, r["claimed_by"], r["id"], r["lease_token"])
-                                 for r in got.requeued])
+    calls = [*(ended or []), *leases.drops(
+        ctx, [(assignee, r["claimed_by"], r["id"], r["lease_token"]) for r in got.requeued])]
+    if got.granted and got.lane is not None and got.paused is None and got.held is None:
+        calls += leases.records(
+            ctx, assignee=assignee, worker=worker, now_ms=to_ms(now),
+            granted=[(r["id"], r["lease_token"], to_ms(r["lease_expires_at"]))
+                     for r in got.granted],
+            max_in_flight=got.lane["max_in_flight"], metric="claims", skew_ms=skew_ms)
+    leases.sync(ctx, calls)
     lanes.made_claimable(ctx, assignee=assignee, n=len(got.requeued))
     if got.paused is not None:
         raise lanes._paused_error(got.paused)
@@ -125,11 +133,6 @@ def _answer(ctx: Context, got: store.ClaimRows, *, assignee: str, worker: str,
         return {**lanes._guard(ctx, got.held, worker=worker, layer="db"), "leases": []}
     if not got.granted or got.lane is None:
         return {"ok": True, "task": None, "leases": []}
-    leases.record_many(ctx, assignee=assignee, worker=worker, now_ms=to_ms(now),
-                       granted=[(r["id"], r["lease_token"], to_ms(r["lease_expires_at"]))
-                                for r in got.granted],
-                       max_in_flight=got.lane["max_in_flight"], metric="claims",
-                       skew_ms=skew_ms)
     out = [{"task": wire.task(r), "lease": {"token": r["lease_token"],
                                             "expiresAt": iso(r["lease_expires_at"])}}
            for r in got.granted]
@@ -187,8 +190,11 @@ def complete_many(ctx: Context, *, items: Any, actor: str | None = None,
             ttl_s=s.lease_ttl_s, test_now=ctx.pinned_now())
     elif todo:
         done = _complete_sqlite(ctx, items=todo, actor=actor)
-    leases.drop_many(ctx, ended=[(r["assignee"], r["claimed_by"], r["id"], r["lease_token"])
-                                 for r in done])
+    ended = leases.drops(ctx, [(r["assignee"], r["claimed_by"], r["id"], r["lease_token"])
+                               for r in done])
+    if got is None or nxt is None:
+        leases.sync(ctx, ended)
+        ended = []
     for r in done:
         results[r["id"]] = {"ok": True, "task": wire.task(r)}
     for tid, token, res in todo:  # matched nothing: the guard or refusal, alone
@@ -203,7 +209,7 @@ def complete_many(ctx: Context, *, items: Any, actor: str | None = None,
         try:
             if got is not None:
                 answer["next"] = _answer(ctx, got, assignee=nxt[0], worker=nxt[1],
-                                         skew_ms=skew)
+                                         skew_ms=skew, ended=ended)
             else:
                 answer["next"] = claim_many(ctx, assignee=nxt[0], worker=nxt[1], max_n=k,
                                             skew_ms=skew)

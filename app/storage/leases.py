@@ -352,20 +352,59 @@ def probe(ctx: Context) -> bool:
     return False
 
 
-# --- batched leases (a worker's prefetch, issue 22): the same scripts, pipelined --------
+# --- batched leases (a worker's prefetch, issue 22) -----------------------------------
+
+# One worker's leases in one lane recorded at once (``record`` for each, in one script).
+# KEYS[1] worker lease key, KEYS[2] lane leases zset, KEYS[3] lane meta hash, KEYS[4]
+# metrics, KEYS[5] clock skew hash
+# ARGV[1] the last lease's JSON (the worker key keeps it), ARGV[2] ttl ms, ARGV[3] now ms,
+# ARGV[4] max in flight, ARGV[5] metric field ('' for none), ARGV[6] worker, ARGV[7] skew
+# report JSON ('' for none), ARGV[8] its key's TTL ms, ARGV[9..] task id, expires ms, ...
+_RECORD_MANY = Script("""
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZREM', KEYS[2], 'claim:' .. ARGV[6])
+for i = 9, #ARGV, 2 do redis.call('ZADD', KEYS[2], ARGV[i + 1], ARGV[i]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[3], 'maxInFlight', ARGV[4])
+if ARGV[5] ~= '' then redis.call('HINCRBY', KEYS[4], ARGV[5], (#ARGV - 8) / 2) end
+if ARGV[7] ~= '' then
+  redis.call('HSET', KEYS[5], ARGV[6], ARGV[7])
+  redis.call('PEXPIRE', KEYS[5], ARGV[8])
+end
+return 1
+""")
+
+# One worker's ended leases in one lane dropped at once (``_DROP`` for each).
+# KEYS[1] worker lease key, KEYS[2] lane leases zset
+# ARGV[1] n, ARGV[2..n+1] tokens, ARGV[n+2..2n+1] their task ids
+_DROP_MANY = Script("""
+local n = tonumber(ARGV[1])
+local cur = redis.call('GET', KEYS[1])
+for i = 2, n + 1 do
+  if cur and string.find(cur, ARGV[i], 1, true) then
+    redis.call('DEL', KEYS[1])
+    cur = nil
+  end
+  redis.call('ZREM', KEYS[2], ARGV[i + n])
+end
+return 1
+""")
+
+Call = tuple[Script, list[str], list[Any]]
 
 
-def _pipelined(ctx: Context, script: Script, calls: list[tuple[list[str], list[Any]]]
-               ) -> None:
-    """``script`` once per ``(keys, args)`` in one round trip (``EVALSHA`` pipelined; a
-    Redis that forgot the script is sent it and the calls once more)."""
+def _pipelined(ctx: Context, calls: list[Call]) -> None:
+    """Every ``(script, keys, args)`` in one round trip (``EVALSHA`` pipelined; a Redis
+    that forgot a script is sent them and the calls once more)."""
     from redis.exceptions import NoScriptError
 
     def send(load: bool) -> list[Any]:
         pipe = ctx.fast_redis.pipeline(transaction=False)
         if load:
-            pipe.script_load(script.body)
-        for keys, args in calls:
+            for script in {c[0].sha: c[0] for c in calls}.values():
+                pipe.script_load(script.body)
+        for script, keys, args in calls:
             pipe.evalsha(script.sha, len(keys), *keys, *args)
         return list(pipe.execute(raise_on_error=False))
 
@@ -377,32 +416,39 @@ def _pipelined(ctx: Context, script: Script, calls: list[tuple[list[str], list[A
             raise r
 
 
-def record_many(ctx: Context, *, assignee: str, worker: str,
-                granted: list[tuple[int, str, int]], now_ms: int, max_in_flight: int,
-                metric: str = "", skew_ms: int | None = None) -> None:
-    """``record`` for several leases of one worker, ``(task id, token, expires ms)`` each,
-    in one round trip (best effort). The worker's key keeps the last one (a suggestion
-    the database confirms); the lane's zset holds them all."""
+def drops(ctx: Context, ended: list[tuple[str, str | None, int, str | None]]) -> list[Call]:
+    """The calls that forget ended leases, ``(assignee, worker, task id, token)`` each:
+    one script per worker and lane."""
+    k = ctx.keys
+    groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    for a, w, tid, token in ended:
+        groups.setdefault((a, w or ""), []).append((tid, token or "\x00"))
+    return [(_DROP_MANY, [k.worker_lease(a, w), k.lane_leases(a)],
+             [len(xs), *(t for _, t in xs), *(tid for tid, _ in xs)])
+            for (a, w), xs in groups.items()]
+
+
+def records(ctx: Context, *, assignee: str, worker: str, granted: list[tuple[int, str, int]],
+            now_ms: int, max_in_flight: int, metric: str = "",
+            skew_ms: int | None = None) -> list[Call]:
+    """The call that mirrors one worker's granted leases, ``(task id, token, expires ms)``
+    each (the worker key keeps the last one: a suggestion the database confirms; the lane's
+    zset holds them all)."""
     if not granted:
-        return
+        return []
     k = ctx.keys
+    tid, token, expires_ms = granted[-1]
+    lease = json.dumps({"taskId": tid, "token": token, "expiresAtMs": expires_ms})
     skew = "" if skew_ms is None else json.dumps({"skewMs": skew_ms, "atMs": now_ms})
-    calls = []
-    for task_id, token, expires_ms in granted:
-        lease = json.dumps({"taskId": task_id, "token": token, "expiresAtMs": expires_ms})
-        calls.append(([k.worker_lease(assignee, worker), k.lane_leases(assignee),
-                       k.lane_meta(assignee), k.metrics(), k.clock_skew()],
-                      [lease, max(1, expires_ms - now_ms), task_id, expires_ms, now_ms,
-                       max_in_flight, metric, worker, skew, SKEW_TTL_MS]))
-    _best_effort("record leases", lambda: _pipelined(ctx, _RECORD, calls), ctx)
+    ttl = max(1, max(e for _, _, e in granted) - now_ms)
+    pairs = [x for t, _, e in granted for x in (t, e)]
+    return [(_RECORD_MANY, [k.worker_lease(assignee, worker), k.lane_leases(assignee),
+                            k.lane_meta(assignee), k.metrics(), k.clock_skew()],
+             [lease, ttl, now_ms, max_in_flight, metric, worker, skew, SKEW_TTL_MS, *pairs])]
 
 
-def drop_many(ctx: Context, *, ended: list[tuple[str, str | None, int, str | None]]) -> None:
-    """``drop`` for several leases, ``(assignee, worker, task id, token)`` each, in one
-    round trip (best effort)."""
-    if not ended:
-        return
-    k = ctx.keys
-    calls = [([k.worker_lease(a, w or ""), k.lane_leases(a)], [token or "\x00", tid])
-             for a, w, tid, token in ended]
-    _best_effort("drop leases", lambda: _pipelined(ctx, _DROP, calls), ctx)
+def sync(ctx: Context, calls: list[Call]) -> None:
+    """Send ``drops`` and ``records`` calls in one round trip (best effort: the database
+    holds the leases; Redis is its cache)."""
+    if calls:
+        _best_effort("mirror leases", lambda: _pipelined(ctx, calls), ctx)
