@@ -11,6 +11,13 @@ one ``task_completed`` event and one ``lease_granted`` event.
 
 Targets: autonomy with 8 workers >= pgqueuer batch-1 with 8, >= procrastinate with 8,
 and >= 2x autonomy with 1. Celery is reported beside.
+
+"autonomy batched" (issue 22) is the same drain with ``LaneWorker(prefetch=10)``: each
+worker holds 10 leases and completes them in one ``complete_many`` that hands over the
+next 10. Every drain also says what it cost per task (``bench.fleet.drain``: worker CPU,
+PostgreSQL CPU and commits). ``BENCH8_SYSTEMS`` (comma-separated names) and
+``BENCH8_PROCS`` (e.g. ``8``) run a subset: then a row per system beside autonomy
+batched.
 """
 
 from __future__ import annotations
@@ -36,8 +43,8 @@ SYSTEMS = ("autonomy", "autonomy batched", "pgqueuer b1", "pgqueuer b10", "procr
            "celery")
 # the batched mode's prefetch: pgqueuer's default batch size (issue 22)
 PREFETCH = 10
-# the batched lane's max_in_flight: this many times every worker's K (with exactly K each,
-# a worker's claim races the others' for the last free slots and may get fewer than K)
+# the batched lane's max_in_flight: this many times every worker's K (room to spare, so a
+# claim need not race the others for the last free slots; 1 was not measurably different)
 HEADROOM = int(os.environ.get("BENCH8_HEADROOM") or 2)
 
 
