@@ -21,9 +21,9 @@ from app.ops import lane_control, lanes
 from app.storage.context import Context
 from app.storage.db import transaction
 from app.storage.models import event_table, task_table
-from app.workers.client import LocalClient
+from app.workers.client import HttpClient, LocalClient
 from app.workers.lane_worker import LaneWorker, ValidationFailed
-from tests.api_server import client
+from tests.api_server import client, serve
 from tests.conftest import make_settings
 from tests.test_race import ENDS, GRANT, lane_peaks, lease_overlaps
 
@@ -393,3 +393,19 @@ def test_a_prefetching_worker_heartbeats_the_leases_waiting_their_turn(
         assert _events(rctx, "task_completed") == Counter(ids)
     finally:
         rctx.close()
+
+
+def test_a_prefetching_worker_over_http(ctx: Context) -> None:
+    ids = _tasks(ctx, 7)
+    lane_control.configure_lane(ctx, assignee=LANE, max_in_flight=10)
+    ran: list[int] = []
+    with serve(ctx) as server:
+        http = HttpClient(server.url, settings=ctx.settings, timeout_s=10)
+        try:
+            worker = LaneWorker(LANE, lambda task: ran.append(task["id"]), worker_name="h1",
+                                client=http, say=lambda _line: None, prefetch=3)
+            stats = worker.run(threading.Event(), max_tasks=7, handle_signals=False)
+        finally:
+            http.close()
+    assert sorted(ran) == ids and stats.succeeded == 7
+    assert _events(ctx, "task_completed") == Counter(ids)
