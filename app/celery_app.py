@@ -30,6 +30,7 @@ use (``worker_context``) and rebuilds it after a fork.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import sys
@@ -72,13 +73,18 @@ def celery_key_prefix(settings: Settings) -> str:
 
 def build_beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     """Celery's ``beat_schedule`` from ``beat_schedule.JOBS`` (period override applied)."""
+    from app.ops.checks import send_window
+
     schedule: dict[str, dict[str, Any]] = {}
     for job, spec in beat_schedule.JOBS.items():
         every_s = settings.beat_every_s or float(spec["every_s"])
         schedule[job] = {
             "task": str(spec["task"]),
             "schedule": timedelta(seconds=every_s),
-            "options": {"queue": settings.celery_queue, "expires": every_s},
+            # no Celery ``expires``: it compares the beat host's clock with the worker's.
+            # A message is good for one period on Redis's clock instead (send_window)
+            "options": {"queue": settings.celery_queue,
+                        "headers": send_window.period_header(every_s)},
         }
     return schedule
 
@@ -250,13 +256,25 @@ class LeaderScheduler(PersistentScheduler):
     period, not sent late: a standby may already lead and send it."""
 
     def apply_entry(self, entry: Any, producer: Any = None) -> None:
+        import redis
+
+        from app.ops.checks import send_window
         from app.ops.run_locks import beat_may_send
 
-        if not beat_may_send(worker_context()):
+        ctx = worker_context()
+        if not beat_may_send(ctx):
             _beat_log.warning("not sending %s: this beat's leader lease is not confirmed "
                               "(Redis unreachable, or another beat leads)", entry.name)
             return
-        super().apply_entry(entry, producer=producer)
+        # the message carries Redis's now: the task judges its age on Redis's clock
+        try:
+            headers = send_window.stamp(ctx, entry.options.get("headers"))
+        except redis.RedisError as e:
+            _beat_log.warning("not sending %s: Redis's clock is unreadable (%s)", entry.name, e)
+            return
+        stamped = copy.copy(entry)
+        stamped.options = {**entry.options, "headers": headers}
+        super().apply_entry(stamped, producer=producer)
 
 
 def belongs_here(role: str) -> None:

@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     pickup_safety_poll_ms: int = Field(default=5_000, gt=0)
     """Push pickup: an idle lane's waiters claim on a wake, or one of them once per this period
     (the safety poll)."""
+    pickup_block_s: float = Field(default=30.0, gt=0, le=3_600)
+    """Push pickup: how long a process's one blocked wait on its lanes' wake lists lasts before
+    it is re-armed, and how long a lane's safety-poll lead is held (taken again, or by another
+    process, when it ends). Each costs one Redis command per process (per lane), so an idle
+    fleet costs Redis about two commands per process per this period; a dead leader is
+    replaced within 2 x it."""
     claim_wait_max_ms: int = Field(default=30_000, gt=0)
     """The longest a claim with `waitMs` (push pickup, long poll) waits on an empty lane."""
     # how long a LaneWorker's claim waits for work in one call (it checks its stop
@@ -201,7 +207,8 @@ class Settings(BaseSettings):
     """Make `/metrics` need a `read` credential like every other read (it never carries task
     text either way)."""
     api_host: str = "127.0.0.1"
-    """Address `autonomy serve` and `up` bind; beyond loopback needs `api_token`."""
+    """Address `autonomy serve` and `up` bind; beyond loopback needs a credential:
+    `api_token`, or one minted with `autonomy token create` (the database is asked)."""
     api_port: int = 8000
     """Port of the API and control panel."""
     flower_port: int = 5555

@@ -33,6 +33,7 @@ BENCHES = {
     10: "bench.b10_round_trips",
     12: "bench.b12_script_runner",
     13: "bench.b13_command_runner",
+    14: "bench.b14_history",
 }
 
 

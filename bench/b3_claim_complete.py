@@ -22,7 +22,7 @@ from app.storage import leases, store
 from app.storage.context import Context
 from app.storage.db import transaction
 from app.storage.models import TaskStatus, task_table
-from app.storage.redis_scripts import Script, run_script
+from app.storage.redis_scripts import run_script
 from bench.common import Env, Row, interleaved_rates
 from bench.seed import analyze, seed_todo
 
@@ -30,16 +30,12 @@ T = task_table
 
 
 class Floor:
-    """The hand-written claim + complete on one lane."""
+    """The hand-written claim + complete on one lane. Its Redis calls are built by the same
+    functions the operations use (``leases.check_call``, ``record_call``, ``drop_call``),
+    so a change of a script's ARGV changes them both."""
 
     def __init__(self, ctx: Context, *, assignee: str, worker: str) -> None:
         self.ctx, self.assignee, self.worker = ctx, assignee, worker
-        k = ctx.keys
-        self.keys_check = [k.lane_meta(assignee), k.worker_lease(assignee, worker),
-                           k.lane_leases(assignee)]
-        self.keys_record = [k.worker_lease(assignee, worker), k.lane_leases(assignee),
-                            k.lane_meta(assignee), k.metrics(), k.clock_skew()]
-        self.keys_drop = [k.worker_lease(assignee, worker), k.lane_leases(assignee)]
         nxt = (sa.select(T.c.id)
                .where(T.c.assignee == assignee, T.c.status == TaskStatus.todo.value)
                .order_by(T.c.priority.desc(), T.c.created_at, T.c.id).limit(1))
@@ -47,15 +43,16 @@ class Floor:
             nxt = nxt.with_for_update(skip_locked=True)
         self.next_id = nxt.scalar_subquery()
 
-    def _run(self, script: Script, keys: list[str], args: list[object]) -> None:
+    def _run(self, call: leases.Call) -> None:
+        script, keys, args = call
         run_script(self.ctx, script, len(keys), *keys, *args)
 
     def cycle(self) -> None:
         now = utcnow()
         expires = now + timedelta(seconds=self.ctx.settings.lease_ttl_s)
         token = secrets.token_hex(16)
-        self._run(leases._CHECK, self.keys_check,
-                  [to_ms(now), self.worker, to_ms(now) + self.ctx.settings.claim_reserve_ms])
+        a, w = self.assignee, self.worker
+        self._run(leases.check_call(self.ctx, assignee=a, worker=w))
         with transaction(self.ctx.engine) as conn:
             row = conn.execute(
                 sa.update(T).where(T.c.id == self.next_id, T.c.status == TaskStatus.todo.value)
@@ -63,10 +60,9 @@ class Floor:
                         lease_token=token, lease_expires_at=expires, updated_at=now)
                 .returning(*T.c)).mappings().first()
         assert row is not None, "floor lane ran dry"
-        self._run(leases._RECORD, self.keys_record,
-                  [f'{{"taskId":{row["id"]},"token":"{token}"}}', 300_000, row["id"],
-                   to_ms(expires), to_ms(now), 1, "claims", self.worker,
-                   "", leases.SKEW_TTL_MS])  # no clock-skew report (as a first claim)
+        self._run(leases.record_call(  # no clock-skew report (as a first claim)
+            self.ctx, assignee=a, worker=w, task_id=row["id"], token=token,
+            expires_ms=to_ms(expires), now_ms=to_ms(now), max_in_flight=1, metric="claims"))
         with transaction(self.ctx.engine) as conn:
             done = conn.execute(
                 sa.update(T).where(T.c.id == row["id"],
@@ -76,7 +72,8 @@ class Floor:
                         lease_token=None, lease_expires_at=None, result=None)
                 .returning(*T.c)).mappings().first()
         assert done is not None
-        self._run(leases._DROP, self.keys_drop, [token, row["id"]])
+        self._run(leases.drop_call(self.ctx, assignee=a, worker=w, task_id=row["id"],
+                                   token=token))
 
 
 def ops_cycle(ctx: Context, *, assignee: str, worker: str) -> None:

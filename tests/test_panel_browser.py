@@ -1,8 +1,9 @@
 """The control panel in a real browser: Playwright driving Debian's chromium (headless)
 against a real server. A lane paused through the API shows the amber badge on the lane and
-its tasks; Resume (asking for the API token once) resumes it in the database and the badge
-goes; a held run-lock shows in the run-lock table, red once over budget. A screenshot is
-saved to ``test-output/panel.png``.
+its tasks, and the recent events show the pause with the credential as actor and the
+caller's own actor as a note (a hostile note as text); Resume resumes it in the database
+and the badge goes; a held run-lock shows in the run-lock table, red once over budget. A
+screenshot is saved to ``test-output/panel.png``.
 
 Needs ``/usr/bin/chromium`` (``scripts/ensure-chromium`` installs it; ``make test`` runs it).
 """
@@ -33,6 +34,7 @@ TOKEN = "panel-test-token"
 AMBER_BG = "rgb(254, 243, 199)"  # --amber-bg in panel.css
 RED_BG = "rgb(254, 226, 226)"    # --nogo-bg
 WAIT_MS = 15_000
+HOSTILE = '<img src=x onerror="window.__pwned=1">'
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -118,6 +120,11 @@ def test_pause_shows_the_amber_badge_and_resume_clears_it_in_the_db(
         dialog.accept(TOKEN)
 
     page.on("dialog", answer_prompt)
+    # a hostile note (the API refuses such actors; the page must not trust the database)
+    with transaction(panel_ctx.engine) as conn:
+        store.insert_event(conn, kind="lane_configured", at=panel_ctx.clock(),
+                           assignee="reviewer", actor="bootstrap",
+                           data={"actorNote": HOSTILE})
     # signed in as an operator: its session (an HttpOnly cookie) carries the changes too
     sign_in(page, server, TOKEN)
     coder_lane = page.locator("#lanes tr[data-lane='coder']")
@@ -133,6 +140,17 @@ def test_pause_shows_the_amber_badge_and_resume_clears_it_in_the_db(
                                     + _since(panel_ctx, "coder"))
     # retried: the refresh may swap the section between finding the node and reading it
     expect(badge).to_have_css("background-color", AMBER_BG)
+    # the recent events show who paused it: the credential, and the caller's actor as a note
+    paused_ev = page.locator("#events tr[data-kind='lane_paused']").first
+    expect(paused_ev).to_be_visible(timeout=WAIT_MS)
+    expect(paused_ev.locator(".actor")).to_have_text("bootstrap")
+    expect(paused_ev.locator(".note-text")).to_have_text("ops")
+    expect(paused_ev.locator(".why")).to_have_text("flaky deploy pipeline")
+    # the hostile note is text, after the first paint and after refreshes (innerHTML swaps)
+    expect(page.locator("#events tr[data-kind='lane_configured'] .note-text")
+           ).to_have_text(HOSTILE)
+    expect(page.locator("#events img")).to_have_count(0)
+    assert page.evaluate("window.__pwned") is None
     coder_tasks = page.locator("#tasks tr[data-lane='coder']")
     expect(coder_tasks).to_have_count(3)
     expect(coder_tasks.locator(".badge.paused")).to_have_count(3)
@@ -164,6 +182,10 @@ def test_pause_shows_the_amber_badge_and_resume_clears_it_in_the_db(
     expect(coder_tasks.locator(".badge.paused")).to_have_count(0, timeout=WAIT_MS)
     assert lane_paused_in_db(panel_ctx, "coder") == (False, [False, False, False])
     assert dialogs == []
+    # the panel's own resume: the signed-in credential, "panel" only a note
+    resumed_ev = page.locator("#events tr[data-kind='lane_resumed']").first
+    expect(resumed_ev.locator(".actor")).to_have_text("bootstrap", timeout=WAIT_MS)
+    expect(resumed_ev.locator(".note-text")).to_have_text("panel")
 
     # and again
     lane_control.pause_lane(panel_ctx, assignee="coder", reason="again", actor="ops")

@@ -95,13 +95,15 @@ def test_a_workers_failure_reason_is_stored_and_shown_without_its_secret(
             kinds = [e["kind"] for e in hist.json()["events"]]
             assert "secrets_redacted" in kinds, kinds
         metrics = http.get("/metrics").text
-    print()
+    found = {shape: [where for where, text in seen.items() if secret in text]
+             for shape, (_, secret) in SHAPES.items()}
+    print(f"\n{'shape':<16} | worker's stderr line -> stored and shown (API, history, "
+          f"panel) | fingerprint | secret seen in")
     for shape, tid in ids.items():
-        print(f"{shape:<16} -> {tasks[tid]['lastValidationReason']!r}  "
-              f"fingerprint {tasks[tid]['failureFingerprint']!r}")
-    for shape, (_, secret) in SHAPES.items():
-        for where, text in seen.items():
-            assert secret not in text, (shape, where)
+        print(f"{shape:<16} | {SHAPES[shape][0]!r}\n{'':<16} |   -> "
+              f"{tasks[tid]['lastValidationReason']!r} | "
+              f"{tasks[tid]['failureFingerprint']!r} | {', '.join(found[shape]) or 'nowhere'}")
+    assert all(not where for where in found.values()), found
     counted = [ln for ln in metrics.splitlines() if ln.startswith("autonomy_secrets_redacted")]
     assert counted and float(counted[0].split()[-1]) >= len(SHAPES), counted
 
@@ -109,6 +111,8 @@ def test_a_workers_failure_reason_is_stored_and_shown_without_its_secret(
 def test_a_results_secrets_are_redacted_and_counted(rctx: Context) -> None:
     pem = "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA7secretbody\n" \
           "-----END RSA PRIVATE KEY-----"
+    claim_result = {"log": f"deploy ok\n{pem}\n", "password": "p@ss",
+                    "steps": ["GET https://u:pw-in-url@example.com/ ok"]}
     lanes.create(rctx, assignee="coder", title="t")
     with serve(rctx) as server, httpx.Client(
             base_url=server.url, timeout=30,
@@ -118,10 +122,11 @@ def test_a_results_secrets_are_redacted_and_counted(rctx: Context) -> None:
         done = http.post("/api/autonomy", json={
             "action": "complete", "taskId": claim["task"]["id"],
             "leaseToken": claim["lease"]["token"], "outcome": "success",
-            "result": {"log": f"deploy ok\n{pem}\n", "password": "p@ss",
-                       "steps": ["GET https://u:pw-in-url@example.com/ ok"]}}).json()
+            "result": claim_result}).json()
         assert done["ok"], done
         stored = http.get("/api/autonomy/tasks").json()["tasks"][0]["result"]
+        print(f"\nresult sent   {json.dumps(claim_result)}\nresult stored "
+              f"{json.dumps(stored)}")
         assert stored == {"log": "deploy ok\n[REDACTED]\n", "password": "[REDACTED]",
                           "steps": ["GET https://u:[REDACTED]@example.com/ ok"]}
         hist = http.post("/api/autonomy", json={"action": "history",

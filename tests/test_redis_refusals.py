@@ -40,7 +40,7 @@ from app.storage.redis_conn import RedisHealth
 from app.storage.redis_errors import describe, is_timeout, is_unavailable, reply_code
 from tests.api_server import client
 from tests.conftest import make_settings
-from tests.servers import ThrowawayRedis, free_port
+from tests.servers import ThrowawayRedis, free_port, non_loopback_address
 from tests.test_redis_degraded import _lane_round
 
 PASSWORD = "s3cret-for-tests"
@@ -51,19 +51,6 @@ def _until(cond: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for: {what}"
         time.sleep(0.02)
-
-
-def non_loopback_address() -> str:
-    """This machine's address on its default route (no packet is sent): a client from
-    there is not loopback to a Redis in protected mode."""
-    for probe in ("192.0.2.254", "10.255.255.254", "8.8.8.8"):
-        with contextlib.suppress(OSError), socket.socket(socket.AF_INET,
-                                                         socket.SOCK_DGRAM) as s:
-            s.connect((probe, 9))
-            addr = str(s.getsockname()[0])
-            if not addr.startswith("127."):
-                return addr
-    raise AssertionError("this machine has no non-loopback IPv4 address for the DENIED test")
 
 
 def _fill(url: str) -> None:
@@ -435,21 +422,25 @@ def test_redis_health_degrades_on_consecutive_misses_and_at_once_on_a_refusal() 
 # --- eviction ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("evicting", ["allkeys-lru", "volatile-lru"])
 def test_status_readyz_and_metrics_name_an_evicting_maxmemory_policy(
-        sqlite_url: str) -> None:
-    srv = ThrowawayRedis("--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru")
+        sqlite_url: str, evicting: str) -> None:
+    """``volatile-*`` too: every key of the fleet carries a TTL, so a Redis full of another
+    app's keys evicts run-locks and the beat lease first (the fault suite's volatile-lru
+    row saw it: run-locks gone, the beat lease taken over)."""
+    srv = ThrowawayRedis("--maxmemory", "64mb", "--maxmemory-policy", evicting)
     ctx = _ctx(sqlite_url, srv.url)
     try:
         status = ops.dispatch(ctx, {"action": "status"})
         mem = status["redisMemory"]
-        assert mem["maxmemoryPolicy"] == "allkeys-lru" and mem["evictsFleetKeys"] is True
-        assert "allkeys-lru" in mem["warning"]
+        assert mem["maxmemoryPolicy"] == evicting and mem["evictsFleetKeys"] is True
+        assert evicting in mem["warning"] and "noeviction" in mem["warning"]
         assert _gauge(status, "autonomy_redis_evicts_fleet_keys") == [
-            'autonomy_redis_evicts_fleet_keys{policy="allkeys-lru"} 1.0']
+            f'autonomy_redis_evicts_fleet_keys{{policy="{evicting}"}} 1.0']
         with client(ctx) as http:
             body = http.get("/readyz").json()
-        assert body["ok"] is True and body["redisMaxmemoryPolicy"] == "allkeys-lru"
-        assert "allkeys-lru" in body["warnings"][0]
+        assert body["ok"] is True and body["redisMaxmemoryPolicy"] == evicting
+        assert evicting in body["warnings"][0]
     finally:
         ctx.close()
         srv.stop()

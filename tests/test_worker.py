@@ -478,17 +478,19 @@ def test_worker_cli_refuses_a_bad_lane_name_with_exit_code_2(
     assert "invalid_assignee" in proc.stderr
 
 
-def test_demo_seed_fills_both_lanes_and_tops_up_on_a_second_run(rctx: Context) -> None:
+def test_demo_seed_fills_its_lanes_and_tops_up_on_a_second_run(rctx: Context) -> None:
     first = demo.seed(rctx)
     assert first["created"] == {"coder": len(demo.CODER_TASKS),
-                                "reviewer": len(demo.REVIEWER_TASKS)}
+                                "reviewer": len(demo.REVIEWER_TASKS), "deployer": 1}
     lane_control.pause_lane(rctx, assignee="reviewer", reason="tripped", actor="test")
     second = demo.seed(rctx)
-    assert second["created"] == {"coder": 0, "reviewer": 0}
+    assert second["created"] == {"coder": 0, "reviewer": 0, "deployer": 0}
     with transaction(rctx.engine, write=False) as conn:
         assert not store.get_lane(conn, assignee="reviewer")["paused"]  # type: ignore[index]
+        deployer = store.get_lane(conn, assignee=demo.DEAD_LANE)
+    assert deployer is not None and deployer["max_attempts"] == demo.DEAD_MAX_ATTEMPTS
     cmds = demo.worker_commands(rctx.settings)
-    assert len(cmds) == 2 and all(c[:4] == [sys.executable, "-m", "app.cli", "worker"]
+    assert len(cmds) == 3 and all(c[:4] == [sys.executable, "-m", "app.cli", "worker"]
                                   for c in cmds)
 
 

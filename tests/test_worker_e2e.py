@@ -356,9 +356,48 @@ def test_the_demo_trips_the_breaker_within_its_first_minute_and_stops_cleanly(
         task_table.c.failure_fingerprint == fp, task_table.c.assignee == "ops")) \
         == [("ops_remediation",)]
     done = _status_count(ctx, "done", demo.HEALTHY_LANE)
-    codes = [fleet.stop(n, timeout_s=30) for n in ("demo0", "demo1")]
-    assert codes == [0, 0]
+    codes = [fleet.stop(n, timeout_s=30) for n in list(fleet.procs)]
+    assert codes == [0] * len(codes)
     assert _status_count(ctx, "in_progress") == 0
     print(f"\n[e2e demo] seeded {seeded['created']}; breaker tripped {tripped:.1f}s after "
           f"start; coder tasks done by then: {done}; stopped in "
           f"{time.monotonic() - started - tripped:.1f}s more; exit codes {codes}")
+
+
+def test_the_demo_deployer_task_goes_dead_with_its_last_reason_and_is_requeued_by_the_cli(
+        fleet: Fleet, sqlite_ctx: Context) -> None:
+    """The demo's third lane (issue 21): its one task fails with a different reason each
+    attempt, so the breaker never trips, and ends ``dead`` at the lane's ``max_attempts``
+    -- as ``autonomy tasks --status dead`` shows -- and ``autonomy requeue`` sends it
+    round again."""
+    ctx = sqlite_ctx
+    seeded = demo.seed(ctx)
+    assert seeded["created"][demo.DEAD_LANE] == 1
+    argv = next(a for a in demo.worker_commands(ctx.settings) if demo.DEAD_LANE in a)
+    started = time.monotonic()
+    fleet.spawn("deployer", argv)
+    dead_after = _until(lambda: _status_count(ctx, "dead", demo.DEAD_LANE) == 1, 60,
+                        "the demo's deployer task to go dead")
+    assert fleet.stop("deployer", timeout_s=30) == 0
+
+    def cli(*args: str) -> dict[str, Any]:
+        proc = subprocess.run([sys.executable, "-m", "app.cli", *args], env=fleet.env, cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return dict(json.loads(proc.stdout))
+
+    listed = cli("tasks", "--lane", demo.DEAD_LANE, "--status", "dead")["tasks"]
+    assert len(listed) == 1
+    task = listed[0]
+    assert task["title"] == demo.DEAD_TASK
+    assert task["attempts"] == demo.DEAD_MAX_ATTEMPTS
+    assert task["lastValidationReason"] == demo.DEAD_REASONS[demo.DEAD_MAX_ATTEMPTS - 1]
+    assert not _lane_paused(ctx, demo.DEAD_LANE)  # three reasons, three fingerprints
+    with transaction(ctx.engine, write=False) as conn:
+        kinds = [e["kind"] for e in store.list_events(conn, task_id=task["id"])]
+    assert kinds.count("lease_granted") == demo.DEAD_MAX_ATTEMPTS
+    back = cli("requeue", str(task["id"]))["task"]
+    assert back["status"] == "todo" and back["attempts"] == 0
+    print(f"\n[e2e demo dead] task {task['id']} dead {dead_after:.1f}s after its worker "
+          f"started ({time.monotonic() - started:.1f}s with the CLI), last reason "
+          f"{task['lastValidationReason']!r}; requeued: {back['status']}")

@@ -1,5 +1,6 @@
-"""The control panel at ``/``: server-rendered (Jinja2) from the status payload and the
-recent tasks, then kept fresh by ``static/panel.js``, which fetches ``/panel/sections``
+"""The control panel at ``/``: server-rendered (Jinja2) from the status payload, the
+recent tasks and the recent events (who did what: the credential, and the caller's own
+note beside it), then kept fresh by ``static/panel.js``, which fetches ``/panel/sections``
 (the same template's sections) every few seconds and swaps the ones that changed. One
 rendering path, no JavaScript build step.
 """
@@ -25,6 +26,7 @@ from app.validate import NAME_PATTERN, TASK_KINDS, TASK_STATUSES
 
 HERE = Path(__file__).parent
 TASKS_SHOWN = 50
+EVENTS_SHOWN = 20
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -38,7 +40,7 @@ def view(ctx: Context, filters: dict[str, str] | None = None,
     changes)."""
     s = ctx.settings
     out: dict[str, Any] = {
-        "now": ctx.clock(), "status": None, "tasks": [], "error": None,
+        "now": ctx.clock(), "status": None, "tasks": [], "events": [], "error": None,
         "filters": filters or {}, "statuses": TASK_STATUSES,
         "auth_required": not signed_in and credentials.bootstrap_token(ctx) is not None,
         "refresh_ms": s.panel_refresh_ms,
@@ -51,6 +53,7 @@ def view(ctx: Context, filters: dict[str, str] | None = None,
             out["tasks"] = lifecycle.list_tasks(ctx, limit=TASKS_SHOWN, **filters)["tasks"]
         else:
             out["tasks"] = history.recent_tasks(ctx, limit=TASKS_SHOWN)
+        out["events"] = history.recent_events(ctx, limit=EVENTS_SHOWN)
     except Unavailable as e:
         out["error"] = e.to_wire()
     return out

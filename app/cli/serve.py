@@ -7,6 +7,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import typer
 
@@ -23,20 +24,69 @@ def register(app: typer.Typer) -> None:
     app.command("up")(up)
 
 
-def refuse_open_bind(settings: Settings, host: str) -> str | None:
-    """Why the server may not bind ``host`` (no API token and not loopback), or None."""
-    from app.api.deps import configured_token
+@dataclass(frozen=True)
+class BindCheck:
+    """``serve``/``up``'s decision on the address to bind: ``refused`` says why not;
+    ``note`` says why an open address is allowed."""
 
-    if configured_token(settings) is None and not is_loopback(host):
-        return (f"refusing to serve on {host} without an API token: anyone who can reach it "
-                "could change the fleet. Set AUTONOMY_API_TOKEN (mutating calls then need "
-                "'Authorization: Bearer <token>') or bind a loopback address (127.0.0.1).")
-    return None
+    refused: str | None = None
+    note: str | None = None
+
+
+def check_bind(settings: Settings, host: str) -> BindCheck:
+    """May the server bind ``host`` (SPEC 4.10)? A loopback address, always. An open one
+    only while a credential closes the server to anonymous callers -- the same rule the
+    server applies to every request (``credentials.auth_enabled``): ``AUTONOMY_API_TOKEN``
+    is set, or the database holds credentials minted with ``autonomy token create``
+    (revoked ones too: revoking the last one keeps the server closed). The database is
+    asked only without the token; one that cannot tell (down, not migrated) refuses,
+    naming why."""
+    from app.api.deps import configured_token
+    from app.errors import Unavailable
+    from app.ops import credentials
+
+    if is_loopback(host):
+        return BindCheck()
+    if configured_token(settings) is not None:
+        return BindCheck(note=f"serving on {host}: AUTONOMY_API_TOKEN is set, so every "
+                              "change and every read of the fleet needs a credential")
+    fix = ("Set AUTONOMY_API_TOKEN (the bootstrap operator credential), mint one with "
+           "'autonomy token create --scope operator --name NAME', or bind a loopback "
+           "address (127.0.0.1).")
+    try:
+        minted, live = credentials.stored(settings)
+    except Unavailable as e:
+        return BindCheck(refused=(
+            f"refusing to serve on {host}: AUTONOMY_API_TOKEN is not set, and the database "
+            f"could not be asked for credentials minted with 'autonomy token create' "
+            f"({e.code}: {e.message}); without one, anyone who can reach it could change "
+            f"the fleet. {fix}"))
+    if minted == 0:
+        return BindCheck(refused=(
+            f"refusing to serve on {host} without a credential: AUTONOMY_API_TOKEN is not "
+            f"set and the database holds none from 'autonomy token create', so anyone who "
+            f"can reach it could change the fleet. {fix}"))
+    unusable = " (none is live: nothing can use it until one is minted)" if not live else ""
+    return BindCheck(note=(
+        f"serving on {host} without AUTONOMY_API_TOKEN: the database holds {minted} "
+        f"credential(s) from 'autonomy token create', {live} live, so every change and "
+        f"every read of the fleet needs one{unusable}"))
+
+
+def _bind_or_exit(settings: Settings, host: str) -> None:
+    """Exit 2 naming why ``host`` may not be bound; else say why an open one may."""
+    check = check_bind(settings, host)
+    if check.refused is not None:
+        typer.echo(f"error: {check.refused}", err=True)
+        raise typer.Exit(2)
+    if check.note is not None:
+        typer.echo(f"note: {check.note}", err=True)
 
 
 def serve(
     host: str | None = typer.Option(None, help="Address to bind (default AUTONOMY_API_HOST, "
-                                    "127.0.0.1). Non-loopback needs AUTONOMY_API_TOKEN."),
+                                    "127.0.0.1). Non-loopback needs a credential: "
+                                    "AUTONOMY_API_TOKEN, or one from 'token create'."),
     port: int | None = typer.Option(None, min=0, max=65535,
                                     help="Port (default AUTONOMY_API_PORT, 8000)."),
     access_log: bool = typer.Option(True, help="Log every request (with its request id)."),
@@ -49,10 +99,7 @@ def serve(
     settings = get_settings()
     h = host if host is not None else settings.api_host
     p = port if port is not None else settings.api_port
-    why = refuse_open_bind(settings, h)
-    if why is not None:
-        typer.echo(f"error: {why}", err=True)
-        raise typer.Exit(2)
+    _bind_or_exit(settings, h)
     # the bind address is one of the Host names the server answers to (SPEC 4.8)
     settings = settings.model_copy(update={"api_host": h})
     logs.configure(settings, process="api")
@@ -129,10 +176,7 @@ def up(
     settings = get_settings()
     logs.configure(settings, process="up", level=logging.WARNING)
     h = host if host is not None else settings.api_host
-    why = refuse_open_bind(settings, h)
-    if why is not None:
-        typer.echo(f"error: {why}", err=True)
-        raise typer.Exit(2)
+    _bind_or_exit(settings, h)
     sup = Supervisor(settings, host=h, port=port if port is not None else settings.api_port,
                      flower_port=flower_port if flower_port is not None
                      else settings.flower_port, flower=not no_flower, demo=demo,

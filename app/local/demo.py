@@ -1,10 +1,16 @@
-"""The first-run demo behind ``autonomy up --demo``: a few lanes, some tasks, and two real
-``autonomy worker`` processes — one healthy, one that fails the same validation every time.
+"""The first-run demo behind ``autonomy up --demo``: a few lanes, some tasks, and three real
+``autonomy worker`` processes — one healthy, one that fails the same validation every time,
+one that fails with a different reason every time.
 
 A newcomer watches the ``coder`` lane drain, and the ``reviewer`` lane trip the failure
 breaker within its first minute: the lane pauses (amber badge), an ``ops_remediation``
 task appears in the ``ops`` lane, and the Resume button lets the reviewer go on (and trip
-again, since its command never gets fixed).
+again, since its command never gets fixed). The ``deployer`` lane's one task fails with
+words that differ each time, so no fingerprint repeats and the breaker never trips; after
+its lane's ``max_attempts`` (3, with a backoff of 1 s then 2 s) it ends ``dead`` with its
+last reason (SPEC 4.11), shown in the panel's task list (status ``dead``, a Requeue
+button) and by ``autonomy tasks --status dead``; ``autonomy requeue ID`` sends it round
+again.
 """
 
 from __future__ import annotations
@@ -20,6 +26,16 @@ HEALTHY_LANE = "coder"
 FAILING_LANE = "reviewer"
 DEMO_ACTOR = "demo"
 FAILURE_REASON = "review rejected: the change has no tests"
+DEAD_LANE = "deployer"
+DEAD_MAX_ATTEMPTS = 3
+DEAD_BACKOFF_BASE_S, DEAD_BACKOFF_CAP_S = 1.0, 2.0
+DEAD_TASK = "Deploy: rotate the staging certificates"
+# one reason per attempt, each its own fingerprint: what an agent's free-text answer does
+DEAD_REASONS = [
+    "deploy failed: the staging cluster refused the new certificate chain",
+    "deploy failed: could not reach the secrets vault (connection reset by peer)",
+    "deploy failed: the health check never turned green after the rollout",
+]
 
 CODER_TASKS = [
     "Add retry to the payment webhook", "Fix flaky login test", "Paginate the audit log",
@@ -40,6 +56,13 @@ _HEALTHY = (
     "print(json.dumps({'summary': 'done: ' + task['title'], 'linesChanged': "
     "random.randint(3, 120)}))"
 )
+# CMD for the dead-ending worker: a different reason each attempt -> no fingerprint repeats,
+# the breaker never trips, and max_attempts ends the task as dead
+_DEAD_ENDING = (
+    "import json, sys, time; task = json.load(sys.stdin); time.sleep(0.3); "
+    f"reasons = {DEAD_REASONS!r}; "
+    "print(reasons[task['attempts'] % len(reasons)], file=sys.stderr); sys.exit(1)"
+)
 # CMD for the failing worker: the same validation failure every time -> the breaker trips
 _FAILING = (
     "import sys, time; sys.stdin.read(); time.sleep(0.5); "
@@ -49,10 +72,16 @@ _FAILING = (
 
 
 def seed(ctx: Context) -> dict[str, Any]:
-    """Resume the demo lanes (so every demo run shows the whole story) and queue tasks in
-    them, topping each up to its demo size. Safe to call on every start."""
+    """Resume the demo lanes (so every demo run shows the whole story), give the
+    ``deployer`` lane its small ``max_attempts``, and queue tasks in them, topping each up
+    to its demo size. Safe to call on every start."""
     created: dict[str, int] = {}
-    for lane, titles in ((HEALTHY_LANE, CODER_TASKS), (FAILING_LANE, REVIEWER_TASKS)):
+    lane_control.configure_lane(ctx, assignee=DEAD_LANE, actor=DEMO_ACTOR,
+                                max_attempts=DEAD_MAX_ATTEMPTS,
+                                backoff_base_s=DEAD_BACKOFF_BASE_S,
+                                backoff_cap_s=DEAD_BACKOFF_CAP_S)
+    for lane, titles in ((HEALTHY_LANE, CODER_TASKS), (FAILING_LANE, REVIEWER_TASKS),
+                         (DEAD_LANE, [DEAD_TASK])):
         lane_control.resume_lane(ctx, assignee=lane, actor=DEMO_ACTOR,
                                  reason="demo start")
         waiting = len(history.recent_tasks(ctx, assignee=lane, status="todo",
@@ -62,8 +91,8 @@ def seed(ctx: Context) -> dict[str, Any]:
             lanes.create(ctx, assignee=lane, title=title, priority=0,
                          payload={"demo": True, "n": waiting + i + 1}, actor=DEMO_ACTOR)
             created[lane] += 1
-    return {"ok": True, "lanes": [HEALTHY_LANE, FAILING_LANE], "created": created,
-            "failureReason": FAILURE_REASON}
+    return {"ok": True, "lanes": [HEALTHY_LANE, FAILING_LANE, DEAD_LANE],
+            "created": created, "failureReason": FAILURE_REASON}
 
 
 def worker_commands(settings: Settings) -> list[list[str]]:
@@ -77,4 +106,6 @@ def worker_commands(settings: Settings) -> list[list[str]]:
          sys.executable, "-c", _HEALTHY],
         [*base, "--lane", FAILING_LANE, "--name", "demo-reviewer", "--",
          sys.executable, "-c", _FAILING],
+        [*base, "--lane", DEAD_LANE, "--name", "demo-deployer", "--",
+         sys.executable, "-c", _DEAD_ENDING],
     ]

@@ -28,10 +28,11 @@ from app import validate
 from app.clock import iso
 from app.errors import Conflict, ForbiddenScope, InvalidInput, NotFound
 from app.principal import SCOPES, Principal, Scope
+from app.settings import Settings
 from app.storage import credentials as cstore
 from app.storage import store
 from app.storage.context import Context
-from app.storage.db import transaction
+from app.storage.db import make_engine, missing_sqlite_file, transaction
 
 BOOTSTRAP_NAME = "bootstrap"
 SECRET_PREFIX = "aut_"
@@ -135,6 +136,24 @@ def auth_enabled(ctx: Context) -> bool:
         live = cstore.any_minted(conn)
     c.any = (now, live)
     return live
+
+
+def stored(settings: Settings) -> tuple[int, int]:
+    """``(minted, live)``: the credentials ``settings``' database holds (revoked ones
+    count towards ``minted``: they keep the server closed, as ``auth_enabled`` says), read
+    with an engine of its own -- for a decision made before the server has a context
+    (``autonomy serve``/``up`` on an open address). ``Unavailable`` (down, not
+    migrated) when the database cannot tell."""
+    if missing_sqlite_file(settings.database_url) is not None:
+        return 0, 0  # holds none; asked, not made (connecting would create the file)
+    engine = make_engine(settings.database_url,
+                         connect_timeout_s=settings.db_connect_timeout_s,
+                         busy_timeout_s=settings.db_busy_timeout_s, pool_size=1)
+    try:
+        with transaction(engine, write=False) as conn:
+            return cstore.counts(conn)
+    finally:
+        engine.dispose()
 
 
 def resolve(ctx: Context, secret: str) -> Principal | None:

@@ -46,6 +46,14 @@ def history(ctx: Context, *, task_id: Any = None, assignee: Any = None,
     return {"ok": True, "events": events[:limit]}
 
 
+def recent_events(ctx: Context, *, limit: int = 20) -> list[dict[str, Any]]:
+    """The newest events of every lane (the panel's), newest first, as ``history``
+    answers them: ``actor`` the credential, ``actorNote`` what the caller said."""
+    with transaction(ctx.engine, write=False) as conn:
+        rows = store.list_events(conn, limit=limit)
+    return [wire.event(r) for r in rows]
+
+
 def recent_tasks(ctx: Context, *, assignee: str | None = None, status: str | None = None,
                  limit: int = 50) -> list[dict[str, Any]]:
     """The newest tasks, optionally of one lane or status, as the API shows them."""

@@ -152,21 +152,30 @@ def claim(ctx: Context, *, assignee: str, worker: str, wait_ms: Any = None,
 def _claim_waiting(ctx: Context, *, assignee: str, worker: str, wait_ms: int,
                    skew_ms: int | None = None) -> dict[str, Any]:
     """Claim on a wake, or on the lane's safety poll when it is this caller's turn;
-    otherwise block on the lane's wake list (``pickup.wait``) until ``wait_ms`` is up. So
-    a fleet waiting on an empty lane costs the database one claim per safety period, and
-    a task created wakes one waiter within a round trip or two."""
+    otherwise wait for a turn (``pickup.wait``: this process's waiters share one blocked
+    wait on Redis) until ``wait_ms`` is up. So a fleet waiting on an empty lane costs the
+    database one claim per safety period and Redis next to nothing, and a task created
+    wakes one waiter within a round trip or two."""
     deadline = time.monotonic() + wait_ms / 1000
     turn = pickup.take_turn(ctx, assignee=assignee)
     due: datetime | None = None  # when the lane's next delayed task falls due
     due_mono = 0.0  # the same instant on this process's monotonic clock
     while True:
         if turn:
-            answer = _claim_now(ctx, assignee=assignee, worker=worker, skew_ms=skew_ms)
+            # a waiting claim goes to the database alone (it decides every claim anyway):
+            # the safety poll of an empty lane costs Redis nothing, and a woken claim
+            # saves the fast path's check, one round trip on the pickup path. While
+            # Redis is degraded the fast path's own re-probe schedule decides
+            answer = _claim_now(ctx, assignee=assignee, worker=worker, skew_ms=skew_ms,
+                                fast_path=ctx.redis_health.degraded)
             if answer.get("task") is not None:
                 return answer
             got_due = lifecycle.next_due(ctx, assignee=assignee)
             due = None if got_due is None else got_due[0]
             due_mono = 0.0 if got_due is None else time.monotonic() + got_due[1]
+            if got_due is not None:
+                pickup.note_due(ctx, assignee=assignee, in_s=got_due[1],
+                                due_ms=to_ms(got_due[0]))
         left = deadline - time.monotonic()
         if left <= 0:
             return {"ok": True, "task": None}
@@ -174,11 +183,14 @@ def _claim_waiting(ctx: Context, *, assignee: str, worker: str, wait_ms: int,
             # a task falls due within this wait: wait for a wake until then, then one
             # waiter per due instant claims it
             got = pickup.wait(ctx, assignee=assignee, timeout_s=max(0.0, until_due))
-            turn = got != "timeout" or pickup.take_due_turn(ctx, assignee=assignee,
-                                                            due_ms=to_ms(due))
+            if got == "timeout":
+                got = "due" if pickup.take_due_turn(ctx, assignee=assignee,
+                                                    due_ms=to_ms(due)) else "timeout"
+            turn = None if got == "timeout" else got
             due = None
             continue
-        turn = pickup.wait(ctx, assignee=assignee, timeout_s=left) != "timeout"
+        got = pickup.wait(ctx, assignee=assignee, timeout_s=left)
+        turn = None if got == "timeout" else got
 
 
 def made_claimable(ctx: Context, *, assignee: str, n: int = 1) -> None:
@@ -187,8 +199,8 @@ def made_claimable(ctx: Context, *, assignee: str, n: int = 1) -> None:
     pickup.wake(ctx, assignee=assignee, n=n)
 
 
-def _claim_now(ctx: Context, *, assignee: str, worker: str, skew_ms: int | None = None
-               ) -> dict[str, Any]:
+def _claim_now(ctx: Context, *, assignee: str, worker: str, skew_ms: int | None = None,
+               fast_path: bool = True) -> dict[str, Any]:
     """Claim the lane's next task now.
 
     Redis is asked first; its ``PROCEED`` reserves the lane slot for this claim. While
@@ -196,15 +208,17 @@ def _claim_now(ctx: Context, *, assignee: str, worker: str, skew_ms: int | None 
     answer is that lease, not a second grant. A refusal Redis suggests is confirmed by a
     database read; when Redis was behind (a lease that ended, a pause that was lifted) it
     is put right and asked again. Past ``claim_reserve_ms`` the database decides alone,
-    and so it does at once while Redis is degraded (down, stalled: SPEC 4.7).
+    and so it does at once while Redis is degraded (down, stalled: SPEC 4.7), or when
+    ``fast_path`` is False (push pickup's safety poll).
     """
     s = ctx.settings
     a, w = assignee, worker
     deadline = time.monotonic() + s.claim_reserve_ms / 1000
-    while True:
+    fast = None
+    while fast_path:
         # Redis's suggestion only (each is confirmed, or the database claims and
-        # decides): this process's clock may be off, the database's decides (SPEC 4.9)
-        fast = leases.check(ctx, assignee=a, worker=w, now_ms=to_ms(ctx.clock()))
+        # decides), on Redis's clock; the database's decides the lease (SPEC 4.9)
+        fast = leases.check(ctx, assignee=a, worker=w)
         if fast is None or fast.code == leases.PROCEED:
             break
         if fast.code != leases.CLAIMING:
@@ -656,8 +670,8 @@ def _complete_and_claim_on_pg(ctx: Context, *, tid: int, token: str,
     (with ``next`` when a lease or the guard came of that claim) and whether the claim
     was answered here -- granted, guarded or refused (a paused lane); None when the
     complete matched nothing (the full path answers)."""
-    fast = leases.handoff(ctx, assignee=assignee, worker=worker, task_id=tid, token=token,
-                          now_ms=to_ms(ctx.clock()))  # a suggestion: the database decides
+    # a suggestion on Redis's clock: the database decides
+    fast = leases.handoff(ctx, assignee=assignee, worker=worker, task_id=tid, token=token)
     reserved = fast is not None and fast.code == leases.PROCEED
     claim = fast is None or reserved
     granted = False

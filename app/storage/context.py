@@ -10,7 +10,7 @@ import redis
 from redis import Redis
 from sqlalchemy.engine import Connection, Engine
 
-from app.clock import Clock, utcnow
+from app.clock import Clock, to_ms, utcnow
 from app.settings import Settings, get_settings
 from app.storage import store
 from app.storage.db import make_engine, transaction
@@ -32,6 +32,14 @@ class Context:
         it then decides the time rules, so they are tested without sleeping. None in
         production: the database's clock decides (SPEC 4.9, ``now_in``)."""
         return None if self.clock is utcnow else self.clock()
+
+    def redis_now_arg(self) -> int | str:
+        """What a Redis script is given for "now" (``app.storage.redis_scripts.NOW_MS``):
+        ``""`` in production -- the script reads Redis's own clock (``TIME``), so no
+        caller's clock decides a time on the Redis side (SPEC 4.9) -- or a test's injected
+        clock in epoch ms (``pinned_now``)."""
+        pinned = self.pinned_now()
+        return "" if pinned is None else to_ms(pinned)
 
     def now_in(self, conn: Connection) -> datetime:
         """The time a decision in this transaction compares with stored times: the
@@ -80,7 +88,10 @@ class Context:
         return cls(settings=s, engine=engine, redis=client, clock=clock)
 
     def close(self) -> None:
-        """Release pooled connections."""
+        """Release pooled connections (and end push pickup's threads)."""
+        hub = self.__dict__.pop("_pickup_hub", None)  # app.storage.pickup_hub's
+        if hub is not None:
+            hub.close()
         self.engine.dispose()
         self.redis.close()
         fast = self.__dict__.get("fast_redis")

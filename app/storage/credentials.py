@@ -84,6 +84,13 @@ def any_minted(conn: Connection) -> bool:
     return conn.execute(sa.select(C.c.id).limit(1)).first() is not None
 
 
+def counts(conn: Connection) -> tuple[int, int]:
+    """``(minted, live)``: every credential row (revoked ones too), and the live ones."""
+    row = conn.execute(sa.select(
+        sa.func.count(), sa.func.count().filter(C.c.revoked_at.is_(None)))).one()
+    return int(row[0]), int(row[1])
+
+
 def list_all(conn: Connection, *, include_revoked: bool) -> Sequence[RowMapping]:
     """Credentials, oldest first (never their hashes' secrets: there are none stored)."""
     q = sa.select(C).order_by(C.c.id)

@@ -39,8 +39,19 @@ def normalise_url(url: str) -> str:
     return url
 
 
+def missing_sqlite_file(url: str) -> str | None:
+    """The path of the SQLite file ``url`` names when it does not exist yet (connecting
+    would create it), or None (it exists, in memory, or not SQLite)."""
+    parsed = sa.engine.make_url(normalise_url(url))
+    path = parsed.database
+    if not parsed.drivername.startswith("sqlite") or not path or path == ":memory:" \
+            or path.startswith("file:"):
+        return None
+    return None if Path(path).exists() else path
+
+
 def make_engine(url: str, *, connect_timeout_s: float = 5.0, busy_timeout_s: float = 30.0,
-                pool_size: int = 5) -> Engine:
+                pool_size: int = 5, max_overflow: int = 10) -> Engine:
     """An engine for ``url``, configured for autonomy's transaction rules."""
     url = normalise_url(url)
     if url.startswith("sqlite"):
@@ -52,6 +63,7 @@ def make_engine(url: str, *, connect_timeout_s: float = 5.0, busy_timeout_s: flo
     engine = sa.create_engine(
         url,
         pool_size=pool_size,
+        max_overflow=max_overflow,
         # the connection returned last is handed out first: the hot path keeps to a warm
         # backend (prepared statements, caches) while the rest of the pool sits idle
         pool_use_lifo=True,

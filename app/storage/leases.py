@@ -20,7 +20,7 @@ from typing import Any
 
 from app.storage.context import Context
 from app.storage.redis_errors import ANY_REDIS_ERROR, describe, is_unavailable
-from app.storage.redis_scripts import Script, run_script
+from app.storage.redis_scripts import NOW_MS, Script, run_script
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,11 @@ PROCEED, PAUSED, WORKER_HOLDS, LANE_FULL, CLAIMING = 0, 1, 2, 3, 4
 # to wait (CLAIMING) instead of both going on to the database: the Redis layer on its own
 # keeps a lane within its ``maxInFlight``. ``record`` turns the reservation into the lease;
 # ``unreserve`` drops it when the claim granted nothing; a crashed claimer's lapses.
+#
+# Every score in the zset -- a reservation's lapse, a lease's expiry -- is on Redis's clock
+# (``NOW_MS``: ``TIME`` inside the script), and so is the ``now`` that drops the lapsed
+# ones: a claimer whose clock is off neither wipes the lane's live leases and
+# reservations (ahead) nor reserves a slot that has already lapsed (behind) (SPEC 4.9).
 #
 # KEYS[1] lane meta hash, KEYS[2] this worker's lease key, KEYS[3] lane leases zset
 # (the check's body reads ``now``, ``worker`` and ``lapse``: when the reservation lapses)
@@ -60,17 +65,21 @@ end
 redis.call('ZADD', KEYS[3], lapse, me)
 return {0}
 """
-# ARGV[1] now (ms), ARGV[2] worker, ARGV[3] reservation lapses at (ms)
-_CHECK = Script("local now, worker, lapse = ARGV[1], ARGV[2], ARGV[3]\n" + _CHECK_BODY)
+# ARGV[1] worker, ARGV[2] how long the reservation holds (ms), ARGV[3] now ('': Redis's)
+_CHECK = Script(NOW_MS + """
+local now = now_ms(ARGV[3])
+local worker, lapse = ARGV[1], now + tonumber(ARGV[2])
+""" + _CHECK_BODY)
 
 # A worker's completed lease handed straight to its next claim: ``_DROP`` for the lease
 # that ended (ARGV[1] its token, ARGV[2] its task id), then ``_CHECK`` for the claim
-# (ARGV[3] now, ARGV[4] worker, ARGV[5] lapse) -- one round trip instead of two.
-_HANDOFF = Script("""
+# (ARGV[3] worker, ARGV[4] reservation ms, ARGV[5] now) -- one round trip instead of two.
+_HANDOFF = Script(NOW_MS + """
+local now = now_ms(ARGV[5])
+local worker, lapse = ARGV[3], now + tonumber(ARGV[4])
 local cur = redis.call('GET', KEYS[2])
 if cur and string.find(cur, ARGV[1], 1, true) then redis.call('DEL', KEYS[2]) end
 redis.call('ZREM', KEYS[3], ARGV[2])
-local now, worker, lapse = ARGV[3], ARGV[4], ARGV[5]
 """ + _CHECK_BODY)
 
 # KEYS[1] lane leases zset; ARGV[1] worker
@@ -80,20 +89,23 @@ return redis.call('ZREM', KEYS[1], 'claim:' .. ARGV[1])
 
 # KEYS[1] worker lease key, KEYS[2] lane leases zset, KEYS[3] lane meta hash, KEYS[4] metrics,
 # KEYS[5] clock skew hash
-# ARGV[1] lease JSON, ARGV[2] ttl ms, ARGV[3] task id, ARGV[4] expires ms, ARGV[5] now ms,
-# ARGV[6] max in flight, ARGV[7] metric field to bump ('' for none), ARGV[8] worker,
-# ARGV[9] the worker's clock skew report JSON ('' for none), ARGV[10] its key's TTL ms
-_RECORD = Script("""
+# ARGV[1] lease JSON, ARGV[2] ttl ms (the lease's time left, as the database granted it),
+# ARGV[3] task id, ARGV[4] now ('': Redis's), ARGV[5] max in flight, ARGV[6] metric field
+# to bump ('' for none), ARGV[7] worker, ARGV[8] the worker's clock skew report JSON ('' for
+# none), ARGV[9] its key's TTL ms
+# The lease's zset score is its expiry on Redis's clock: now + ttl.
+_RECORD = Script(NOW_MS + """
+local now = now_ms(ARGV[4])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('ZREM', KEYS[2], 'claim:' .. ARGV[8])
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[5])
+redis.call('ZREM', KEYS[2], 'claim:' .. ARGV[7])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
-redis.call('HSET', KEYS[3], 'maxInFlight', ARGV[6])
-if ARGV[7] ~= '' then redis.call('HINCRBY', KEYS[4], ARGV[7], 1) end
-if ARGV[9] ~= '' then
-  redis.call('HSET', KEYS[5], ARGV[8], ARGV[9])
-  redis.call('PEXPIRE', KEYS[5], ARGV[10])
+redis.call('HSET', KEYS[3], 'maxInFlight', ARGV[5])
+if ARGV[6] ~= '' then redis.call('HINCRBY', KEYS[4], ARGV[6], 1) end
+if ARGV[8] ~= '' then
+  redis.call('HSET', KEYS[5], ARGV[7], ARGV[8])
+  redis.call('PEXPIRE', KEYS[5], ARGV[9])
 end
 return 1
 """)
@@ -164,31 +176,42 @@ def _fast(ctx: Context, what: str, fn: Callable[[], Any]) -> Any:
     return out
 
 
-def check(ctx: Context, *, assignee: str, worker: str, now_ms: int) -> FastPath | None:
+# A script call as the fast path sends it: the script, its KEYS and its ARGV. Built in one
+# place per script (``*_call``), so a caller that sends the same scripts itself (the floor
+# of ``bench/b3_claim_complete.py``) cannot fall out of step when an ARGV changes.
+Call = tuple[Script, list[str], list[Any]]
+
+
+def check_call(ctx: Context, *, assignee: str, worker: str) -> Call:
+    """``check``'s script call."""
+    k = ctx.keys
+    return (_CHECK,
+            [k.lane_meta(assignee), k.worker_lease(assignee, worker), k.lane_leases(assignee)],
+            [worker, ctx.settings.claim_reserve_ms, ctx.redis_now_arg()])
+
+
+def check(ctx: Context, *, assignee: str, worker: str) -> FastPath | None:
     """One round trip: is the lane paused, does the worker hold a lease, is the lane full,
     is another claim in flight? When none of these, the worker's slot is reserved for
-    ``claim_reserve_ms`` (``PROCEED``).
+    ``claim_reserve_ms`` (``PROCEED``), on Redis's clock.
 
     None when Redis is degraded or cannot answer within its deadline: the database decides
     alone.
     """
-    k = ctx.keys
-    res = _fast(ctx, "check the claim", lambda: _run(
-        ctx, _CHECK,
-        [k.lane_meta(assignee), k.worker_lease(assignee, worker), k.lane_leases(assignee)],
-        [now_ms, worker, now_ms + ctx.settings.claim_reserve_ms]))
+    call = check_call(ctx, assignee=assignee, worker=worker)
+    res = _fast(ctx, "check the claim", lambda: _run(ctx, *call))
     return None if res is _SKIPPED else _fast_path(res)
 
 
-def handoff(ctx: Context, *, assignee: str, worker: str, task_id: int, token: str,
-            now_ms: int) -> FastPath | None:
+def handoff(ctx: Context, *, assignee: str, worker: str, task_id: int, token: str
+            ) -> FastPath | None:
     """``drop`` the worker's lease on ``task_id`` (it is being completed) and ``check``
     its next claim, in one round trip. None when Redis is degraded."""
     k = ctx.keys
     res = _fast(ctx, "hand the lease over", lambda: _run(
         ctx, _HANDOFF,
         [k.lane_meta(assignee), k.worker_lease(assignee, worker), k.lane_leases(assignee)],
-        [token, task_id, now_ms, worker, now_ms + ctx.settings.claim_reserve_ms]))
+        [token, task_id, worker, ctx.settings.claim_reserve_ms, ctx.redis_now_arg()]))
     return None if res is _SKIPPED else _fast_path(res)
 
 
@@ -205,25 +228,33 @@ def _fast_path(res: Any) -> FastPath:
     return FastPath(PROCEED)
 
 
+def record_call(ctx: Context, *, assignee: str, worker: str, task_id: int, token: str,
+                expires_ms: int, now_ms: int, max_in_flight: int, metric: str = "",
+                skew_ms: int | None = None) -> Call:
+    """``record``'s script call. ``expires_ms`` and ``now_ms`` are the database's (the
+    lease as granted, and when): only their difference, the lease's time left, goes to
+    Redis, which keeps the lease that long on its own clock."""
+    k = ctx.keys
+    ttl = max(1, expires_ms - now_ms)
+    lease = json.dumps({"taskId": task_id, "token": token, "expiresAtMs": expires_ms})
+    skew = "" if skew_ms is None else json.dumps({"skewMs": skew_ms, "atMs": now_ms})
+    return (_RECORD,
+            [k.worker_lease(assignee, worker), k.lane_leases(assignee), k.lane_meta(assignee),
+             k.metrics(), k.clock_skew()],
+            [lease, ttl, task_id, ctx.redis_now_arg(), max_in_flight, metric, worker, skew,
+             SKEW_TTL_MS])
+
+
 def record(ctx: Context, *, assignee: str, worker: str, task_id: int, token: str,
            expires_ms: int, now_ms: int, max_in_flight: int, metric: str = "",
            skew_ms: int | None = None) -> None:
     """Mirror a granted or extended lease into Redis (best effort: the DB already holds it),
     and, in the same script, the clock skew the worker reported (``skew_ms``; ``now_ms``
     is the database's time)."""
-    k = ctx.keys
-    ttl = max(1, expires_ms - now_ms)
-    lease = json.dumps({"taskId": task_id, "token": token, "expiresAtMs": expires_ms})
-    skew = "" if skew_ms is None else json.dumps({"skewMs": skew_ms, "atMs": now_ms})
-    _best_effort(
-        "record lease",
-        lambda: _run(ctx, _RECORD,
-                     [k.worker_lease(assignee, worker), k.lane_leases(assignee),
-                      k.lane_meta(assignee), k.metrics(), k.clock_skew()],
-                     [lease, ttl, task_id, expires_ms, now_ms, max_in_flight, metric, worker,
-                      skew, SKEW_TTL_MS]),
-        ctx,
-    )
+    call = record_call(ctx, assignee=assignee, worker=worker, task_id=task_id, token=token,
+                       expires_ms=expires_ms, now_ms=now_ms, max_in_flight=max_in_flight,
+                       metric=metric, skew_ms=skew_ms)
+    _best_effort("record lease", lambda: _run(ctx, *call), ctx)
 
 
 def clock_skews(ctx: Context) -> dict[str, dict[str, int]]:
@@ -251,17 +282,19 @@ def unreserve(ctx: Context, *, assignee: str, worker: str) -> None:
     )
 
 
+def drop_call(ctx: Context, *, assignee: str, worker: str | None, task_id: int,
+              token: str | None) -> Call:
+    """``drop``'s script call."""
+    k = ctx.keys
+    worker_key = k.worker_lease(assignee, worker) if worker else k.worker_lease(assignee, "")
+    return _DROP, [worker_key, k.lane_leases(assignee)], [token or "\x00", task_id]
+
+
 def drop(ctx: Context, *, assignee: str, worker: str | None, task_id: int,
          token: str | None) -> None:
     """Forget a lease that ended (completed, failed, requeued, released)."""
-    k = ctx.keys
-    worker_key = k.worker_lease(assignee, worker) if worker else k.worker_lease(assignee, "")
-    _best_effort(
-        "drop lease",
-        lambda: _run(ctx, _DROP, [worker_key, k.lane_leases(assignee)],
-                     [token or "\x00", task_id]),
-        ctx,
-    )
+    call = drop_call(ctx, assignee=assignee, worker=worker, task_id=task_id, token=token)
+    _best_effort("drop lease", lambda: _run(ctx, *call), ctx)
 
 
 def set_paused(ctx: Context, *, assignee: str, paused: bool, reason: str | None,
@@ -354,17 +387,20 @@ def probe(ctx: Context) -> bool:
 
 # --- batched leases (a worker's prefetch, issue 22) -----------------------------------
 
-# One worker's leases in one lane recorded at once (``record`` for each, in one script).
+# One worker's leases in one lane recorded at once (``record`` for each, in one script),
+# on Redis's own clock as ``_RECORD`` is: only each lease's time left comes from the caller.
 # KEYS[1] worker lease key, KEYS[2] lane leases zset, KEYS[3] lane meta hash, KEYS[4]
 # metrics, KEYS[5] clock skew hash
-# ARGV[1] the last lease's JSON (the worker key keeps it), ARGV[2] ttl ms, ARGV[3] now ms,
-# ARGV[4] max in flight, ARGV[5] metric field ('' for none), ARGV[6] worker, ARGV[7] skew
-# report JSON ('' for none), ARGV[8] its key's TTL ms, ARGV[9..] task id, expires ms, ...
-_RECORD_MANY = Script("""
+# ARGV[1] the last lease's JSON (the worker key keeps it), ARGV[2] the longest time left
+# (ms), ARGV[3] now (``NOW_MS``: '' = Redis's TIME), ARGV[4] max in flight, ARGV[5] metric
+# field ('' for none), ARGV[6] worker, ARGV[7] skew report JSON ('' for none), ARGV[8]
+# its key's TTL ms, ARGV[9..] task id, its time left (ms), ...
+_RECORD_MANY = Script(NOW_MS + """
+local now = now_ms(ARGV[3])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('ZREM', KEYS[2], 'claim:' .. ARGV[6])
-for i = 9, #ARGV, 2 do redis.call('ZADD', KEYS[2], ARGV[i + 1], ARGV[i]) end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
+for i = 9, #ARGV, 2 do redis.call('ZADD', KEYS[2], now + tonumber(ARGV[i + 1]), ARGV[i]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 redis.call('HSET', KEYS[3], 'maxInFlight', ARGV[4])
 if ARGV[5] ~= '' then redis.call('HINCRBY', KEYS[4], ARGV[5], (#ARGV - 8) / 2) end
@@ -390,8 +426,6 @@ for i = 2, n + 1 do
 end
 return 1
 """)
-
-Call = tuple[Script, list[str], list[Any]]
 
 
 def _pipelined(ctx: Context, calls: list[Call]) -> None:
@@ -432,19 +466,21 @@ def records(ctx: Context, *, assignee: str, worker: str, granted: list[tuple[int
             now_ms: int, max_in_flight: int, metric: str = "",
             skew_ms: int | None = None) -> list[Call]:
     """The call that mirrors one worker's granted leases, ``(task id, token, expires ms)``
-    each (the worker key keeps the last one: a suggestion the database confirms; the lane's
-    zset holds them all)."""
+    each, ``now_ms`` the database's time they were granted at: only their time left goes to
+    Redis, which keeps each that long on its own clock (the worker key keeps the last one:
+    a suggestion the database confirms; the lane's zset holds them all)."""
     if not granted:
         return []
     k = ctx.keys
     tid, token, expires_ms = granted[-1]
     lease = json.dumps({"taskId": tid, "token": token, "expiresAtMs": expires_ms})
     skew = "" if skew_ms is None else json.dumps({"skewMs": skew_ms, "atMs": now_ms})
-    ttl = max(1, max(e for _, _, e in granted) - now_ms)
-    pairs = [x for t, _, e in granted for x in (t, e)]
+    left = [(t, max(1, e - now_ms)) for t, _, e in granted]  # the database's times
+    pairs = [x for t, ms in left for x in (t, ms)]
     return [(_RECORD_MANY, [k.worker_lease(assignee, worker), k.lane_leases(assignee),
                             k.lane_meta(assignee), k.metrics(), k.clock_skew()],
-             [lease, ttl, now_ms, max_in_flight, metric, worker, skew, SKEW_TTL_MS, *pairs])]
+             [lease, max(ms for _, ms in left), ctx.redis_now_arg(), max_in_flight, metric,
+              worker, skew, SKEW_TTL_MS, *pairs])]
 
 
 def sync(ctx: Context, calls: list[Call]) -> None:

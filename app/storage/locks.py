@@ -3,7 +3,12 @@
 A lock is three keys (names in ``redis_keys``), written together by one Lua script. Two
 hold the lock's *entry*: the JSON object ``collect_run_locks`` answers for it, written once
 at acquire, with two fields holding what they are computed from at read time --
-``elapsedMs`` holds startedAt ms, ``overBudget`` holds startedAt + budget ms:
+``elapsedMs`` holds startedAt ms, ``overBudget`` holds startedAt + budget ms.
+
+Every time here is Redis's (SPEC 4.9): the acquire script reads ``TIME`` and writes the
+start itself, the TTLs are ``PX``/``PEXPIRE`` that Redis counts, and every read answers
+Redis's now beside the entries, so no caller's clock -- the acquirer's or the reader's --
+moves a lock's start, its elapsed time or its over-budget flag:
 
 - ``lock:{job}``: a hash (``token``, ``entry``) living budget + grace (``extend`` sets the
   TTL again). Acquire, extend and release compare the token inside one script, so a
@@ -17,8 +22,8 @@ at acquire, with two fields holding what they are computed from at read time --
 ``collect_run_locks`` is one script, one round trip at any number of locks:
 ``SORT locks:index BY nosort GET lock:*:beat`` looks every beat up in C, oldest first, and
 the entries come back as JSON text in a few pieces (a lock whose beat is gone costs one
-``HGET`` more). The client parses it with ``json.loads`` and turns the two fields into
-``elapsedMs`` and ``overBudget`` by the caller's clock: redis-py's pure-Python reader is
+``HGET`` more), after Redis's now. The client parses it with ``json.loads`` and turns the
+two fields into ``elapsedMs`` and ``overBudget`` at that now: redis-py's pure-Python reader is
 slow on a long array reply and Lua 5.1 slow at string work, so neither works per lock.
 
 A lock whose heartbeat is gone belongs to a dead holder; self-heal breaks it
@@ -50,11 +55,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, cast
 
-from app.clock import from_ms, iso, to_ms
 from app.errors import AutonomyError
 from app.storage.context import Context
 from app.storage.redis_conn import redis_errors
-from app.storage.redis_scripts import Script, run_script
+from app.storage.redis_scripts import NOW_MS, Script, run_script, time_ms
 
 
 class AlreadyRunning(AutonomyError):
@@ -72,18 +76,49 @@ class AlreadyRunning(AutonomyError):
 # The beat key of a lock is always KEYS[1] .. ':beat' (see Keys.lock_beat): the scripts
 # build it rather than take it as one more argument.
 
-# KEYS[1] lock, KEYS[2] registry
-# ARGV[1] token, ARGV[2] entry, ARGV[3] lock ttl ms, ARGV[4] beat ttl ms, ARGV[5] job,
-# ARGV[6] startedAt ms
-# -> false acquired | the holder's entry ('' if none) when held by another
-_ACQUIRE = Script("""
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return redis.call('HGET', KEYS[1], 'entry') or ''
+# ``iso(ms)``: epoch ms -> "YYYY-MM-DDTHH:MM:SS[.fff000]Z", as ``app.clock.iso`` writes it
+# (days -> civil date: H. Hinnant's ``civil_from_days``). Lua has no date library in Redis.
+_ISO = """
+local function iso(ms)
+  local s = math.floor(ms / 1000)
+  local frac, days = ms - s * 1000, math.floor(s / 86400)
+  local sod = s - days * 86400
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400 + (m <= 2 and 1 or 0)
+  local out = string.format('%04d-%02d-%02dT%02d:%02d:%02d', y, m, d,
+    math.floor(sod / 3600), math.floor(sod % 3600 / 60), sod % 60)
+  if frac > 0 then out = out .. string.format('.%03d000', frac) end
+  return out .. 'Z'
 end
-redis.call('HSET', KEYS[1], 'token', ARGV[1], 'entry', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('SET', KEYS[1] .. ':beat', ARGV[2], 'PX', ARGV[4])
-redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
+"""
+
+# KEYS[1] lock, KEYS[2] registry
+# ARGV[1] token, ARGV[2] the entry's head (job and holder, up to startedAt's opening
+# quote), ARGV[3] budget ms, ARGV[4] lock ttl ms, ARGV[5] beat ttl ms, ARGV[6] job,
+# ARGV[7] now ('': Redis's clock)
+# -> false acquired | {the holder's entry ('' if none), now ms} when held by another
+# The run starts at Redis's now: its startedAt, its registry score and its over-budget
+# instant are on the clock that counts its TTLs, whatever the acquirer's clock reads.
+_ACQUIRE = Script(NOW_MS + _ISO + """
+local now = now_ms(ARGV[7])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {redis.call('HGET', KEYS[1], 'entry') or '', now}
+end
+local entry = ARGV[2] .. iso(now) .. '","elapsedMs":' .. string.format('%d', now) ..
+  ',"budgetMs":' .. ARGV[3] .. ',"overBudget":' ..
+  string.format('%d', now + tonumber(ARGV[3])) .. ',"holderAlive":true}'
+redis.call('HSET', KEYS[1], 'token', ARGV[1], 'entry', entry)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('SET', KEYS[1] .. ':beat', entry, 'PX', ARGV[5])
+redis.call('ZADD', KEYS[2], now, ARGV[6])
 return false
 """)
 
@@ -117,13 +152,15 @@ return 1
 """)
 
 # KEYS[1] registry; ARGV[1] key prefix, ARGV[2] '1' = break: release the locks whose
-# holder stopped beating, and list only those
-# -> pieces of JSON text: joined by ',' in brackets, the array of entries (held locks, or
-#    the ones this call broke), oldest first. A lock with no beat is listed from its lock
-#    key with holderAlive false; a job whose lock is gone leaves the registry. The
-#    registry's members are read only then (ZRANGE: the order SORT BY nosort walked).
+# holder stopped beating, and list only those; ARGV[3] now ('': Redis's clock)
+# -> {now ms, pieces of JSON text...}: the pieces joined by ',' in brackets are the array
+#    of entries (held locks, or the ones this call broke), oldest first. A lock with no
+#    beat is listed from its lock key with holderAlive false; a job whose lock is gone
+#    leaves the registry. The registry's members are read only then (ZRANGE: the order
+#    SORT BY nosort walked).
 # Pieces of 32 entries (a few KB) because Lua 5.1 builds one big string far slower.
-_WALK = Script("""
+_WALK = Script(NOW_MS + """
+local now = now_ms(ARGV[3])
 local beats = redis.call('SORT', KEYS[1], 'BY', 'nosort', 'GET', ARGV[1] .. 'lock:*:beat')
 local breaking = ARGV[2] == '1'
 local out, n = beats, #beats
@@ -149,22 +186,23 @@ if breaking or not all_beating then
     end
   end
 end
-local pieces = {}
+local pieces = {now}
 for i = 1, n, 32 do pieces[#pieces + 1] = table.concat(out, ',', i, math.min(i + 31, n)) end
 return pieces
 """)
 
 
-# KEYS[1] lock, KEYS[2] registry; ARGV[1] job
-# -> the entry of the lock this call broke (its holder stopped beating), or false when the
-#    lock is free or its holder still beats (nothing done)
-_BREAK_IF_DEAD = Script("""
+# KEYS[1] lock, KEYS[2] registry; ARGV[1] job, ARGV[2] now ('': Redis's clock)
+# -> {the entry of the lock this call broke (its holder stopped beating), now ms}, or false
+#    when the lock is free or its holder still beats (nothing done)
+_BREAK_IF_DEAD = Script(NOW_MS + """
 if redis.call('EXISTS', KEYS[1] .. ':beat') == 1 then return false end
 local entry = redis.call('HGET', KEYS[1], 'entry')
 if not entry then return false end
+local now = now_ms(ARGV[2])
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-return string.sub(entry, 1, -6) .. 'false}'
+return {string.sub(entry, 1, -6) .. 'false}', now}
 """)
 
 
@@ -197,29 +235,10 @@ def _registry(ctx: Context) -> str:
     return key
 
 
-@lru_cache(maxsize=64)
-def _iso_second(second: int) -> str:
-    whole = iso(from_ms(second * 1000))
-    assert whole is not None
-    return whole[:-1]  # "YYYY-MM-DDTHH:MM:SS": a whole second has no fraction
-
-
-def _iso_ms(ms: int) -> str:
-    """``iso(from_ms(ms))``, without a datetime per call: acquire is on the hot path."""
-    second, frac = divmod(ms, 1000)
-    return f"{_iso_second(second)}.{frac:03d}000Z" if frac else f"{_iso_second(second)}Z"
-
-
 @lru_cache(maxsize=1024)
 def _head(job: str, holder: str) -> str:
+    """The entry's head as the acquire script completes it (``_ACQUIRE``)."""
     return f'{{"job":{json.dumps(job)},"holder":{json.dumps(holder)},"startedAt":"'
-
-
-def _entry(job: str, holder: str, started_ms: int, budget_ms: int) -> str:
-    """The lock's entry as stored (see the module docstring)."""
-    return (f'{_head(job, holder)}{_iso_ms(started_ms)}","elapsedMs":{started_ms},'
-            f'"budgetMs":{budget_ms},"overBudget":{started_ms + budget_ms},'
-            f'"holderAlive":true}}')
 
 
 def _as_read(entries: list[dict[str, Any]], now_ms: int) -> list[dict[str, Any]]:
@@ -231,13 +250,13 @@ def _as_read(entries: list[dict[str, Any]], now_ms: int) -> list[dict[str, Any]]
     return entries
 
 
-def _held_by(ctx: Context, entry: str) -> tuple[str | None, int | None]:
-    """(holder, elapsed ms) of a stored entry; (None, None) for none (a lock written by
-    another version)."""
+def _held_by(entry: str, now_ms: int) -> tuple[str | None, int | None]:
+    """(holder, elapsed ms at Redis's ``now_ms``) of a stored entry; (None, None) for none
+    (a lock written by another version)."""
     if not entry:
         return None, None
     e = json.loads(entry)
-    return e["holder"], max(0, to_ms(ctx.clock()) - e["elapsedMs"])
+    return e["holder"], max(0, now_ms - e["elapsedMs"])
 
 
 def default_holder(task_id: str | None = None) -> str:
@@ -254,26 +273,31 @@ def acquire(ctx: Context, job: str, *, budget_ms: int, holder: str | None = None
 
 
 def _acquire(ctx: Context, job: str, *, budget_ms: int, holder: str, token: str | None = None
-             ) -> tuple[str | None, str]:
-    """(token, "") when taken, else (None, the holder's entry)."""
+             ) -> tuple[str | None, tuple[str, int]]:
+    """(token, ("", 0)) when taken, else (None, (the holder's entry, Redis's now ms))."""
     budget = int(budget_ms)
     s = ctx.settings
     lock_ttl = budget + s.lock_grace_ms
     token = token or os.urandom(16).hex()
-    now_ms = to_ms(ctx.clock())
     other = run_script(ctx, _ACQUIRE, 2, _lock_key(ctx, job), _registry(ctx), token,
-                  _entry(job, holder, now_ms, budget), lock_ttl,
-                  min(s.lock_holder_dead_after_ms, lock_ttl), job, now_ms)
-    return (token, "") if other is None else (None, other)
+                       _head(job, holder), budget, lock_ttl,
+                       min(s.lock_holder_dead_after_ms, lock_ttl), job, ctx.redis_now_arg())
+    if other is None:
+        return token, ("", 0)
+    return None, (other[0], int(other[1]))
 
 
 def holder_of(ctx: Context, job: str) -> dict[str, Any] | None:
     """The current holder of ``job``'s lock (``holder``, ``elapsedMs``), or None."""
-    with redis_errors(ctx.redis):
-        entry = ctx.redis.hget(_lock_key(ctx, job), "entry")
+    with redis_errors(ctx.redis):  # one round trip: the entry, and Redis's clock
+        pipe = ctx.redis.pipeline(transaction=False)
+        pipe.hget(_lock_key(ctx, job), "entry")
+        pipe.time()
+        entry, reply = pipe.execute()
     if entry is None:
         return None
-    holder, elapsed_ms = _held_by(ctx, cast(str, entry))  # the client decodes replies
+    now_ms = time_ms(ctx, reply)
+    holder, elapsed_ms = _held_by(cast(str, entry), now_ms)  # the client decodes replies
     return {"holder": holder, "elapsedMs": elapsed_ms}
 
 
@@ -319,9 +343,9 @@ def release(ctx: Context, job: str, token: str) -> bool:
 
 
 def _walk(ctx: Context, *, breaking: bool) -> list[dict[str, Any]]:
-    pieces = run_script(ctx, _WALK, 1, _registry(ctx), ctx.settings.redis_prefix,
-                   "1" if breaking else "0")
-    return _as_read(json.loads(f"[{','.join(pieces)}]"), to_ms(ctx.clock()))
+    now_ms, *pieces = run_script(ctx, _WALK, 1, _registry(ctx), ctx.settings.redis_prefix,
+                                 "1" if breaking else "0", ctx.redis_now_arg())
+    return _as_read(json.loads(f"[{','.join(pieces)}]"), int(now_ms))
 
 
 def collect_run_locks(ctx: Context) -> list[dict[str, Any]]:
@@ -344,8 +368,9 @@ def break_if_dead(ctx: Context, job: str) -> dict[str, Any] | None:
     """Release ``job``'s lock only if its holder stopped beating; answers the lock released
     (as ``collect_run_locks`` lists it), or None when it is free or its holder is alive.
     The check and the delete are one Lua step."""
-    got = run_script(ctx, _BREAK_IF_DEAD, 2, _lock_key(ctx, job), _registry(ctx), job)
-    return None if got is None else _as_read([json.loads(got)], to_ms(ctx.clock()))[0]
+    got = run_script(ctx, _BREAK_IF_DEAD, 2, _lock_key(ctx, job), _registry(ctx), job,
+                     ctx.redis_now_arg())
+    return None if got is None else _as_read([json.loads(got[0])], int(got[1]))[0]
 
 
 @dataclass
@@ -368,7 +393,7 @@ def held(ctx: Context, job: str, *, budget_ms: int, holder: str | None = None
     who = holder or default_holder()
     token, other = _acquire(ctx, job, budget_ms=budget_ms, holder=who)
     if token is None:
-        raise AlreadyRunning(job, *_held_by(ctx, other))
+        raise AlreadyRunning(job, *_held_by(*other))
     h = Held(job=job, token=token, holder=who)
     beater = threading.Thread(target=_beat_until_stopped, args=(ctx, h),
                               name=f"run-lock-{job}", daemon=True)

@@ -8,16 +8,21 @@ wakes one waiter, not the whole fleet. A wake pushed while nobody waits stays in
 lane empty and its wait.
 
 Nothing here is the authority: a wake is only a hint to claim now, and the database
-decides. Besides wakes, waiters claim on a slow safety poll, taken by one waiter per lane
-at a time (``lane:{assignee}:poll``, ``SET NX PX``), so an idle fleet costs the database
-at most one claim per ``pickup_safety_poll_ms`` per lane whatever its size -- and still
-finds work that arrived without a wake (Redis flushed, a task written by hand).
+decides. The waiting claims of one process share one blocked ``BRPOP`` over their lanes'
+wake lists (``app.storage.pickup_hub``), so an idle process costs Redis about two commands
+per ``pickup_block_s`` whatever its number of waiters (issue 22). Besides wakes, one
+process per lane leads the lane's slow safety poll (``lane:{assignee}:poll``, its token,
+renewed every ``pickup_block_s``): one of its waiters claims once per
+``pickup_safety_poll_ms`` -- the database alone, no Redis command while the lane is empty
+-- so an idle fleet costs the database one claim per period per lane whatever its size,
+and still finds work that arrived without a wake (Redis flushed, a task written by hand).
 
 A task that is not yet due (a delayed create, a failure's backoff) cannot be claimed when
 its wake arrives: the waiter that claims and finds nothing reads when the lane's next task
-falls due, bounds its wait by it, and then one waiter per due instant claims
-(``take_due_turn``, ``lane:{assignee}:due:{ms}``, ``SET NX PX``); the safety poll still
-finds what a missed turn leaves.
+falls due, bounds its wait by it and tells its process (``note_due``, kept past this
+claim), and then one waiter per due instant claims (``take_due_turn``,
+``lane:{assignee}:due:{ms}``, ``SET NX PX``); the safety poll still finds what a missed
+turn leaves.
 
 When Redis is degraded, PostgreSQL's LISTEN/NOTIFY carries the wakes instead: producers
 ``NOTIFY`` the lane in their own transaction (``store.notify_lane``) and a waiter listens
@@ -30,6 +35,7 @@ import logging
 import time
 from typing import Any
 
+from app.storage import pickup_hub
 from app.storage.context import Context
 from app.storage.redis_errors import ANY_REDIS_ERROR, CANDIDATES, describe, is_unavailable
 from app.storage.redis_scripts import Script, run_script
@@ -65,41 +71,22 @@ def wake(ctx: Context, *, assignee: str, n: int = 1) -> None:
 
 def wait(ctx: Context, *, assignee: str, timeout_s: float) -> str:
     """Block until a wake for the lane arrives or ``timeout_s`` passes. Answers ``"wake"``,
-    ``"poll"`` (no wake, but this waiter's turn for the lane's safety poll) or
-    ``"timeout"`` (claim nothing). Never longer than ``timeout_s``."""
+    ``"poll"`` (no wake, but this waiter's turn for the lane's safety poll: the database
+    alone answers its claim), ``"due"`` (a delayed task fell due) or ``"timeout"`` (claim
+    nothing). Never longer than ``timeout_s``."""
     timeout_s = max(0.0, timeout_s)
-    if ctx.redis_health.usable():
-        try:
-            return _wait_redis(ctx, assignee=assignee, timeout_s=timeout_s)
-        except CANDIDATES as e:
-            if not is_unavailable(e):
-                raise
-            ctx.redis_health.failed(e)
-            log.debug("redis: wait for lane %s failed, falling back: %s", assignee,
-                      describe(e))
+    deadline = time.monotonic() + timeout_s
+    # the degraded flag, not ``usable()``: a waiter takes no re-probe from the fast path
+    # (whose answer clears the flag); the waiters' own claims re-probe
+    if not ctx.redis_health.degraded:
+        got = pickup_hub.hub(ctx).wait(assignee, timeout_s)
+        if got != "degraded":
+            return got
+        timeout_s = max(0.0, deadline - time.monotonic())
     if ctx.engine.dialect.name == "postgresql":
         return _wait_notify(ctx, assignee=assignee, timeout_s=timeout_s)
     time.sleep(min(timeout_s, ctx.settings.pickup_safety_poll_ms / 1000))
     return "poll"
-
-
-def _wait_redis(ctx: Context, *, assignee: str, timeout_s: float) -> str:
-    k = ctx.keys
-    # BRPOP's timeout must stay inside the client's socket timeout
-    slice_cap = max(0.1, ctx.settings.redis_socket_timeout_s - 1.0)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return "timeout"
-        block = min(left, slice_cap)
-        # BRPOP takes whole seconds or fractions since Redis 6; 0 would block forever
-        got = ctx.redis.brpop([k.lane_wake(assignee)], timeout=max(0.01, round(block, 2)))
-        if got is not None:
-            return "wake"
-        if ctx.redis.set(k.lane_poll(assignee), "1", nx=True,
-                         px=ctx.settings.pickup_safety_poll_ms):
-            return "poll"
 
 
 def _wait_notify(ctx: Context, *, assignee: str, timeout_s: float) -> str:
@@ -135,23 +122,34 @@ def _listener(ctx: Context) -> Any:
     return conn
 
 
-def take_turn(ctx: Context, *, assignee: str) -> bool:
-    """Without blocking: may a claim that is about to wait try the database first? Yes
-    when a wake is pending (taken), when the lane's safety poll is this caller's, or when
-    Redis cannot say (degraded: the database decides every time)."""
-    if not ctx.redis_health.usable():
-        return True
-    k = ctx.keys
-    try:
-        if ctx.fast_redis.rpop(k.lane_wake(assignee)) is not None:
-            return True
-        return bool(ctx.fast_redis.set(k.lane_poll(assignee), "1", nx=True,
-                                       px=ctx.settings.pickup_safety_poll_ms))
-    except CANDIDATES as e:
-        if not is_unavailable(e):
-            raise
-        ctx.redis_health.failed(e)
-        return True
+def take_turn(ctx: Context, *, assignee: str) -> str | None:
+    """Without blocking or a Redis command: may a claim that is about to wait try the
+    database first? ``"wake"`` when a wake this process popped is pending (taken);
+    ``"poll"`` when Redis cannot say (degraded: the database decides every time)."""
+    if ctx.redis_health.degraded:
+        return "poll"
+    return "wake" if pickup_hub.hub(ctx).take_pending(assignee) else None
+
+
+def waiting(ctx: Context, *, assignee: str) -> int:
+    """Claims of this process (context) waiting on the lane's wake list now."""
+    got = ctx.__dict__.get("_pickup_hub")
+    return 0 if got is None else int(got.waiting(assignee))
+
+
+def note_due(ctx: Context, *, assignee: str, in_s: float, due_ms: int) -> None:
+    """The lane's next delayed task falls due in ``in_s`` (at ``due_ms``): this process
+    hands one of its waiters a ``"due"`` turn then (if it wins that instant), whether or
+    not the claim that read it still waits."""
+    if not ctx.redis_health.degraded:
+        pickup_hub.hub(ctx).note_due(assignee, in_s, due_ms)
+
+
+def note_failure(ctx: Context, e: BaseException, what: str) -> None:
+    """A Redis call of push pickup failed: degraded when it means Redis is unavailable."""
+    if is_unavailable(e):
+        ctx.redis_health.failed(e)  # type: ignore[arg-type]
+    log.debug("redis: could not %s: %s", what, describe(e))
 
 
 def take_due_turn(ctx: Context, *, assignee: str, due_ms: int) -> bool:

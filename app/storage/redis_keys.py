@@ -12,6 +12,7 @@ key                                type    TTL                                  
                                            member task id, score lease expiry ms;
                                            ``claim:{worker}``: a claim in flight
                                            holding its slot (score: when it lapses)
+                                           -- both on Redis's clock (``TIME``)
 ``lane:{assignee}:meta``           hash    none                                   leases.py
                                            ``paused`` 0/1, ``reason``, ``pausedAt``,
                                            ``maxInFlight`` -- a cache of the lane
@@ -24,10 +25,11 @@ key                                type    TTL                                  
                                            1,024. One entry per task made
                                            claimable; a waiting claim pops one
                                            (BRPOP): a hint, never the authority
-``lane:{assignee}:poll``           string  ``pickup_safety_poll_ms``              pickup.py
-                                           ``SET NX``: whose turn it is to claim
-                                           on the lane's safety poll (one waiter
-                                           per period, whatever the fleet's size)
+``lane:{assignee}:poll``           string  ``pickup_block_s`` (``SET NX PX``,     pickup_hub.py
+                                           not renewed): the token of the process
+                                           leading the lane's safety poll (one
+                                           claim per period, whatever the fleet's
+                                           size)
 ``probe``                          string  60 s                                   leases.py
                                            written by the status and ``/readyz``
                                            probes: a Redis that answers PING but
@@ -52,17 +54,20 @@ key                                type    TTL                                  
                                            scripts build it)
 ``locks:index``                    zset    none; members removed by the walk      locks.py
                                            the registry: member job, score
-                                           startedAt ms; every job whose lock may
+                                           startedAt ms (Redis's ``TIME``); every
+                                           job whose lock may
                                            be held (added on acquire, dropped by
                                            collect/break once its lock is gone) --
                                            lists held locks without scanning the
                                            keyspace
 ``beat:leader``                    hash    ``beat_lease_ttl_ms`` (set again on    leader.py
                                            renew) ``token``, ``holder``, ``since``,
-                                           ``renewedAt`` (ms): the beat leader lease
+                                           ``renewedAt`` (ms, Redis's ``TIME``): the
+                                           beat leader lease
 ``beat:standbys``                  zset    2 x lease TTL, refreshed on each write  leader.py
                                            member holder, score the ms it last
-                                           stood by; older than the TTL = gone
+                                           stood by (Redis's ``TIME``); older than
+                                           the TTL by Redis's now = gone
 =================================  ======  =====================================  ===========
 
 Celery's broker, result and event keys are Celery's own names under ``{prefix}celery:``

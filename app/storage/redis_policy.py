@@ -1,12 +1,14 @@
 """Is the Redis we use configured to keep the fleet's keys? (SPEC 4.7, "Redis that evicts
 keys")
 
-A Redis whose ``maxmemory-policy`` is ``allkeys-*`` evicts any key when it is full: a
-run-lock in the middle of its run, the beat leader lease, a lease's dedupe key. The
-database keeps every decision right, but two runs of a job, or two leading beats, become
-possible. ``noeviction`` (a full Redis refuses writes: the fleet degrades to the database)
-or ``volatile-*`` (only keys with a TTL are evicted; the fleet's locks and leases carry
-theirs, so they can be: see ``docs/operations.md``) are the settings a deployment needs.
+A Redis whose ``maxmemory-policy`` evicts keys drops the fleet's keys when it is full: a
+run-lock in the middle of its run, the beat leader lease, a lease's dedupe key --
+``allkeys-*`` any key, ``volatile-*`` keys with a TTL, which every key of the fleet has
+(the fault suite's volatile-lru row, another app's keys filling Redis, saw run-locks
+evicted and the beat lease taken over). The database keeps every decision right and the
+fencing holds, but runs are cut short and beats lose their lease. ``noeviction`` (a full
+Redis refuses writes: the fleet degrades to the database and says so) is the setting a
+deployment needs (``docs/operations.md``).
 
 ``policy(ctx)`` reads ``INFO memory`` (``CONFIG GET`` is often disabled on managed Redis),
 at most once per ``POLICY_TTL_S`` per context; status, ``/readyz`` and ``/metrics`` show
@@ -35,15 +37,16 @@ class Policy:
 
     @property
     def evicts_fleet_keys(self) -> bool:
-        """``allkeys-*``: a full Redis drops run-locks and leases, TTL or not."""
-        return self.name.startswith("allkeys-")
+        """``allkeys-*`` or ``volatile-*``: a full Redis drops run-locks and leases (they
+        all carry a TTL)."""
+        return self.name.startswith(("allkeys-", "volatile-"))
 
     def warning(self) -> str | None:
         """What is wrong with this policy, for status and ``/readyz``; None when fine."""
         if not self.evicts_fleet_keys:
             return None
         return (f"Redis maxmemory-policy is {self.name}: when full it evicts run-locks and "
-                "leases; use noeviction or volatile-lru (docs/operations.md)")
+                "leases; use noeviction (docs/operations.md)")
 
 
 def policy(ctx: Context) -> Policy | None:

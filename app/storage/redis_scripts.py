@@ -25,6 +25,28 @@ from redis.exceptions import NoScriptError
 from app.storage.context import Context
 from app.storage.redis_errors import CANDIDATES, is_unavailable, unavailable
 
+# The time on the Redis side (SPEC 4.9): a script that needs "now" starts with this and
+# calls ``now_ms(ARGV[n])``, given ``Context.redis_now_arg()`` -- Redis's own clock
+# (``TIME``) in production, a test's pinned one otherwise. Every expiry Redis keeps is a
+# ``PX``/``PEXPIRE`` TTL that Redis counts itself, and every time a script compares (a
+# zset score, a lock's start) is on that same clock: a caller's clock never decides.
+# ``TIME`` before a write in a script needs script effects replication: the default from
+# Redis 5 on, the only mode from Redis 7.
+NOW_MS = """
+local function now_ms(pinned)
+  if pinned ~= '' then return tonumber(pinned) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+
+def time_ms(ctx: Context, reply: tuple[int, int]) -> int:
+    """Redis's now in ms from a ``TIME`` reply (sent in the same round trip as a read that
+    compares times outside a script), or a test's pinned clock (``NOW_MS``'s rule)."""
+    pinned = ctx.redis_now_arg()
+    return pinned if isinstance(pinned, int) else int(reply[0]) * 1000 + int(reply[1]) // 1000
+
 
 @dataclass(frozen=True)
 class Script:

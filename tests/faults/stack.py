@@ -4,15 +4,19 @@ One ``Stack`` per backend: a throwaway ``redis-server`` (killed, restarted empty
 with SIGSTOP), the database (a SQLite file, or an embedded PostgreSQL cluster that the
 suite stops and starts), 8 ``autonomy worker`` processes (4 lanes x 2, ``maxInFlight`` 2)
 whose command appends ``"<task id> <worker>"`` to a log, a Celery worker and two beats
-(one leads). Every process carries ``AUTONOMY_FAULT_TAG`` in its environment, so a
+(one leads), and for the rows that need one the API (``autonomy serve``). Every process
+carries ``AUTONOMY_FAULT_TAG`` in its environment, so a
 process left behind (an orphaned command) is found by it.
 
 Each fault is measured on a batch of its own tasks (``measure``), from the database, the
-event log and the command log.
+event log and the command log; and the periodic jobs' recorded runs, which a trigger the
+suite adds to the database copies as they are written (``JobRuns``): two runs of one job
+recorded over the same time would mean a run-lock did not fence its run.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -36,7 +40,7 @@ from app.storage import leader, locks
 from app.storage.context import Context
 from app.storage.db import transaction
 from app.storage.models import event_table, task_table
-from tests.servers import ThrowawayPostgres, ThrowawayRedis
+from tests.servers import ThrowawayPostgres, ThrowawayRedis, free_port
 from tests.skew import shifted_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,6 +88,14 @@ class Postgres:
 class Proc:
     name: str
     popen: subprocess.Popen[bytes]
+    log: Path
+    log_from: int = 0  # where this process's lines begin in its log (restarts append)
+
+    def lines(self) -> str:
+        """What this process (not an earlier one of its name) wrote to its log."""
+        with self.log.open("rb") as f:
+            f.seek(self.log_from)
+            return f.read().decode(errors="replace")
 
 
 @dataclass
@@ -95,24 +107,32 @@ class Stack:
     database_url: str
     lease_ttl_s: float
     pg: Postgres | None = None
+    fleet_host: str = "127.0.0.1"  # the Redis address the fleet is given
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     redis: ThrowawayRedis = field(default_factory=ThrowawayRedis)
     procs: dict[str, Proc] = field(default_factory=dict)
     cmd_log: Path = field(init=False)
     ctx: Context = field(init=False)
+    api_url: str = ""
+    batch: list[int] = field(default_factory=list)  # the running fault's tasks
     _generation: int = 0
 
     def __post_init__(self) -> None:
         self.cmd_log = self.tmp / "commands.log"
         self.cmd_log.touch()
         self.ctx = Context.from_settings(self.settings())
+        self.job_runs = JobRuns(self.ctx.engine)
+
+    @property
+    def fleet_redis_url(self) -> str:
+        return f"redis://{self.fleet_host}:{self.redis.port}/0"
 
     # --- environment -------------------------------------------------------------------
 
     def env_vars(self, lease_ttl_s: float | None = None) -> dict[str, str]:
         return {
             "DATABASE_URL": self.database_url, "AUTONOMY_DATABASE_URL": self.database_url,
-            "REDIS_URL": self.redis.url, "AUTONOMY_REDIS_URL": self.redis.url,
+            "REDIS_URL": self.fleet_redis_url, "AUTONOMY_REDIS_URL": self.fleet_redis_url,
             "AUTONOMY_REDIS_PREFIX": f"faults:{self.tag}:",
             "AUTONOMY_CELERY_QUEUE": f"faults-{self.tag}",
             "AUTONOMY_LEASE_TTL_S": str(lease_ttl_s or self.lease_ttl_s),
@@ -142,11 +162,13 @@ class Stack:
         env = {**os.environ, **self.env_vars(lease_ttl_s)}
         if clock_offset_s:  # this process's wall clock reads that far off (tests/skew.py)
             env = shifted_env(env, clock_offset_s, self.tmp / f"clock-{name}")
-        out = (self.tmp / f"{name}.log").open("ab")
+        log = self.tmp / f"{name}.log"
+        out = log.open("ab")
+        log_from = out.tell()
         p = subprocess.Popen(argv, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL)
         out.close()
-        proc = Proc(name, p)
+        proc = Proc(name, p, log, log_from)
         self.procs[name] = proc
         return proc
 
@@ -192,17 +214,24 @@ class Stack:
             self._spawn(b, [*celery, "beat", "--loglevel", "INFO",
                             "--schedule", str(self.tmp / f"{b}-schedule")])
 
+    def start_api(self) -> None:
+        """The API on a free loopback port (``api_url``)."""
+        port = free_port()
+        self.api_url = f"http://127.0.0.1:{port}"
+        self._spawn("api", [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1",
+                            "--port", str(port)])
+
     def restart(self, name: str) -> None:
         old = self.procs[name]
         self._spawn(name, list(old.popen.args))  # type: ignore[arg-type]
 
     def stop_all(self) -> None:
         self.stop_workers()
-        for name in ("beat1", "beat2", "celery"):
+        for name in ("beat1", "beat2", "celery", "api"):
             p = self.procs.get(name)
             if p is not None and p.popen.poll() is None:
                 p.popen.send_signal(signal.SIGTERM)
-        for name in ("beat1", "beat2", "celery"):
+        for name in ("beat1", "beat2", "celery", "api"):
             p = self.procs.get(name)
             if p is None:
                 continue
@@ -266,7 +295,8 @@ class Stack:
 
     def seed(self, n: int, label: str) -> list[int]:
         """``n`` tasks over the lanes, released all at once (the lanes are paused while
-        they are created, so the batch does not drain while it is being seeded)."""
+        they are created, so the batch does not drain while it is being seeded); they are
+        the running fault's ``batch`` (the list answered)."""
         for lane in LANES:
             lane_control.configure_lane(self.ctx, assignee=lane, max_in_flight=MAX_IN_FLIGHT,
                                         actor="faults")
@@ -278,6 +308,7 @@ class Stack:
                                     title=f"{label} {i}")["task"]["id"])
         for lane in LANES:
             lane_control.resume_lane(self.ctx, assignee=lane, actor="faults")
+        self.batch = ids
         return ids
 
     def done_count(self, ids: list[int]) -> int:
@@ -323,6 +354,50 @@ class Stack:
         return n
 
 
+class JobRuns:
+    """The periodic jobs' recorded runs. A trigger of the suite's (not the product's)
+    copies every write of a ``job:{name}`` check state -- one a run records, or a skipped
+    run rewrites -- into a table of the suite's, ``fault_job_runs``."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        copy = "INSERT INTO fault_job_runs VALUES (NEW.name, NEW.data)"
+        only_jobs = "substr(NEW.name, 1, 4) = 'job:'"
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE fault_job_runs (name TEXT, data TEXT)")
+            if engine.dialect.name == "postgresql":
+                conn.exec_driver_sql("CREATE FUNCTION fault_job_run() RETURNS trigger "
+                                     f"LANGUAGE plpgsql AS $$ BEGIN {copy}; RETURN NEW; END $$")
+                conn.exec_driver_sql("CREATE TRIGGER fault_job_runs AFTER INSERT OR UPDATE ON "
+                                     f"check_state FOR EACH ROW WHEN ({only_jobs}) "
+                                     "EXECUTE FUNCTION fault_job_run()")
+            else:
+                for event in ("INSERT", "UPDATE"):
+                    conn.exec_driver_sql(f"CREATE TRIGGER fault_job_runs_{event} AFTER {event} "
+                                         f"ON check_state WHEN {only_jobs} BEGIN {copy}; END")
+
+    def overlapping(self, since: datetime) -> int:
+        """Recorded runs started at or after ``since`` that began before an earlier run
+        of the same job had recorded (times are the database's, as the runs wrote them)."""
+        with self.engine.connect() as conn:
+            rows = conn.exec_driver_sql("SELECT name, data FROM fault_job_runs").all()
+        since_ms = int(since.timestamp() * 1000)
+        spans: dict[str, set[tuple[int, int]]] = defaultdict(set)
+        for name, data in rows:
+            d = json.loads(data)
+            start, end = d.get("lastStartedAt"), d.get("lastRunAt")
+            if isinstance(start, int) and isinstance(end, int) and start >= since_ms:
+                spans[name].add((start, end))
+        n = 0
+        for runs in spans.values():
+            latest_end = None
+            for start, end in sorted(runs):
+                if latest_end is not None and start < latest_end:
+                    n += 1
+                latest_end = end if latest_end is None else max(latest_end, end)
+        return n
+
+
 @dataclass
 class Row:
     """One fault's line of the table."""
@@ -338,6 +413,7 @@ class Row:
     duplicates_why: str
     done_during_outage: str
     beat_jobs_after: int
+    job_runs_at_once: int
     left_behind: int
     notes: str = ""
 
@@ -345,13 +421,13 @@ class Row:
         dup = f"{self.duplicates}" + (f" ({self.duplicates_why})" if self.duplicates else "")
         return [self.fault, self.backend, str(self.tasks), str(self.done), str(self.lost),
                 str(self.double_grants), f"{self.max_in_flight}/{MAX_IN_FLIGHT}", dup,
-                self.done_during_outage, str(self.beat_jobs_after), str(self.left_behind),
-                self.notes]
+                self.done_during_outage, str(self.beat_jobs_after),
+                str(self.job_runs_at_once), str(self.left_behind), self.notes]
 
 
 HEADER = ["fault", "db", "tasks", "done", "lost", "double grants", "max in flight",
-          "duplicate runs (why)", "done during outage", "beat jobs after", "left behind",
-          "notes"]
+          "duplicate runs (why)", "done during outage", "beat jobs after",
+          "job runs recorded at once", "left behind", "notes"]
 
 
 def table(rows: list[Row]) -> str:
@@ -360,9 +436,9 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def measure(stack: Stack, fault: str, ids: list[int], *, outage: tuple[datetime, datetime]
-            | None, fault_end: datetime, notes: str = "",
-            outage_label: str | None = None) -> Row:
+def measure(stack: Stack, fault: str, ids: list[int], *, since: datetime,
+            outage: tuple[datetime, datetime] | str | None, fault_end: datetime,
+            notes: str = "") -> Row:
     """The row for one fault, from the database, the event log and the command log."""
     id_set = set(ids)
     done = stack.done_count(ids)
@@ -394,8 +470,8 @@ def measure(stack: Stack, fault: str, ids: list[int], *, outage: tuple[datetime,
             runs[int(parts[0])] += 1
     dups = {t: n - 1 for t, n in runs.items() if n > 1}
     why = Counter("lease expired" if t in requeued else "UNEXPLAINED" for t in dups)
-    during = outage_label
-    if during is None and outage is not None:
+    during = outage if isinstance(outage, str) else None
+    if not isinstance(outage, str) and outage is not None:
         with transaction(stack.ctx.engine, write=False) as conn:
             during = str(conn.execute(
                 sa.select(sa.func.count()).select_from(task_table)
@@ -407,4 +483,5 @@ def measure(stack: Stack, fault: str, ids: list[int], *, outage: tuple[datetime,
                duplicates_why=", ".join(f"{n} {w}" for w, n in sorted(why.items())),
                done_during_outage=during or "-",
                beat_jobs_after=stack.beat_sends_since(fault_end),
+               job_runs_at_once=stack.job_runs.overlapping(since),
                left_behind=len(stack.left_behind()), notes=notes)

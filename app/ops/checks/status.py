@@ -28,12 +28,13 @@ from app.storage.db import transaction
 from app.storage.redis_errors import redis_errors
 
 
-def _fingerprints(conn: Any, ctx: Context, *, since: datetime,
+def _fingerprints(conn: Any, ctx: Context, *, now: datetime, since: datetime,
                   resumed: dict[str, datetime | None]) -> list[dict[str, Any]]:
     """Recent fingerprints with the count the breaker uses: since the lane's last resume
     when that is within the window (``countSince``), else over the window; ``windowCount``
-    is every hit in the window. Most counted first."""
-    s, now = ctx.settings, ctx.clock()
+    is every hit in the window, both from the database's ``now`` (the one clock). Most
+    counted first."""
+    s = ctx.settings
     out = []
     for r in store.recent_fingerprints(conn, since=since):
         start = breaker.window_start(now=now, window_h=s.breaker_window_h,
@@ -67,7 +68,7 @@ def build_status(ctx: Context) -> dict[str, Any]:
         since = now - timedelta(hours=s.breaker_window_h)
         pruning = retention.retention_view(ctx, conn, now)
         resumed = {r["assignee"]: r["resumed_at"] for r in lane_rows}
-        fingerprints = _fingerprints(conn, ctx, since=since, resumed=resumed)
+        fingerprints = _fingerprints(conn, ctx, now=now, since=since, resumed=resumed)
     run_locks: list[dict[str, Any]] = []
     beat = leader.unknown(ctx)
     metrics: dict[str, int] = {}
