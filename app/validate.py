@@ -52,6 +52,7 @@ DELAY_S_MAX = 366 * 86400.0
 MAX_ATTEMPTS_MAX = 10_000
 BACKOFF_S_MAX = 7 * 86400.0
 LIST_LIMIT_MAX = 500
+CLAIM_MAX_MAX = 100  # leases one claim may grant (a worker's prefetch K)
 CLOCK_SKEW_MS_MAX = 366 * 24 * 3600 * 1000  # a year: any real clock error, and no overflow
 TASK_STATUSES = ("todo", "in_progress", "done", "cancelled", "dead")
 TASK_KINDS = ("work", "ops_remediation")
@@ -79,6 +80,7 @@ class Types(NamedTuple):
     backoff_s: Any = None
     list_limit: Any = None
     clock_skew_ms: Any = None
+    claim_max: Any = None
 
 
 @lru_cache(maxsize=32)
@@ -110,6 +112,7 @@ def _types(assignee_max: int, worker_max: int, title_max: int, reason_max: int,
         backoff_s=Annotated[float, Ge(0), Le(BACKOFF_S_MAX)],
         list_limit=Annotated[int, Ge(1), Le(LIST_LIMIT_MAX)],
         clock_skew_ms=Annotated[int, Ge(-CLOCK_SKEW_MS_MAX), Le(CLOCK_SKEW_MS_MAX)],
+        claim_max=Annotated[int, Ge(1), Le(CLAIM_MAX_MAX)],
     )
 
 
@@ -344,6 +347,14 @@ def wait_ms(value: Any, s: Settings) -> int:
         return 0
     out: int = _check(types(s).wait_ms, value, InvalidInput, "waitMs",
                       f"waitMs must be an integer from 0 to {s.claim_wait_max_ms}")
+    return out
+
+
+def claim_max(value: Any) -> int:
+    """A claim's ``max``: how many leases it may grant the worker at once, counting those
+    it holds (its prefetch K), 1 to ``CLAIM_MAX_MAX``."""
+    out: int = _check(types(DEFAULT_LIMITS).claim_max, value, InvalidInput, "max",
+                      f"max must be an integer from 1 to {CLAIM_MAX_MAX}")
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from app import ops
 from app.ops import lane_control, lanes
 from app.storage.context import Context
 from bench.common import Env, Row
@@ -45,6 +46,7 @@ def cycle_counts(ctx: Context, trace: PgTrace) -> dict[str, WireCount]:
     complete(claim())  # the lane is empty now
     out["empty claim"] = count_wire(trace, claim)
     out["worker cycle"] = _worker_cycle(ctx, trace)
+    out["batched cycle"] = _batched_cycle(ctx, trace)
     return out
 
 
@@ -60,6 +62,32 @@ def _worker_cycle(ctx: Context, trace: PgTrace) -> WireCount:
                              outcome="success",
                              claim_next={"assignee": LANE, "worker": "rt-worker"})["next"]
         assert got.get("lease") and not got.get("guard"), got
+
+    for _ in range(7):  # warm
+        cycle()
+    return count_wire(trace, cycle)
+
+
+BATCH_K = 10  # the prefetch of bench 8's batched mode
+
+
+def _batched_cycle(ctx: Context, trace: PgTrace) -> WireCount:
+    """What ``LaneWorker(prefetch=K)`` sends per K tasks once it runs: one
+    ``complete_many`` of K that hands over the next K (issue 22)."""
+    # the worker cycle above still holds its last lease: room for K more
+    lane_control.configure_lane(ctx, assignee=LANE, max_in_flight=BATCH_K + 1, actor="bench")
+    for i in range(BATCH_K * 10):
+        lanes.create(ctx, assignee=LANE, title=f"batch {i}")
+    got = lanes.claim(ctx, assignee=LANE, worker="rt-batch", max_n=BATCH_K)
+
+    def cycle() -> None:
+        nonlocal got
+        items = [{"taskId": x["task"]["id"], "leaseToken": x["lease"]["token"]}
+                 for x in got["leases"]]
+        got = ops.dispatch(ctx, {"action": "complete_many", "items": items, "max": BATCH_K,
+                                 "claimNext": {"assignee": LANE, "worker": "rt-batch"}}
+                           )["next"]
+        assert len(got["leases"]) == BATCH_K, len(got["leases"])
 
     for _ in range(7):  # warm
         cycle()
@@ -84,6 +112,7 @@ def run(env: Env) -> list[Row]:
         trace.close()
         ctx.close()
     t, w = total(counts), counts["worker cycle"].to_json()
+    b = counts["batched cycle"].to_json()
     details = {k: v.to_json() for k, v in counts.items()}
     labels = (("pgRoundTrips", "PostgreSQL round trips"),
               ("pgTransactions", "PostgreSQL transactions"),
@@ -97,5 +126,10 @@ def run(env: Env) -> list[Row]:
         Row(bench=10, what=f"worker cycle (complete + claimNext): {label}", figure=w[key],
             unit="per cycle", baseline=BEFORE[key], baseline_what="before issue 13",
             target="report")
+        for key, label in labels
+    ] + [
+        Row(bench=10, what=f"batched cycle (complete_many of {BATCH_K} + the next "
+            f"{BATCH_K}): {label} per task", figure=b[key] / BATCH_K, unit="per task",
+            baseline=w[key], baseline_what="worker cycle (one task)", target="report")
         for key, label in labels
     ]

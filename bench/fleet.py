@@ -134,21 +134,98 @@ class Fleet:
                 p.join(10)
 
 
+def _cpu_s(pids: list[int]) -> dict[int, float]:
+    """User + system CPU seconds of each process (and its children) still running."""
+    import psutil
+
+    out: dict[int, float] = {}
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            for p in (proc, *proc.children(recursive=True)):
+                t = p.cpu_times()
+                out[p.pid] = t.user + t.system
+        except psutil.Error:
+            continue
+    return out
+
+
+class PgCost:
+    """What a drain cost PostgreSQL, from the server's own books: transactions committed in
+    the bench's database (``pg_stat_database.xact_commit``: reads included; read once the
+    fleet's connections are closed, since a backend flushes its counts on exit and
+    otherwise only now and then), and CPU of the backends serving it plus the server's
+    background processes (WAL writer, checkpointer, ...; from ``/proc``: the server runs on
+    this machine) from go to done -- a backend started during the drain counts whole."""
+
+    def __init__(self, dsn: str) -> None:
+        import psycopg
+
+        self._conn = psycopg.connect(dsn, autocommit=True)
+        self.before = set(self._pids())  # made before the fleet connects: not its own
+        self.commits0, self.cpu0 = 0, {}
+
+    def mark(self) -> None:
+        """The start: the fleet connected and warm."""
+        self.commits0, self.cpu0 = self._commits(), _cpu_s(self._pids())
+
+    def _pids(self) -> list[int]:
+        return [int(r[0]) for r in self._conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE (datname = current_database()"
+            " OR backend_type <> 'client backend') AND pid <> pg_backend_pid()").fetchall()]
+
+    def _commits(self) -> int:
+        self._conn.execute("SELECT pg_stat_clear_snapshot()")
+        return int(self._conn.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()[0])
+
+    def cpu_s(self) -> float:
+        """CPU spent since the start."""
+        cpu = _cpu_s(list({*self.cpu0, *self._pids()}))
+        return sum(v - self.cpu0.get(pid, 0.0) for pid, v in cpu.items())
+
+    def commits(self, *, timeout_s: float = 10.0) -> float:
+        """Transactions committed since the start, once the database's other backends
+        have gone (closed by their fleet: their counts flushed)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and set(self._pids()) - self.before:
+            time.sleep(0.1)
+        out = float(self._commits() - self.commits0)
+        self._conn.close()
+        return out
+
+
 def drain(target: Callable[..., None], cfg: dict[str, Any], *, procs: int, jobs: int,
-          timeout_s: float = 600) -> dict[str, Any]:
+          timeout_s: float = 600, pg_dsn: str | None = None) -> dict[str, Any]:
     """Start a fleet on a queue already holding ``jobs`` jobs; time it until the handlers
-    ran that many; check exactly-once."""
+    ran that many; check exactly-once. Also what it cost per task (``cost``): the
+    workers' CPU from go to done and, with ``pg_dsn`` (the bench's database),
+    PostgreSQL's CPU and commits over the same span."""
     fleet = Fleet(target, cfg, procs)
     fleet.shared.target.value = jobs
+    pg = PgCost(pg_dsn) if pg_dsn else None
     fleet.start()
+    pids = [p.pid for p in fleet.ps if p.pid is not None]
+    if pg:
+        pg.mark()
+    cpu0 = _cpu_s(pids)
     t0 = fleet.go()
     finished = fleet.wait_done(timeout_s)
     elapsed = time.perf_counter() - t0
+    cpu1 = _cpu_s(pids)
+    worker_cpu = sum(v - cpu0.get(pid, 0.0) for pid, v in cpu1.items())
+    pg_cpu = pg.cpu_s() if pg else 0.0
+    n = max(1, fleet.shared.executions.value)
+    cost = {"workerCpuMsPerTask": round(1000 * worker_cpu / n, 3)}
     reports = fleet.stop()
+    if pg:
+        cost |= {"pgCpuMsPerTask": round(1000 * pg_cpu / n, 3),
+                 "pgCommitsPerTask": round(pg.commits() / n, 3)}
     ids = [i for r in reports for i in r["ids"]]
     executions = fleet.shared.executions.value
     return {"throughput": executions / elapsed if finished else 0.0,
             "elapsedS": round(elapsed, 3), "executions": executions,
             "distinct": len(set(ids)), "finished": finished,
             "exactlyOnce": finished and executions == jobs and len(set(ids)) == jobs
-            and len(ids) == jobs}
+            and len(ids) == jobs, "cost": cost}

@@ -28,6 +28,7 @@ MUTATING_SAMPLES: dict[str, dict[str, Any]] = {
     "claim": {"assignee": "coder", "worker": "w1"},
     "heartbeat": {"taskId": 1, "leaseToken": "0" * 32},
     "complete": {"taskId": 1, "leaseToken": "0" * 32, "outcome": "success"},
+    "complete_many": {"items": [{"taskId": 1, "leaseToken": "0" * 32}]},
     "release": {"taskId": 1, "leaseToken": "0" * 32},
     "pause_lane": {"assignee": "coder", "reason": "x"},
     "resume_lane": {"assignee": "coder"},

@@ -28,7 +28,7 @@ BASE: dict[str, Any] = {
     "assignee": "lane", "worker": "w1", "title": "t", "priority": 0, "taskId": 1,
     "leaseToken": "0" * 32, "outcome": "success", "validationReason": "why", "reason": "why",
     "actor": "a1", "maxInFlight": 2, "fingerprint": "lane:x", "windowHours": 1,
-    "status": "ok",
+    "status": "ok", "items": [{"taskId": 1, "leaseToken": "0" * 32}],
 }
 
 

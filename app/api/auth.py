@@ -12,10 +12,10 @@ rules of its scope.
   static files, the API docs and their schema (they show no data), ``/metrics`` by
   default (it carries no task text).
 - Per action (``authorize``): ``operator`` may do everything; ``worker`` may ``claim``,
-  ``heartbeat``, ``complete`` and ``release`` in its lanes under its worker name(s), and
-  its leases only; ``read`` may ``status``, ``history``, ``fingerprint_count`` and
-  ``tasks``. Any other action -- including ones added later -- is ``operator``'s.
-  A refusal is ``403 forbidden_scope`` and an event.
+  ``heartbeat``, ``complete``, ``complete_many`` and ``release`` in its lanes under its
+  worker name(s), and its leases only; ``read`` may ``status``, ``history``,
+  ``fingerprint_count`` and ``tasks``. Any other action -- including ones added
+  later -- is ``operator``'s. A refusal is ``403 forbidden_scope`` and an event.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from app.principal import Principal
 from app.storage.context import Context
 
 COOKIE = "autonomy_session"
-WORKER_ACTIONS = frozenset({"claim", "heartbeat", "complete", "release"})
+WORKER_ACTIONS = frozenset({"claim", "heartbeat", "complete", "complete_many", "release"})
 READ_ACTIONS = frozenset({"status", "history", "fingerprint_count", "tasks"})
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/login", "/logout", "/docs", "/openapi.json",
                         "/favicon.ico"})
@@ -94,7 +94,7 @@ def authorize(ctx: Context, p: Principal | None, request: dict[str, Any]) -> Non
     if action == "claim":
         claims.append((request.get("assignee"), request.get("worker")))
     nxt = request.get("claimNext")
-    if action == "complete" and isinstance(nxt, dict):
+    if action in ("complete", "complete_many") and isinstance(nxt, dict):
         claims.append((nxt.get("assignee"), nxt.get("worker")))
     for lane, worker in claims:
         if not p.may_use_lane(str(lane)):

@@ -53,9 +53,9 @@ def _json(answer: dict[str, Any]) -> JSONResponse:
     summary="Run one action", openapi_extra={"requestBody": _REQUEST_BODY},
     operation_id="act", tags=["actions"],
     description="Every action of the SPEC by its wire name (`create`, `claim`, `heartbeat`, "
-                "`complete`, `release`, `pause_lane`, `resume_lane`, `configure_lane`, "
-                "`fingerprint_count`, `status`, `history`, `ops_incident`, `cancel`, "
-                "`requeue`, `tasks`). Mutating "
+                "`complete`, `complete_many`, `release`, `pause_lane`, `resume_lane`, "
+                "`configure_lane`, `fingerprint_count`, `status`, `history`, `ops_incident`, "
+                "`cancel`, `requeue`, `tasks`). Mutating "
                 "actions need the bearer token when the server has one. Every answer has "
                 "`ok`; a refusal has `error` (a stable code) and `message`. A 200 answer "
                 "echoes `action`: the one schema per action, discriminated on it.",

@@ -58,6 +58,10 @@ def _build(t: validate.Types) -> RequestSchema:
     claim_next = create_model("ClaimNext", __base__=_Request,
                               assignee=_req(t.assignee, "The lane."),
                               worker=_req(t.worker, "Who claims: the lease's holder."))
+    complete_item = create_model("CompleteItem", __base__=_Request,
+                                 taskId=_req(t.task_id, "The task."),
+                                 leaseToken=_req(t.lease_token, "Its lease's token."),
+                                 result=_opt(obj, "A JSON object kept on the task." + _TEXT))
     specs: list[tuple[str, str, str, dict[str, Any]]] = [
         ("CreateRequest", "Queue a task in a lane.", "create", {
             "assignee": _req(t.assignee, "The lane."),
@@ -81,7 +85,11 @@ def _build(t: validate.Types) -> RequestSchema:
                            "default 0)."),
             "clockSkewMs": _opt(t.clock_skew_ms, "The worker's clock minus the database's "
                                 "(ms), as it measured it from answers' `serverTime`: shown "
-                                "in status and `/metrics` (leases never depend on it).")}),
+                                "in status and `/metrics` (leases never depend on it)."),
+            "max": _opt(t.claim_max, "A prefetch: grant up to this many leases at once, "
+                        "counting those the worker holds in the lane, each a lease of its "
+                        "own (answered as `leases`; `task` and `lease` are the first). "
+                        "Without it, one lease.")}),
         ("HeartbeatRequest", "Extend a live lease.", "heartbeat", {
             "taskId": _req(t.task_id, "The task."),
             "leaseToken": _req(t.lease_token, "The token the claim answered."),
@@ -104,6 +112,20 @@ def _build(t: validate.Types) -> RequestSchema:
             "clockSkewMs": _opt(t.clock_skew_ms, "The worker's clock minus the database's "
                                 "(ms), as it measured it from answers' `serverTime`: shown "
                                 "in status and `/metrics` (leases never depend on it).")}),
+        ("CompleteManyRequest", "Finish several leased tasks with success in one "
+         "statement and one commit, each fenced by its own token, each with its own event; "
+         "an item refused (a stale token) is answered alone in `results`.",
+         "complete_many", {
+            "items": _req(list[complete_item],  # type: ignore[valid-type]
+                          "The leases to complete (1 to "
+                          f"{validate.CLAIM_MAX_MAX})."),
+            "actor": _opt(t.worker, "Who completes (default: each lease's holder)."),
+            "claimNext": _opt(claim_next, "Once recorded, claim up to `max` next leases "
+                              "for this worker in this lane, answered as `next` (what "
+                              "`claim` with `max` answers)."),
+            "max": _opt(t.claim_max, "How many leases `claimNext` may hand over, counting "
+                        "those the worker still holds (default 1)."),
+            "clockSkewMs": _opt(t.clock_skew_ms, "As `complete` takes it.")}),
         ("ReleaseRequest", "Give a lease back without an outcome.", "release", {
             "taskId": _req(t.task_id, "The task."),
             "leaseToken": _req(t.lease_token, "The token the claim answered."),
@@ -295,6 +317,18 @@ class TaskAnswer(_Answer):
     remediationTaskId: int | None = None
     next: TaskAnswer | None = Field(default=None, description=(
         "`complete` with `claimNext`: the worker's next claim, as `claim` answers it."))
+    leases: list[dict[str, Any]] | None = Field(default=None, description=(
+        "`claim` with `max`: every lease granted, `[{task, lease}]`, in claim order."))
+
+
+class CompleteManyAnswer(_Answer):
+    """``complete_many``: one result per item, in order -- ``{ok: true, task}`` (or a
+    retry's ``guard``), or ``{ok: false, error, message, taskId}`` for an item refused
+    alone -- and ``next`` (``claimNext``): the worker's next leases, as ``claim`` with
+    ``max`` answers."""
+
+    results: list[dict[str, Any]]
+    next: TaskAnswer | None = None
 
 
 class LeaseAnswer(_Answer):
@@ -427,7 +461,8 @@ class ErrorAnswer(BaseModel):
 # what each action answers; the HTTP answer also echoes ``action``, the discriminator
 ANSWERS: dict[str, type[_Answer]] = {
     "create": TaskAnswer, "claim": TaskAnswer, "heartbeat": LeaseAnswer,
-    "complete": TaskAnswer, "release": ReleaseAnswer, "pause_lane": LaneAnswer,
+    "complete": TaskAnswer, "complete_many": CompleteManyAnswer, "release": ReleaseAnswer,
+    "pause_lane": LaneAnswer,
     "resume_lane": LaneAnswer, "configure_lane": LaneAnswer,
     "fingerprint_count": FingerprintCountAnswer, "history": HistoryAnswer,
     "status": StatusAnswer, "ops_incident": OpsIncidentAnswer, "cancel": CancelAnswer,

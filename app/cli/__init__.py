@@ -118,9 +118,13 @@ def create(assignee: str, title: str,
 
 
 @app.command()
-def claim(assignee: str, worker: str, as_json: bool | None = JsonOpt) -> None:
-    """Claim the lane's next task under a lease."""
-    call({"action": "claim", "assignee": assignee, "worker": worker}, as_json, _task_line)
+def claim(assignee: str, worker: str,
+          max_n: int | None = typer.Option(
+              None, "--max", min=1, help="Up to this many leases at once (a prefetch)."),
+          as_json: bool | None = JsonOpt) -> None:
+    """Claim the lane's next task under a lease (with --max, up to that many)."""
+    call({"action": "claim", "assignee": assignee, "worker": worker, "max": max_n}, as_json,
+         _task_line)
 
 
 @app.command()

@@ -53,6 +53,9 @@ def worker(
     idle_max: float = typer.Option(2.0, min=0.01, help="Longest poll wait on an empty lane."),
     pause_max: float = typer.Option(30.0, min=0.01,
                                     help="Longest wait between claims on a paused lane."),
+    prefetch: int = typer.Option(1, min=1, max=100,
+                                 help="Leases each loop holds at once (claimed and "
+                                      "completed in batches; 1: one at a time)."),
     as_json: bool | None = typer.Option(None, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Consume a lane: run CMD once per task (exit 0 = success, else failure with the last
@@ -77,7 +80,8 @@ def worker(
                                            result_max_bytes=settings.payload_max_bytes),
                        worker_name=base if concurrency == 1 else f"{base}-{i}", client=client,
                        heartbeat_interval_s=heartbeat, idle_backoff_s=(0.1, idle_max),
-                       pause_backoff_s=(min(1.0, pause_max), pause_max))
+                       pause_backoff_s=(min(1.0, pause_max), pause_max),
+                       prefetch=prefetch)
             for i in range(1, concurrency + 1)
         ]
     except AutonomyError as e:

@@ -12,11 +12,12 @@ from typing import Any
 
 from app import validate
 from app.errors import InvalidAction, InvalidInput
-from app.ops import breaker, history, lane_control, lanes, lifecycle
+from app.ops import batch, breaker, history, lane_control, lanes, lifecycle
 from app.storage.context import Context
 
-MUTATING = frozenset({"create", "claim", "heartbeat", "complete", "release", "pause_lane",
-                      "resume_lane", "configure_lane", "ops_incident", "cancel", "requeue"})
+MUTATING = frozenset({"create", "claim", "heartbeat", "complete", "complete_many", "release",
+                      "pause_lane", "resume_lane", "configure_lane", "ops_incident",
+                      "cancel", "requeue"})
 
 
 def _fingerprint_count(ctx: Context, f: Mapping[str, Any]) -> dict[str, Any]:
@@ -51,7 +52,7 @@ ACTIONS: dict[str, Callable[[Context, Mapping[str, Any]], dict[str, Any]]] = {
         delay_s=f.get("delayS")),
     "claim": lambda ctx, f: lanes.claim(
         ctx, assignee=f.get("assignee"), worker=f.get("worker"),  # type: ignore[arg-type]
-        wait_ms=f.get("waitMs"), clock_skew_ms=f.get("clockSkewMs")),
+        wait_ms=f.get("waitMs"), clock_skew_ms=f.get("clockSkewMs"), max_n=f.get("max")),
     "heartbeat": lambda ctx, f: lanes.heartbeat(
         ctx, task_id=f.get("taskId"), lease_token=f.get("leaseToken"),
         clock_skew_ms=f.get("clockSkewMs")),
@@ -60,6 +61,9 @@ ACTIONS: dict[str, Callable[[Context, Mapping[str, Any]], dict[str, Any]]] = {
         outcome=f.get("outcome"), validation_reason=f.get("validationReason"),
         result=f.get("result"), actor=f.get("actor"), claim_next=f.get("claimNext"),
         clock_skew_ms=f.get("clockSkewMs")),
+    "complete_many": lambda ctx, f: batch.complete_many(
+        ctx, items=f.get("items"), actor=f.get("actor"), claim_next=f.get("claimNext"),
+        max_n=f.get("max"), clock_skew_ms=f.get("clockSkewMs")),
     "release": lambda ctx, f: lanes.release(
         ctx, task_id=f.get("taskId"), lease_token=f.get("leaseToken"), actor=f.get("actor")),
     "pause_lane": lambda ctx, f: lane_control.pause_lane(

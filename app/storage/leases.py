@@ -383,3 +383,108 @@ def probe(ctx: Context) -> bool:
         if ctx.redis_health.degraded:
             return False
     return False
+
+
+# --- batched leases (a worker's prefetch, issue 22) -----------------------------------
+
+# One worker's leases in one lane recorded at once (``record`` for each, in one script),
+# on Redis's own clock as ``_RECORD`` is: only each lease's time left comes from the caller.
+# KEYS[1] worker lease key, KEYS[2] lane leases zset, KEYS[3] lane meta hash, KEYS[4]
+# metrics, KEYS[5] clock skew hash
+# ARGV[1] the last lease's JSON (the worker key keeps it), ARGV[2] the longest time left
+# (ms), ARGV[3] now (``NOW_MS``: '' = Redis's TIME), ARGV[4] max in flight, ARGV[5] metric
+# field ('' for none), ARGV[6] worker, ARGV[7] skew report JSON ('' for none), ARGV[8]
+# its key's TTL ms, ARGV[9..] task id, its time left (ms), ...
+_RECORD_MANY = Script(NOW_MS + """
+local now = now_ms(ARGV[3])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZREM', KEYS[2], 'claim:' .. ARGV[6])
+for i = 9, #ARGV, 2 do redis.call('ZADD', KEYS[2], now + tonumber(ARGV[i + 1]), ARGV[i]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[3], 'maxInFlight', ARGV[4])
+if ARGV[5] ~= '' then redis.call('HINCRBY', KEYS[4], ARGV[5], (#ARGV - 8) / 2) end
+if ARGV[7] ~= '' then
+  redis.call('HSET', KEYS[5], ARGV[6], ARGV[7])
+  redis.call('PEXPIRE', KEYS[5], ARGV[8])
+end
+return 1
+""")
+
+# One worker's ended leases in one lane dropped at once (``_DROP`` for each).
+# KEYS[1] worker lease key, KEYS[2] lane leases zset
+# ARGV[1] n, ARGV[2..n+1] tokens, ARGV[n+2..2n+1] their task ids
+_DROP_MANY = Script("""
+local n = tonumber(ARGV[1])
+local cur = redis.call('GET', KEYS[1])
+for i = 2, n + 1 do
+  if cur and string.find(cur, ARGV[i], 1, true) then
+    redis.call('DEL', KEYS[1])
+    cur = nil
+  end
+  redis.call('ZREM', KEYS[2], ARGV[i + n])
+end
+return 1
+""")
+
+
+def _pipelined(ctx: Context, calls: list[Call]) -> None:
+    """Every ``(script, keys, args)`` in one round trip (``EVALSHA`` pipelined; a Redis
+    that forgot a script is sent them and the calls once more)."""
+    from redis.exceptions import NoScriptError
+
+    def send(load: bool) -> list[Any]:
+        pipe = ctx.fast_redis.pipeline(transaction=False)
+        if load:
+            for script in {c[0].sha: c[0] for c in calls}.values():
+                pipe.script_load(script.body)
+        for script, keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        return list(pipe.execute(raise_on_error=False))
+
+    out = send(False)
+    if any(isinstance(r, NoScriptError) for r in out):
+        out = send(True)
+    for r in out:
+        if isinstance(r, Exception):
+            raise r
+
+
+def drops(ctx: Context, ended: list[tuple[str, str | None, int, str | None]]) -> list[Call]:
+    """The calls that forget ended leases, ``(assignee, worker, task id, token)`` each:
+    one script per worker and lane."""
+    k = ctx.keys
+    groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    for a, w, tid, token in ended:
+        groups.setdefault((a, w or ""), []).append((tid, token or "\x00"))
+    return [(_DROP_MANY, [k.worker_lease(a, w), k.lane_leases(a)],
+             [len(xs), *(t for _, t in xs), *(tid for tid, _ in xs)])
+            for (a, w), xs in groups.items()]
+
+
+def records(ctx: Context, *, assignee: str, worker: str, granted: list[tuple[int, str, int]],
+            now_ms: int, max_in_flight: int, metric: str = "",
+            skew_ms: int | None = None) -> list[Call]:
+    """The call that mirrors one worker's granted leases, ``(task id, token, expires ms)``
+    each, ``now_ms`` the database's time they were granted at: only their time left goes to
+    Redis, which keeps each that long on its own clock (the worker key keeps the last one:
+    a suggestion the database confirms; the lane's zset holds them all)."""
+    if not granted:
+        return []
+    k = ctx.keys
+    tid, token, expires_ms = granted[-1]
+    lease = json.dumps({"taskId": tid, "token": token, "expiresAtMs": expires_ms})
+    skew = "" if skew_ms is None else json.dumps({"skewMs": skew_ms, "atMs": now_ms})
+    left = [(t, max(1, e - now_ms)) for t, _, e in granted]  # the database's times
+    pairs = [x for t, ms in left for x in (t, ms)]
+    return [(_RECORD_MANY, [k.worker_lease(assignee, worker), k.lane_leases(assignee),
+                            k.lane_meta(assignee), k.metrics(), k.clock_skew()],
+             [lease, max(ms for _, ms in left), ctx.redis_now_arg(), max_in_flight, metric,
+              worker, skew, SKEW_TTL_MS, *pairs])]
+
+
+def sync(ctx: Context, calls: list[Call]) -> None:
+    """Send ``drops`` and ``records`` calls in one round trip (best effort: the database
+    holds the leases; Redis is its cache)."""
+    if calls:
+        _best_effort("mirror leases", lambda: _pipelined(ctx, calls), ctx)

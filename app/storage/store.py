@@ -377,6 +377,34 @@ def complete_claim_pg(engine: Engine, *, task_id: int, token: str,
     return done, (_claim_rows(rows[1:]) if len(rows) > 1 else None)
 
 
+_COMPLETE_MANY_PG = (
+    "SELECT outcome, row_json FROM autonomy_complete_many(%(ids)s::bigint[],"
+    " %(tokens)s::text[], %(results)s::json[], %(actor)s, %(assignee)s, %(worker)s,"
+    " %(new_tokens)s::text[], %(ttl_s)s::float8, %(test_now)s::timestamptz)")
+
+
+def complete_many_pg(engine: Engine, *, items: Sequence[tuple[int, str, dict[str, Any] | None]],
+                     actor: str | None, assignee: str | None, worker: str | None,
+                     new_tokens: Sequence[str], ttl_s: float,
+                     test_now: datetime | None = None
+                     ) -> tuple[list[dict[str, Any]], ClaimRows | None]:
+    """PostgreSQL: several ``(task id, token, result)`` leases marked done, each fenced by
+    its own token and with its own ``task_completed`` event, and then, when ``worker``
+    held one of them in ``assignee``, up to ``len(new_tokens)`` next leases for it -- one
+    call of ``autonomy_complete_many`` (migration 0010), one round trip, one commit
+    (``db.hot``). Answers (the rows done, the claim's rows or None); an item left out
+    matched nothing (its caller answers its guard or refusal)."""
+    actor, _ = principal.audit(actor)
+    rows = hot(engine, _COMPLETE_MANY_PG, {
+        "ids": [i for i, _, _ in items], "tokens": [t for _, t, _ in items],
+        "results": [None if r is None else json.dumps(r) for _, _, r in items],
+        "actor": actor, "assignee": assignee, "worker": worker,
+        "new_tokens": list(new_tokens), "ttl_s": ttl_s, "test_now": test_now})
+    done = [_json_row(data) for outcome, data in rows if outcome == "done"]
+    rest = [r for r in rows if r[0] != "done"]
+    return done, (_claim_rows(rest) if rest else None)
+
+
 _RESTAMP_PG = (
     "UPDATE event SET actor = %(actor)s,"
     " data = (coalesce(data::jsonb, '{}'::jsonb) || jsonb_build_object('actorNote', actor))::json"

@@ -30,13 +30,16 @@ class Client(ABC):
         """Release connections (idempotent)."""
 
     def claim(self, lane: str, worker: str, *, wait_ms: int | None = None,
-              clock_skew_ms: int | None = None) -> dict[str, Any]:
+              clock_skew_ms: int | None = None, max_n: int | None = None) -> dict[str, Any]:
         """Claim the lane's next task (SPEC 4.1); with ``wait_ms``, an empty lane is waited
         on that long for work to arrive (push pickup) before the answer.
-        ``clock_skew_ms``: this worker's clock skew as it measured it (SPEC 4.9)."""
+        ``clock_skew_ms``: this worker's clock skew as it measured it (SPEC 4.9).
+        ``max_n``: up to that many leases (a prefetch), answered as ``leases``."""
         request: dict[str, Any] = {"action": "claim", "assignee": lane, "worker": worker}
         if wait_ms:
             request["waitMs"] = wait_ms
+        if max_n is not None:
+            request["max"] = max_n
         if clock_skew_ms is not None:
             request["clockSkewMs"] = clock_skew_ms
         return self.call(request)
@@ -68,6 +71,22 @@ class Client(ABC):
             "outcome": outcome, "validationReason": reason, "result": result, "actor": actor}
         if claim_next is not None:
             request["claimNext"] = {"assignee": claim_next[0], "worker": claim_next[1]}
+        if clock_skew_ms is not None:
+            request["clockSkewMs"] = clock_skew_ms
+        return self.call(request)
+
+    def complete_many(self, items: list[tuple[int, str, dict[str, Any] | None]], *,
+                      claim_next: tuple[str, str] | None = None, max_n: int | None = None,
+                      clock_skew_ms: int | None = None) -> dict[str, Any]:
+        """Complete several leases with success in one request, ``(task id, token,
+        result)`` each; ``results`` answers each alone. With ``claim_next``, ``next`` is
+        that worker's next claim of up to ``max_n`` leases."""
+        request: dict[str, Any] = {"action": "complete_many", "items": [
+            {"taskId": t, "leaseToken": token, "result": r} for t, token, r in items]}
+        if claim_next is not None:
+            request["claimNext"] = {"assignee": claim_next[0], "worker": claim_next[1]}
+        if max_n is not None:
+            request["max"] = max_n
         if clock_skew_ms is not None:
             request["clockSkewMs"] = clock_skew_ms
         return self.call(request)

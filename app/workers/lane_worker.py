@@ -77,6 +77,7 @@ log = logging.getLogger(__name__)
 
 Say = Callable[[str], None]
 _LOST = (StaleLease, NotInProgress, TaskNotFound, TaskCancelled)  # the lease is gone for good
+_LOST_CODES = frozenset(e.code for e in _LOST)
 KEPT_MAX = 256  # outcomes kept for tasks whose lease ran out before they were reported
 # the only refusals that stop a worker: waiting or moving on will not cure them
 _FATAL = (AuthError, InvalidInput)
@@ -110,13 +111,15 @@ class LaneWorker:
     ``client`` defaults to a ``LocalClient`` from the environment's settings (closed by
     ``close()``). Each worker holds at most one lease per lane, so run several workers
     (each with its own name) for parallelism, and raise the lane's ``maxInFlight``.
+    With ``prefetch=K`` it holds up to K (each counted by ``maxInFlight``), heartbeats
+    each, runs them one after another and completes the successes together.
     """
 
     def __init__(self, lane: str, handler: Handler, *, worker_name: str | None = None,
                  client: Client | None = None, heartbeat_interval_s: float | None = None,
                  idle_backoff_s: tuple[float, float] = (0.1, 2.0),
                  pause_backoff_s: tuple[float, float] = (1.0, 30.0),
-                 say: Say | None = None) -> None:
+                 say: Say | None = None, prefetch: int = 1) -> None:
         self._owns_client = client is None
         self.client = client if client is not None else LocalClient()
         s = self.client.settings
@@ -125,6 +128,14 @@ class LaneWorker:
         self.lane = validate.assignee(lane, s)
         self.name = validate.worker(worker_name or default_worker_name(), s)
         self.handler = handler
+        from app.validate import claim_max
+
+        # leases held at once (issue 22): 1 is a claim and a complete per task; K claims up
+        # to K, runs them in turn and completes the successes in one request that hands
+        # over the next K (``_run_batch``)
+        self.prefetch = claim_max(prefetch)
+        self._prefetched: list[Job] = []  # the rest of the last claim's leases
+        self._queued: tuple[_Beat, ...] = ()  # their heartbeats while they wait their turn
         self._fixed_beat_s = heartbeat_interval_s
         self.heartbeat_interval_s = heartbeat_interval_s or max(0.05, s.lease_ttl_s / 3)
         self.idle = Backoff(*idle_backoff_s)
@@ -141,6 +152,7 @@ class LaneWorker:
         # worker's cycle is then one request; ``_want_next`` says whether to ask for it
         self._next: dict[str, Any] | None = None
         self._want_next = False
+        self._claim_n: int | None = None  # ``max`` of the next claim (a prefetch's)
         self._beater: object | None = None  # the live heartbeat thread's identity
         self._beating: _Beat | None = None  # the lease it keeps
         self._beat_wake = threading.Event()
@@ -183,6 +195,9 @@ class LaneWorker:
                 while not stop.is_set():
                     if max_tasks is not None and self.stats.finished >= max_tasks:
                         break
+                    if self.prefetch > 1:
+                        self._run_batch(stop, max_tasks)
+                        continue
                     job = self.claim_one(stop)
                     if job is not None:
                         # ask the complete for the next claim unless this is the last one
@@ -200,9 +215,20 @@ class LaneWorker:
     def _release_handed_over(self) -> None:
         """A lease the last complete handed over that will not be worked: give it back."""
         nxt, self._next = self._next, None
-        job = self._job(nxt or {}, threading.Event())
-        if job is not None:
+        jobs = self._jobs(nxt or {}, threading.Event())
+        jobs += self._prefetched
+        self._prefetched = []
+        for job in jobs:
             self._release(job, "the worker is stopping")
+
+    def _jobs(self, answer: dict[str, Any], stopping: threading.Event) -> list[Job]:
+        """Every job a claim's answer grants (``leases`` of a prefetch, else its one)."""
+        many = answer.get("leases")
+        if isinstance(many, list) and many:
+            return [j for j in (self._job(x if isinstance(x, dict) else {}, stopping)
+                                for x in many) if j is not None]
+        job = self._job(answer, stopping)
+        return [] if job is None else [job]
 
     def _job(self, answer: dict[str, Any], stopping: threading.Event) -> Job | None:
         """The job a claim's answer grants; None when it has no usable task and lease."""
@@ -224,7 +250,8 @@ class LaneWorker:
         try:
             answer = handed if handed is not None \
                 else self._timed(lambda: self.client.claim(
-                    self.lane, self.name, wait_ms=wait_ms, clock_skew_ms=self._skew_ms()))
+                    self.lane, self.name, wait_ms=wait_ms, clock_skew_ms=self._skew_ms(),
+                    max_n=self._claim_n))
         except LanePaused as e:
             self._wait(stop, self.pause, e, "waiting for a resume")
             return None
@@ -262,6 +289,9 @@ class LaneWorker:
         self.idle.reset()
         self._lane_empty = False
         self.stats.claimed += 1
+        if self._claim_n is not None:  # a prefetch: the rest of its leases wait their turn
+            self._prefetched = self._jobs(answer, stop)[1:]
+            self.stats.claimed += len(self._prefetched)
         # ``attempts`` counts failures so far (docs/workers.md), not claims
         failures = int(job.task.get("attempts") or 0)
         self._log(f"task {job.task_id}: claimed ({failures} failure"
@@ -347,6 +377,123 @@ class LaneWorker:
             result = {"value": result}
         return "success", None, result
 
+    # --- a prefetch: K leases at once (issue 22) -------------------------------------
+
+    def _run_batch(self, stop: threading.Event, max_tasks: int | None) -> None:
+        """Claim up to K leases (or take those the last complete handed over), run them in
+        turn -- each heartbeated from its grant until its outcome is in -- and complete
+        the successes in one request that hands over the next K. Failures, releases and
+        kept outcomes are reported one by one, as without a prefetch."""
+        left = None if max_tasks is None else max_tasks - self.stats.finished
+        self._claim_n = self.prefetch if left is None else max(1, min(self.prefetch, left))
+        self._want_next = False  # a single complete (a fallback) hands nothing over
+        first = self.claim_one(stop)
+        if first is None:
+            return
+        jobs, self._prefetched = [first, *self._prefetched], []
+        beats = [_Beat(j, due=time.monotonic() + self._beat_interval(j)) for j in jobs]
+        self._queued = tuple(beats)
+        self._beat_wake.set()  # the thread may sleep past the first one's beat
+        done: list[tuple[Job, dict[str, Any] | None]] = []
+        ran = 0
+        try:
+            for job, beat in zip(jobs, beats, strict=True):
+                if stop.is_set():
+                    break
+                ran += 1
+                with logs.bound(task_id=job.task_id, lane=self.lane, worker=self.name):
+                    outcome = self._run_queued(job, beat)
+                if outcome is None:
+                    continue
+                if outcome[0] == "success":
+                    done.append((job, outcome[2]))
+                else:
+                    self._report(job, outcome)
+        finally:
+            for b in beats:
+                self._stop_beating(b)
+            self._queued = ()
+            for job in jobs[ran:]:  # a stop before their turn: give them back at once
+                self._release(job, "the worker is stopping")
+            finished = self.stats.finished + len(done)
+            more = not stop.is_set() and (max_tasks is None or finished < max_tasks)
+            n = self.prefetch if max_tasks is None else max(1, min(self.prefetch,
+                                                                    max_tasks - finished))
+            self._complete_batch(done, next_n=n if more else None)
+
+    def _run_queued(self, job: Job, beat: _Beat
+                    ) -> tuple[str, str | None, dict[str, Any] | None] | None:
+        """One prefetched job's outcome; None when there is none to report (its lease was
+        lost while it waited or ran, it was cancelled)."""
+        kept = self._kept.pop(job.task_id, None)
+        if kept is not None:  # it already ran here: report what it answered, never rerun
+            self._stop_beating(beat)
+            return kept
+        if job.lease_lost.is_set():  # a heartbeat was refused while it waited its turn
+            self._stop_beating(beat)
+            self.stats.lost += 1
+            self._log(f"task {job.task_id}: lease lost before its turn; not run",
+                      task_id=job.task_id, level=logging.WARNING)
+            return None
+        try:
+            outcome = self._call_handler(job)
+        except BaseException:  # interrupted: give the lease back, then let it propagate
+            self._stop_beating(beat)
+            self._release(job, "interrupted")
+            raise
+        self._stop_beating(beat)
+        if job.cancelled.is_set():
+            self.stats.cancelled += 1
+            self._log(f"task {job.task_id}: cancelled while working; outcome dropped",
+                      task_id=job.task_id, level=logging.WARNING)
+            return None
+        if job.lease_lost.is_set():
+            self.stats.lost += 1
+            self._log(f"task {job.task_id}: lease lost while working; outcome dropped",
+                      task_id=job.task_id, level=logging.WARNING)
+            return None
+        return outcome
+
+    def _complete_batch(self, done: list[tuple[Job, dict[str, Any] | None]], *,
+                        next_n: int | None) -> None:
+        """The successes in one ``complete_many`` (with the next ``next_n`` leases handed
+        over); each item's refusal is its own. A request the server refuses as a whole
+        (an unstorable result) is sent again one complete at a time."""
+        if not done:
+            return
+        items = [(j.task_id, j.lease_token, r) for j, r in done]
+        nxt = (self.lane, self.name) if next_n is not None else None
+        try:
+            answer = self._retrying(lambda: self._timed(lambda: self.client.complete_many(
+                items, claim_next=nxt, max_n=next_n, clock_skew_ms=self._skew_ms()),
+                "next"), job=done[0][0])
+        except AuthError:
+            raise
+        except AutonomyError:
+            for job, result in done:
+                self._complete(job, "success", None, result)
+            return
+        if answer is None:  # the leases ran out first: keep the outcomes
+            for job, result in done:
+                self._keep(job, ("success", None, result))
+            return
+        results = answer.get("results")
+        if not isinstance(results, list) or len(results) != len(done):
+            results = [{}] * len(done)
+        for (job, result), res in zip(done, results, strict=True):
+            if isinstance(res, dict) and res.get("ok") is True:
+                self.stats.succeeded += 1
+                self._log(f"task {job.task_id}: done", task_id=job.task_id)
+            elif isinstance(res, dict) and res.get("error") in _LOST_CODES:
+                self.stats.lost += 1
+                self._log(f"task {job.task_id}: outcome refused ({res['error']}): "
+                          f"{res.get('message')}", task_id=job.task_id,
+                          level=logging.WARNING)
+            else:  # anything else: the one-task path answers it in full
+                self._complete(job, "success", None, result)
+        if isinstance(answer.get("next"), dict):
+            self._next = answer["next"]
+
     # --- heartbeats: one thread for the worker's life ---------------------------------
     # It sleeps until the running lease is due a beat (a third of the lease after the last
     # one), so a task shorter than that costs it nothing: no wake-up, no hand-over between
@@ -388,6 +535,9 @@ class LaneWorker:
     def _beat_loop(self, me: object) -> None:
         while self._beater is me:
             beat = self._beating
+            if self._queued:  # a prefetch: the lease due first, running or waiting
+                beat = min((b for b in (beat, *self._queued) if b is not None and not b.done),
+                           key=lambda b: b.due, default=None)
             now = time.monotonic()
             if beat is None or beat.done or beat.due > now:
                 self._beat_next = beat.due if beat is not None and not beat.done \
