@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from app import ops
-from app.ops import lane_control, lanes
+from app.ops import batch, lane_control, lanes
 from app.storage.context import Context
 from bench.common import Env, Row
 from bench.roundtrips import PgTrace, WireCount, count_wire
@@ -78,7 +78,7 @@ def _batched_cycle(ctx: Context, trace: PgTrace) -> WireCount:
     lane_control.configure_lane(ctx, assignee=LANE, max_in_flight=BATCH_K + 1, actor="bench")
     for i in range(BATCH_K * 10):
         lanes.create(ctx, assignee=LANE, title=f"batch {i}")
-    got = lanes.claim(ctx, assignee=LANE, worker="rt-batch", max_n=BATCH_K)
+    got = batch.claim(ctx, assignee=LANE, worker="rt-batch", max_n=BATCH_K)
 
     def cycle() -> None:
         nonlocal got

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from app import ops
 from app.clock import FrozenClock
 from app.errors import InvalidInput
-from app.ops import lane_control, lanes
+from app.ops import batch, lane_control, lanes
 from app.storage.context import Context
 from app.storage.db import transaction
 from app.storage.models import event_table, task_table
@@ -55,7 +55,7 @@ def _items(answer: dict[str, Any]) -> list[dict[str, Any]]:
 def test_a_claim_with_max_grants_k_leases_each_its_own(ctx: Context) -> None:
     ids = _tasks(ctx, 6)
     lane_control.configure_lane(ctx, assignee=LANE, max_in_flight=10)
-    got = lanes.claim(ctx, assignee=LANE, worker="w1", max_n=4)
+    got = batch.claim(ctx, assignee=LANE, worker="w1", max_n=4)
     assert [x["task"]["id"] for x in got["leases"]] == ids[:4]
     tokens = {x["lease"]["token"] for x in got["leases"]}
     assert len(tokens) == 4
@@ -77,10 +77,10 @@ def test_without_max_a_worker_holds_one_lease_as_before(ctx: Context) -> None:
 def test_a_worker_holding_some_is_granted_up_to_k_and_guarded_at_k(ctx: Context) -> None:
     ids = _tasks(ctx, 8)
     lane_control.configure_lane(ctx, assignee=LANE, max_in_flight=10)
-    lanes.claim(ctx, assignee=LANE, worker="w1", max_n=2)
-    more = lanes.claim(ctx, assignee=LANE, worker="w1", max_n=4)
+    batch.claim(ctx, assignee=LANE, worker="w1", max_n=2)
+    more = batch.claim(ctx, assignee=LANE, worker="w1", max_n=4)
     assert [x["task"]["id"] for x in more["leases"]] == ids[2:4]
-    full = lanes.claim(ctx, assignee=LANE, worker="w1", max_n=4)
+    full = batch.claim(ctx, assignee=LANE, worker="w1", max_n=4)
     assert full["guard"] == "duplicate_claim_guard" and full["leases"] == []
     assert sum(1 for s, _ in _rows(ctx).values() if s == "in_progress") == 4
 
@@ -88,9 +88,9 @@ def test_a_worker_holding_some_is_granted_up_to_k_and_guarded_at_k(ctx: Context)
 def test_k_leases_never_pass_max_in_flight(ctx: Context) -> None:
     _tasks(ctx, 10)
     lane_control.configure_lane(ctx, assignee=LANE, max_in_flight=3)
-    a = lanes.claim(ctx, assignee=LANE, worker="w1", max_n=2)
-    b = lanes.claim(ctx, assignee=LANE, worker="w2", max_n=5)
-    c = lanes.claim(ctx, assignee=LANE, worker="w3", max_n=5)
+    a = batch.claim(ctx, assignee=LANE, worker="w1", max_n=2)
+    b = batch.claim(ctx, assignee=LANE, worker="w2", max_n=5)
+    c = batch.claim(ctx, assignee=LANE, worker="w3", max_n=5)
     assert (len(a["leases"]), len(b["leases"])) == (2, 1)
     assert c["guard"] == "duplicate_claim_guard" and "lease" not in c
     assert sum(1 for s, _ in _rows(ctx).values() if s == "in_progress") == 3
@@ -99,7 +99,7 @@ def test_k_leases_never_pass_max_in_flight(ctx: Context) -> None:
 def test_a_batch_complete_with_one_stale_token_completes_the_others(ctx: Context) -> None:
     ids = _tasks(ctx, 4)
     lane_control.configure_lane(ctx, assignee=LANE, max_in_flight=10)
-    got = lanes.claim(ctx, assignee=LANE, worker="w1", max_n=4)
+    got = batch.claim(ctx, assignee=LANE, worker="w1", max_n=4)
     items = _items(got)
     items[1] = {**items[1], "leaseToken": "f" * 32}  # not this task's token
     items[2] = {**items[2], "result": {"n": 2}}
@@ -123,7 +123,7 @@ def test_a_batch_complete_with_one_stale_token_completes_the_others(ctx: Context
 def test_a_batch_complete_hands_over_up_to_k_next_leases(ctx: Context) -> None:
     ids = _tasks(ctx, 7)
     lane_control.configure_lane(ctx, assignee=LANE, max_in_flight=10)
-    got = lanes.claim(ctx, assignee=LANE, worker="w1", max_n=3)
+    got = batch.claim(ctx, assignee=LANE, worker="w1", max_n=3)
     items = _items(got)
     answer = ops.dispatch(ctx, {"action": "complete_many", "items": items[:2], "max": 3,
                                 "claimNext": {"assignee": LANE, "worker": "w1"}})
@@ -137,14 +137,14 @@ def test_a_batch_complete_hands_over_up_to_k_next_leases(ctx: Context) -> None:
 def test_each_lease_of_a_batch_heartbeats_on_its_own(ctx: Context, clock: FrozenClock) -> None:
     _tasks(ctx, 3)
     lane_control.configure_lane(ctx, assignee=LANE, max_in_flight=10)
-    got = lanes.claim(ctx, assignee=LANE, worker="w1", max_n=3)
+    got = batch.claim(ctx, assignee=LANE, worker="w1", max_n=3)
     ttl = ctx.settings.lease_ttl_s
     clock.advance(seconds=ttl * 0.8)
     beat = [x for x in got["leases"][:2]]
     for x in beat:
         lanes.heartbeat(ctx, task_id=x["task"]["id"], lease_token=x["lease"]["token"])
     clock.advance(seconds=ttl * 0.5)  # past the third's lease, within the beaten two
-    other = lanes.claim(ctx, assignee=LANE, worker="w2", max_n=3)
+    other = batch.claim(ctx, assignee=LANE, worker="w2", max_n=3)
     assert [x["task"]["id"] for x in other["leases"]] == [got["leases"][2]["task"]["id"]]
     answer = ops.dispatch(ctx, {"action": "complete_many", "items": _items(got)})
     assert [r["ok"] for r in answer["results"]] == [True, True, False]
@@ -153,11 +153,11 @@ def test_each_lease_of_a_batch_heartbeats_on_its_own(ctx: Context, clock: Frozen
 def test_a_worker_that_dies_mid_batch_loses_nothing(ctx: Context, clock: FrozenClock) -> None:
     ids = _tasks(ctx, 5)
     lane_control.configure_lane(ctx, assignee=LANE, max_in_flight=10)
-    got = lanes.claim(ctx, assignee=LANE, worker="dead", max_n=5)
+    got = batch.claim(ctx, assignee=LANE, worker="dead", max_n=5)
     ops.dispatch(ctx, {"action": "complete_many", "items": _items(got)[:2]})
     # the worker dies here: its three other leases expire and are claimed again
     clock.advance(seconds=ctx.settings.lease_ttl_s + 1)
-    again = lanes.claim(ctx, assignee=LANE, worker="w2", max_n=5)
+    again = batch.claim(ctx, assignee=LANE, worker="w2", max_n=5)
     assert [x["task"]["id"] for x in again["leases"]] == ids[2:]
     assert _events(ctx, "lease_requeued") == Counter(ids[2:])
     ops.dispatch(ctx, {"action": "complete_many", "items": _items(again)})
@@ -168,7 +168,7 @@ def test_a_worker_that_dies_mid_batch_loses_nothing(ctx: Context, clock: FrozenC
 def test_a_waiting_claim_with_max_is_woken_by_work(ctx: Context) -> None:
     lane_control.configure_lane(ctx, assignee=LANE, max_in_flight=10)
     box: dict[str, Any] = {}
-    t = threading.Thread(target=lambda: box.update(got=lanes.claim(
+    t = threading.Thread(target=lambda: box.update(got=batch.claim(
         ctx, assignee=LANE, worker="w1", max_n=3, wait_ms=20_000)))
     t.start()
     try:
@@ -183,7 +183,7 @@ def test_redis_mirrors_a_batch_in_one_round_trip_each_way(ctx: Context) -> None:
     ids = _tasks(ctx, 6)
     lane_control.configure_lane(ctx, assignee=LANE, max_in_flight=10)
     zset = ctx.keys.lane_leases(LANE)
-    got = lanes.claim(ctx, assignee=LANE, worker="w1", max_n=3)
+    got = batch.claim(ctx, assignee=LANE, worker="w1", max_n=3)
     assert sorted(int(x) for x in ctx.redis.zrange(zset, 0, -1)) == ids[:3]
     nxt = ops.dispatch(ctx, {"action": "complete_many", "items": _items(got), "max": 3,
                              "claimNext": {"assignee": LANE, "worker": "w1"}})["next"]
@@ -200,7 +200,7 @@ def test_complete_many_refuses_bad_shapes(ctx: Context) -> None:
         ops.dispatch(ctx, {"action": "complete_many",
                            "items": [{"taskId": 1, "leaseToken": "a" * 32}] * 2})
     with pytest.raises(InvalidInput):
-        lanes.claim(ctx, assignee=LANE, worker="w1", max_n=0)
+        batch.claim(ctx, assignee=LANE, worker="w1", max_n=0)
 
 
 def test_over_http_claim_with_max_and_complete_many(ctx: Context) -> None:
@@ -242,7 +242,7 @@ def prefetch_worker(cfg: dict[str, Any], start: Any, out: Any) -> None:
         empty, held = 0, None
         deadline = time.monotonic() + 300
         while empty < 3 and time.monotonic() < deadline:
-            got = held or lanes.claim(ctx, assignee=LANE, worker=cfg["worker"],
+            got = held or batch.claim(ctx, assignee=LANE, worker=cfg["worker"],
                                       max_n=RACE_K)
             held = None
             if not got.get("leases"):

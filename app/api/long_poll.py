@@ -193,8 +193,7 @@ async def claim(request: Request, ctx: Context, fields: dict[str, Any],
     lane: str = fields["assignee"]
     steps = lanes.claim_steps(ctx, assignee=lane, worker=fields.get("worker"),  # type: ignore[arg-type]
                               wait_ms=fields.get("waitMs"),
-                              clock_skew_ms=fields.get("clockSkewMs"),
-                              max_n=fields.get("max"))  # a batch waits in its one step
+                              clock_skew_ms=fields.get("clockSkewMs"))
     hub = turns(request, ctx)
     gone = asyncio.ensure_future(_disconnected(request.receive))
     try:

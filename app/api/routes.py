@@ -67,7 +67,10 @@ async def act(ctx: Ctx, body: JsonBody, authorization: Authorization, request: R
     thread per waiter) and takes a thread only to claim once it is handed a turn."""
     v = body.value
     who = getattr(request.state, "principal", None)
-    if isinstance(v, dict) and v.get("action") == "claim" and v.get("waitMs"):
+    # a batched claim (``max``) waits inside its one step, on the threadpool like any
+    # other action: it is not a long poll
+    if (isinstance(v, dict) and v.get("action") == "claim" and v.get("waitMs")
+            and v.get("max") is None):
         if waiting(request.app.state) < ctx.settings.api_long_poll_max:
             return await _long_poll(ctx, body, authorization, who, request)
         # every slot waits already: answer now (an HTTP worker then polls)

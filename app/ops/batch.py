@@ -35,6 +35,18 @@ from app.storage.db import is_postgres, transaction
 ITEMS_MAX = validate.CLAIM_MAX_MAX  # items in one complete_many
 
 
+def claim(ctx: Context, *, assignee: str, worker: str, max_n: Any, wait_ms: Any = None,
+          clock_skew_ms: Any = None) -> dict[str, Any]:
+    """``claim`` with the wire's ``max`` (a worker's prefetch K): up to that many leases,
+    counting those the worker holds, answered as ``leases`` too; the arguments checked as
+    ``lanes.claim`` checks them."""
+    s = ctx.settings
+    return claim_many(ctx, assignee=validate.assignee(assignee, s),
+                      worker=validate.worker(worker, s), max_n=validate.claim_max(max_n),
+                      wait_ms=validate.wait_ms(wait_ms, s),
+                      skew_ms=validate.clock_skew_ms(clock_skew_ms, s))
+
+
 def claim_many(ctx: Context, *, assignee: str, worker: str, max_n: int,
                wait_ms: int = 0, skew_ms: int | None = None) -> dict[str, Any]:
     """Up to ``max_n`` leases for ``worker`` (validated input). The answer is ``claim``'s

@@ -52,7 +52,10 @@ ACTIONS: dict[str, Callable[[Context, Mapping[str, Any]], dict[str, Any]]] = {
         delay_s=f.get("delayS")),
     "claim": lambda ctx, f: lanes.claim(
         ctx, assignee=f.get("assignee"), worker=f.get("worker"),  # type: ignore[arg-type]
-        wait_ms=f.get("waitMs"), clock_skew_ms=f.get("clockSkewMs"), max_n=f.get("max")),
+        wait_ms=f.get("waitMs"), clock_skew_ms=f.get("clockSkewMs"),
+    ) if f.get("max") is None else batch.claim(
+        ctx, assignee=f.get("assignee"), worker=f.get("worker"),  # type: ignore[arg-type]
+        max_n=f.get("max"), wait_ms=f.get("waitMs"), clock_skew_ms=f.get("clockSkewMs")),
     "heartbeat": lambda ctx, f: lanes.heartbeat(
         ctx, task_id=f.get("taskId"), lease_token=f.get("leaseToken"),
         clock_skew_ms=f.get("clockSkewMs")),

@@ -127,16 +127,14 @@ def _create_deduped(ctx: Context, *, values: dict[str, Any], delay_s: float | No
 
 
 def claim(ctx: Context, *, assignee: str, worker: str, wait_ms: Any = None,
-          clock_skew_ms: Any = None, max_n: Any = None) -> dict[str, Any]:
+          clock_skew_ms: Any = None) -> dict[str, Any]:
     """Claim the lane's next task under a lease (SPEC 4.1). With ``wait_ms``, a claim
     that finds the lane empty waits up to that long for work (push pickup).
     ``clock_skew_ms``: the worker's clock skew as it measured it, kept with the lease it
     is granted for status and ``/metrics`` (SPEC 4.9); the answer's ``serverTime`` is the
-    database's time the claim was decided by. ``max_n`` (the wire's ``max``, a worker's
-    prefetch K): up to that many leases, counting those the worker holds, answered as
-    ``leases`` too (``app/ops/batch.py``); without it, one lease as always."""
+    database's time the claim was decided by. (Up to K leases at once: ``batch.claim``.)"""
     steps = claim_steps(ctx, assignee=assignee, worker=worker, wait_ms=wait_ms,
-                        clock_skew_ms=clock_skew_ms, max_n=max_n)
+                        clock_skew_ms=clock_skew_ms)
     a = validate.assignee(assignee, ctx.settings)
     try:
         timeout_s = next(steps)
@@ -151,23 +149,17 @@ ClaimSteps = Generator[float, str, dict[str, Any]]
 
 
 def claim_steps(ctx: Context, *, assignee: str, worker: str, wait_ms: Any = None,
-                clock_skew_ms: Any = None, max_n: Any = None) -> ClaimSteps:
+                clock_skew_ms: Any = None) -> ClaimSteps:
     """``claim`` as steps, for a caller that waits its own way (the HTTP API awaits
     without a thread per waiter): each ``yield`` asks to wait up to that many seconds for
     a turn on the lane and is sent ``pickup.wait``'s answer (``"wake"``, ``"poll"``,
     ``"due"`` or ``"timeout"``); the generator's return value is the claim's answer. Every
     step between two yields is database and Redis work (run it in a thread). The
-    arguments are checked when the first step runs. A batched claim (``max_n``) waits
-    inside its one step (``batch.claim_many``)."""
+    arguments are checked when the first step runs."""
     s = ctx.settings
     a, w = validate.assignee(assignee, s), validate.worker(worker, s)
     wait = validate.wait_ms(wait_ms, s)
     skew = validate.clock_skew_ms(clock_skew_ms, s)
-    if max_n is not None:
-        from app.ops import batch
-
-        return batch.claim_many(ctx, assignee=a, worker=w, max_n=validate.claim_max(max_n),
-                                wait_ms=wait, skew_ms=skew)
     if not wait:
         return _claim_now(ctx, assignee=a, worker=w, skew_ms=skew)
     return (yield from _claim_waiting(ctx, assignee=a, worker=w, wait_ms=wait, skew_ms=skew))
