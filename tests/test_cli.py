@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import subprocess
@@ -98,3 +99,25 @@ def test_cli_unreachable_redis_exits_3_only_where_redis_is_the_answer(
     assert proc.returncode == 3 and "redis_unavailable" in proc.stderr
     ok(env, "create", "coder", "t")
     assert ok(env, "claim", "coder", "w1")["lease"]["token"]
+
+
+@pytest.mark.slow
+def test_cancel_and_requeue_from_the_cli_record_the_os_user_as_actor(
+        cli_env: dict[str, str]) -> None:
+    """The CLI on the database acts as an operator named after the OS user (SPEC 4.10);
+    ``cancel`` and ``requeue`` recorded the caller-given ``cli`` instead."""
+    user = f"cli:{getpass.getuser()}"
+    assert cli(cli_env, "db", "upgrade").returncode == 0
+    ok(cli_env, "lane", "coder", "--max-attempts", "1")
+    doomed = ok(cli_env, "create", "coder", "queued by mistake")["task"]["id"]
+    ok(cli_env, "cancel", str(doomed), "--actor", "ticket-OPS-7")
+    failing = ok(cli_env, "create", "coder", "fails once")["task"]["id"]
+    lease = ok(cli_env, "claim", "coder", "w1")["lease"]["token"]
+    ok(cli_env, "complete", str(failing), lease, "--outcome", "failure", "--reason", "boom")
+    ok(cli_env, "requeue", str(failing))
+    events = {e["kind"]: e for t in (doomed, failing)
+              for e in ok(cli_env, "history", "--task", str(t))["events"]}
+    assert events["task_cancelled"]["actor"] == user
+    assert events["task_cancelled"]["actorNote"] == "ticket-OPS-7"
+    assert events["task_requeued"]["actor"] == user
+    assert events["task_requeued"]["actorNote"] is None

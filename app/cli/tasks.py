@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from app import ops, validate
+from app import ops, principal, validate
 from app.cli.complete import one_of
 from app.cli.output import run, table, want_json
 from app.storage.context import Context
@@ -36,8 +36,9 @@ def call(request: dict[str, Any], as_json: bool | None, human: Any) -> dict[str,
     does not import the package that loads it)."""
     def go() -> dict[str, Any]:
         ctx = Context.from_settings()
-        try:
-            return ops.dispatch(ctx, request)
+        try:  # on the database directly: an operator, recorded as the OS user
+            with principal.acting(principal.local_operator()):
+                return ops.dispatch(ctx, request)
         finally:
             ctx.close()
 
@@ -64,13 +65,15 @@ def register(app: typer.Typer) -> None:
               "limit": limit, "after": after}, as_json, _tasks_table)
 
     @app.command("cancel")
-    def cancel_cmd(task_id: int, actor: str = typer.Option("cli"),
+    def cancel_cmd(task_id: int, actor: str | None = typer.Option(
+                       None, help="A note kept beside the recorded actor (the OS user)."),
                    as_json: bool | None = JsonOpt) -> None:
         """Cancel a todo or in-progress task (its worker stops the command)."""
         call({"action": "cancel", "taskId": task_id, "actor": actor}, as_json, _one)
 
     @app.command("requeue")
-    def requeue_cmd(task_id: int, actor: str = typer.Option("cli"),
+    def requeue_cmd(task_id: int, actor: str | None = typer.Option(
+                        None, help="A note kept beside the recorded actor (the OS user)."),
                     as_json: bool | None = JsonOpt) -> None:
         """Bring a dead task back to todo, its attempts reset."""
         call({"action": "requeue", "taskId": task_id, "actor": actor}, as_json, _one)

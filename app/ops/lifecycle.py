@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from app import validate, wire
+from app import principal, validate, wire
 from app.errors import InvalidInput, NotDead, TaskFinished, TaskNotFound
 from app.settings import Settings
 from app.storage import leases, pickup, store
@@ -101,7 +101,9 @@ def cancel(ctx: Context, *, task_id: Any, actor: Any = None) -> dict[str, Any]:
     cancel racing a complete ends one way: both update the row conditionally under its
     row lock, and the loser sees the winner's status."""
     tid = validate.task_id(task_id)
-    who = validate.actor(actor, ctx.settings) or "unknown"
+    # under a credential, no actor given is no note: the credential is the actor
+    who = validate.actor(actor, ctx.settings) or (
+        "unknown" if principal.current() is None else None)
     refusal: TaskFinished | None = None
     with transaction(ctx.engine) as conn:
         now = ctx.now_in(conn)
@@ -135,7 +137,9 @@ def cancel(ctx: Context, *, task_id: Any, actor: Any = None) -> dict[str, Any]:
 def requeue(ctx: Context, *, task_id: Any, actor: Any = None) -> dict[str, Any]:
     """Bring a ``dead`` task back to ``todo`` with its attempts reset (an event)."""
     tid = validate.task_id(task_id)
-    who = validate.actor(actor, ctx.settings) or "unknown"
+    # under a credential, no actor given is no note: the credential is the actor
+    who = validate.actor(actor, ctx.settings) or (
+        "unknown" if principal.current() is None else None)
     err: NotDead | None = None
     with transaction(ctx.engine) as conn:
         now = ctx.now_in(conn)
