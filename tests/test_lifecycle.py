@@ -277,6 +277,8 @@ def test_sixteen_racing_creates_with_one_key_make_exactly_one_task(
                                      "dedupe_key = 'race'"), {"a": lane}).scalar_one()
         assert n == 1
         assert event_kinds(ctx, made[0]["task"]["id"]) == ["task_created"]
+        print(f"\n[dedupe race, lane {lane}] 16 creates with one key: tasks made 1, "
+              f"answered duplicate_create_guard 15, rows with the key {n}, errors 0")
 
 
 def test_a_bad_dedupe_key_is_refused(ctx: Context) -> None:
@@ -339,6 +341,7 @@ def test_a_cancel_racing_a_complete_ends_exactly_one_way(
     complete refused -- never both, never neither -- and the events say which."""
     lane_control.configure_lane(ctx, assignee="coder", backoff_base_s=0)
     outcomes = set()
+    ends: list[str] = []
     for _ in range(12):
         tid = lanes.create(ctx, assignee="coder", title="t")["task"]["id"]
         token = claim(ctx)["lease"]["token"]
@@ -359,7 +362,75 @@ def test_a_cancel_racing_a_complete_ends_exactly_one_way(
             assert isinstance(answers[1], TaskCancelled) and answers[0]["ok"] is True
             assert "task_completed" not in kinds and kinds[-1] == "complete_refused"
         outcomes.add(status)
+        ends.append(status)
     assert outcomes <= {"done", "cancelled"}
+    print(f"\n[cancel vs complete] 12 rounds: done {ends.count('done')}, cancelled "
+          f"{ends.count('cancelled')}, both or neither 0")
+
+
+def test_a_requeue_racing_claims_grants_the_task_at_most_once(
+        ctx: Context, settings: Settings, clock: FrozenClock) -> None:
+    """Twelve rounds: a dead task is requeued while three workers claim at the same
+    instant, each on a connection of its own. A claim that ran before the requeue finds
+    nothing; after it, exactly one claim is granted the task -- never two leases, and the
+    events say requeued then (at most) one grant."""
+    lane_control.configure_lane(ctx, assignee="coder", max_attempts=1, max_in_flight=3)
+    granted_rounds = 0
+    for n in range(12):
+        tid = lanes.create(ctx, assignee="coder", title=f"t{n}")["task"]["id"]
+        # a reason of its own each round: the breaker would pause the lane at 3 alike
+        fail(ctx, claim(ctx, f"first-{n}"), reason=f"broke in step {chr(97 + n) * 3}")
+        assert row(ctx, tid)["status"] == "dead"
+
+        def act(c: Context, i: int, tid: int = tid, n: int = n) -> Any:
+            if i == 0:
+                return lifecycle.requeue(c, task_id=tid)
+            return lanes.claim(c, assignee="coder", worker=f"w{i}-{n}")
+
+        answers = _race(4, lambda: Context.from_settings(settings, clock=clock), act)
+        assert answers[0]["ok"] is True, answers
+        got = [a for a in answers[1:] if not isinstance(a, Exception)
+               and (a.get("task") or {}).get("id") == tid and a.get("lease")]
+        assert len(got) <= 1, answers
+        kinds = event_kinds(ctx, tid)
+        after = kinds[kinds.index("task_requeued"):]
+        assert after.count("lease_granted") == len(got), kinds
+        if got:
+            granted_rounds += 1
+            r = row(ctx, tid)
+            assert r["status"] == "in_progress" and r["claimed_by"] == got[0]["task"]["claimedBy"]
+            assert r["lease_token"] == got[0]["lease"]["token"]
+        else:  # every claim ran before the requeue: the next one gets it, once
+            assert claim(ctx, f"late-{n}")["task"]["id"] == tid
+        lanes.complete(ctx, task_id=tid, lease_token=row(ctx, tid)["lease_token"],
+                       outcome="success")
+    print(f"\n[requeue vs claim] 12 rounds; granted inside the race: {granted_rounds}, "
+          f"after it: {12 - granted_rounds}; double grants: 0")
+
+
+def test_the_backoff_holds_after_redis_is_flushed(ctx: Context, clock: FrozenClock,
+                                                  redis_server_url: str,
+                                                  redis_prefix: str) -> None:
+    """The database keeps ``not_before``: with every key of the deployment gone from Redis
+    (a flush, a restart without persistence), a failed task is still not claimed before
+    its backoff ends, by the worker that failed it or any other."""
+    import redis
+
+    lane_control.configure_lane(ctx, assignee="coder", backoff_base_s=30, backoff_cap_s=300)
+    tid = lanes.create(ctx, assignee="coder", title="t")["task"]["id"]
+    fail(ctx, claim(ctx))
+    due = row(ctx, tid)["not_before"]
+    r = redis.Redis.from_url(redis_server_url)
+    try:
+        keys = list(r.scan_iter(match=redis_prefix + "*", count=1000))
+        assert keys, "the fleet's keys were in Redis"
+        r.delete(*keys)
+    finally:
+        r.close()
+    assert claim(ctx, "w1") == {"ok": True, "task": None}
+    assert claim(ctx, "w2") == {"ok": True, "task": None}
+    clock.advance(seconds=(due - clock()).total_seconds())
+    assert claim(ctx, "w2")["task"]["id"] == tid
 
 
 # --- listing --------------------------------------------------------------------------------
