@@ -161,13 +161,38 @@ def control_diagnosis(redis_url: str, prefix: str, procs: list[Proc]) -> str:
     finally:
         r.close()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if Path(spy).exists():
-        for p in procs:
+    for p in procs:
+        if Path(spy).exists():
             for pid in live_in_group(p.pgid):
                 dump = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True,
                                       text=True, timeout=30, check=False)
                 out.append(f"--- py-spy dump {p.name} pid {pid}\n{dump.stdout}{dump.stderr}")
+        out.append(f"--- {p.name}: {thread_stacks(p)}")
     return "\n".join(out)
+
+
+def thread_stacks(p: Proc, wait_s: float = 10.0) -> str:
+    """Every thread's stack in a Celery process, without py-spy: ``celery worker`` dumps
+    them to stderr on SIGUSR1 (Celery's "cry" handler), which the signal gets even out of
+    a blocking read. What the log gained, once it stops growing; or why there is none."""
+    if p.popen.poll() is not None:
+        return f"exited with code {p.popen.returncode}"
+    before = p.log.stat().st_size
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(p.popen.pid, signal.SIGUSR1)
+    deadline, size, grew_at = time.monotonic() + wait_s, before, 0.0
+    while time.monotonic() < deadline:
+        now_size = p.log.stat().st_size
+        if now_size != size:
+            size, grew_at = now_size, time.monotonic()
+        elif size > before and time.monotonic() - grew_at > 0.5:
+            break
+        time.sleep(0.1)
+    if size == before:
+        return f"no stack dump within {wait_s:.0f} s of SIGUSR1 (its main thread never ran Python)"
+    with p.log.open("rb") as f:
+        f.seek(before)
+        return "stacks on SIGUSR1:\n" + f.read(20_000).decode(errors="replace")
 
 
 def _readiness_lock(meta: dict[str, Any]) -> dict[str, Any] | None:
