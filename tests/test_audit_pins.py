@@ -16,8 +16,9 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "audit-pins"
 
-ADVISORY: dict[str, object] = {"id": "PYSEC-2099-1", "aliases": ["CVE-2099-0001"], "fixed_in": ["1.0.1"],
-            "link": "https://osv.dev/vulnerability/PYSEC-2099-1", "withdrawn": None}
+ADVISORY: dict[str, object] = {
+    "id": "PYSEC-2099-1", "aliases": ["CVE-2099-0001"], "fixed_in": ["1.0.1"],
+    "link": "https://osv.dev/vulnerability/PYSEC-2099-1", "withdrawn": None}
 
 
 def page(version: str, vulns: list[dict[str, object]]) -> dict[str, object]:
