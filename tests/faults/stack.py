@@ -278,6 +278,35 @@ class Stack:
         parts = str(held["holder"]).split(":")
         return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
 
+    def stopped(self, pid: int) -> bool:
+        """Has ``pid`` stopped (``SIGSTOP`` is delivered asynchronously)?"""
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+        except psutil.Error:
+            return False
+
+    def sqlite_write_locks(self, pid: int) -> list[str]:
+        """The exclusive file locks ``pid`` holds on this stack's SQLite database or its WAL
+        index (``/proc/locks``): byte 120 of the ``-shm`` file is SQLite's one writer lock.
+        A process stopped holding one stops every writer of the database, whatever the
+        product does; empty on PostgreSQL."""
+        if self.backend != "sqlite":
+            return []
+        path = Path(self.database_url.removeprefix("sqlite:///"))
+        inodes = {}
+        for f in (path, Path(f"{path}-shm"), Path(f"{path}-wal")):
+            if f.exists():
+                st = f.stat()
+                inodes[f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"] = f.name
+        held = []
+        for line in Path("/proc/locks").read_text().splitlines():
+            parts = line.split()
+            # "1: POSIX  ADVISORY  WRITE 5111 fe:00:2146516 120 120" ("->" marks a waiter)
+            if len(parts) == 8 and parts[3] == "WRITE" and parts[4] == str(pid) \
+                    and parts[5] in inodes:
+                held.append(f"{inodes[parts[5]]} bytes {parts[6]}-{parts[7]}")
+        return held
+
     def beat_leader(self) -> str | None:
         try:
             holder = leader.view(self.ctx)["leader"]
