@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.extend(got)
                 for r in got:
                     print(f"[bench {n}]   {r.what}: {r.figure:.4g} {r.unit} vs "
-                          f"{r.baseline:.4g} ({r.baseline_what}) -> {r.ratio:.2f}x "
+                          f"{r.baseline:.4g} ({r.baseline_what}) -> {r.ratio_text(3)} "
                           f"met={r.met}", file=sys.stderr, flush=True)
             except Exception as e:  # one crashed benchmark must not hide the others' figures
                 errors[str(n)] = "".join(traceback.format_exception(e))

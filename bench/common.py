@@ -54,8 +54,12 @@ class Row:
     extra_target: str = ""
 
     @property
-    def ratio(self) -> float:
-        return self.figure / self.baseline if self.baseline else float("inf")
+    def ratio(self) -> float | None:
+        """``figure / baseline``; None when no baseline was measured (a peer not run)."""
+        return self.figure / self.baseline if self.baseline else None
+
+    def ratio_text(self, digits: int = 3) -> str:
+        return "no baseline" if self.ratio is None else f"{self.ratio:.{digits}g}×"
 
     @property
     def met(self) -> bool | None:
@@ -64,7 +68,9 @@ class Row:
         else:
             op, _, num = self.target.partition(" ")
             limit = float(num)
-            ok = self.ratio >= limit if op == ">=" else self.ratio <= limit
+            r = self.ratio
+            # a ratio target without a baseline is not met: nothing was compared
+            ok = r is not None and (r >= limit if op == ">=" else r <= limit)
         if self.extra_ok is not None:
             ok = self.extra_ok if ok is None else (ok and self.extra_ok)
         return ok

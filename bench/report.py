@@ -31,7 +31,7 @@ def _num(x: float) -> str:
 def cells(row: Row) -> tuple[str, ...]:
     met = {True: "yes", False: "NO", None: "-"}[row.met]
     return (str(row.bench), row.what, f"{_num(row.figure)} {row.unit}",
-            f"{_num(row.baseline)} {row.unit} ({row.baseline_what})", f"{row.ratio:.3g}×",
+            f"{_num(row.baseline)} {row.unit} ({row.baseline_what})", row.ratio_text(),
             row.target_text(), met)
 
 

@@ -87,3 +87,18 @@ def test_only_runs_the_benchmarks_asked_for(redis_server_url: str, pg_server_url
     subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "6", "--json",
                     str(out)], cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
     assert {r["bench"] for r in json.loads(out.read_text())["rows"]} == {6}
+
+
+def test_a_row_without_a_baseline_says_so_and_meets_no_ratio_target() -> None:
+    """A peer that was not run leaves no baseline: the row says "no baseline" (it used to
+    print "inf" as the ratio and count a ratio target as met), and a ratio target is not met."""
+    from bench.common import Row
+    from bench.report import cells
+
+    row = Row(bench=9, what="pickup", figure=3.5, unit="ms", baseline=0.0,
+              baseline_what="pgqueuer not run", target=">= 1.0")
+    assert row.ratio is None and row.met is False
+    assert "no baseline" in cells(row) and row.to_json()["ratio"] is None
+    measured = Row(bench=9, what="pickup", figure=3.0, unit="ms", baseline=2.0,
+                   baseline_what="pgqueuer", target="<= 2")
+    assert measured.ratio == 1.5 and measured.met is True and "1.5×" in cells(measured)
