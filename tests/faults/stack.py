@@ -268,7 +268,9 @@ class Stack:
 
     # --- what the processes hold ----------------------------------------------------------
 
-    def lock_holder_pid(self, job: str) -> int | None:
+    def lock_holder(self, job: str) -> tuple[str, int] | None:
+        """Who holds ``job``'s run-lock now, read in one look: the holder (``host:pid:run``)
+        and its pid; None when free or unreadable."""
         try:
             held = locks.holder_of(self.ctx, job)
         except Exception:
@@ -276,7 +278,27 @@ class Stack:
         if not held or not held.get("holder"):
             return None
         parts = str(held["holder"]).split(":")
-        return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
+        if len(parts) > 2 and parts[1].isdigit():
+            return str(held["holder"]), int(parts[1])
+        return None
+
+    def lock_holder_pid(self, job: str) -> int | None:
+        held = self.lock_holder(job)
+        return None if held is None else held[1]
+
+    def a_run_holding(self, job: str, timeout_s: float) -> tuple[str, int]:
+        """Wait for a run of ``job`` holding its run-lock; answers its holder and pid from
+        the look that saw it (a run may end between two looks)."""
+        seen: list[tuple[str, int]] = []
+
+        def held() -> bool:
+            h = self.lock_holder(job)
+            if h is not None:
+                seen.append(h)
+            return h is not None
+
+        until(f"a run of {job} holding its run-lock", held, timeout_s)
+        return seen[-1]
 
     def stopped(self, pid: int) -> bool:
         """Has ``pid`` stopped (``SIGSTOP`` is delivered asynchronously)?"""

@@ -393,10 +393,7 @@ def kill_beat_and_celery_child(stack: Stack) -> tuple[None, datetime, str]:
     until("a beat to lead", lambda: stack.beat_leader() is not None, 60)
     leader = stack.beat_leader()
     assert leader is not None
-    until("a job holding its run-lock",
-          lambda: stack.lock_holder_pid("handoff_health") is not None, 60)
-    job_pid = stack.lock_holder_pid("handoff_health")
-    assert job_pid is not None
+    _, job_pid = stack.a_run_holding("handoff_health", 60)
     stack.procs[leader].popen.kill()
     stack.procs[leader].popen.wait(10)
     os.kill(job_pid, signal.SIGKILL)
@@ -414,15 +411,17 @@ def kill_beat_and_celery_child(stack: Stack) -> tuple[None, datetime, str]:
 def sigstop_lock_holder(stack: Stack) -> tuple[None, datetime, str]:
     """SIGSTOP the process holding a job's run-lock past its dead-after time; self-heal
     breaks the lock; SIGCONT: its writes must be refused (fenced)."""
-    start, in_sqlite_write = _now(), []
+    start, in_sqlite_write, ended = _now(), [], 0
     for _attempt in range(8):
-        until("a job holding its run-lock",
-              lambda: stack.lock_holder_pid("handoff_health") is not None, 60)
-        pid = stack.lock_holder_pid("handoff_health")
-        assert pid is not None
+        holder, pid = stack.a_run_holding("handoff_health", 60)
         t0 = _now()
         os.kill(pid, signal.SIGSTOP)
         until(f"pid {pid} to stop", lambda pid=pid: stack.stopped(pid), 10)
+        if stack.lock_holder("handoff_health") != (holder, pid):
+            # the run let its lock go between the look and the stop: stop a later one
+            os.kill(pid, signal.SIGCONT)
+            ended += 1
+            continue
         held = stack.sqlite_write_locks(pid)
         if held:
             # stopped inside a write transaction (the job's check writes its snapshot):
@@ -445,7 +444,8 @@ def sigstop_lock_holder(stack: Stack) -> tuple[None, datetime, str]:
             continue  # it was stopped after its last write: try again
     fenced = stack.events(kind="run_lock_fenced", since=start)
     assert fenced, ("no fenced write after 8 stopped holders; stopped inside SQLite's write "
-                    f"transaction and let go: {in_sqlite_write}")
+                    f"transaction and let go: {in_sqlite_write}; stopped after the run "
+                    f"ended: {ended}")
     t = _now()
     return None, t, (f"stopped pid {pid}; lock broken by self-heal; fenced writes refused: "
                      + ", ".join(sorted({str(e['data'].get('refused')) for e in fenced}))

@@ -262,9 +262,13 @@ def sent_twice_in_a_period(sends: list[Send], period_s: float) -> list[Any]:
     return pairs
 
 
+EXPIRED_UNRUN = "expired, not run"
+
+
 def _fates(fleet: Fleet, sends: list[Send]) -> list[str] | None:
-    """Each send's stored outcome (``job: SUCCESS``, ``job: REVOKED`` when it expired
-    unrun, ...); None while one has no stored result yet."""
+    """Each send's stored outcome, in order (``job: SUCCESS``; ``job: expired, not run``
+    when the worker refused it as older than its period, ``tasks.checks``; ``job: REVOKED``
+    when Celery expired it unrun); None while one has no stored result yet."""
     r = redis.Redis.from_url(fleet.redis_url, decode_responses=True)
     try:
         out = []
@@ -272,8 +276,11 @@ def _fates(fleet: Fleet, sends: list[Send]) -> list[str] | None:
             meta = r.get(f"mh:celery:celery-task-meta-{tid}")
             if meta is None:
                 return None
-            out.append(f"{job}: {json.loads(meta)['status']}")
-        return out or ["-"]
+            stored = json.loads(meta)
+            result = stored.get("result")
+            skipped = isinstance(result, dict) and result.get("skipped") == "expired"
+            out.append(f"{job}: {EXPIRED_UNRUN if skipped else stored['status']}")
+        return out
     finally:
         r.close()
 
@@ -322,15 +329,24 @@ def test_a_standby_beat_leads_within_the_lease_ttl_when_the_leaders_host_is_cut_
     finally:
         tap.close()
         ctx.close()
-    sends = sorted(tap.sends)
+    # what became of the deposed leader's sends that reached Redis once the new one led:
+    # one pushed just before the cut arrives after the heal (TCP sends it again); it
+    # carries its send time on Redis's clock and the worker refuses it as expired. That
+    # is a message, not a run: any other late send of the old leader is a double
+    late_old = tap.from_(old_addr, led_at)
+    def settled() -> tuple[list[str]] | None:  # truthy once settled, even with no send
+        got = _fates(fleet, late_old)
+        return None if got is None else (got,)
+
+    fates = fleet.wait_for("the old leader's late messages to be settled", settled, 60,
+                           ["celery-worker"])[0]
+    unrun = {s[3] for s, fate in zip(late_old, fates, strict=True)
+             if fate.endswith(EXPIRED_UNRUN)}
     # a second send of a job in one period: one closer than half a period to another, or
     # any send of the deposed leader once the new one leads (the new one sends that period)
-    late_old = tap.from_(old_addr, led_at)
+    sends = sorted(s for s in tap.sends if s[3] not in unrun)
     doubles = sorted({(job, b) for job, _, b in sent_twice_in_a_period(sends, period)}
-                     | {(job, at) for at, job, _, _ in late_old})
-    # what became of the old leader's late messages: run, or refused as expired
-    fates = fleet.wait_for("the old leader's late messages to be settled",
-                           lambda: _fates(fleet, late_old), 60, ["celery-worker"])
+                     | {(job, at) for at, job, _, tid in late_old if tid not in unrun})
     add_row({
         "fault": "leading beat host cut",
         "done": len(sends),
