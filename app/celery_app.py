@@ -298,6 +298,12 @@ class LeaderScheduler(PersistentScheduler):
         except redis.RedisError as e:
             _beat_log.warning("not sending %s: Redis's clock is unreadable (%s)", entry.name, e)
             return
+        # the stamp waited on Redis: a leader cut off meanwhile (its reply delayed until the
+        # network healed) may no longer lead, and a fresh stamp would let the job run twice
+        if not beat_may_send(ctx):
+            _beat_log.warning("not sending %s: this beat's leader lease went unconfirmed "
+                              "while it read Redis's clock", entry.name)
+            return
         stamped = copy.copy(entry)
         stamped.options = {**entry.options, "headers": headers}
         super().apply_entry(stamped, producer=producer)

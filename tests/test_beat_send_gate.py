@@ -77,3 +77,31 @@ def test_the_scheduler_skips_a_due_job_while_the_gate_is_closed(
     assert sent[0].options == {"queue": "q", "headers": {send_window.PERIOD: 1000,
                                                          send_window.SENT: 12_345}}
     assert Entry.options == {"queue": "q", "headers": {send_window.PERIOD: 1000}}
+
+
+def test_the_scheduler_skips_a_job_when_the_gate_closed_while_it_read_redis_clock(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The send-time stamp is a Redis call: a leader cut off right after its gate check
+    gets the answer only once the network heals, with a fresh time, while a standby leads.
+    The gate is asked again after the stamp, so that job is not sent (it would run twice)."""
+    sent: list[Any] = []
+    monkeypatch.setattr("celery.beat.PersistentScheduler.apply_entry",
+                        lambda self, entry, producer=None: sent.append(entry))
+
+    class Entry:
+        name = "self_heal"
+        options: ClassVar[dict[str, Any]] = {"queue": "q",
+                                             "headers": {send_window.PERIOD: 2000}}
+
+    gate = {"open": True}
+
+    def clock_read_after_the_cut(ctx: Any) -> int:
+        gate["open"] = False  # the lease went unconfirmed while this call waited
+        return 99_000
+
+    sched = LeaderScheduler.__new__(LeaderScheduler)
+    monkeypatch.setattr("app.ops.run_locks.beat_may_send", lambda ctx: gate["open"])
+    monkeypatch.setattr("app.ops.checks.send_window.redis_now_ms", clock_read_after_the_cut)
+    sched.apply_entry(Entry())
+    assert sent == []
+    assert gate == {"open": False}  # the stamp was read: the second check refused
