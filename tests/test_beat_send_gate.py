@@ -54,18 +54,26 @@ def test_a_leader_stops_sending_while_its_lease_cannot_be_confirmed_and_resumes(
         ctx.close()
 
 
-def test_the_scheduler_skips_a_due_job_while_the_gate_is_closed(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def _scheduler(monkeypatch: pytest.MonkeyPatch, job: str,
+               period_ms: int) -> tuple[LeaderScheduler, type, list[Any]]:
+    """A LeaderScheduler whose sends are recorded (Celery's own ``apply_entry`` replaced),
+    an entry class for ``job`` and the list the sends go to."""
     sent: list[Any] = []
     monkeypatch.setattr("celery.beat.PersistentScheduler.apply_entry",
                         lambda self, entry, producer=None: sent.append(entry))
 
     class Entry:
-        name = "handoff_health"
+        name = job
         options: ClassVar[dict[str, Any]] = {"queue": "q",
-                                             "headers": {send_window.PERIOD: 1000}}
+                                             "headers": {send_window.PERIOD: period_ms}}
 
-    sched = LeaderScheduler.__new__(LeaderScheduler)  # apply_entry needs no scheduler state
+    # apply_entry needs no scheduler state
+    return LeaderScheduler.__new__(LeaderScheduler), Entry, sent
+
+
+def test_the_scheduler_skips_a_due_job_while_the_gate_is_closed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    sched, Entry, sent = _scheduler(monkeypatch, "handoff_health", 1000)
     monkeypatch.setattr("app.ops.run_locks.beat_may_send", lambda ctx: False)
     sched.apply_entry(Entry())
     assert sent == []
@@ -84,22 +92,13 @@ def test_the_scheduler_skips_a_job_when_the_gate_closed_while_it_read_redis_cloc
     """The send-time stamp is a Redis call: a leader cut off right after its gate check
     gets the answer only once the network heals, with a fresh time, while a standby leads.
     The gate is asked again after the stamp, so that job is not sent (it would run twice)."""
-    sent: list[Any] = []
-    monkeypatch.setattr("celery.beat.PersistentScheduler.apply_entry",
-                        lambda self, entry, producer=None: sent.append(entry))
-
-    class Entry:
-        name = "self_heal"
-        options: ClassVar[dict[str, Any]] = {"queue": "q",
-                                             "headers": {send_window.PERIOD: 2000}}
-
+    sched, Entry, sent = _scheduler(monkeypatch, "self_heal", 2000)
     gate = {"open": True}
 
     def clock_read_after_the_cut(ctx: Any) -> int:
         gate["open"] = False  # the lease went unconfirmed while this call waited
         return 99_000
 
-    sched = LeaderScheduler.__new__(LeaderScheduler)
     monkeypatch.setattr("app.ops.run_locks.beat_may_send", lambda ctx: gate["open"])
     monkeypatch.setattr("app.ops.checks.send_window.redis_now_ms", clock_read_after_the_cut)
     sched.apply_entry(Entry())
