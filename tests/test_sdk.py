@@ -349,3 +349,82 @@ def _app(ctx: Context) -> Any:
     from app.api.app import create_app
 
     return create_app(ctx=ctx)
+
+
+# --- a prefetch: K leases at once -------------------------------------------------------
+
+
+class _Recording(Client):
+    """A client that keeps every request's action and every claim's grants."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.actions: list[str] = []
+        self.granted: list[int] = []  # leases per claim or hand-over
+
+    def call(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.actions.append(request["action"])
+        answer = super().call(request)
+        grant = answer if request["action"] == "claim" else answer.get("next")
+        if isinstance(grant, dict) and grant.get("task") is not None:
+            self.granted.append(len(grant.get("leases") or [grant]))
+        return answer
+
+
+def test_a_prefetching_worker_holds_k_leases_and_completes_its_successes_together(
+        server: ServerThread, ctx: Context) -> None:
+    lane_control.configure_lane(ctx, assignee="coder", max_in_flight=10, actor="t")
+
+    def handler(task: dict[str, Any]) -> dict[str, Any]:
+        if task["payload"].get("bad") and task["attempts"] == 0:  # its first run fails
+            raise ValidationFailed("flaky check")
+        return {"seen": task["title"]}
+
+    with _Recording(server.url, TOKEN, wait_ms=1000) as client:
+        ids = [client.create("coder", f"t{i}")["task"]["id"] for i in range(9)]
+        bad = client.create("coder", "b", payload={"bad": True})["task"]["id"]
+        worker = LaneWorker("coder", handler, client=client, worker_name="w1", prefetch=3,
+                            idle_backoff_s=(0.01, 0.05))
+        stop = threading.Event()
+        running = _started(lambda: worker.run(stop))
+        _until(lambda: worker.stats.finished == 11, what="eleven outcomes")
+        stop.set()
+        stats = running.result(timeout_s=10)
+    assert stats.succeeded == 10 and stats.failed == 1 and stats.lost == stats.kept == 0
+    assert stats.released == 0
+    for tid in [*ids, bad]:
+        row = _task(ctx, tid)
+        assert row["status"] == "done" and row["result"] == {"seen": row["title"]}
+    assert _task(ctx, bad)["attempts"] == 1
+    # K leases a grant at most, and the first grant took all K; successes went together
+    assert client.granted and max(client.granted) == 3 and client.granted[0] == 3
+    assert "complete_many" in client.actions
+    assert client.actions.count("complete_many") < 10  # not one request a success
+    assert client.actions.count("complete") == 1  # the failure, alone (the breaker reads it)
+
+
+def test_a_stop_gives_back_the_prefetched_leases_not_yet_run(
+        server: ServerThread, ctx: Context) -> None:
+    lane_control.configure_lane(ctx, assignee="coder", max_in_flight=10, actor="t")
+    with Client(server.url, TOKEN, wait_ms=1000) as client:
+        ids = [client.create("coder", f"t{i}")["task"]["id"] for i in range(4)]
+        handler = _UntilStopped()
+        worker = LaneWorker("coder", handler, client=client, worker_name="w1", prefetch=4)
+        stop = threading.Event()
+        running = _started(lambda: worker.run(stop))
+        assert handler.started.wait(15)
+        assert sum(_task(ctx, t)["lease_token"] is not None for t in ids) == 4  # K held
+        stop.set()
+        stats = running.result(timeout_s=10)
+    assert stats.claimed == 4 and stats.released == 4 and stats.finished == 0
+    for tid in ids:
+        row = _task(ctx, tid)
+        assert row["status"] == "todo" and row["lease_token"] is None and row["attempts"] == 0
+    assert not [t for t in threading.enumerate() if t.name.startswith("heartbeat-w1")]
+
+
+def test_a_prefetch_outside_what_the_server_grants_is_refused_before_any_call(
+        client: Client) -> None:
+    for bad in (0, -1, 101, True, 2.5):
+        with pytest.raises(ValueError, match="prefetch must be an integer from 1 to 100"):
+            LaneWorker("coder", lambda task: None, client=client, prefetch=bad)  # type: ignore[arg-type]

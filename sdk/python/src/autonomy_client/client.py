@@ -79,14 +79,19 @@ class Client:
                 request[key] = value
         return self.call(request)
 
-    def claim(self, lane: str, worker: str, *, wait_ms: int | None = None) -> dict[str, Any]:
+    def claim(self, lane: str, worker: str, *, wait_ms: int | None = None,
+              max_n: int | None = None) -> dict[str, Any]:
         """Claim the lane's next task: the answer has ``task`` and ``lease`` (``{token,
         expiresAt}``), or ``task: null`` when the lane is empty, or a ``guard`` when the
         lane is full. With ``wait_ms`` the server holds a claim on an empty lane that long
-        and answers as soon as a task arrives (push pickup by long poll)."""
+        and answers as soon as a task arrives (push pickup by long poll). With ``max_n``
+        (a prefetch) it grants up to that many leases, counting those the worker already
+        holds in the lane, each its own: ``leases`` lists them, ``{task, lease}`` each."""
         request: dict[str, Any] = {"action": "claim", "assignee": lane, "worker": worker}
         if wait_ms:
             request["waitMs"] = wait_ms
+        if max_n is not None:
+            request["max"] = max_n
         return self.call(request)
 
     def heartbeat(self, task_id: int, lease_token: str) -> dict[str, Any]:
@@ -108,6 +113,24 @@ class Client:
             request["result"] = result
         if claim_next is not None:
             request["claimNext"] = {"assignee": claim_next[0], "worker": claim_next[1]}
+        return self.call(request)
+
+    def complete_many(self, items: list[tuple[int, str, dict[str, Any] | None]], *,
+                      claim_next: tuple[str, str] | None = None,
+                      max_n: int | None = None) -> dict[str, Any]:
+        """Record the success of several leased tasks, ``(task_id, lease_token, result)``
+        each, in one request (one statement and one commit on the server). The answer's
+        ``results`` has one entry per item, in order: ``{ok: true, task}``, or ``{ok:
+        false, error, message, taskId}`` for an item refused alone (a stale token refuses
+        its own item, never the others). With ``claim_next=(lane, worker)`` the same call
+        hands over up to ``max_n`` next leases as ``next`` (a claim's answer)."""
+        request: dict[str, Any] = {"action": "complete_many", "items": [
+            {"taskId": tid, "leaseToken": token, **({} if result is None else {"result": result})}
+            for tid, token, result in items]}
+        if claim_next is not None:
+            request["claimNext"] = {"assignee": claim_next[0], "worker": claim_next[1]}
+            if max_n is not None:
+                request["max"] = max_n
         return self.call(request)
 
     def release(self, task_id: int, lease_token: str) -> dict[str, Any]:

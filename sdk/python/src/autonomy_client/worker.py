@@ -22,6 +22,11 @@
 - **Stopping**: the stop event (or SIGTERM/SIGINT when ``run`` installs handlers) stops
   claiming and the running task finishes; a second signal interrupts it and its lease is
   released. A claim in flight returns within its ``waitMs``.
+- **A prefetch** (``prefetch=K``): one claim grants up to K leases, each its own (token,
+  expiry, heartbeat, ``maxInFlight`` counting each); the tasks run one after another, every
+  lease heartbeated from its grant until its outcome is in, and the successes are reported
+  in one ``complete_many`` that hands over the next K. Failures and releases are reported
+  one by one; a stop gives back the leases not yet run.
 """
 
 from __future__ import annotations
@@ -61,10 +66,12 @@ log = logging.getLogger("autonomy_client.worker")
 
 Outcome = tuple[str, "str | None", "dict[str, Any] | None"]  # (kind, reason, result)
 _LOST = (StaleLease, NotInProgress, TaskNotFound)  # the lease is gone for good
+_LOST_CODES = frozenset(cls.default_code for cls in _LOST)
 _FATAL = (AuthError, InvalidInput)  # waiting will not cure these: the worker stops
 KEPT_MAX = 256  # outcomes kept for tasks whose lease ran out before they were reported
 REASON_MAX_LEN = 2000  # the server's default limit on a failure reason
 DEFAULT_BEAT_S = 10.0  # heartbeat period when a lease does not say when it expires
+PREFETCH_MAX = 100  # the server's limit on the leases one claim may grant
 
 
 class Backoff:
@@ -132,9 +139,11 @@ class _Heartbeat:
 
 
 class LaneWorker:
-    """Claims tasks from ``lane`` one at a time through ``client`` and hands each to
-    ``handler``. Each worker holds at most one lease per lane: run several (each with its
-    own ``worker_name``) for parallelism, and raise the lane's ``maxInFlight``.
+    """Claims tasks from ``lane`` through ``client`` and hands each to ``handler``, one at
+    a time. Each worker holds one lease per lane, or up to ``prefetch`` (K) with a
+    prefetch: run several (each with its own ``worker_name``) for parallelism, and raise
+    the lane's ``maxInFlight`` (a lane of N workers with K = 10 needs N x 10 for each to
+    hold its K).
 
     ``wait_ms``: how long a claim on an empty lane waits for work (the client's
     ``wait_ms`` by default). ``heartbeat_interval_s``: a fixed heartbeat period instead of
@@ -147,8 +156,12 @@ class LaneWorker:
                  heartbeat_interval_s: float | None = None,
                  idle_backoff_s: tuple[float, float] = (0.1, 2.0),
                  pause_backoff_s: tuple[float, float] = (1.0, 30.0),
-                 say: Callable[[str], None] | None = None) -> None:
+                 say: Callable[[str], None] | None = None, prefetch: int = 1) -> None:
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) \
+                or not 1 <= prefetch <= PREFETCH_MAX:
+            raise ValueError(f"prefetch must be an integer from 1 to {PREFETCH_MAX}")
         self.lane = lane
+        self.prefetch = prefetch
         self.handler = handler
         self.client = client
         self.name = worker_name or default_worker_name()
@@ -163,6 +176,8 @@ class LaneWorker:
         self._kept: dict[int, Outcome] = {}
         self._next: dict[str, Any] | None = None  # a claim handed over by the last complete
         self._want_next = False
+        self._claim_n: int | None = None  # ``max`` of the next claim (a prefetch's)
+        self._prefetched: list[Job] = []  # the rest of the last claim's leases
 
     def _log(self, text: str, level: int = logging.INFO) -> None:
         line = f"worker {self.name} [{self.lane}]: {text}"
@@ -186,6 +201,9 @@ class LaneWorker:
                 while not stop.is_set():
                     if max_tasks is not None and self.stats.finished >= max_tasks:
                         break
+                    if self.prefetch > 1:
+                        self._run_batch(stop, max_tasks)
+                        continue
                     job = self.claim_one(stop)
                     if job is not None:
                         self._want_next = max_tasks is None \
@@ -203,7 +221,8 @@ class LaneWorker:
         handed, self._next = self._next, None
         try:
             answer = handed if handed is not None \
-                else self.client.claim(self.lane, self.name, wait_ms=wait_ms)
+                else self.client.claim(self.lane, self.name, wait_ms=wait_ms,
+                                       max_n=self._claim_n)
         except LanePaused as e:
             self._wait(stop, e, "waiting for a resume")
             return None
@@ -230,11 +249,23 @@ class LaneWorker:
         self.idle.reset()
         self._lane_empty = False
         self.stats.claimed += 1
+        if self._claim_n is not None:  # a prefetch: the rest of its leases wait their turn
+            self._prefetched = self._jobs(answer, stop)[1:]
+            self.stats.claimed += len(self._prefetched)
         # ``attempts`` counts failures so far (the server's docs/workers.md), not claims
         failures = int(job.task.get("attempts") or 0)
         self._log(f"task {job.task_id}: claimed ({failures} failure"
                   f"{'' if failures == 1 else 's'} so far)")
         return job
+
+    def _jobs(self, answer: dict[str, Any], stopping: threading.Event) -> list[Job]:
+        """Every job a claim's answer grants (``leases`` of a prefetch, else its one)."""
+        many = answer.get("leases")
+        if isinstance(many, list) and many:
+            return [j for j in (self._job(x if isinstance(x, dict) else {}, stopping)
+                                for x in many) if j is not None]
+        job = self._job(answer, stopping)
+        return [] if job is None else [job]
 
     def _job(self, answer: dict[str, Any], stopping: threading.Event) -> Job | None:
         task, lease = answer.get("task"), answer.get("lease")
@@ -252,26 +283,73 @@ class LaneWorker:
         stop.wait(self.pause.step())
 
     def _release_handed_over(self) -> None:
+        """Leases handed over or prefetched that will not be worked: give them back."""
         nxt, self._next = self._next, None
-        job = self._job(nxt or {}, threading.Event())
-        if job is not None:
+        jobs = self._jobs(nxt or {}, threading.Event()) + self._prefetched
+        self._prefetched = []
+        for job in jobs:
             self._release(job, "the worker is stopping")
 
-    # --- one task ---------------------------------------------------------------------
+    # --- a prefetch: K leases at once ---------------------------------------------------
 
-    def work(self, job: Job) -> None:
-        """Run the handler on a claimed task under heartbeats, then report the outcome."""
+    def _run_batch(self, stop: threading.Event, max_tasks: int | None) -> None:
+        """Claim up to K leases (or take those the last complete handed over), run them in
+        turn -- each heartbeated from its grant until its outcome is in -- and report the
+        successes in one ``complete_many`` that hands over the next K."""
+        self._claim_n = self._batch_size(max_tasks, self.stats.finished)
+        self._want_next = False  # a single complete (a fallback) hands nothing over
+        first = self.claim_one(stop)
+        if first is None:
+            return
+        jobs, self._prefetched = [first, *self._prefetched], []
+        beats = [_Heartbeat(self, job) for job in jobs]
+        for beat in beats:
+            beat.start()
+        done: list[tuple[Job, dict[str, Any] | None]] = []
+        ran = 0
+        try:
+            for job, beat in zip(jobs, beats, strict=True):
+                if stop.is_set():
+                    break
+                ran += 1
+                outcome = self._run_leased(job, beat)
+                if outcome is None:
+                    continue
+                if outcome[0] == "success":
+                    done.append((job, outcome[2]))
+                else:
+                    self._report(job, outcome)
+        finally:
+            for beat in beats:
+                beat.stop()
+            for job in jobs[ran:]:  # a stop before their turn: give them back at once
+                self._release(job, "the worker is stopping")
+            finished = self.stats.finished + len(done)
+            more = not stop.is_set() and (max_tasks is None or finished < max_tasks)
+            self._complete_batch(done, next_n=self._batch_size(max_tasks, finished)
+                                 if more else None)
+
+    def _batch_size(self, max_tasks: int | None, finished: int) -> int:
+        """K, or fewer when ``max_tasks`` leaves fewer to do."""
+        return self.prefetch if max_tasks is None \
+            else max(1, min(self.prefetch, max_tasks - finished))
+
+    def _run_leased(self, job: Job, beat: _Heartbeat) -> Outcome | None:
+        """A leased job's outcome, its heartbeats (``beat``, started at its grant) ended
+        once it is in; None when there is none to report (its lease was lost while it
+        waited its turn or ran). A kept outcome is answered without running it again."""
         kept = self._kept.pop(job.task_id, None)
         if kept is not None:  # it already ran here: report what it answered, never rerun
+            beat.stop()
             self._log(f"task {job.task_id}: back under this worker's lease; reporting the "
                       "outcome it already has instead of running it again")
-            self._report(job, kept)
-            return
-        if job.stopping.is_set():
-            self._release(job, "stopping before the task started")
-            return
-        beat = _Heartbeat(self, job)
-        beat.start()
+            return kept
+        if job.lease_lost.is_set():  # a heartbeat was refused while it waited its turn
+            beat.stop()
+            self.stats.lost += 1
+            self._log(f"task {job.task_id}: lease lost before its turn; not run",
+                      logging.WARNING)
+            return None
         try:
             outcome = self._call_handler(job)
         except BaseException:  # interrupted: give the lease back, then let it propagate
@@ -283,8 +361,59 @@ class LaneWorker:
             self.stats.lost += 1
             self._log(f"task {job.task_id}: lease lost while working; outcome dropped",
                       logging.WARNING)
+            return None
+        return outcome
+
+    def _complete_batch(self, done: list[tuple[Job, dict[str, Any] | None]], *,
+                        next_n: int | None) -> None:
+        """The successes in one ``complete_many`` (handing over the next ``next_n``
+        leases); each item's refusal is its own. A request refused as a whole is sent
+        again one complete at a time, where each outcome is answered in full."""
+        if not done:
             return
-        self._report(job, outcome)
+        items = [(job.task_id, job.lease_token, result) for job, result in done]
+        nxt = (self.lane, self.name) if next_n is not None else None
+        try:
+            answer = self._retrying(lambda: self.client.complete_many(
+                items, claim_next=nxt, max_n=next_n), job=done[0][0])
+        except AuthError:
+            raise
+        except AutonomyError:
+            for job, result in done:
+                self._complete(job, "success", None, result)
+            return
+        if answer is None:  # the leases ran out first: keep the outcomes
+            for job, result in done:
+                self._keep(job, ("success", None, result))
+            return
+        results = answer.get("results")
+        if not isinstance(results, list) or len(results) != len(done):
+            results = [{}] * len(done)
+        for (job, result), res in zip(done, results, strict=True):
+            if isinstance(res, dict) and res.get("ok") is True:
+                self.stats.succeeded += 1
+                self._log(f"task {job.task_id}: done")
+            elif isinstance(res, dict) and res.get("error") in _LOST_CODES:
+                self.stats.lost += 1
+                self._log(f"task {job.task_id}: outcome refused ({res['error']}): "
+                          f"{res.get('message')}", logging.WARNING)
+            else:  # anything else: the one-task path answers it in full
+                self._complete(job, "success", None, result)
+        if isinstance(answer.get("next"), dict):
+            self._next = answer["next"]
+
+    # --- one task ---------------------------------------------------------------------
+
+    def work(self, job: Job) -> None:
+        """Run the handler on a claimed task under heartbeats, then report the outcome."""
+        if job.stopping.is_set() and job.task_id not in self._kept:
+            self._release(job, "stopping before the task started")
+            return
+        beat = _Heartbeat(self, job)
+        beat.start()
+        outcome = self._run_leased(job, beat)
+        if outcome is not None:
+            self._report(job, outcome)
 
     def _call_handler(self, job: Job) -> Outcome:
         try:
