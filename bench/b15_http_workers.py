@@ -10,7 +10,9 @@
 2. **8 HTTP LaneWorkers against 8 direct ones**: worker processes draining the same
    backlog of no-op tasks, in the same run, rounds interleaved (median reported): direct
    (``LocalClient``) and over HTTP (``HttpClient``) to N ``autonomy serve`` processes,
-   each worker talking to one of them (round robin). Target: HTTP >= 0.7x direct.
+   each worker talking to one of them (round robin). Target: HTTP >= 0.7x direct. The
+   same pair again with every worker's prefetch at K = 10 (bench 8's batched mode; the
+   HTTP workers through 2 API processes): one request per K tasks instead of per task.
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ from app.clock import utcnow
 from app.ops import lane_control, lanes
 from bench import peers
 from bench.b7_http import Server
-from bench.b8_drain import _autonomy_db_check
+from bench.b8_drain import HEADROOM, PREFETCH, _autonomy_db_check
 from bench.common import Env, Row
 from bench.fleet import Recorder, Shared, drain
 from bench.seed import analyze, seed_todo
 
 WAITERS = 1_000
 API_PROCESSES = (2, 4)  # HTTP fleets: API processes behind the 8 workers
+BATCHED_API_PROCESSES = 2  # behind the 8 HTTP workers with a prefetch
 WAIT_MS = 30_000
 
 
@@ -153,7 +156,7 @@ def autonomy_http_worker(cfg: dict[str, Any], name: str, shared: Shared) -> None
         rec.ran(task["id"], task["payload"].get("seq"))
 
     worker = LaneWorker(cfg["lane"], handler, worker_name=name, client=client,
-                        say=lambda _line: None)
+                        say=lambda _line: None, prefetch=cfg.get("prefetch", 1))
     stop = threading.Event()
     try:
         client.claim("bench-warm", name)  # connect
@@ -166,22 +169,25 @@ def autonomy_http_worker(cfg: dict[str, Any], name: str, shared: Shared) -> None
 
 
 def _drain(env: Env, url: str, jobs: int, procs: int, lane: str,
-           servers: list[Server] | None) -> dict[str, Any]:
+           servers: list[Server] | None, prefetch: int = 1) -> dict[str, Any]:
     ctx = env.context(url)
     try:
-        lane_control.configure_lane(ctx, assignee=lane, max_in_flight=procs, actor="bench")
+        # a prefetch: every worker its K, with bench 8's room to spare
+        room = procs * prefetch * HEADROOM if prefetch > 1 else procs
+        lane_control.configure_lane(ctx, assignee=lane, max_in_flight=room, actor="bench")
         seed_todo(ctx.engine, assignee=lane, n=jobs, now=utcnow())
         analyze(ctx.engine)
         settings = env.settings(url).model_dump()
         settings["api_token"] = None
         if servers is None:
-            got = drain(peers.autonomy_worker, {"settings": settings, "lane": lane},
+            got = drain(peers.autonomy_worker, {"settings": settings, "lane": lane,
+                                                "worker_kw": {"prefetch": prefetch}},
                         procs=procs, jobs=jobs)
         else:
             from bench.fleet import Fleet
 
-            cfgs = [{"settings": settings, "lane": lane, "url": servers[i % len(servers)].base}
-                    for i in range(procs)]
+            cfgs = [{"settings": settings, "lane": lane, "url": servers[i % len(servers)].base,
+                     "prefetch": prefetch} for i in range(procs)]
             got = _drain_fleet(Fleet(autonomy_http_worker, {}, procs, cfgs=cfgs), jobs)
         got["db"] = _autonomy_db_check(ctx.engine, lane)
         got["exactlyOnce"] = (got["exactlyOnce"] and got["db"]["ok"]
@@ -269,19 +275,20 @@ def fleet_rows(env: Env) -> list[Row]:
     jobs = env.size(3_000, 80)
     rounds = env.size(2, 1)
     load_before = _loadavg()
-    results: dict[str, list[dict[str, Any]]] = {"direct": []}
-    results.update({f"http x{k}": [] for k in API_PROCESSES})
+    # mode -> (API processes, None for direct; the workers' prefetch)
+    modes: dict[str, tuple[int | None, int]] = {"direct": (None, 1)}
+    modes.update({f"http x{k}": (k, 1) for k in API_PROCESSES})
+    modes[f"direct k{PREFETCH}"] = (None, PREFETCH)
+    modes[f"http x{BATCHED_API_PROCESSES} k{PREFETCH}"] = (BATCHED_API_PROCESSES, PREFETCH)
+    results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     for r in range(rounds):
-        for mode in results:
+        for mode, (k, prefetch) in modes.items():
             db = env.pg_database()
             lane_r = f"b14-{mode.replace(' ', '')}-{r}"
-            if mode == "direct":
-                results[mode].append(_drain(env, db, jobs, procs, lane_r, None))
-                continue
-            k = int(mode.rsplit("x", 1)[1])
-            servers = [Server(env, db) for _ in range(k)]
+            servers = [Server(env, db) for _ in range(k or 0)]
             try:
-                results[mode].append(_drain(env, db, jobs, procs, lane_r, servers))
+                results[mode].append(_drain(env, db, jobs, procs, lane_r, servers or None,
+                                            prefetch))
             finally:
                 for s in servers:
                     s.stop()
@@ -299,4 +306,14 @@ def fleet_rows(env: Env) -> list[Row]:
                      "load": load, "cpus": os.cpu_count()},
             extra_ok=all(x["exactlyOnce"] for v in results.values() for x in v),
             extra_target="exactly once"))
+    k, batched = BATCHED_API_PROCESSES, results[f"http x{BATCHED_API_PROCESSES} k{PREFETCH}"]
+    rows.append(Row(
+        bench=15, what=f"{procs} HTTP LaneWorkers with prefetch {PREFETCH}, {k} API processes, "
+                       f"{jobs} no-op tasks",
+        figure=statistics.median(x["throughput"] for x in batched), unit="tasks/s",
+        baseline=statistics.median(x["throughput"] for x in results[f"direct k{PREFETCH}"]),
+        baseline_what=f"{procs} direct LaneWorkers with prefetch {PREFETCH} (same run)",
+        target=">= 0.7", details=rows[-1].details,
+        extra_ok=all(x["exactlyOnce"] for v in results.values() for x in v),
+        extra_target="exactly once"))
     return rows
