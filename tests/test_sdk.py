@@ -387,9 +387,9 @@ def test_a_prefetching_worker_holds_k_leases_and_completes_its_successes_togethe
                             idle_backoff_s=(0.01, 0.05))
         stop = threading.Event()
         running = _started(lambda: worker.run(stop))
-        _until(lambda: worker.stats.finished == 11, what="eleven outcomes")
+        _until(lambda: worker.stats.finished == 11, timeout_s=60, what="eleven outcomes")
         stop.set()
-        stats = running.result(timeout_s=10)
+        stats = running.result(timeout_s=30)
     assert stats.succeeded == 10 and stats.failed == 1 and stats.lost == stats.kept == 0
     assert stats.released == 0
     for tid in [*ids, bad]:
@@ -412,10 +412,10 @@ def test_a_stop_gives_back_the_prefetched_leases_not_yet_run(
         worker = LaneWorker("coder", handler, client=client, worker_name="w1", prefetch=4)
         stop = threading.Event()
         running = _started(lambda: worker.run(stop))
-        assert handler.started.wait(15)
+        assert handler.started.wait(60)
         assert sum(_task(ctx, t)["lease_token"] is not None for t in ids) == 4  # K held
         stop.set()
-        stats = running.result(timeout_s=10)
+        stats = running.result(timeout_s=30)
     assert stats.claimed == 4 and stats.released == 4 and stats.finished == 0
     for tid in ids:
         row = _task(ctx, tid)
