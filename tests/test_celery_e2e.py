@@ -123,19 +123,40 @@ def _stored_results(r: redis.Redis, prefix: str) -> list[dict[str, Any]]:
     return metas
 
 
+STALL_S = 5.0  # a pass of the wait loop longer than this: the test process did not run
+STALL_CREDIT_MAX_S = 120.0  # at most this much waiting is added back for such stalls
+
+
 def _wait_for(what: str, check: Callable[[], Any], procs: list[Proc],
               deadline: float, diagnose: Callable[[], str] | None = None) -> Any:
-    while time.monotonic() < deadline:
+    """``check()`` until it answers something truthy, every 0.25 s, until ``deadline``.
+
+    Time the test process itself did not run (a pass of the loop taking over ``STALL_S``:
+    a finaliser run by the garbage collector that retries a stopped server, a starved
+    machine) is not the awaited process's silence: the deadline moves by it (up to
+    ``STALL_CREDIT_MAX_S``), and a timeout says how many checks were made and the longest
+    pass, so a stalled test tells itself apart from a deaf process."""
+    tries, longest, credit = 0, 0.0, 0.0
+    last = time.monotonic()
+    while time.monotonic() < deadline + credit:
         for p in procs:
             if p.popen.poll() is not None:
                 pytest.fail(f"{p.name} exited {p.popen.returncode}:\n{p.output()}")
         got = check()
         if got:
             return got
+        tries += 1
         time.sleep(0.25)
+        now = time.monotonic()
+        longest = max(longest, now - last)
+        if now - last > STALL_S:
+            credit = min(STALL_CREDIT_MAX_S, credit + now - last)
+        last = now
     logs = "\n".join(f"--- {p.name}\n{p.output()}" for p in procs)
     seen = diagnose() if diagnose is not None else ""
-    pytest.fail(f"timed out waiting for {what}\n{logs}\n{seen}")
+    pytest.fail(f"timed out waiting for {what} ({tries} checks; the longest pass of the wait "
+                f"took {longest:.1f}s; {credit:.1f}s of stalls added to the wait)\n{logs}\n"
+                f"{seen}")
 
 
 def control_diagnosis(redis_url: str, prefix: str, procs: list[Proc]) -> str:
@@ -224,6 +245,29 @@ def test_broker_and_results_use_a_key_prefix_of_the_apps_own() -> None:
     assert c.conf.task_default_queue == "q1"
     assert c.backend.get_key_for_task("abc") == b"dep1:celery:celery-task-meta-abc"
     c.close()
+
+
+def test_a_wait_does_not_count_a_stall_of_the_test_process_as_the_silence_it_waits_out(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 24: a garbage-collected ``AsyncResult`` whose Redis was stopped retries it from
+    ``__del__`` for ~20 s inside whichever test runs then. A ping wait stalled like that had
+    asked nothing for that long, yet counted it against the worker."""
+    monkeypatch.setattr(sys.modules[__name__], "STALL_S", 0.3)
+    calls: list[float] = []
+
+    def check() -> bool:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            time.sleep(1.2)  # the stall: past the whole deadline below
+        return len(calls) == 3
+
+    assert _wait_for("the third check", check, [], time.monotonic() + 1.0) is True
+    assert len(calls) == 3
+
+    with pytest.raises(pytest.fail.Exception) as failed:
+        _wait_for("nothing", lambda: False, [], time.monotonic() + 0.6)
+    assert "timed out waiting for nothing (" in str(failed.value)
+    assert "checks; the longest pass of the wait took" in str(failed.value)
 
 
 def test_flower_refuses_an_open_address_without_basic_auth() -> None:
