@@ -15,6 +15,7 @@ from autonomy_client.errors import (
     NotFound,
     NotInProgress,
     StaleLease,
+    TaskCancelled,
     TaskNotFound,
     Unavailable,
 )
@@ -26,5 +27,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthError", "AutonomyError", "Client", "Conflict", "Forbidden", "InvalidInput", "Job",
     "JobHandler", "LanePaused", "LaneWorker", "NotFound", "NotInProgress", "ReleaseTask",
-    "StaleLease", "TaskNotFound", "Unavailable", "ValidationFailed", "WorkerStats",
+    "StaleLease", "TaskCancelled", "TaskNotFound", "Unavailable", "ValidationFailed", "WorkerStats",
 ]

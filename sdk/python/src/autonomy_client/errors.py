@@ -9,7 +9,8 @@
     ├── Conflict           conflict
     │   ├── LanePaused     lane_paused
     │   ├── NotInProgress  not_in_progress
-    │   └── StaleLease     stale_lease
+    │   ├── StaleLease     stale_lease
+    │   └── TaskCancelled  task_cancelled: the task was cancelled under its holder
     ├── AuthError          unauthorized
     │   └── Forbidden      forbidden
     └── Unavailable        unavailable, database_*, redis_unavailable, the API unreachable,
@@ -82,6 +83,13 @@ class StaleLease(Conflict):
     default_code = "stale_lease"
 
 
+class TaskCancelled(Conflict):
+    """The task was cancelled while this worker held its lease: its heartbeat, complete and
+    release answer this, and its outcome is not recorded."""
+
+    default_code = "task_cancelled"
+
+
 class AuthError(AutonomyError):
     """Raised when the bearer token is missing or wrong."""
 
@@ -103,7 +111,7 @@ class Unavailable(AutonomyError):
 _BY_CODE: dict[str, type[AutonomyError]] = {
     cls.default_code: cls
     for cls in (InvalidInput, NotFound, TaskNotFound, Conflict, LanePaused, NotInProgress,
-                StaleLease, AuthError, Forbidden, Unavailable)
+                StaleLease, TaskCancelled, AuthError, Forbidden, Unavailable)
 }
 _UNAVAILABLE_CODES = ("database_unavailable", "database_not_migrated", "database_busy",
                       "redis_unavailable")

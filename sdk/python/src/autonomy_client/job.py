@@ -41,6 +41,8 @@ class Job:
     worker: str
     stopping: threading.Event  # set when the worker is asked to stop
     lease_lost: threading.Event = field(default_factory=threading.Event)
+    # set with ``lease_lost`` when the lease was lost because the task was cancelled
+    cancelled: threading.Event = field(default_factory=threading.Event)
     heartbeats: int = 0
 
     @property
@@ -70,6 +72,7 @@ class WorkerStats:
     released: int = 0
     lost: int = 0  # the lease was gone (expired and moved on) before the outcome landed
     kept: int = 0  # outcomes kept after their lease ran out with the API unreachable
+    cancelled: int = 0  # cancelled while held: work stopped, no outcome sent
 
     @property
     def finished(self) -> int:

@@ -49,6 +49,7 @@ from autonomy_client.errors import (
     LanePaused,
     NotInProgress,
     StaleLease,
+    TaskCancelled,
     TaskNotFound,
     Unavailable,
 )
@@ -65,7 +66,8 @@ from autonomy_client.job import (
 log = logging.getLogger("autonomy_client.worker")
 
 Outcome = tuple[str, "str | None", "dict[str, Any] | None"]  # (kind, reason, result)
-_LOST = (StaleLease, NotInProgress, TaskNotFound)  # the lease is gone for good
+# the lease is gone for good (TaskCancelled: because the task was cancelled)
+_LOST = (StaleLease, NotInProgress, TaskNotFound, TaskCancelled)
 _LOST_CODES = frozenset(cls.default_code for cls in _LOST)
 _FATAL = (AuthError, InvalidInput)  # waiting will not cure these: the worker stops
 KEPT_MAX = 256  # outcomes kept for tasks whose lease ran out before they were reported
@@ -105,37 +107,81 @@ def _storable(text: str) -> str:
 
 
 class _Heartbeat:
-    """A thread extending one job's lease until ``stop``."""
+    """One thread extending the leases of ``jobs`` (a prefetch's, or one task's), the one
+    due first each time, until each is stopped."""
 
-    def __init__(self, worker: LaneWorker, job: Job) -> None:
-        self.worker, self.job = worker, job
-        self._done = threading.Event()
+    def __init__(self, worker: LaneWorker, jobs: list[Job]) -> None:
+        self.worker = worker
+        now = time.monotonic()
+        self._due = {job.task_id: (now + worker._beat_interval(job), job) for job in jobs}
+        self._guard = threading.Lock()  # over ``_due``
+        self._sending = threading.Lock()  # held while a heartbeat is sent
+        self._in_flight: int | None = None  # the task it is sent for
+        self._wake = threading.Event()
+        self._complained: set[int] = set()
         self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"heartbeat-{job.worker}-{job.task_id}")
-        self._complained = False
+                                        name=f"heartbeat-{worker.name}-{jobs[0].task_id}")
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop beating; a heartbeat stuck on the network is left to time out on its own."""
-        self._done.set()
-        self._thread.join(timeout=5)
+    def stop(self, job: Job | None = None) -> None:
+        """Stop beating ``job``'s lease (None: every one); answers once no heartbeat of it
+        is in flight. A heartbeat stuck on the network for 5 s is left to time out."""
+        with self._guard:
+            if job is None:
+                self._due.clear()
+            else:
+                self._due.pop(job.task_id, None)
+            last = not self._due
+        self._wake.set()
+        if (job is None or self._in_flight == job.task_id) \
+                and self._sending.acquire(timeout=5):
+            self._sending.release()
+        if last:
+            self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        while not self._done.wait(self.worker._beat_interval(self.job)):
-            try:
-                self.worker._beat_once(self.job, raise_lost=True)
-            except _LOST as e:
-                self.job.lease_lost.set()
-                self.worker._log(f"task {self.job.task_id}: heartbeat refused ({e.code}); "
-                                 "lease lost", logging.WARNING)
-                return
-            except AutonomyError as e:  # transient: keep beating, the lease has slack
-                if not self._complained:
-                    self._complained = True
-                    self.worker._log(f"task {self.job.task_id}: heartbeat failed ({e}); "
-                                     "retrying", logging.WARNING)
+        while True:
+            with self._guard:
+                if not self._due:
+                    return
+                due, job = min(self._due.values(), key=lambda d: d[0])
+            if due > time.monotonic():
+                self._wake.wait(due - time.monotonic())
+                self._wake.clear()
+                continue
+            with self._sending:
+                with self._guard:
+                    if job.task_id not in self._due:  # stopped meanwhile
+                        continue
+                    self._in_flight = job.task_id
+                try:
+                    self._beat(job)
+                finally:
+                    self._in_flight = None
+            with self._guard:
+                if job.task_id in self._due:
+                    self._due[job.task_id] = (time.monotonic()
+                                              + self.worker._beat_interval(job), job)
+
+    def _beat(self, job: Job) -> None:
+        try:
+            self.worker._beat_once(job, raise_lost=True)
+        except _LOST as e:
+            if isinstance(e, TaskCancelled):  # set first: a handler that sees the lease
+                job.cancelled.set()           # lost knows why
+            job.lease_lost.set()
+            with self._guard:
+                self._due.pop(job.task_id, None)
+            self.worker._log(f"task {job.task_id}: " + (
+                "cancelled; stopping its work" if isinstance(e, TaskCancelled)
+                else f"heartbeat refused ({e.code}); lease lost"), logging.WARNING)
+        except AutonomyError as e:  # transient: keep beating, the lease has slack
+            if job.task_id not in self._complained:
+                self._complained.add(job.task_id)
+                self.worker._log(f"task {job.task_id}: heartbeat failed ({e}); retrying",
+                                 logging.WARNING)
 
 
 class LaneWorker:
@@ -302,13 +348,12 @@ class LaneWorker:
         if first is None:
             return
         jobs, self._prefetched = [first, *self._prefetched], []
-        beats = [_Heartbeat(self, job) for job in jobs]
-        for beat in beats:
-            beat.start()
+        beat = _Heartbeat(self, jobs)  # one thread for all of them
+        beat.start()
         done: list[tuple[Job, dict[str, Any] | None]] = []
         ran = 0
         try:
-            for job, beat in zip(jobs, beats, strict=True):
+            for job in jobs:
                 if stop.is_set():
                     break
                 ran += 1
@@ -320,8 +365,7 @@ class LaneWorker:
                 else:
                     self._report(job, outcome)
         finally:
-            for beat in beats:
-                beat.stop()
+            beat.stop()
             for job in jobs[ran:]:  # a stop before their turn: give them back at once
                 self._release(job, "the worker is stopping")
             finished = self.stats.finished + len(done)
@@ -340,29 +384,34 @@ class LaneWorker:
         waited its turn or ran). A kept outcome is answered without running it again."""
         kept = self._kept.pop(job.task_id, None)
         if kept is not None:  # it already ran here: report what it answered, never rerun
-            beat.stop()
+            beat.stop(job)
             self._log(f"task {job.task_id}: back under this worker's lease; reporting the "
                       "outcome it already has instead of running it again")
             return kept
         if job.lease_lost.is_set():  # a heartbeat was refused while it waited its turn
-            beat.stop()
-            self.stats.lost += 1
-            self._log(f"task {job.task_id}: lease lost before its turn; not run",
-                      logging.WARNING)
+            beat.stop(job)
+            self._count_lost(job, "before its turn; not run")
             return None
         try:
             outcome = self._call_handler(job)
         except BaseException:  # interrupted: give the lease back, then let it propagate
-            beat.stop()
+            beat.stop(job)
             self._release(job, "interrupted")
             raise
-        beat.stop()
+        beat.stop(job)
         if job.lease_lost.is_set():
-            self.stats.lost += 1
-            self._log(f"task {job.task_id}: lease lost while working; outcome dropped",
-                      logging.WARNING)
+            self._count_lost(job, "while working; outcome dropped")
             return None
         return outcome
+
+    def _count_lost(self, job: Job, when: str) -> None:
+        """A lease lost (``job.cancelled``: by a cancel) before its outcome was sent."""
+        if job.cancelled.is_set():
+            self.stats.cancelled += 1
+            self._log(f"task {job.task_id}: cancelled {when}", logging.WARNING)
+        else:
+            self.stats.lost += 1
+            self._log(f"task {job.task_id}: lease lost {when}", logging.WARNING)
 
     def _complete_batch(self, done: list[tuple[Job, dict[str, Any] | None]], *,
                         next_n: int | None) -> None:
@@ -394,7 +443,10 @@ class LaneWorker:
                 self.stats.succeeded += 1
                 self._log(f"task {job.task_id}: done")
             elif isinstance(res, dict) and res.get("error") in _LOST_CODES:
-                self.stats.lost += 1
+                if res["error"] == TaskCancelled.default_code:
+                    self.stats.cancelled += 1
+                else:
+                    self.stats.lost += 1
                 self._log(f"task {job.task_id}: outcome refused ({res['error']}): "
                           f"{res.get('message')}", logging.WARNING)
             else:  # anything else: the one-task path answers it in full
@@ -409,7 +461,7 @@ class LaneWorker:
         if job.stopping.is_set() and job.task_id not in self._kept:
             self._release(job, "stopping before the task started")
             return
-        beat = _Heartbeat(self, job)
+        beat = _Heartbeat(self, [job])
         beat.start()
         outcome = self._run_leased(job, beat)
         if outcome is not None:
@@ -455,7 +507,10 @@ class LaneWorker:
             self._log(f"task {job.task_id}: complete refused ({e})", logging.WARNING)
             return self._release(job, "its failure could not be recorded")
         except _LOST as e:  # the lease moved on: the outcome is not ours to record
-            self.stats.lost += 1
+            if isinstance(e, TaskCancelled):
+                self.stats.cancelled += 1
+            else:
+                self.stats.lost += 1
             self._log(f"task {job.task_id}: outcome refused ({e})", logging.WARNING)
             return None
         except AuthError:
