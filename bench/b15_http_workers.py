@@ -31,7 +31,7 @@ from app.clock import utcnow
 from app.ops import lane_control, lanes
 from bench import peers
 from bench.b7_http import Server
-from bench.b8_drain import HEADROOM, PREFETCH, _autonomy_db_check
+from bench.b8_drain import PREFETCH, _autonomy_db_check, lane_room
 from bench.common import Env, Row
 from bench.fleet import Recorder, Shared, drain
 from bench.seed import analyze, seed_todo
@@ -172,9 +172,8 @@ def _drain(env: Env, url: str, jobs: int, procs: int, lane: str,
            servers: list[Server] | None, prefetch: int = 1) -> dict[str, Any]:
     ctx = env.context(url)
     try:
-        # a prefetch: every worker its K, with bench 8's room to spare
-        room = procs * prefetch * HEADROOM if prefetch > 1 else procs
-        lane_control.configure_lane(ctx, assignee=lane, max_in_flight=room, actor="bench")
+        lane_control.configure_lane(ctx, assignee=lane, max_in_flight=lane_room(procs, prefetch),
+                                    actor="bench")
         seed_todo(ctx.engine, assignee=lane, n=jobs, now=utcnow())
         analyze(ctx.engine)
         settings = env.settings(url).model_dump()
@@ -294,6 +293,7 @@ def fleet_rows(env: Env) -> list[Row]:
                     s.stop()
     load = f"{load_before} -> {_loadavg()}"
     direct = statistics.median(x["throughput"] for x in results["direct"])
+    exactly_once = all(x["exactlyOnce"] for v in results.values() for x in v)
     for k in API_PROCESSES:
         runs = results[f"http x{k}"]
         rows.append(Row(
@@ -304,8 +304,7 @@ def fleet_rows(env: Env) -> list[Row]:
             details={"rounds": {m: [round(x["throughput"], 1) for x in v]
                                 for m, v in results.items()},
                      "load": load, "cpus": os.cpu_count()},
-            extra_ok=all(x["exactlyOnce"] for v in results.values() for x in v),
-            extra_target="exactly once"))
+            extra_ok=exactly_once, extra_target="exactly once"))
     k, batched = BATCHED_API_PROCESSES, results[f"http x{BATCHED_API_PROCESSES} k{PREFETCH}"]
     rows.append(Row(
         bench=15, what=f"{procs} HTTP LaneWorkers with prefetch {PREFETCH}, {k} API processes, "
@@ -314,6 +313,5 @@ def fleet_rows(env: Env) -> list[Row]:
         baseline=statistics.median(x["throughput"] for x in results[f"direct k{PREFETCH}"]),
         baseline_what=f"{procs} direct LaneWorkers with prefetch {PREFETCH} (same run)",
         target=">= 0.7", details=rows[-1].details,
-        extra_ok=all(x["exactlyOnce"] for v in results.values() for x in v),
-        extra_target="exactly once"))
+        extra_ok=exactly_once, extra_target="exactly once"))
     return rows

@@ -64,14 +64,20 @@ def _autonomy_batched(env: Env, jobs: int, procs: int) -> dict[str, Any]:
     return _autonomy_run(env, jobs, procs, prefetch=PREFETCH)
 
 
+def lane_room(procs: int, prefetch: int) -> int:
+    """The drain lane's ``max_in_flight``: a lease per worker, or with a prefetch every
+    worker its K with ``HEADROOM`` to spare."""
+    procs = max(procs, 1)
+    return procs * prefetch * HEADROOM if prefetch > 1 else procs
+
+
 def _autonomy_run(env: Env, jobs: int, procs: int, *, prefetch: int) -> dict[str, Any]:
     url = env.pg_database()
     ctx = env.context(url)
     lane = "drain"
     try:
-        lane_control.configure_lane(ctx, assignee=lane,
-                                    max_in_flight=max(procs, 1) * prefetch * HEADROOM
-                                    if prefetch > 1 else max(procs, 1), actor="bench")
+        lane_control.configure_lane(ctx, assignee=lane, max_in_flight=lane_room(procs, prefetch),
+                                    actor="bench")
         seed_todo(ctx.engine, assignee=lane, n=jobs, now=utcnow())
         analyze(ctx.engine)
         settings = env.settings(url).model_dump()
