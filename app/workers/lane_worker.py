@@ -341,17 +341,8 @@ class LaneWorker:
             self._stop_beating(beat)
             if alone:
                 self._end_beater()
-        if job.cancelled.is_set():
-            self.stats.cancelled += 1
-            self._log(f"task {job.task_id}: cancelled while working; outcome dropped",
-                      task_id=job.task_id, level=logging.WARNING)
-            return
-        if job.lease_lost.is_set():
-            self.stats.lost += 1
-            self._log(f"task {job.task_id}: lease lost while working; outcome dropped",
-                      task_id=job.task_id, level=logging.WARNING)
-            return
-        self._report(job, outcome)
+        if not self._gone_while_working(job):
+            self._report(job, outcome)
 
     def _report(self, job: Job, outcome: tuple[str, str | None, dict[str, Any] | None]
                 ) -> None:
@@ -442,17 +433,22 @@ class LaneWorker:
             self._release(job, "interrupted")
             raise
         self._stop_beating(beat)
+        return None if self._gone_while_working(job) else outcome
+
+    def _gone_while_working(self, job: Job) -> bool:
+        """Whether the lease went while the handler ran (the task was cancelled, or the
+        lease was lost): counted and logged, and its outcome is not reported."""
         if job.cancelled.is_set():
             self.stats.cancelled += 1
-            self._log(f"task {job.task_id}: cancelled while working; outcome dropped",
-                      task_id=job.task_id, level=logging.WARNING)
-            return None
-        if job.lease_lost.is_set():
+            what = "cancelled"
+        elif job.lease_lost.is_set():
             self.stats.lost += 1
-            self._log(f"task {job.task_id}: lease lost while working; outcome dropped",
-                      task_id=job.task_id, level=logging.WARNING)
-            return None
-        return outcome
+            what = "lease lost"
+        else:
+            return False
+        self._log(f"task {job.task_id}: {what} while working; outcome dropped",
+                  task_id=job.task_id, level=logging.WARNING)
+        return True
 
     def _complete_batch(self, done: list[tuple[Job, dict[str, Any] | None]], *,
                         next_n: int | None) -> None:

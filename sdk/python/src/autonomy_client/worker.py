@@ -404,14 +404,19 @@ class LaneWorker:
             return None
         return outcome
 
-    def _count_lost(self, job: Job, when: str) -> None:
-        """A lease lost (``job.cancelled``: by a cancel) before its outcome was sent."""
-        if job.cancelled.is_set():
+    def _count_gone(self, job: Job, cancelled: bool, text: str) -> None:
+        """A lease gone before its outcome was recorded: counted as cancelled (the task
+        was cancelled) or lost (it expired and moved on), and logged."""
+        if cancelled:
             self.stats.cancelled += 1
-            self._log(f"task {job.task_id}: cancelled {when}", logging.WARNING)
         else:
             self.stats.lost += 1
-            self._log(f"task {job.task_id}: lease lost {when}", logging.WARNING)
+        self._log(f"task {job.task_id}: {text}", logging.WARNING)
+
+    def _count_lost(self, job: Job, when: str) -> None:
+        """A lease its heartbeat found gone (``job.cancelled``: by a cancel) ``when``."""
+        cancelled = job.cancelled.is_set()
+        self._count_gone(job, cancelled, f"{'cancelled' if cancelled else 'lease lost'} {when}")
 
     def _complete_batch(self, done: list[tuple[Job, dict[str, Any] | None]], *,
                         next_n: int | None) -> None:
@@ -443,12 +448,8 @@ class LaneWorker:
                 self.stats.succeeded += 1
                 self._log(f"task {job.task_id}: done")
             elif isinstance(res, dict) and res.get("error") in _LOST_CODES:
-                if res["error"] == TaskCancelled.default_code:
-                    self.stats.cancelled += 1
-                else:
-                    self.stats.lost += 1
-                self._log(f"task {job.task_id}: outcome refused ({res['error']}): "
-                          f"{res.get('message')}", logging.WARNING)
+                self._count_gone(job, res["error"] == TaskCancelled.default_code,
+                                 f"outcome refused ({res['error']}): {res.get('message')}")
             else:  # anything else: the one-task path answers it in full
                 self._complete(job, "success", None, result)
         if isinstance(answer.get("next"), dict):
@@ -507,11 +508,7 @@ class LaneWorker:
             self._log(f"task {job.task_id}: complete refused ({e})", logging.WARNING)
             return self._release(job, "its failure could not be recorded")
         except _LOST as e:  # the lease moved on: the outcome is not ours to record
-            if isinstance(e, TaskCancelled):
-                self.stats.cancelled += 1
-            else:
-                self.stats.lost += 1
-            self._log(f"task {job.task_id}: outcome refused ({e})", logging.WARNING)
+            self._count_gone(job, isinstance(e, TaskCancelled), f"outcome refused ({e})")
             return None
         except AuthError:
             raise
