@@ -56,7 +56,8 @@ async def _waiting(env: Env, server: Server, ctx: Any, lane: str, n: int, picks:
     limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=n + 10)
     got: asyncio.Queue[tuple[float, int]] = asyncio.Queue()
     stop = asyncio.Event()
-    errors: list[str] = []
+    errors: list[str] = []  # transport errors, each retried (a keep-alive the server closed)
+    fatal: list[str] = []  # a waiter that stopped
 
     async def waiter(http: httpx.AsyncClient, i: int) -> None:
         # a worker that was granted a task claims next under a new name: the same name
@@ -71,11 +72,12 @@ async def _waiting(env: Env, server: Server, ctx: Any, lane: str, n: int, picks:
                     return
                 errors.append(repr(e))
                 if len(errors) > n:
+                    fatal.append(f"{len(errors)} transport errors: {errors[:3]}")
                     return
                 continue
             except (httpx.HTTPError, RuntimeError) as e:  # RuntimeError: client closed
                 if not stop.is_set():
-                    errors.append(repr(e))
+                    fatal.append(repr(e))
                 return
             at = time.perf_counter()
             a = r.json()
@@ -105,8 +107,9 @@ async def _waiting(env: Env, server: Server, ctx: Any, lane: str, n: int, picks:
         tasks = [asyncio.ensure_future(waiter(http, i)) for i in range(n)]
         deadline = time.monotonic() + 120
         while await in_line() < n:
-            if time.monotonic() > deadline or errors:
-                raise RuntimeError(f"{n} long polls did not all wait: {errors[:3]}")
+            if time.monotonic() > deadline or fatal:
+                raise RuntimeError(f"{n} long polls did not all wait: {fatal[:3]} (transport "
+                                   f"errors, retried: {errors[:3]})")
             await asyncio.sleep(0.05)
         await asyncio.sleep(1.0)  # settled
         wait_threads, wait_rss = proc.num_threads(), proc.memory_info().rss
@@ -115,8 +118,9 @@ async def _waiting(env: Env, server: Server, ctx: Any, lane: str, n: int, picks:
         for i in range(picks):
             back_by = time.monotonic() + 60
             while await in_line() < n:  # the last pick's waiter is back in line
-                if time.monotonic() > back_by:
-                    raise RuntimeError(f"the waiters are not back in line: {errors[:3]}")
+                if time.monotonic() > back_by or fatal:
+                    raise RuntimeError(f"the waiters are not back in line: {fatal[:3]} "
+                                       f"(transport errors, retried: {errors[:3]})")
                 await asyncio.sleep(0.002)
             t0 = time.perf_counter()
             made = await asyncio.to_thread(lanes.create, ctx, assignee=lane, title=f"p{i}")
