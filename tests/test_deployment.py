@@ -185,7 +185,12 @@ def test_up_twice_in_a_row_works_and_a_second_up_with_its_own_redis_is_refused(
     first.wait_for(READY)
     url = first.wait_for("autonomy up: redis ").split()[3]
     assert first.stop(signal.SIGINT) == 0
-    again = _up(procs, tmp_path, "data", free_port())
+    # the API's port must not be the one the data directory's Redis comes back on: the
+    # OS may hand out that port again once the first Redis has let it go (it did, at load
+    # ~30: "[Errno 98] ... address already in use", issue 24)
+    redis_port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
+    api_port = next(p for p in iter(free_port, None) if p != redis_port)
+    again = _up(procs, tmp_path, "data", api_port)
     again.wait_for(READY)
     assert again.wait_for("autonomy up: redis ").split()[3] == url
     other = _up(procs, tmp_path, "elsewhere", free_port())
