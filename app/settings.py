@@ -113,6 +113,10 @@ class Settings(BaseSettings):
     between calls)."""
     worker_http_wait_ms: int = Field(default=10_000, gt=0)
     """The same over HTTP: the long poll of an `HttpClient` worker."""
+    worker_prefetch_auto_wait_ms: int = Field(default=50, gt=0, le=60_000)
+    """A worker with `--prefetch auto` (`LaneWorker(prefetch="auto")`) claims as many leases
+    at once as its tasks run in this long (their recent mean), 1 to 10: the longest a
+    prefetched lease should wait behind the ones before it."""
     # claims waiting at once in one API process (each a coroutine awaiting its turn, one
     # feeder thread per lane: app/api/long_poll.py); past it a claim answers at once, and
     # an HTTP worker polls

@@ -34,6 +34,7 @@ import sqlalchemy as sa
 
 from app.clock import utcnow
 from app.ops import lane_control
+from app.workers.prefetch import AUTO_MAX
 from bench import peers
 from bench.common import Env, Row
 from bench.fleet import drain
@@ -64,6 +65,12 @@ def _autonomy_batched(env: Env, jobs: int, procs: int) -> dict[str, Any]:
     return _autonomy_run(env, jobs, procs, prefetch=PREFETCH)
 
 
+def _autonomy_auto(env: Env, jobs: int, procs: int) -> dict[str, Any]:
+    """Each worker ``LaneWorker(prefetch="auto")``: K follows the handler's run time (a
+    no-op's: the cap, ``AUTO_MAX``), in a lane with room for every worker's cap."""
+    return _autonomy_run(env, jobs, procs, prefetch="auto")
+
+
 def lane_room(procs: int, prefetch: int) -> int:
     """The drain lane's ``max_in_flight``: a lease per worker, or with a prefetch every
     worker its K with ``HEADROOM`` to spare."""
@@ -71,12 +78,13 @@ def lane_room(procs: int, prefetch: int) -> int:
     return procs * prefetch * HEADROOM if prefetch > 1 else procs
 
 
-def _autonomy_run(env: Env, jobs: int, procs: int, *, prefetch: int) -> dict[str, Any]:
+def _autonomy_run(env: Env, jobs: int, procs: int, *, prefetch: int | str) -> dict[str, Any]:
     url = env.pg_database()
     ctx = env.context(url)
     lane = "drain"
     try:
-        lane_control.configure_lane(ctx, assignee=lane, max_in_flight=lane_room(procs, prefetch),
+        lane_control.configure_lane(ctx, assignee=lane, max_in_flight=lane_room(
+            procs, AUTO_MAX if prefetch == "auto" else int(prefetch)),
                                     actor="bench")
         seed_todo(ctx.engine, assignee=lane, n=jobs, now=utcnow())
         analyze(ctx.engine)
@@ -144,6 +152,7 @@ def _celery(env: Env, jobs: int, procs: int) -> dict[str, Any]:
 
 RUNNERS: dict[str, Callable[[Env, int, int], dict[str, Any]]] = {
     "autonomy": _autonomy, "autonomy batched": _autonomy_batched,
+    "autonomy auto": _autonomy_auto,
     "pgqueuer b1": _pgqueuer(1), "pgqueuer b10": _pgqueuer(10),
     "procrastinate": _procrastinate, "celery": _celery,
 }

@@ -30,10 +30,20 @@ def owned_by_broader_scope(pid: int) -> None:
     OWNED_BY_BROADER_SCOPE.add(pid)
 
 
+_HANDED_OUT: set[int] = set()  # every port free_port() answered in this process
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on now, and never one this process was answered before: the
+    OS may hand a port out again as soon as it is let go, so two calls in a row (an API's
+    port and Flower's, say) could otherwise get the same one."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def non_loopback_address() -> str:

@@ -23,6 +23,7 @@ from app.storage.db import transaction
 from app.storage.models import event_table, task_table
 from app.workers.client import HttpClient, LocalClient
 from app.workers.lane_worker import LaneWorker, ValidationFailed
+from app.workers.prefetch import AUTO_MAX, AutoPrefetch
 from tests.api_server import client, serve
 from tests.conftest import make_settings
 from tests.test_race import ENDS, GRANT, lane_peaks, lease_overlaps
@@ -409,3 +410,130 @@ def test_a_prefetching_worker_over_http(ctx: Context) -> None:
             http.close()
     assert sorted(ran) == ids and stats.succeeded == 7
     assert _events(ctx, "task_completed") == Counter(ids)
+
+
+# --- prefetch="auto": K follows the handler's run time -------------------------------
+
+
+def test_auto_prefetch_claims_what_its_handler_runs_in_about_50_ms() -> None:
+    auto = AutoPrefetch()
+    assert auto.k() == 1  # nothing measured yet: one lease
+    for _ in range(30):
+        auto.observe(0.0002)
+    assert auto.k() == AUTO_MAX  # short tasks: the cap
+    for _ in range(30):
+        auto.observe(0.01)
+    assert auto.k() == 6  # the last of 6 waits 5 tasks of 10 ms
+    for _ in range(30):
+        auto.observe(0.2)
+    assert auto.k() == 1  # a task longer than the wait: never prefetched
+
+
+@pytest.mark.parametrize("bad", ["lots", "", 0, 101, -1, 2.5, True, None])
+def test_a_prefetch_that_is_neither_auto_nor_k_is_refused(ctx: Context, bad: Any) -> None:
+    with pytest.raises(InvalidInput, match="prefetch must be 'auto' or an integer") as e:
+        LaneWorker(LANE, lambda task: None, client=LocalClient(ctx), prefetch=bad)
+    assert e.value.details == {"field": "prefetch"}
+
+
+class _Asking(LocalClient):
+    """A LocalClient that records each request's action and its ``max``."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.asked: list[tuple[str, Any, int]] = []  # action, max, items
+
+    def call(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.asked.append((request["action"], request.get("max"),
+                           len(request.get("items") or ())))
+        return super().call(request)
+
+
+def test_an_auto_worker_batches_short_tasks_and_runs_each_once(ctx: Context) -> None:
+    ids = _tasks(ctx, 40)
+    lane_control.configure_lane(ctx, assignee=LANE, max_in_flight=20)
+    ran: list[int] = []
+    client = _Asking(ctx)
+    worker = LaneWorker(LANE, lambda task: ran.append(task["id"]), worker_name="w1",
+                        client=client, say=lambda _line: None, prefetch="auto")
+    stats = worker.run(threading.Event(), max_tasks=40, handle_signals=False)
+    assert sorted(ran) == ids and stats.succeeded == 40, (ran, stats)
+    assert _events(ctx, "task_completed") == Counter(ids)
+    assert _events(ctx, "lease_granted") == Counter(ids)
+    # the first claim is a plain one (nothing measured); then the completes carry batches
+    assert client.asked[0][:2] == ("claim", None), client.asked
+    batches = [n for action, _max, n in client.asked if action == "complete_many"]
+    assert batches and max(batches) > 1, client.asked
+    assert sum(batches) + sum(1 for a in client.asked if a[0] == "complete") == 40
+
+
+def test_an_auto_worker_does_not_prefetch_tasks_longer_than_its_wait(ctx: Context) -> None:
+    ids = _tasks(ctx, 4)
+    lane_control.configure_lane(ctx, assignee=LANE, max_in_flight=10)
+    client = _Asking(ctx)
+
+    def handler(task: dict[str, Any]) -> None:
+        time.sleep(0.06)  # longer than AUTO_WAIT_S: a second lease would wait past it
+
+    worker = LaneWorker(LANE, handler, worker_name="w1", client=client,
+                        say=lambda _line: None, prefetch="auto")
+    stats = worker.run(threading.Event(), max_tasks=4, handle_signals=False)
+    assert stats.succeeded == 4 and _events(ctx, "task_completed") == Counter(ids)
+    assert {a for a, _max, _n in client.asked} <= {"claim", "complete"}, client.asked
+    assert all(m is None for _a, m, _n in client.asked), client.asked
+
+
+def test_an_auto_workers_wait_is_a_setting(database_url: str, redis_server_url: str,
+                                           redis_prefix: str) -> None:
+    """``worker_prefetch_auto_wait_ms`` of 1 s: tasks of 60 ms, which the default 50 ms
+    never prefetches, are claimed in batches."""
+    rctx = Context.from_settings(make_settings(database_url, redis_server_url, redis_prefix,
+                                               worker_prefetch_auto_wait_ms=1000))
+    try:
+        ids = _tasks(rctx, 8)
+        lane_control.configure_lane(rctx, assignee=LANE, max_in_flight=10)
+        client = _Asking(rctx)
+        worker = LaneWorker(LANE, lambda task: time.sleep(0.06), worker_name="w1",
+                            client=client, say=lambda _line: None, prefetch="auto")
+        stats = worker.run(threading.Event(), max_tasks=8, handle_signals=False)
+        assert stats.succeeded == 8 and _events(rctx, "task_completed") == Counter(ids)
+        assert any(a == "complete_many" and n > 1 for a, _m, n in client.asked), client.asked
+    finally:
+        rctx.close()
+
+
+def test_an_auto_workers_wait_is_at_most_its_heartbeat_period(ctx: Context) -> None:
+    """Tasks of 40 ms, which the default wait (50 ms) pairs, with a heartbeat every 20 ms:
+    a waiting lease would wait past a heartbeat period, so none is prefetched."""
+    ids = _tasks(ctx, 5)
+    lane_control.configure_lane(ctx, assignee=LANE, max_in_flight=10)
+    client = _Asking(ctx)
+    worker = LaneWorker(LANE, lambda task: time.sleep(0.04), worker_name="w1", client=client,
+                        say=lambda _line: None, prefetch="auto", heartbeat_interval_s=0.02)
+    stats = worker.run(threading.Event(), max_tasks=5, handle_signals=False)
+    assert stats.succeeded == 5 and _events(ctx, "task_completed") == Counter(ids)
+    assert all(m is None for _a, m, _n in client.asked), client.asked
+
+
+def test_an_auto_worker_whose_tasks_slow_down_runs_what_it_holds_then_takes_one(
+        ctx: Context) -> None:
+    """K falls from 10 to 1 mid-drain: the leases already handed over are run (none is
+    dropped or left to expire), then the claims are plain again."""
+    ids = _tasks(ctx, 30)
+    lane_control.configure_lane(ctx, assignee=LANE, max_in_flight=20)
+    client = _Asking(ctx)
+    ran: list[int] = []
+
+    def handler(task: dict[str, Any]) -> None:
+        ran.append(task["id"])
+        if len(ran) > 12:
+            time.sleep(0.06)
+
+    worker = LaneWorker(LANE, handler, worker_name="w1", client=client,
+                        say=lambda _line: None, prefetch="auto")
+    stats = worker.run(threading.Event(), max_tasks=30, handle_signals=False)
+    assert sorted(ran) == ids and stats.succeeded == 30 and stats.lost == 0, stats
+    assert _events(ctx, "task_completed") == Counter(ids)
+    assert _events(ctx, "lease_granted") == Counter(ids)
+    assert any(a == "complete_many" and n > 1 for a, _m, n in client.asked), client.asked
+    assert client.asked[-1][:2] == ("complete", None), client.asked[-8:]

@@ -478,6 +478,21 @@ def test_worker_cli_refuses_a_bad_lane_name_with_exit_code_2(
     assert "invalid_assignee" in proc.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("bad", ["lots", "0", "101", "2.5", ""])
+def test_worker_cli_refuses_a_prefetch_that_is_neither_auto_nor_k_with_exit_code_2(
+        sqlite_url: str, redis_server_url: str, redis_prefix: str, bad: str) -> None:
+    env = {**os.environ, "DATABASE_URL": sqlite_url, "REDIS_URL": redis_server_url,
+           "AUTONOMY_REDIS_PREFIX": redis_prefix}
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "worker", "--lane", "coder",
+                           "--prefetch", bad, "--", "true"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "error: invalid_input: prefetch must be 'auto' or an integer from 1 to 100" \
+        in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_demo_seed_fills_its_lanes_and_tops_up_on_a_second_run(rctx: Context) -> None:
     first = demo.seed(rctx)
     assert first["created"] == {"coder": len(demo.CODER_TASKS),

@@ -27,6 +27,7 @@ from app.storage.context import Context
 from app.storage.db import transaction
 from app.storage.models import event_table, ffl_table, task_table
 from tests.conftest import make_settings
+from tests.test_race import ENDS, GRANT, lane_peaks, lease_overlaps
 
 pytestmark = pytest.mark.slow
 
@@ -189,6 +190,60 @@ def test_three_worker_processes_drain_300_tasks_on_two_lanes_each_exactly_once(
           f"{len(completed)} tasks; command runs: {sum(runs.values())}; per worker: "
           f"{dict(sorted(per_worker.items()))}; summaries: "
           f"{ {n: s['succeeded'] for n, s in summaries.items()} }")
+
+
+@pytest.mark.slow
+def test_auto_prefetching_worker_processes_share_a_lane_within_its_room_each_task_once(
+        database_url: str, redis_server_url: str, redis_prefix: str, tmp_path: Path) -> None:
+    """Three ``autonomy worker --prefetch auto`` processes (four claiming loops) racing in a
+    lane of 12: short commands grow each loop's K past 1, every lease still counts, so the
+    lane never holds more than 12 live leases (the grant and end events walked in commit
+    order), no task is leased twice at once, and each of the 200 runs exactly once."""
+    # leases of 30 s: a lease waiting its turn is never left to a late heartbeat here
+    ctx = Context.from_settings(make_settings(database_url, redis_server_url, redis_prefix,
+                                              lease_ttl_s=30.0))
+    try:
+        _auto_fleet(ctx, tmp_path)
+    finally:
+        ctx.close()
+
+
+def _auto_fleet(ctx: Context, tmp_path: Path) -> None:
+    n, room = 200, 12
+    ids = [lanes.create(ctx, assignee="alpha", title=f"t{i}")["task"]["id"] for i in range(n)]
+    lane_control.configure_lane(ctx, assignee="alpha", max_in_flight=room, actor="test")
+    runlog = tmp_path / "runs.log"
+    cmd = ["sh", "-c", f'cat > /dev/null; echo "$AUTONOMY_TASK_ID" >> {runlog}']
+    # a command's fork and exec take ms here, 100s of ms on a loaded machine: a wait of
+    # 5 s lets K reach its cap either way
+    fleet = Fleet(ctx, tmp_path, AUTONOMY_WORKER_PREFETCH_AUTO_WAIT_MS="5000")
+    try:
+        fleet.start("w1", "alpha", cmd, "--prefetch", "auto")
+        fleet.start("w2", "alpha", cmd, "--prefetch", "auto")
+        fleet.start("w3", "alpha", cmd, "--prefetch", "auto", "--concurrency", "2")
+        _until(lambda: _status_count(ctx, "done") == n, 240, f"{n} tasks done")
+        codes = {w: fleet.stop(w) for w in ("w1", "w2", "w3")}
+    finally:
+        fleet.kill_all()
+    assert codes == {"w1": 0, "w2": 0, "w3": 0}, {w: fleet.stderr(w)[-2000:] for w in codes}
+    summaries = {w: fleet.summary(w) for w in codes}
+    assert sum(s["succeeded"] for s in summaries.values()) == n, summaries
+    assert all(s["failed"] == s["lost"] == 0 for s in summaries.values()), summaries
+    runs = Counter(int(line) for line in runlog.read_text().split())
+    assert sorted(runs) == ids and set(runs.values()) == {1}
+    e = event_table
+    events = _rows(ctx, sa.select(e.c.id, e.c.kind, e.c.assignee, e.c.task_id, e.c.actor)
+                   .where(e.c.kind.in_((GRANT, *ENDS))).order_by(e.c.id))
+    events = [dict(r._mapping) for r in events]
+    overlaps, after_done = lease_overlaps(events)
+    assert overlaps == [] and after_done == []
+    assert lane_peaks(events)["alpha"] <= room
+    assert Counter(r["task_id"] for r in events if r["kind"] == "task_completed") \
+        == Counter(ids)
+    # the loops batched: a complete_many's events share its transaction's time, and a
+    # loop's one-at-a-time completes never do
+    at = _rows(ctx, sa.select(e.c.actor, e.c.at).where(e.c.kind == "task_completed"))
+    assert max(Counter((r[0], r[1]) for r in at).values()) > 1, "no loop completed a batch"
 
 
 # --- SIGKILL mid-task -----------------------------------------------------------------------

@@ -53,9 +53,9 @@ def worker(
     idle_max: float = typer.Option(2.0, min=0.01, help="Longest poll wait on an empty lane."),
     pause_max: float = typer.Option(30.0, min=0.01,
                                     help="Longest wait between claims on a paused lane."),
-    prefetch: int = typer.Option(1, min=1, max=100,
-                                 help="Leases each loop holds at once (claimed and "
-                                      "completed in batches; 1: one at a time)."),
+    prefetch: str = typer.Option("1", help="Leases each loop holds at once (claimed and "
+                                           "completed in batches; 1: one at a time; auto: "
+                                           "as many as its tasks run in ~50 ms, up to 10)."),
     as_json: bool | None = typer.Option(None, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Consume a lane: run CMD once per task (exit 0 = success, else failure with the last

@@ -69,6 +69,7 @@ from app.workers.job import (
     WorkerStats,
     default_worker_name,
 )
+from app.workers.prefetch import AUTO, AUTO_MAX, AutoPrefetch, prefetch_setting
 
 __all__ = ["Job", "JobHandler", "LaneWorker", "ReleaseTask", "ValidationFailed",
            "WorkerStats", "default_worker_name"]
@@ -112,14 +113,17 @@ class LaneWorker:
     ``close()``). Each worker holds at most one lease per lane, so run several workers
     (each with its own name) for parallelism, and raise the lane's ``maxInFlight``.
     With ``prefetch=K`` it holds up to K (each counted by ``maxInFlight``), heartbeats
-    each, runs them one after another and completes the successes together.
+    each, runs them one after another and completes the successes together;
+    ``prefetch="auto"`` picks K from how long its handler takes (``app.workers.prefetch``):
+    1 until a task has run, then as many as run in ``worker_prefetch_auto_wait_ms`` (50 ms),
+    at most 10.
     """
 
     def __init__(self, lane: str, handler: Handler, *, worker_name: str | None = None,
                  client: Client | None = None, heartbeat_interval_s: float | None = None,
                  idle_backoff_s: tuple[float, float] = (0.1, 2.0),
                  pause_backoff_s: tuple[float, float] = (1.0, 30.0),
-                 say: Say | None = None, prefetch: int = 1) -> None:
+                 say: Say | None = None, prefetch: int | str = 1) -> None:
         self._owns_client = client is None
         self.client = client if client is not None else LocalClient()
         s = self.client.settings
@@ -128,16 +132,19 @@ class LaneWorker:
         self.lane = validate.assignee(lane, s)
         self.name = validate.worker(worker_name or default_worker_name(), s)
         self.handler = handler
-        from app.validate import claim_max
-
         # leases held at once (issue 22): 1 is a claim and a complete per task; K claims up
         # to K, runs them in turn and completes the successes in one request that hands
-        # over the next K (``_run_batch``)
-        self.prefetch = claim_max(prefetch)
+        # over the next K (``_run_batch``); "auto": K follows the handler's run time
+        k = prefetch_setting(prefetch)
+        self.prefetch = AUTO_MAX if k == AUTO else int(k)
         self._prefetched: list[Job] = []  # the rest of the last claim's leases
         self._queued: tuple[_Beat, ...] = ()  # their heartbeats while they wait their turn
         self._fixed_beat_s = heartbeat_interval_s
         self.heartbeat_interval_s = heartbeat_interval_s or max(0.05, s.lease_ttl_s / 3)
+        # an auto prefetch's wait: at most a heartbeat period, so a short lease is not
+        # left to its waiting leases' heartbeats on a slow machine
+        self._auto = AutoPrefetch(wait_s=min(s.worker_prefetch_auto_wait_ms / 1000,
+                                             self.heartbeat_interval_s)) if k == AUTO else None
         self.idle = Backoff(*idle_backoff_s)
         # the last claim found the lane empty: the next one waits for work (push pickup)
         self._lane_empty = False
@@ -195,9 +202,10 @@ class LaneWorker:
                 while not stop.is_set():
                     if max_tasks is not None and self.stats.finished >= max_tasks:
                         break
-                    if self.prefetch > 1:
+                    if self._batching():
                         self._run_batch(stop, max_tasks)
                         continue
+                    self._claim_n = None  # one lease: the plain claim (Redis's fast path)
                     job = self.claim_one(stop)
                     if job is not None:
                         # ask the complete for the next claim unless this is the last one
@@ -211,6 +219,16 @@ class LaneWorker:
                 self._release_handed_over()
                 self._end_beater()
         return self.stats
+
+    def _k(self) -> int:
+        """Leases the next claim asks for: the prefetch, or what ``auto`` picks now."""
+        return self._auto.k() if self._auto is not None else self.prefetch
+
+    def _batching(self) -> bool:
+        """Whether the next turn is a batch: K > 1, or a hand-over of several leases (an
+        ``auto`` worker whose K fell to 1 runs the ones it already holds first)."""
+        held = self._next.get("leases") if self._next is not None else None
+        return self._k() > 1 or (isinstance(held, list) and len(held) > 1)
 
     def _release_handed_over(self) -> None:
         """A lease the last complete handed over that will not be worked: give it back."""
@@ -353,6 +371,15 @@ class LaneWorker:
             self._complete(job, kind, value, result)
 
     def _call_handler(self, job: Job) -> tuple[str, str | None, dict[str, Any] | None]:
+        if self._auto is None:
+            return self._handle(job)
+        began = time.monotonic()
+        try:
+            return self._handle(job)
+        finally:
+            self._auto.observe(time.monotonic() - began)
+
+    def _handle(self, job: Job) -> tuple[str, str | None, dict[str, Any] | None]:
         try:
             if isinstance(self.handler, JobHandler):
                 result = self.handler.handle_job(job)
@@ -376,7 +403,8 @@ class LaneWorker:
         the successes in one request that hands over the next K. Failures, releases and
         kept outcomes are reported one by one, as without a prefetch."""
         left = None if max_tasks is None else max_tasks - self.stats.finished
-        self._claim_n = self.prefetch if left is None else max(1, min(self.prefetch, left))
+        k = self._k()
+        self._claim_n = k if left is None else max(1, min(k, left))
         self._want_next = False  # a single complete (a fallback) hands nothing over
         first = self.claim_one(stop)
         if first is None:
@@ -408,8 +436,8 @@ class LaneWorker:
                 self._release(job, "the worker is stopping")
             finished = self.stats.finished + len(done)
             more = not stop.is_set() and (max_tasks is None or finished < max_tasks)
-            n = self.prefetch if max_tasks is None else max(1, min(self.prefetch,
-                                                                    max_tasks - finished))
+            k = self._k()
+            n = k if max_tasks is None else max(1, min(k, max_tasks - finished))
             self._complete_batch(done, next_n=n if more else None)
 
     def _run_queued(self, job: Job, beat: _Beat
