@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from app import ops
 from app.clock import FrozenClock
 from app.errors import InvalidInput
-from app.ops import batch, lane_control, lanes
+from app.ops import batch, lane_control, lanes, lifecycle
 from app.storage.context import Context
 from app.storage.db import transaction
 from app.storage.models import event_table, task_table
@@ -364,6 +364,63 @@ def test_a_prefetching_worker_stopping_gives_back_what_it_did_not_run(ctx: Conte
     rows = _rows(ctx)
     assert [rows[t][0] for t in ids] == ["done", "todo", "todo", "todo", "todo"]
     assert (stats.succeeded, stats.released) == (1, 2)
+
+
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_a_task_cancelled_while_its_handler_runs_counts_as_cancelled_not_lost(
+        ctx: Context, prefetch: int) -> None:
+    """The complete (one task's, or a batch's item) is refused ``task_cancelled``: the
+    worker counts a cancel, as the SDK's does, not a lost lease."""
+    ids = _tasks(ctx, 3)
+    lane_control.configure_lane(ctx, assignee=LANE, max_in_flight=10)
+    lines: list[str] = []
+    stop = threading.Event()
+
+    def handler(task: dict[str, Any]) -> dict[str, Any]:
+        if task["id"] == ids[0]:  # cancelled while it runs; no heartbeat is due to see it
+            assert lifecycle.cancel(ctx, task_id=ids[0], actor="alice")["task"]["status"] \
+                == "cancelled"
+        if task["id"] == ids[-1]:
+            stop.set()
+        return {"id": task["id"]}
+
+    worker = LaneWorker(LANE, handler, worker_name="w1", client=LocalClient(ctx),
+                        say=lines.append, prefetch=prefetch, heartbeat_interval_s=60)
+    stats = worker.run(stop, handle_signals=False)
+    assert (stats.cancelled, stats.lost, stats.succeeded) == (1, 0, 2), stats
+    assert [_rows(ctx)[t][0] for t in ids] == ["cancelled", "done", "done"]
+    assert any(f"task {ids[0]}: outcome refused (task_cancelled)" in line
+               for line in lines), lines
+
+
+def test_a_prefetched_task_cancelled_before_its_turn_counts_as_cancelled_and_never_runs(
+        ctx: Context) -> None:
+    ids = _tasks(ctx, 3)
+    lane_control.configure_lane(ctx, assignee=LANE, max_in_flight=10)
+    lines: list[str] = []
+    ran: list[int] = []
+    stop = threading.Event()
+    worker: LaneWorker
+
+    def handler(task: dict[str, Any]) -> None:
+        ran.append(task["id"])
+        if task["id"] == ids[0]:  # the second waits its turn; its heartbeat hears the cancel
+            lifecycle.cancel(ctx, task_id=ids[1], actor="alice")
+            deadline = time.monotonic() + 10
+            while not any(b.job.task_id == ids[1] and b.job.cancelled.is_set()
+                          for b in worker._queued):
+                assert time.monotonic() < deadline, f"no heartbeat heard the cancel: {lines}"
+                time.sleep(0.01)
+        if task["id"] == ids[-1]:
+            stop.set()
+
+    worker = LaneWorker(LANE, handler, worker_name="w1", client=LocalClient(ctx),
+                        say=lines.append, prefetch=3, heartbeat_interval_s=0.05)
+    stats = worker.run(stop, handle_signals=False)
+    assert ran == [ids[0], ids[2]]
+    assert (stats.cancelled, stats.lost, stats.succeeded) == (1, 0, 2), stats
+    assert any(f"task {ids[1]}: cancelled before its turn; not run" in line
+               for line in lines), lines
 
 
 def test_a_prefetching_worker_heartbeats_the_leases_waiting_their_turn(

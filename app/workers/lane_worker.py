@@ -450,9 +450,7 @@ class LaneWorker:
             return kept
         if job.lease_lost.is_set():  # a heartbeat was refused while it waited its turn
             self._stop_beating(beat)
-            self.stats.lost += 1
-            self._log(f"task {job.task_id}: lease lost before its turn; not run",
-                      task_id=job.task_id, level=logging.WARNING)
+            self._count_lost(job, "before its turn; not run")
             return None
         try:
             outcome = self._call_handler(job)
@@ -466,17 +464,25 @@ class LaneWorker:
     def _gone_while_working(self, job: Job) -> bool:
         """Whether the lease went while the handler ran (the task was cancelled, or the
         lease was lost): counted and logged, and its outcome is not reported."""
-        if job.cancelled.is_set():
-            self.stats.cancelled += 1
-            what = "cancelled"
-        elif job.lease_lost.is_set():
-            self.stats.lost += 1
-            what = "lease lost"
-        else:
+        if not job.lease_lost.is_set() and not job.cancelled.is_set():
             return False
-        self._log(f"task {job.task_id}: {what} while working; outcome dropped",
-                  task_id=job.task_id, level=logging.WARNING)
+        self._count_lost(job, "while working; outcome dropped")
         return True
+
+    def _count_lost(self, job: Job, when: str) -> None:
+        """A lease its heartbeat found gone (``job.cancelled``: by a cancel) ``when``."""
+        cancelled = job.cancelled.is_set()
+        self._count_gone(job, cancelled, f"{'cancelled' if cancelled else 'lease lost'} {when}")
+
+    def _count_gone(self, job: Job, cancelled: bool, text: str) -> None:
+        """A lease gone before its outcome was recorded: counted as cancelled (the task
+        was cancelled) or lost (it expired and moved on), and logged -- as the SDK's
+        worker counts them."""
+        if cancelled:
+            self.stats.cancelled += 1
+        else:
+            self.stats.lost += 1
+        self._log(f"task {job.task_id}: {text}", task_id=job.task_id, level=logging.WARNING)
 
     def _complete_batch(self, done: list[tuple[Job, dict[str, Any] | None]], *,
                         next_n: int | None) -> None:
@@ -509,10 +515,8 @@ class LaneWorker:
                 self.stats.succeeded += 1
                 self._log(f"task {job.task_id}: done", task_id=job.task_id)
             elif isinstance(res, dict) and res.get("error") in _LOST_CODES:
-                self.stats.lost += 1
-                self._log(f"task {job.task_id}: outcome refused ({res['error']}): "
-                          f"{res.get('message')}", task_id=job.task_id,
-                          level=logging.WARNING)
+                self._count_gone(job, res["error"] == TaskCancelled.code,
+                                 f"outcome refused ({res['error']}): {res.get('message')}")
             else:  # anything else: the one-task path answers it in full
                 self._complete(job, "success", None, result)
         if isinstance(answer.get("next"), dict):
@@ -636,9 +640,8 @@ class LaneWorker:
                       task_id=job.task_id, level=logging.WARNING)
             return self._release(job, "its failure could not be recorded")
         except _LOST as e:  # e.g. another lease completed it: the outcome is not ours
-            self.stats.lost += 1
-            self._log(f"task {job.task_id}: outcome refused ({e.code}): {e.message}",
-                      task_id=job.task_id, level=logging.WARNING)
+            self._count_gone(job, isinstance(e, TaskCancelled),
+                             f"outcome refused ({e.code}): {e.message}")
             return
         except AuthError:
             raise
