@@ -190,6 +190,15 @@ def test_up_twice_in_a_row_works_and_a_second_up_with_its_own_redis_is_refused(
     # ~30: "[Errno 98] ... address already in use", issue 24)
     redis_port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
     api_port = next(p for p in iter(free_port, None) if p != redis_port)
+    # asked for that port, up refuses at once, naming the clash (it said "api exited
+    # (code 3) before it was ready" once its Redis had taken the port)
+    clash = _up(procs, tmp_path, "data", redis_port)
+    assert clash.proc.wait(timeout=90) == 2, clash.output
+    clash.stop()
+    error = next(ln for ln in clash.lines if "error" in ln)
+    assert "port_in_use" in error and f"port {redis_port}, the embedded Redis's port" in error \
+        and "--redis-port" in error, error
+    assert READY not in clash.output
     again = _up(procs, tmp_path, "data", api_port)
     again.wait_for(READY)
     assert again.wait_for("autonomy up: redis ").split()[3] == url

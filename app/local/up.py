@@ -185,6 +185,7 @@ class Supervisor:
                               f"--redis-port {choice.last_port_taken} once it is free)")
             raise
         if choice.argv is not None:
+            self._check_redis_port(choice)
             self._start_redis(choice)
         self.say(f"redis    {safe_url(choice.url)} ({choice.how})")
         self.redis_url = choice.url
@@ -201,6 +202,19 @@ class Supervisor:
             return 0 if self.stop_signal is not None else 1
         self._say_ready(self._ready_lines())
         return self._watch()
+
+    def _check_redis_port(self, choice: RedisChoice) -> None:
+        """Refuse, before starting anything, an API or Flower port that is the embedded
+        Redis's own (the port its data directory comes back on): free when checked, it
+        would be Redis's a moment later, and the API would fail to bind."""
+        clash = {"api": self.port, "flower": self.flower_port if self.flower else None}
+        for name, port in clash.items():
+            if port is not None and port == choice.port:
+                option = {"api": "port"}.get(name, f"{name}-port")
+                raise PortInUse(f"port in use: {name} cannot listen on port {port}, the "
+                                f"embedded Redis's port (its data directory's, "
+                                f"{choice.data_dir}); pick another port (--{option}), or "
+                                f"give Redis another (--redis-port)", port=port)
 
     def _check_ports(self) -> None:
         """Refuse, before starting anything, a port another process holds."""
